@@ -1,0 +1,39 @@
+"""ghess: exact curvature of neural-network losses as SciPy LinearOperators.
+
+Per-sample Jacobians, the generalized Gauss-Newton matrix and the exact Hessian
+of dense networks, computed by Cython kernels over BLAS and exposed as
+``scipy.sparse.linalg.LinearOperator`` objects for ``cg``, ``minres``,
+``eigsh``, ``lobpcg`` and ``lsmr``.
+"""
+
+__version__ = "0.1.0"
+
+from ._config import show_config
+from .functional import loss_and_grad, per_sample_jacobians
+from .ggn import GGNLinearOperator
+from .hessian import HessianLinearOperator
+from .jacobian import JacobianLinearOperator
+from .layers import Identity, LeakyReLU, Linear, ReLU, Sigmoid, Softplus, Tanh
+from .losses import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
+from .model import Sequential
+
+__all__ = [
+    "Sequential",
+    "Linear",
+    "ReLU",
+    "LeakyReLU",
+    "Tanh",
+    "Sigmoid",
+    "Softplus",
+    "Identity",
+    "MSELoss",
+    "CrossEntropyLoss",
+    "BCEWithLogitsLoss",
+    "loss_and_grad",
+    "per_sample_jacobians",
+    "GGNLinearOperator",
+    "HessianLinearOperator",
+    "JacobianLinearOperator",
+    "show_config",
+    "__version__",
+]

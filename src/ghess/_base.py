@@ -1,0 +1,282 @@
+"""Shared base of the ghess ``LinearOperator`` classes.
+
+Responsibilities: the ``LinearOperator`` contract (dtype and shape set, native
+``_matmat``, ``matvec`` on ``(n,)``, ``(n, 1)`` and batched ``(k, n)``), vector
+validation, thread control around products, memory planning (stored vs
+recompute), and dense ``block``/``todense`` extraction.
+"""
+
+import numbers
+
+import numpy as np
+from scipy.sparse.linalg import LinearOperator
+
+from . import _engine
+from ._config import blas_threads, resolve_n_threads
+from ._validation import (
+    check_n_threads,
+    check_nonnegative,
+    check_params,
+    check_positive_int,
+)
+from .layers import Layer
+from .model import Sequential
+
+MODES = ("auto", "stored", "recompute")
+#: vectors per pass when extracting dense blocks column by column
+BLOCK_COLUMNS = 64
+
+
+def default_memory_budget():
+    """A quarter of physical memory, at most 4 GiB."""
+    try:
+        import os
+
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        physical = 8 << 30
+    return int(min(4 << 30, physical // 4))
+
+
+def check_model(model):
+    """Validate the model argument."""
+    if not isinstance(model, Sequential):
+        if isinstance(model, Layer):
+            raise TypeError("model must be a ghess.Sequential; wrap the layer: "
+                            "ghess.Sequential(layer, input_shape=...)")
+        raise TypeError(f"model must be a ghess.Sequential, got {type(model).__name__}")
+    if model.n_params == 0:
+        raise ValueError("model has no parameters: nothing to differentiate")
+    return model
+
+
+def check_loss(loss):
+    """Validate the loss argument."""
+    from .losses import Loss
+
+    if isinstance(loss, type) and issubclass(loss, Loss):
+        raise TypeError(f"loss must be a loss instance, e.g. {loss.__name__}(), "
+                        f"got the class {loss.__name__}")
+    if not isinstance(loss, Loss):
+        raise TypeError(f"loss must be a ghess loss (MSELoss, CrossEntropyLoss, "
+                        f"BCEWithLogitsLoss), got {type(loss).__name__}")
+    return loss
+
+
+def count_samples(data):
+    """Number of samples in an int, an array X, ``(X, y)`` or a list of batches."""
+    if isinstance(data, numbers.Integral) and not isinstance(data, bool):
+        if data < 1:
+            raise ValueError(f"n_samples must be >= 1, got {data}")
+        return int(data)
+    if isinstance(data, np.ndarray):
+        return int(data.shape[0])
+    if isinstance(data, tuple) and len(data) == 2 and not isinstance(data[0], (tuple, list)):
+        return int(np.shape(data[0])[0])
+    if isinstance(data, (list, tuple)):
+        return sum(int(np.shape(X)[0]) for X, _ in data)
+    raise TypeError("pass n_samples as an int, an array X, (X, y) or a list of (X, y) batches "
+                    f"(not a one-shot iterable), got {type(data).__name__}")
+
+
+def check_mode(mode):
+    """One of ``MODES``."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    return mode
+
+
+class VectorOperatorMixin:
+    """Validation and batching for products, shared by all ghess operators."""
+
+    def _check_vectors(self, X, n, name="vector"):
+        """Validate X of shape (n, k); return contiguous directions (k, n) in self.dtype."""
+        X = np.asarray(X)
+        if X.dtype.kind not in "iuf":
+            raise TypeError(f"{name} must be real (the operator's dtype is {self.dtype}), "
+                            f"got dtype {X.dtype}")
+        if X.ndim != 2 or X.shape[0] != n:
+            raise ValueError(f"{name} must have {n} rows, got shape {X.shape}")
+        V = np.ascontiguousarray(X.T, dtype=self.dtype)
+        if not np.isfinite(V).all():
+            raise ValueError(f"{name} contains NaN or Inf")
+        return V
+
+    def matvec(self, x):
+        """Apply the operator to ``x`` of shape (n,), (n, 1), or batched (..., n)."""
+        x = np.asanyarray(x)
+        n = self.shape[1]
+        if x.ndim >= 2 and x.shape[-1] == n and not (x.ndim == 2 and x.shape == (n, 1)):
+            flat = x.reshape(-1, n)
+            y = self.matmat(flat.T).T
+            return y.reshape(x.shape[:-1] + (self.shape[0],))
+        return super().matvec(x)
+
+    def rmatvec(self, x):
+        """Apply the adjoint to ``x`` of shape (m,), (m, 1), or batched (..., m)."""
+        x = np.asanyarray(x)
+        m = self.shape[0]
+        if x.ndim >= 2 and x.shape[-1] == m and not (x.ndim == 2 and x.shape == (m, 1)):
+            flat = x.reshape(-1, m)
+            y = self.rmatmat(flat.T).T
+            return y.reshape(x.shape[:-1] + (self.shape[1],))
+        return super().rmatvec(x)
+
+    def _matvec(self, x):
+        return self._matmat(np.asarray(x).reshape(-1, 1)).reshape(-1)
+
+    def _rmatvec(self, x):
+        return self._rmatmat(np.asarray(x).reshape(-1, 1)).reshape(-1)
+
+
+class CurvatureOperator(VectorOperatorMixin, LinearOperator):
+    """Base of the symmetric n_params x n_params curvature operators.
+
+    Subclasses implement ``_prepare_stored`` and ``_apply_rows(V)`` (V of shape
+    (k, n_params), returning the undamped product as (k, n_params)).
+    """
+
+    def __init__(self, model, loss, params, data, *, damping=0.0, mode="auto",
+                 chunk_size=None, memory_budget=None, n_threads=None):
+        from ._data import as_batches
+
+        self.model = check_model(model)
+        self.loss = check_loss(loss)
+        # A private copy: the operator's stored factors belong to THIS theta.
+        self.params = check_params(params, model.n_params).copy()
+        self.params.flags.writeable = False
+        self.damping = check_nonnegative(damping, "damping")
+        self.n_threads = check_n_threads(n_threads)
+        self._omp_threads = resolve_n_threads(self.n_threads)
+        self.data = as_batches(model, loss, data, self.params.dtype)
+        self.n_samples = self.data.n_samples
+        self._scale = loss.scale(self.n_samples, model.n_outputs)
+        self._lparams = model.layer_params(self.params)
+        self.chunk_size = self._resolve_chunk_size(chunk_size)
+        self.memory_budget = (default_memory_budget() if memory_budget is None
+                              else check_positive_int(memory_budget, "memory_budget"))
+        self.mode = self._resolve_mode(check_mode(mode), explicit_budget=memory_budget is not None)
+        super().__init__(dtype=self.params.dtype, shape=(model.n_params, model.n_params))
+        self._stored = None
+        if self.mode == "stored":
+            with blas_threads(self.n_threads):
+                self._stored = self._prepare_stored()
+
+    # -- planning -----------------------------------------------------------
+    def _resolve_chunk_size(self, chunk_size):
+        chunk_size = check_positive_int(chunk_size, "chunk_size", allow_none=True)
+        if chunk_size is None:
+            per_sample = _engine.working_bytes_per_sample(self.model, self.params.itemsize, 1)
+            chunk_size = int(np.clip((32 << 20) // max(per_sample, 1), 32, 2048))
+        return chunk_size
+
+    @classmethod
+    def memory_required(cls, model, data, mode="stored", *, dtype=np.float64, chunk_size=256):
+        """Bytes a mode keeps for ``data`` (or ``n_samples``), before anything is allocated.
+
+        ``"stored"``: the per-sample factors kept for all samples.
+        ``"recompute"``: the temporaries of one chunk of ``chunk_size`` samples.
+        """
+        check_model(model)
+        mode = check_mode(mode)
+        n = count_samples(data)
+        itemsize = np.dtype(dtype).itemsize
+        if mode == "recompute":
+            chunk = min(n, check_positive_int(chunk_size, "chunk_size"))
+            return chunk * _engine.working_bytes_per_sample(model, itemsize, 1)
+        if mode == "auto":
+            raise ValueError("memory_required needs mode 'stored' or 'recompute'")
+        return n * cls._stored_bytes_per_sample(model, itemsize)
+
+    def _resolve_mode(self, mode, explicit_budget):
+        needed = self.memory_required(self.model, self.n_samples, "stored",
+                                      dtype=self.params.dtype)
+        self.stored_bytes = needed
+        if mode == "auto":
+            return "stored" if needed <= self.memory_budget else "recompute"
+        if mode == "stored" and needed > self.memory_budget:
+            raise ValueError(
+                f"mode='stored' needs {needed / 2**20:.1f} MiB for {self.n_samples} samples, "
+                f"over the memory_budget of {self.memory_budget / 2**20:.1f} MiB: "
+                "raise memory_budget or use mode='recompute'")
+        return mode
+
+    @property
+    def memory_bytes(self):
+        """Bytes held by the stored factors (0 in recompute mode)."""
+        return 0 if self.mode == "recompute" else self.stored_bytes
+
+    # -- products -----------------------------------------------------------
+    def _matmat(self, X):
+        V = self._check_vectors(X, self.shape[1])
+        with blas_threads(self.n_threads):
+            out = self._apply_rows(V)
+        if self.damping:
+            out += self.damping * V
+        return out.T
+
+    def _rmatmat(self, X):
+        return self._matmat(X)
+
+    def _adjoint(self):
+        return self
+
+    def _transpose(self):
+        return self
+
+    def _apply_rows_damped(self, V):
+        with blas_threads(self.n_threads):
+            out = self._apply_rows(V)
+        if self.damping:
+            out += self.damping * V
+        return out
+
+    def block(self, name_a, name_b=None):
+        """Dense block of the operator for two named parameters.
+
+        Parameters
+        ----------
+        name_a, name_b : str
+            Keys of ``model.param_slots`` such as ``"0.weight"``; ``name_b``
+            defaults to ``name_a``.
+
+        Returns
+        -------
+        ndarray of shape (size_a, size_b)
+            Rows index ``name_a``'s entries, columns ``name_b``'s, each in C order
+            of the parameter's shape; damping is included on the diagonal.
+        """
+        slot_a = self._slot(name_a)
+        slot_b = self._slot(name_a if name_b is None else name_b)
+        out = np.empty((slot_a.size, slot_b.size), dtype=self.dtype)
+        for start in range(0, slot_b.size, BLOCK_COLUMNS):
+            stop = min(start + BLOCK_COLUMNS, slot_b.size)
+            E = np.zeros((stop - start, self.shape[1]), dtype=self.dtype)
+            E[np.arange(stop - start), slot_b.start + np.arange(start, stop)] = 1
+            rows = self._apply_rows_damped(E)
+            out[:, start:stop] = rows[:, slot_a.start:slot_a.stop].T
+        return out
+
+    def todense(self):
+        """The full matrix (n_params x n_params); refuses above ``memory_budget``."""
+        n = self.shape[0]
+        if n * n * self.dtype.itemsize > self.memory_budget:
+            raise ValueError(f"todense needs {n * n * self.dtype.itemsize / 2**20:.1f} MiB, "
+                             f"over the memory_budget of {self.memory_budget / 2**20:.1f} MiB")
+        out = np.empty((n, n), dtype=self.dtype)
+        for start in range(0, n, BLOCK_COLUMNS):
+            stop = min(start + BLOCK_COLUMNS, n)
+            E = np.zeros((stop - start, n), dtype=self.dtype)
+            E[np.arange(stop - start), np.arange(start, stop)] = 1
+            out[:, start:stop] = self._apply_rows_damped(E).T
+        return out
+
+    def _slot(self, name):
+        try:
+            return self.model.param_slots[name]
+        except (KeyError, TypeError):
+            raise ValueError(f"unknown parameter {name!r}; the model's parameters are "
+                             f"{list(self.model.param_slots)}") from None
+
+    def _new_output(self, k):
+        return np.zeros((k, self.shape[1]), dtype=self.dtype)

@@ -1,0 +1,64 @@
+"""Thread control and build information."""
+
+import contextlib
+import platform
+import sys
+
+import numpy as np
+import scipy
+
+from . import _kernels
+
+_controller = None
+
+
+def resolve_n_threads(n_threads):
+    """Threads for the OpenMP kernels: ``None`` means OpenMP's default."""
+    if n_threads is None:
+        return max(1, _kernels.openmp_max_threads())
+    return n_threads
+
+
+def _threadpool_controller():
+    global _controller
+    if _controller is None:
+        from threadpoolctl import ThreadpoolController
+
+        _controller = ThreadpoolController()
+    return _controller
+
+
+@contextlib.contextmanager
+def blas_threads(n_threads):
+    """Limit BLAS to ``n_threads`` inside the block (no change when None).
+
+    The kernels alternate between OpenMP loops and BLAS calls and never run both
+    at once, so each may use ``n_threads`` without oversubscribing the cores.
+    """
+    if n_threads is None:
+        yield
+        return
+    with _threadpool_controller().limit(limits=n_threads, user_api="blas"):
+        yield
+
+
+def show_config(file=None):
+    """Print versions, OpenMP support, threads and the BLAS libraries in use."""
+    from . import __version__
+
+    lines = [
+        f"ghess:     {__version__}",
+        f"python:    {sys.version.split()[0]} ({platform.platform()})",
+        f"numpy:     {np.__version__}",
+        f"scipy:     {scipy.__version__}",
+        f"OpenMP:    {'on' if _kernels.openmp_enabled() else 'off'}",
+        f"threads:   {resolve_n_threads(None)} (OpenMP default; n_threads= overrides)",
+    ]
+    try:
+        for info in _threadpool_controller().info():
+            lines.append(f"threadpool: {info.get('internal_api')} {info.get('version')} "
+                         f"({info.get('user_api')}, {info.get('num_threads')} threads, "
+                         f"{info.get('filepath')})")
+    except Exception as exc:  # threadpoolctl is informative only here
+        lines.append(f"threadpool: unavailable ({exc})")
+    print("\n".join(lines), file=file)

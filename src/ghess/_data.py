@@ -1,0 +1,67 @@
+"""Data handling: one batch ``(X, y)`` or an iterable of batches, cut into chunks."""
+
+import numpy as np
+
+
+def _is_single_batch(data):
+    return (isinstance(data, tuple) and len(data) == 2
+            and not isinstance(data[0], (tuple, list)))
+
+
+class Batches:
+    """Validated batches ``[(X, y), ...]`` in one compute dtype.
+
+    ``y`` is None for data without targets (Jacobians). The whole iterable is
+    consumed once, so generators work and recompute mode can pass over the data
+    again for every product.
+    """
+
+    def __init__(self, batches, n_samples):
+        self.batches = batches
+        self.n_samples = n_samples
+
+    def chunks(self, chunk_size):
+        """Yield ``(X, y)`` views of at most ``chunk_size`` samples, in order."""
+        for X, y in self.batches:
+            for start in range(0, X.shape[0], chunk_size):
+                stop = min(start + chunk_size, X.shape[0])
+                yield X[start:stop], None if y is None else y[start:stop]
+
+    def n_chunks(self, chunk_size):
+        """How many chunks :meth:`chunks` yields."""
+        return sum(-(-X.shape[0] // chunk_size) for X, _ in self.batches)
+
+
+def as_batches(model, loss, data, dtype):
+    """Validate ``data`` = ``(X, y)`` or an iterable of such, for ``model`` and ``loss``."""
+    if _is_single_batch(data):
+        items = [data]
+    else:
+        if isinstance(data, np.ndarray) or not hasattr(data, "__iter__"):
+            raise TypeError("data must be a tuple (X, y) or an iterable of (X, y) batches, "
+                            f"got {type(data).__name__}")
+        items = list(data)
+    if not items:
+        raise ValueError("data is empty: got no batches")
+    batches = []
+    n_samples = 0
+    for i, item in enumerate(items):
+        where = "" if len(items) == 1 else f" (batch {i})"
+        if not (isinstance(item, (tuple, list)) and len(item) == 2):
+            raise TypeError(f"each batch must be a pair (X, y){where}, got "
+                            f"{type(item).__name__}")
+        X, y = item
+        try:
+            X = model.check_inputs(X, dtype)
+            y = loss.check_targets(y, X.shape[0], model.n_outputs, dtype)
+        except (ValueError, TypeError) as exc:
+            raise type(exc)(f"{exc}{where}") from None
+        batches.append((X, y))
+        n_samples += X.shape[0]
+    return Batches(batches, n_samples)
+
+
+def as_input_batches(model, X, dtype):
+    """Inputs only (no targets), as one batch."""
+    X = model.check_inputs(X, dtype)
+    return Batches([(X, None)], X.shape[0])

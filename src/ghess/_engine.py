@@ -1,0 +1,262 @@
+"""The propagation engine: chunk-level passes through a Sequential.
+
+All functions work on ONE chunk of samples and delegate each layer's math to
+the layer's rules (``ghess.layers``), which call the Cython kernels. Passes:
+
+- ``forward_chunk``: outputs and per-layer contexts (inputs, f', f'').
+- ``jvp_chunk``: ``J v`` for k directions (R-forward).
+- ``vjp_chunk``: ``J^T u`` accumulated into per-layer parameter accumulators.
+- ``jacobian_factors``: per dense layer, its input and ``D = dz/ds`` (n, K, out):
+  the stored-Jacobian path of DESIGN.md, reused for every product.
+- ``factor_jvp`` / ``factor_vjp``: ``J v`` and ``J^T u`` from those factors,
+  without any pass through the network.
+- ``gradient_trace`` / ``hvp_chunk``: what the Hessian product keeps per chunk
+  and the R-operator backward that uses it.
+"""
+
+import numpy as np
+
+from . import _kernels
+from .layers import Activation
+
+
+def param_layer_indices(model):
+    """Indices of the layers that own parameters."""
+    return [i for i, slots in enumerate(model._layer_slots) if slots]
+
+
+# ---------------------------------------------------------------------------
+# forward and first-order passes
+# ---------------------------------------------------------------------------
+
+def forward_chunk(model, lparams, X, need, n_threads):
+    """Forward pass; ``need`` = 0 (outputs), 1 (+ f'), 2 (+ f'')."""
+    ctxs = []
+    x = X
+    for layer, params in zip(model.layers, lparams):
+        ctx = {}
+        x = layer.forward(params, x, ctx, need, n_threads)
+        ctxs.append(ctx)
+    return ctxs, x
+
+
+def forward_outputs(model, theta, X, n_threads, chunk_size=4096):
+    """Network outputs (N, K) in theta's dtype, chunk by chunk."""
+    from ._config import blas_threads, resolve_n_threads
+
+    lparams = model.layer_params(theta)
+    out = np.empty((X.shape[0], model.n_outputs), dtype=theta.dtype)
+    omp = resolve_n_threads(n_threads)
+    with blas_threads(n_threads):
+        for start in range(0, X.shape[0], chunk_size):
+            _, z = forward_chunk(model, lparams, X[start:start + chunk_size], 0, omp)
+            out[start:start + z.shape[0]] = z
+    return out
+
+
+def prepare_tangents(model, V):
+    """Per layer, the GEMM-ready pieces of the directions V (k, n_params)."""
+    tangents = []
+    for i, layer in enumerate(model.layers):
+        start, stop = model.layer_range(i)
+        tangents.append(layer.split_tangent(V[:, start:stop]) if stop > start else None)
+    return tangents
+
+
+def new_accumulators(model, k, dtype):
+    """Zeroed per-layer parameter accumulators for k directions."""
+    return [layer.new_accumulator(k, dtype) if model._layer_slots[i] else None
+            for i, layer in enumerate(model.layers)]
+
+
+def accumulators_to_flat(model, accs, out):
+    """Add per-layer accumulators into ``out`` (k, n_params)."""
+    for i, layer in enumerate(model.layers):
+        if accs[i] is not None:
+            start, stop = model.layer_range(i)
+            layer.accumulator_to_flat(accs[i], out[:, start:stop])
+
+
+def jvp_chunk(model, lparams, tangents, ctxs, k, n_threads):
+    """R-forward: J v for k directions, shape (n, k, K)."""
+    rx = None
+    for layer, params, tangent, ctx in zip(model.layers, lparams, tangents, ctxs):
+        rx = layer.jvp(params, tangent, ctx, rx, n_threads)
+    if rx is None:  # a network without parameters
+        n = ctxs[0]["x"].shape[0] if "x" in ctxs[0] else 0
+        rx = np.zeros((n, k, model.n_outputs))
+    return rx
+
+
+def vjp_chunk(model, lparams, ctxs, gz, accs, n_threads):
+    """Backward: accumulate J^T gz (gz of shape (n, k, K)) into ``accs``."""
+    first = param_layer_indices(model)[0]
+    g = gz
+    for i in range(len(model.layers) - 1, first - 1, -1):
+        g = model.layers[i].vjp(lparams[i], ctxs[i], g, accs[i], i > first, n_threads)
+
+
+# ---------------------------------------------------------------------------
+# stored per-sample Jacobian factors
+# ---------------------------------------------------------------------------
+
+class ChunkFactors:
+    """Per dense layer of one chunk: ``(layer index, input x, D or None)``.
+
+    ``D[n, c, o] = dz[n, c] / ds[n, o]`` for the layer's output s; None means
+    the identity (a final Linear layer, possibly followed by Identity layers).
+    """
+
+    __slots__ = ("n", "layers", "loss_state")
+
+    def __init__(self, n, layers, loss_state=None):
+        self.n = n
+        self.layers = layers
+        self.loss_state = loss_state
+
+    def nbytes(self):
+        """Bytes held by the stored arrays (inputs that are views of data excluded)."""
+        total = 0
+        for _, x, D in self.layers:
+            if x.base is None or x.flags.owndata:
+                total += x.nbytes
+            total += 0 if D is None else D.nbytes
+        if self.loss_state is not None:
+            total += self.loss_state.nbytes
+        return total
+
+
+def jacobian_factors(model, lparams, ctxs, n_threads):
+    """Back-propagate the K output unit vectors once; keep D for each dense layer."""
+    first = param_layer_indices(model)[0]
+    n = None
+    D = None  # identity
+    layers = []
+    for i in range(len(model.layers) - 1, first - 1, -1):
+        layer, ctx = model.layers[i], ctxs[i]
+        if model._layer_slots[i]:
+            n = ctx["x"].shape[0]
+            layers.append((i, ctx["x"], D))
+        if i == first:
+            break
+        if D is None:
+            if isinstance(layer, Activation) and layer._kind == 0:
+                continue  # the identity stays the identity
+            width = model.shapes[i + 1][0]
+            m = ctx["x"].shape[0] if "x" in ctx else ctx["d1"].shape[0]
+            D = np.ascontiguousarray(np.broadcast_to(
+                np.eye(width, dtype=lparams[first]["weight"].dtype), (m, width, width)))
+        D = layer.vjp(lparams[i], ctx, D, None, True, n_threads)
+    layers.reverse()
+    return ChunkFactors(n, layers)
+
+
+def factor_jvp(model, lparams, tangents, factors, k, n_threads):
+    """J v (n, k, K) from stored factors: per layer U = x V^T + v_b, then D U."""
+    Jv = np.zeros((factors.n, k, model.n_outputs), dtype=factors.layers[0][1].dtype)
+    for i, x, D in factors.layers:
+        U = model.layers[i].jvp(lparams[i], tangents[i], {"x": x}, None, n_threads)
+        if D is None:
+            Jv += U
+        else:
+            _kernels.contract_factor(D, U, Jv, True, n_threads)
+    return Jv
+
+
+def factor_vjp(model, factors, u, accs, n_threads):
+    """Accumulate J^T u from stored factors: per layer S = D^T u, dW += S^T x."""
+    n, k = u.shape[0], u.shape[1]
+    for i, x, D in factors.layers:
+        if D is None:
+            S = u
+        else:
+            S = np.empty((n, k, D.shape[2]), dtype=u.dtype)
+            _kernels.contract_factor_t(D, u, S, n_threads)
+        model.layers[i].param_vjp({"x": x}, S, accs[i], n_threads)
+
+
+# ---------------------------------------------------------------------------
+# Hessian products
+# ---------------------------------------------------------------------------
+
+class GradientTrace:
+    """What a Hessian product needs of one chunk, independent of the direction."""
+
+    __slots__ = ("ctxs", "grads", "loss_state", "loss_sum")
+
+    def __init__(self, ctxs, grads, loss_state, loss_sum):
+        self.ctxs = ctxs
+        self.grads = grads
+        self.loss_state = loss_state
+        self.loss_sum = loss_sum
+
+
+def gradient_trace(model, lparams, loss, X, y, scale, n_threads):
+    """Forward with f' and f'', then dL/d(output) of every layer (n, width)."""
+    ctxs, z = forward_chunk(model, lparams, X, 2, n_threads)
+    loss_sum, g, state = loss.value_grad(z, y, scale, n_threads)
+    first = param_layer_indices(model)[0]
+    grads = [None] * len(model.layers)
+    for i in range(len(model.layers) - 1, first - 1, -1):
+        grads[i] = g
+        if i > first:
+            g = model.layers[i].input_grad(lparams[i], g, ctxs[i])
+    return GradientTrace(ctxs, grads, state, loss_sum)
+
+
+def hvp_chunk(model, lparams, loss, tangents, trace, scale, accs, k, n_threads):
+    """Accumulate H v for one chunk: R-forward, B R{z}, then the R-backward."""
+    first = param_layer_indices(model)[0]
+    rins = []
+    rx = None
+    for layer, params, tangent, ctx in zip(model.layers, lparams, tangents, trace.ctxs):
+        rins.append(rx)
+        rx = layer.jvp(params, tangent, ctx, rx, n_threads)
+    rg = np.empty_like(rx)
+    loss.hessian_apply(trace.loss_state, rx, scale, rg, n_threads)
+    for i in range(len(model.layers) - 1, first - 1, -1):
+        rg = model.layers[i].rvjp(lparams[i], tangents[i], trace.ctxs[i], trace.grads[i],
+                                  rins[i], rg, accs[i], i > first, n_threads)
+
+
+# ---------------------------------------------------------------------------
+# memory planning
+# ---------------------------------------------------------------------------
+
+def stored_factor_bytes_per_sample(model, itemsize):
+    """Bytes per sample kept by the stored-Jacobian path (GGN and Jacobian)."""
+    first = param_layer_indices(model)[0]
+    K = model.n_outputs
+    total = K  # loss state (softmax or sigma') per sample
+    identity = True
+    for i in range(len(model.layers) - 1, first - 1, -1):
+        layer = model.layers[i]
+        if model._layer_slots[i]:
+            if i != 0:
+                total += model.shapes[i][0]  # the layer's input (data itself for layer 0)
+            if not identity:
+                total += K * model.shapes[i + 1][0]
+        if not (isinstance(layer, Activation) and layer._kind == 0):
+            identity = False
+    return total * itemsize
+
+
+def gradient_trace_bytes_per_sample(model, itemsize):
+    """Bytes per sample kept by a Hessian product's stored traces."""
+    total = 2 * model.n_outputs  # loss state and dL/dz
+    for i, layer in enumerate(model.layers):
+        width = int(np.prod(model.shapes[i + 1]))
+        if isinstance(layer, Activation):
+            if layer._kind == 0:
+                continue
+            total += width * (2 + (1 if layer.has_curvature else 0))  # y, f', f''
+        else:
+            total += width
+        total += width  # dL/dy
+    return total * itemsize
+
+
+def working_bytes_per_sample(model, itemsize, k):
+    """Bytes per sample of the temporaries of one pass over a chunk, k directions."""
+    widths = sum(int(np.prod(s)) for s in model.shapes)
+    return (4 * widths + 3 * k * widths + 4 * k * model.n_outputs) * itemsize

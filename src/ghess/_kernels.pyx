@@ -1,0 +1,455 @@
+"""Cython kernels for the curvature engine.
+
+Design notes
+------------
+1. Python validates, Cython trusts the values, but every ``def`` entry point
+   still checks that the shapes of its memoryviews agree, because a wrong shape
+   here would read or write out of bounds. Those checks are O(1).
+2. Layouts. A quantity that does not depend on the direction vectors has shape
+   ``(n, width)`` (``n`` samples of one chunk). A quantity that does, has shape
+   ``(n, k, width)`` for ``k`` directions processed together (``matmat``), so
+   that a dense layer's product for all ``k`` directions is ONE GEMM on the
+   ``(n * k, width)`` view.
+3. Per-sample Jacobian factors ``D[n, c, o] = dz[n, c] / ds[n, o]`` (``c`` over
+   the ``K`` network outputs, ``o`` over a layer's outputs) are stored as
+   ``(n, K, width)``: the same layout as ``k = K`` directions.
+4. Threading: ``prange`` over samples (or elements) with a static schedule. No
+   kernel here sums across samples in parallel, so results do not depend on
+   the number of threads; sums over samples are GEMMs (BLAS) or the sequential
+   ``sum_rows_into``.
+5. Elementwise math is done in double precision and rounded to the array's
+   dtype: cheap next to the GEMMs, and it keeps float32 activations accurate.
+"""
+from cython cimport floating
+from cython.parallel cimport prange
+from libc.math cimport exp, fabs, log, log1p, tanh
+
+from ._blas cimport dot, gemm
+
+cdef extern from *:
+    """
+    #ifdef _OPENMP
+    #include <omp.h>
+    #define GHESS_OPENMP 1
+    static int ghess_omp_max_threads(void) { return omp_get_max_threads(); }
+    #else
+    #define GHESS_OPENMP 0
+    static int ghess_omp_max_threads(void) { return 1; }
+    #endif
+    """
+    int GHESS_OPENMP
+    int ghess_omp_max_threads() nogil
+
+
+# Activation kinds; keep in sync with ghess.layers.
+cdef enum:
+    IDENTITY = 0
+    RELU = 1
+    LEAKY_RELU = 2
+    TANH = 3
+    SIGMOID = 4
+    SOFTPLUS = 5
+
+
+def openmp_enabled():
+    """Whether the kernels were compiled with OpenMP."""
+    return bool(GHESS_OPENMP)
+
+
+def openmp_max_threads():
+    """OpenMP's default number of threads (1 without OpenMP)."""
+    return ghess_omp_max_threads()
+
+
+cdef inline void _check(bint ok, str what) except *:
+    if not ok:
+        raise ValueError(f"internal shape mismatch in ghess._kernels: {what}")
+
+
+# ---------------------------------------------------------------------------
+# GEMM entry point for the Python engine
+# ---------------------------------------------------------------------------
+
+def gemm_rowmajor(bint trans_a, bint trans_b, double alpha,
+                  const floating[:, ::1] a,   # IN  (m, k), or (k, m) if trans_a
+                  const floating[:, ::1] b,   # IN  (k, n), or (n, k) if trans_b
+                  double beta,
+                  floating[:, ::1] c):        # OUT (m, n)
+    """c := alpha * op(a) @ op(b) + beta * c, row-major, GIL released."""
+    cdef int m = a.shape[1] if trans_a else a.shape[0]
+    cdef int k = a.shape[0] if trans_a else a.shape[1]
+    cdef int kb = b.shape[1] if trans_b else b.shape[0]
+    cdef int n = b.shape[0] if trans_b else b.shape[1]
+    _check(k == kb and c.shape[0] == m and c.shape[1] == n, "gemm operands")
+    if m == 0 or n == 0:
+        return
+    if k == 0:
+        with nogil:
+            _scale_matrix(m, n, <floating> beta, &c[0, 0], c.shape[1])
+        return
+    with nogil:
+        gemm(trans_a, trans_b, m, n, k, <floating> alpha, &a[0, 0], a.shape[1],
+             &b[0, 0], b.shape[1], <floating> beta, &c[0, 0], c.shape[1])
+
+
+cdef inline void _scale_matrix(int m, int n, floating beta, floating* c,
+                               int ldc) noexcept nogil:
+    # c := beta * c (the k == 0 case of gemm, where BLAS is not called)
+    cdef int i, j
+    for i in range(m):
+        for j in range(n):
+            c[i * ldc + j] = 0 if beta == 0 else beta * c[i * ldc + j]
+
+
+# ---------------------------------------------------------------------------
+# Row and column helpers
+# ---------------------------------------------------------------------------
+
+def add_grouped_rows(floating[:, :, ::1] y,          # IN/OUT (n, k, m)
+                     const floating[:, ::1] rows,    # IN     (k, m)
+                     int n_threads):
+    """y[i, j, :] += rows[j, :] for every sample i (bias terms)."""
+    cdef Py_ssize_t n = y.shape[0], k = y.shape[1], m = y.shape[2]
+    cdef Py_ssize_t i, j, o
+    _check(rows.shape[0] == k and rows.shape[1] == m, "add_grouped_rows")
+    for i in prange(n, nogil=True, schedule='static', num_threads=n_threads):
+        for j in range(k):
+            for o in range(m):
+                y[i, j, o] += rows[j, o]
+
+
+def sum_rows_into(const floating[:, ::1] x,   # IN     (n, m)
+                  floating[::1] out):         # IN/OUT (m,)
+    """out += sum over rows of x, in a fixed order (deterministic)."""
+    cdef Py_ssize_t n = x.shape[0], m = x.shape[1]
+    cdef Py_ssize_t i, o
+    _check(out.shape[0] == m, "sum_rows_into")
+    with nogil:
+        for i in range(n):
+            for o in range(m):
+                out[o] += x[i, o]
+
+
+# ---------------------------------------------------------------------------
+# Elementwise activations
+# ---------------------------------------------------------------------------
+
+cdef inline double _sigmoid(double x) noexcept nogil:
+    cdef double e
+    if x >= 0:
+        return 1.0 / (1.0 + exp(-x))
+    e = exp(x)
+    return e / (1.0 + e)
+
+
+cdef inline void _activation(int kind, double x, double p0, double p1,
+                             double* y, double* d1, double* d2) noexcept nogil:
+    # y = f(x), d1 = f'(x), d2 = f''(x); p0, p1 are the kind's parameters.
+    cdef double t, s, bx
+    if kind == RELU:
+        # f'(0) = 0, as in PyTorch
+        y[0] = x if x > 0 else 0.0
+        d1[0] = 1.0 if x > 0 else 0.0
+        d2[0] = 0.0
+    elif kind == LEAKY_RELU:
+        # p0: negative slope; f'(0) = slope, as in PyTorch
+        y[0] = x if x > 0 else p0 * x
+        d1[0] = 1.0 if x > 0 else p0
+        d2[0] = 0.0
+    elif kind == TANH:
+        t = tanh(x)
+        y[0] = t
+        d1[0] = 1.0 - t * t
+        d2[0] = -2.0 * t * (1.0 - t * t)
+    elif kind == SIGMOID:
+        s = _sigmoid(x)
+        y[0] = s
+        d1[0] = s * (1.0 - s)
+        d2[0] = s * (1.0 - s) * (1.0 - 2.0 * s)
+    elif kind == SOFTPLUS:
+        # p0: beta, p1: threshold; linear above the threshold, as in PyTorch
+        bx = p0 * x
+        if bx > p1:
+            y[0] = x
+            d1[0] = 1.0
+            d2[0] = 0.0
+        else:
+            s = _sigmoid(bx)
+            y[0] = (log1p(exp(-fabs(bx))) + (bx if bx > 0 else 0.0)) / p0
+            d1[0] = s
+            d2[0] = p0 * s * (1.0 - s)
+    else:
+        y[0] = x
+        d1[0] = 1.0
+        d2[0] = 0.0
+
+
+def activation_forward(int kind, double p0, double p1,
+                       const floating[::1] x,   # IN  (size,)
+                       floating[::1] y,         # OUT (size,)
+                       floating[::1] d1,        # OUT (size,) f'(x), or empty
+                       floating[::1] d2,        # OUT (size,) f''(x), or empty
+                       int n_threads):
+    """y = f(x), and optionally f'(x) and f''(x), elementwise."""
+    cdef Py_ssize_t size = x.shape[0], i
+    cdef bint want_d1 = d1.shape[0] > 0, want_d2 = d2.shape[0] > 0
+    cdef double vy, v1, v2
+    _check(y.shape[0] == size, "activation_forward y")
+    _check(not want_d1 or d1.shape[0] == size, "activation_forward d1")
+    _check(not want_d2 or d2.shape[0] == size, "activation_forward d2")
+    for i in prange(size, nogil=True, schedule='static', num_threads=n_threads):
+        _activation(kind, x[i], p0, p1, &vy, &v1, &v2)
+        y[i] = <floating> vy
+        if want_d1:
+            d1[i] = <floating> v1
+        if want_d2:
+            d2[i] = <floating> v2
+
+
+def scale_grouped(const floating[:, ::1] d,     # IN  (n, m)
+                  const floating[:, :, ::1] x,  # IN  (n, k, m)
+                  floating[:, :, ::1] out,      # OUT (n, k, m), may alias x
+                  int n_threads):
+    """out[i, j, :] = d[i, :] * x[i, j, :] (an activation's JVP or VJP)."""
+    cdef Py_ssize_t n = x.shape[0], k = x.shape[1], m = x.shape[2]
+    cdef Py_ssize_t i, j, o
+    _check(d.shape[0] == n and d.shape[1] == m, "scale_grouped d")
+    _check(out.shape[0] == n and out.shape[1] == k and out.shape[2] == m,
+           "scale_grouped out")
+    for i in prange(n, nogil=True, schedule='static', num_threads=n_threads):
+        for j in range(k):
+            for o in range(m):
+                out[i, j, o] = d[i, o] * x[i, j, o]
+
+
+def activation_rbackward(const floating[:, ::1] d1,      # IN  (n, m) f'(s)
+                         const floating[:, ::1] d2,      # IN  (n, m) f''(s)
+                         const floating[:, ::1] g,       # IN  (n, m) dL/df
+                         const floating[:, :, ::1] rx,   # IN  (n, k, m) R{s}
+                         const floating[:, :, ::1] rg,   # IN  (n, k, m) R{dL/df}
+                         floating[:, :, ::1] out,        # OUT (n, k, m) R{dL/ds}
+                         int n_threads):
+    """R{dL/ds} = f'(s) R{dL/df} + f''(s) (dL/df) R{s} (R-operator backward)."""
+    cdef Py_ssize_t n = rx.shape[0], k = rx.shape[1], m = rx.shape[2]
+    cdef Py_ssize_t i, j, o
+    _check(d1.shape[0] == n and d1.shape[1] == m, "activation_rbackward d1")
+    _check(d2.shape[0] == n and d2.shape[1] == m, "activation_rbackward d2")
+    _check(g.shape[0] == n and g.shape[1] == m, "activation_rbackward g")
+    _check(rg.shape[0] == n and rg.shape[1] == k and rg.shape[2] == m,
+           "activation_rbackward rg")
+    _check(out.shape[0] == n and out.shape[1] == k and out.shape[2] == m,
+           "activation_rbackward out")
+    for i in prange(n, nogil=True, schedule='static', num_threads=n_threads):
+        for j in range(k):
+            for o in range(m):
+                out[i, j, o] = d1[i, o] * rg[i, j, o] + d2[i, o] * g[i, o] * rx[i, j, o]
+
+
+# ---------------------------------------------------------------------------
+# Per-sample Jacobian factors
+# ---------------------------------------------------------------------------
+
+def contract_factor(const floating[:, :, ::1] D,   # IN  (n, K, m)
+                    const floating[:, :, ::1] u,   # IN  (n, k, m)
+                    floating[:, :, ::1] out,       # IN/OUT (n, k, K)
+                    bint accumulate,
+                    int n_threads):
+    """out[i, j, :] (+)= D[i] @ u[i, j, :]  (J v for one layer, per sample)."""
+    cdef Py_ssize_t n = D.shape[0], K = D.shape[1], m = D.shape[2]
+    cdef Py_ssize_t k = u.shape[1], i, j, c
+    cdef floating s
+    _check(u.shape[0] == n and u.shape[2] == m, "contract_factor u")
+    _check(out.shape[0] == n and out.shape[1] == k and out.shape[2] == K,
+           "contract_factor out")
+    if m == 0:
+        if not accumulate:
+            out[...] = 0
+        return
+    for i in prange(n, nogil=True, schedule='static', num_threads=n_threads):
+        for j in range(k):
+            for c in range(K):
+                s = dot(<int> m, &D[i, c, 0], &u[i, j, 0])
+                if accumulate:
+                    out[i, j, c] += s
+                else:
+                    out[i, j, c] = s
+
+
+def contract_factor_t(const floating[:, :, ::1] D,   # IN  (n, K, m)
+                      const floating[:, :, ::1] w,   # IN  (n, k, K)
+                      floating[:, :, ::1] out,       # OUT (n, k, m)
+                      int n_threads):
+    """out[i, j, :] = D[i]^T @ w[i, j, :]  (J^T w for one layer, per sample)."""
+    cdef Py_ssize_t n = D.shape[0], K = D.shape[1], m = D.shape[2]
+    cdef Py_ssize_t k = w.shape[1], i, j, c, o
+    cdef floating wc
+    _check(w.shape[0] == n and w.shape[2] == K, "contract_factor_t w")
+    _check(out.shape[0] == n and out.shape[1] == k and out.shape[2] == m,
+           "contract_factor_t out")
+    for i in prange(n, nogil=True, schedule='static', num_threads=n_threads):
+        for j in range(k):
+            for o in range(m):
+                out[i, j, o] = 0
+            for c in range(K):
+                wc = w[i, j, c]
+                for o in range(m):
+                    out[i, j, o] += wc * D[i, c, o]
+
+
+def linear_sample_jacobian(const floating[:, :, ::1] D,   # IN  (n, K, m), m outputs
+                           const floating[:, ::1] a,      # IN  (n, p), p inputs
+                           bint has_bias,
+                           Py_ssize_t offset,
+                           floating[:, :, ::1] J,         # OUT (n, K, n_params)
+                           int n_threads):
+    """Write a dense layer's block of the per-sample Jacobians.
+
+    J[i, c, offset + o * p + q] = D[i, c, o] * a[i, q]   (weight, (m, p) C order)
+    J[i, c, offset + m * p + o] = D[i, c, o]             (bias)
+    """
+    cdef Py_ssize_t n = D.shape[0], K = D.shape[1], m = D.shape[2]
+    cdef Py_ssize_t p = a.shape[1], i, c, o, q, base
+    cdef floating dco
+    _check(a.shape[0] == n and J.shape[0] == n and J.shape[1] == K,
+           "linear_sample_jacobian shapes")
+    _check(offset >= 0 and offset + m * p + (m if has_bias else 0) <= J.shape[2],
+           "linear_sample_jacobian offset")
+    for i in prange(n, nogil=True, schedule='static', num_threads=n_threads):
+        for c in range(K):
+            for o in range(m):
+                dco = D[i, c, o]
+                base = offset + o * p
+                for q in range(p):
+                    J[i, c, base + q] = dco * a[i, q]
+                if has_bias:
+                    J[i, c, offset + m * p + o] = dco
+
+
+# ---------------------------------------------------------------------------
+# Losses: per-sample value, gradient r = dl/dz, and the output-space Hessian B
+# ---------------------------------------------------------------------------
+
+def mse_value_grad(const floating[:, ::1] z,    # IN  (n, K)
+                   const floating[:, ::1] y,    # IN  (n, K)
+                   double scale,
+                   double[::1] loss_out,        # OUT (n,) sum_c (z - y)^2
+                   floating[:, ::1] r_out,      # OUT (n, K) scale * 2 (z - y)
+                   int n_threads):
+    """Squared error per sample and its scaled gradient."""
+    cdef Py_ssize_t n = z.shape[0], K = z.shape[1], i, c
+    cdef double diff, acc
+    _check(y.shape[0] == n and y.shape[1] == K, "mse y")
+    _check(loss_out.shape[0] == n, "mse loss_out")
+    _check(r_out.shape[0] == n and r_out.shape[1] == K, "mse r_out")
+    for i in prange(n, nogil=True, schedule='static', num_threads=n_threads):
+        acc = 0.0
+        for c in range(K):
+            diff = <double> z[i, c] - <double> y[i, c]
+            acc = acc + diff * diff
+            r_out[i, c] = <floating> (2.0 * scale * diff)
+        loss_out[i] = acc
+
+
+def cross_entropy_value_grad(const floating[:, ::1] z,     # IN  (n, K) logits
+                             const Py_ssize_t[::1] labels,  # IN  (n,) in [0, K)
+                             double scale,
+                             double[::1] loss_out,          # OUT (n,)
+                             floating[:, ::1] r_out,        # OUT (n, K) scale (p - e_y)
+                             floating[:, ::1] p_out,        # OUT (n, K) softmax(z)
+                             int n_threads):
+    """Softmax cross-entropy per sample, its scaled gradient, and softmax."""
+    cdef Py_ssize_t n = z.shape[0], K = z.shape[1], i, c
+    cdef double zmax, total, lse, pc
+    _check(labels.shape[0] == n and loss_out.shape[0] == n, "cross_entropy n")
+    _check(r_out.shape[0] == n and r_out.shape[1] == K, "cross_entropy r_out")
+    _check(p_out.shape[0] == n and p_out.shape[1] == K, "cross_entropy p_out")
+    for i in prange(n, nogil=True, schedule='static', num_threads=n_threads):
+        zmax = z[i, 0]
+        for c in range(1, K):
+            if z[i, c] > zmax:
+                zmax = z[i, c]
+        total = 0.0
+        for c in range(K):
+            total = total + exp(<double> z[i, c] - zmax)
+        lse = zmax + log(total)
+        loss_out[i] = lse - <double> z[i, labels[i]]
+        for c in range(K):
+            pc = exp(<double> z[i, c] - lse)
+            p_out[i, c] = <floating> pc
+            r_out[i, c] = <floating> (scale * (pc - (1.0 if c == labels[i] else 0.0)))
+
+
+def bce_value_grad(const floating[:, ::1] z,    # IN  (n, K) logits
+                   const floating[:, ::1] y,    # IN  (n, K) targets in [0, 1]
+                   double scale,
+                   double[::1] loss_out,        # OUT (n,)
+                   floating[:, ::1] r_out,      # OUT (n, K) scale (sigmoid(z) - y)
+                   floating[:, ::1] h_out,      # OUT (n, K) sigmoid'(z)
+                   int n_threads):
+    """Binary cross-entropy with logits per sample, its gradient, and sigma'."""
+    cdef Py_ssize_t n = z.shape[0], K = z.shape[1], i, c
+    cdef double zc, s, acc
+    _check(y.shape[0] == n and y.shape[1] == K, "bce y")
+    _check(loss_out.shape[0] == n, "bce loss_out")
+    _check(r_out.shape[0] == n and r_out.shape[1] == K, "bce r_out")
+    _check(h_out.shape[0] == n and h_out.shape[1] == K, "bce h_out")
+    for i in prange(n, nogil=True, schedule='static', num_threads=n_threads):
+        acc = 0.0
+        for c in range(K):
+            zc = z[i, c]
+            # max(z, 0) - z y + log(1 + exp(-|z|)): stable for large |z|
+            acc = acc + (zc if zc > 0 else 0.0) - zc * y[i, c] + log1p(exp(-fabs(zc)))
+            s = _sigmoid(zc)
+            r_out[i, c] = <floating> (scale * (s - y[i, c]))
+            h_out[i, c] = <floating> (s * (1.0 - s))
+        loss_out[i] = acc
+
+
+def scaled_copy(const floating[:, :, ::1] x,   # IN  (n, k, K)
+                double scale,
+                floating[:, :, ::1] out,       # OUT (n, k, K)
+                int n_threads):
+    """out = scale * x  (B = scale * I, the squared error's Hessian)."""
+    cdef Py_ssize_t n = x.shape[0], k = x.shape[1], K = x.shape[2], i, j, c
+    cdef floating f = <floating> scale
+    _check(out.shape[0] == n and out.shape[1] == k and out.shape[2] == K, "scaled_copy")
+    for i in prange(n, nogil=True, schedule='static', num_threads=n_threads):
+        for j in range(k):
+            for c in range(K):
+                out[i, j, c] = f * x[i, j, c]
+
+
+def softmax_hessian_apply(const floating[:, ::1] p,     # IN  (n, K) softmax
+                          const floating[:, :, ::1] x,  # IN  (n, k, K)
+                          double scale,
+                          floating[:, :, ::1] out,      # OUT (n, k, K)
+                          int n_threads):
+    """out[i, j] = scale * (diag(p_i) - p_i p_i^T) x[i, j]."""
+    cdef Py_ssize_t n = x.shape[0], k = x.shape[1], K = x.shape[2], i, j, c
+    cdef double t
+    _check(p.shape[0] == n and p.shape[1] == K, "softmax_hessian_apply p")
+    _check(out.shape[0] == n and out.shape[1] == k and out.shape[2] == K,
+           "softmax_hessian_apply out")
+    for i in prange(n, nogil=True, schedule='static', num_threads=n_threads):
+        for j in range(k):
+            t = 0.0
+            for c in range(K):
+                t = t + <double> p[i, c] * <double> x[i, j, c]
+            for c in range(K):
+                out[i, j, c] = <floating> (scale * <double> p[i, c] * (<double> x[i, j, c] - t))
+
+
+def diagonal_hessian_apply(const floating[:, ::1] h,     # IN  (n, K)
+                           const floating[:, :, ::1] x,  # IN  (n, k, K)
+                           double scale,
+                           floating[:, :, ::1] out,      # OUT (n, k, K)
+                           int n_threads):
+    """out[i, j] = scale * h_i * x[i, j]  (B = diag(h), e.g. BCE with logits)."""
+    cdef Py_ssize_t n = x.shape[0], k = x.shape[1], K = x.shape[2], i, j, c
+    _check(h.shape[0] == n and h.shape[1] == K, "diagonal_hessian_apply h")
+    _check(out.shape[0] == n and out.shape[1] == k and out.shape[2] == K,
+           "diagonal_hessian_apply out")
+    for i in prange(n, nogil=True, schedule='static', num_threads=n_threads):
+        for j in range(k):
+            for c in range(K):
+                out[i, j, c] = <floating> (scale * h[i, c] * x[i, j, c])

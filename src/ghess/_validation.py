@@ -1,0 +1,100 @@
+"""Input validation shared by the public API: dtypes, shapes, finiteness.
+
+Python validates, Cython trusts (STYLE.md): everything that reaches a kernel
+went through here. Nothing here modifies its input; a converted copy is made
+only when the dtype or memory layout requires one.
+"""
+
+import numbers
+
+import numpy as np
+
+SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def compute_dtype(array_dtype):
+    """float32 stays float32; other real numeric dtypes become float64."""
+    dtype = np.dtype(array_dtype)
+    if dtype == np.float32:
+        return dtype
+    return np.dtype(np.float64)
+
+
+def as_float_array(x, name, *, dtype=None, ndim=None, allow_empty=True):
+    """Return ``x`` as a C-contiguous finite float array, without modifying it.
+
+    Parameters
+    ----------
+    x : array_like
+    name : str
+        Used in error messages.
+    dtype : dtype, optional
+        Target dtype; by default float32 stays float32 and other real dtypes
+        become float64.
+    ndim : int, optional
+        Required number of dimensions.
+    """
+    try:
+        arr = np.asarray(x)
+    except Exception as exc:  # ragged lists and the like
+        raise TypeError(f"{name} must be an array of real numbers, got {type(x).__name__}"
+                        ) from exc
+    if arr.dtype.kind not in "iuf":
+        raise TypeError(f"{name} must hold real numbers (float32 or float64), "
+                        f"got dtype {arr.dtype}")
+    if ndim is not None and arr.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-dimensional, got shape {arr.shape}")
+    if not allow_empty and arr.size == 0:
+        raise ValueError(f"{name} is empty (shape {arr.shape})")
+    target = compute_dtype(arr.dtype) if dtype is None else np.dtype(dtype)
+    out = np.ascontiguousarray(arr, dtype=target)
+    if out.dtype.kind == "f" and not np.isfinite(out).all():
+        bad = np.argwhere(~np.isfinite(out))[0]
+        raise ValueError(f"{name} contains NaN or Inf (first at index {tuple(int(i) for i in bad)})")
+    return out
+
+
+def check_params(theta, n_params):
+    """Validate the flat parameter vector; return it (float32 or float64, contiguous)."""
+    arr = np.asarray(theta) if not isinstance(theta, np.ndarray) else theta
+    if arr.dtype.kind not in "iuf":
+        raise TypeError(f"params must be a 1-D float32 or float64 array, got dtype {arr.dtype}")
+    if arr.ndim != 1:
+        raise ValueError(f"params must be a flat 1-D array of length {n_params}, "
+                         f"got shape {arr.shape}")
+    if arr.shape[0] != n_params:
+        raise ValueError(f"params must have length {n_params} (the model's n_params), "
+                         f"got {arr.shape[0]}")
+    return as_float_array(arr, "params")
+
+
+def check_n_threads(n_threads):
+    """None means every core OpenMP sees; otherwise a positive int."""
+    if n_threads is None:
+        return None
+    if isinstance(n_threads, (bool, np.bool_)) or not isinstance(n_threads, numbers.Integral):
+        raise TypeError(f"n_threads must be a positive int or None, got {n_threads!r}")
+    if n_threads < 1:
+        raise ValueError(f"n_threads must be >= 1, got {n_threads}")
+    return int(n_threads)
+
+
+def check_nonnegative(value, name):
+    """A finite real number >= 0, as float."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    value = float(value)
+    if not np.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be finite and >= 0, got {value}")
+    return value
+
+
+def check_positive_int(value, name, *, allow_none=False):
+    """A positive int (or None when allowed)."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be a positive int, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return int(value)

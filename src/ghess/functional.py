@@ -1,0 +1,84 @@
+"""Loss and gradient, and dense per-sample Jacobians."""
+
+import numpy as np
+
+from . import _engine
+from ._base import check_loss, check_model
+from ._config import blas_threads, resolve_n_threads
+from ._data import as_batches, as_input_batches
+from ._validation import check_n_threads, check_params, check_positive_int
+
+__all__ = ["loss_and_grad", "per_sample_jacobians"]
+
+
+def loss_and_grad(model, loss, params, data, *, chunk_size=1024, n_threads=None):
+    """Loss value and its gradient with respect to the flat parameters.
+
+    Parameters
+    ----------
+    model : Sequential
+    loss : Loss
+    params : ndarray of shape (n_params,)
+    data : (X, y) or iterable of (X, y)
+        With ``reduction="mean"``, the mean runs over all samples of all batches.
+    chunk_size : int, default=1024
+        Samples per forward/backward pass (bounds the memory).
+    n_threads : int, optional
+
+    Returns
+    -------
+    value : float
+    grad : ndarray of shape (n_params,), in params' dtype
+    """
+    check_model(model)
+    check_loss(loss)
+    theta = check_params(params, model.n_params)
+    n_threads = check_n_threads(n_threads)
+    chunk_size = check_positive_int(chunk_size, "chunk_size")
+    batches = as_batches(model, loss, data, theta.dtype)
+    scale = loss.scale(batches.n_samples, model.n_outputs)
+    lparams = model.layer_params(theta)
+    omp = resolve_n_threads(n_threads)
+    accs = _engine.new_accumulators(model, 1, theta.dtype)
+    total = 0.0
+    with blas_threads(n_threads):
+        for X, y in batches.chunks(chunk_size):
+            ctxs, z = _engine.forward_chunk(model, lparams, X, 1, omp)
+            value, r, _ = loss.value_grad(z, y, scale, omp)
+            total += value
+            _engine.vjp_chunk(model, lparams, ctxs, r[:, None, :], accs, omp)
+    grad = np.zeros((1, model.n_params), dtype=theta.dtype)
+    _engine.accumulators_to_flat(model, accs, grad)
+    return float(scale * total), grad[0]
+
+
+def per_sample_jacobians(model, params, X, *, chunk_size=256, n_threads=None):
+    """Dense per-sample Jacobians of the outputs, shape (N, K, n_params).
+
+    ``J[n, c, :]`` is the gradient of output ``c`` of sample ``n`` with respect to
+    the flat parameters. This allocates ``N * K * n_params`` numbers; for products
+    use :class:`ghess.JacobianLinearOperator` instead.
+    """
+    check_model(model)
+    theta = check_params(params, model.n_params)
+    n_threads = check_n_threads(n_threads)
+    chunk_size = check_positive_int(chunk_size, "chunk_size")
+    batches = as_input_batches(model, X, theta.dtype)
+    lparams = model.layer_params(theta)
+    omp = resolve_n_threads(n_threads)
+    K = model.n_outputs
+    J = np.zeros((batches.n_samples, K, model.n_params), dtype=theta.dtype)
+    eye = np.eye(K, dtype=theta.dtype)
+    start = 0
+    with blas_threads(n_threads):
+        for Xc, _ in batches.chunks(chunk_size):
+            ctxs, _ = _engine.forward_chunk(model, lparams, Xc, 1, omp)
+            factors = _engine.jacobian_factors(model, lparams, ctxs, omp)
+            n = Xc.shape[0]
+            for i, x, D in factors.layers:
+                if D is None:
+                    D = np.ascontiguousarray(np.broadcast_to(eye, (n, K, K)))
+                model.layers[i].sample_jacobian({"x": x}, D, model.layer_range(i)[0],
+                                                J[start:start + n], omp)
+            start += n
+    return J

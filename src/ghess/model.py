@@ -1,0 +1,204 @@
+"""Sequential: the network container and the flat parameter layout.
+
+The parameters are ONE flat 1-D array ``theta``, laid out exactly as
+``torch.cat([p.reshape(-1) for p in seq.parameters()])`` for the equivalent
+``torch.nn.Sequential``: layer by layer, weight then bias, C order.
+"""
+
+import numbers
+
+import numpy as np
+
+from ._validation import as_float_array, check_params, compute_dtype
+from .layers import Layer
+
+__all__ = ["Sequential"]
+
+
+class ParamSlot:
+    """Where one named parameter lives in theta."""
+
+    __slots__ = ("name", "layer_index", "attr", "shape", "start", "stop")
+
+    def __init__(self, name, layer_index, attr, shape, start):
+        self.name = name
+        self.layer_index = layer_index
+        self.attr = attr
+        self.shape = tuple(shape)
+        self.start = start
+        self.stop = start + int(np.prod(shape))
+
+    @property
+    def size(self):
+        """Number of scalars."""
+        return self.stop - self.start
+
+    def __repr__(self):
+        return f"ParamSlot({self.name!r}, shape={self.shape}, theta[{self.start}:{self.stop}])"
+
+
+class Sequential:
+    """A chain of layers applied in order, as ``torch.nn.Sequential``.
+
+    Parameters
+    ----------
+    *layers : Layer
+        The layers, e.g. ``Linear(4, 8), Tanh(), Linear(8, 3)``.
+    input_shape : tuple of int
+        Shape of ONE input sample, e.g. ``(d,)`` for dense networks.
+
+    Attributes
+    ----------
+    n_params : int
+        Length of the flat parameter vector.
+    n_outputs : int
+        Number of network outputs K per sample.
+    param_slots : dict
+        ``{"0.weight": ParamSlot, ...}``, keyed like ``nn.Sequential.state_dict()``.
+
+    Examples
+    --------
+    >>> import ghess
+    >>> model = ghess.Sequential(ghess.Linear(3, 4), ghess.Tanh(), ghess.Linear(4, 2),
+    ...                          input_shape=(3,))
+    >>> model.n_params
+    26
+    >>> list(model.param_slots)
+    ['0.weight', '0.bias', '2.weight', '2.bias']
+    """
+
+    def __init__(self, *layers, input_shape):
+        if len(layers) == 1 and isinstance(layers[0], (list, tuple)):
+            layers = tuple(layers[0])
+        if not layers:
+            raise ValueError("Sequential needs at least one layer")
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, Layer):
+                raise TypeError(f"Sequential: layer {i} must be a ghess layer, "
+                                f"got {type(layer).__name__}")
+        if isinstance(input_shape, numbers.Integral) and not isinstance(input_shape, bool):
+            input_shape = (input_shape,)
+        try:
+            input_shape = tuple(int(s) for s in input_shape)
+        except TypeError:
+            raise TypeError(f"Sequential: input_shape must be a tuple of ints, "
+                            f"got {input_shape!r}") from None
+        if not input_shape or any(s <= 0 for s in input_shape):
+            raise ValueError(f"Sequential: input_shape must be non-empty with positive sizes, "
+                             f"got {input_shape}")
+        self.layers = tuple(layers)
+        self.input_shape = input_shape
+
+        shapes = [input_shape]
+        slots = {}
+        offset = 0
+        self._layer_slots = []
+        for i, layer in enumerate(self.layers):
+            try:
+                out_shape = layer.output_shape(shapes[-1])
+            except ValueError as exc:
+                raise ValueError(f"Sequential layer {i}: {exc}") from None
+            layer_slots = []
+            for attr, shape in layer.param_shapes(shapes[-1]):
+                slot = ParamSlot(f"{i}.{attr}", i, attr, shape, offset)
+                offset = slot.stop
+                slots[slot.name] = slot
+                layer_slots.append(slot)
+            self._layer_slots.append(layer_slots)
+            shapes.append(tuple(out_shape))
+        self.shapes = tuple(shapes)
+        if len(shapes[-1]) != 1:
+            raise ValueError(f"Sequential: the network must end with a flat output (N, K), "
+                             f"but its output per sample has shape {shapes[-1]}")
+        self.output_shape = shapes[-1]
+        self.n_outputs = shapes[-1][0]
+        self.param_slots = slots
+        self.n_params = offset
+
+    def __repr__(self):
+        inner = ",\n    ".join(repr(layer) for layer in self.layers)
+        return f"Sequential(\n    {inner},\n    input_shape={self.input_shape})"
+
+    # -- parameters -------------------------------------------------------
+    def layer_range(self, index):
+        """(start, stop) of layer ``index``'s parameters in theta."""
+        slots = self._layer_slots[index]
+        if not slots:
+            return (0, 0)
+        return (slots[0].start, slots[-1].stop)
+
+    def init_params(self, seed=0, dtype=np.float64):
+        """PyTorch's default initialisation, drawn from ``numpy.random.default_rng(seed)``.
+
+        Returns
+        -------
+        theta : ndarray of shape (n_params,)
+        """
+        dtype = np.dtype(dtype)
+        if dtype not in (np.float32, np.float64):
+            raise TypeError(f"init_params: dtype must be float32 or float64, got {dtype}")
+        rng = np.random.default_rng(seed)
+        theta = np.empty(self.n_params, dtype=dtype)
+        for i, layer in enumerate(self.layers):
+            values = layer.init_params(self.shapes[i], rng, dtype)
+            for slot in self._layer_slots[i]:
+                theta[slot.start:slot.stop] = values[slot.attr].reshape(-1)
+        return theta
+
+    def unflatten(self, theta):
+        """Views of ``theta`` keyed like ``nn.Sequential.state_dict()``.
+
+        Writing into a view writes into ``theta``.
+        """
+        theta = np.asarray(theta)
+        if theta.ndim != 1 or theta.shape[0] != self.n_params:
+            raise ValueError(f"unflatten: theta must have shape ({self.n_params},), "
+                             f"got {theta.shape}")
+        return {name: theta[s.start:s.stop].reshape(s.shape) for name, s in
+                self.param_slots.items()}
+
+    def flatten(self, params):
+        """Inverse of :meth:`unflatten`: a dict of arrays to one flat theta."""
+        missing = set(self.param_slots) - set(params)
+        extra = set(params) - set(self.param_slots)
+        if missing or extra:
+            raise ValueError(f"flatten: expected keys {list(self.param_slots)}, "
+                             f"missing {sorted(missing)}, unexpected {sorted(extra)}")
+        arrays = {name: np.asarray(value) for name, value in params.items()}
+        for name, value in arrays.items():
+            if value.dtype.kind not in "iuf":
+                raise TypeError(f"flatten: {name} must be real, got dtype {value.dtype}")
+        dtype = np.result_type(*[compute_dtype(a.dtype) for a in arrays.values()])
+        theta = np.empty(self.n_params, dtype=dtype)
+        for name, slot in self.param_slots.items():
+            value = arrays[name]
+            if value.shape != slot.shape:
+                raise ValueError(f"flatten: {name} must have shape {slot.shape}, "
+                                 f"got {value.shape}")
+            theta[slot.start:slot.stop] = value.reshape(-1)
+        return theta
+
+    def layer_params(self, theta):
+        """Per layer, a dict ``{attr: view}`` of theta (the engine's form)."""
+        return [{s.attr: theta[s.start:s.stop].reshape(s.shape) for s in slots}
+                for slots in self._layer_slots]
+
+    # -- inputs -----------------------------------------------------------
+    def check_inputs(self, X, dtype, name="X"):
+        """Validate inputs (N, *input_shape); return them contiguous in ``dtype``."""
+        X = as_float_array(X, name, dtype=dtype)
+        expected = (X.shape[0] if X.ndim else 0,) + self.input_shape
+        if X.ndim != len(expected) or X.shape[1:] != self.input_shape:
+            raise ValueError(f"{name} must have shape (n_samples, "
+                             f"{', '.join(map(str, self.input_shape))}), got {X.shape}")
+        if X.shape[0] == 0:
+            raise ValueError(f"{name} is empty: got 0 samples")
+        return X
+
+    def forward(self, theta, X, *, n_threads=None):
+        """Network outputs z of shape (N, K), computed in theta's dtype."""
+        from . import _engine
+
+        theta = check_params(theta, self.n_params)
+        X = self.check_inputs(X, theta.dtype)
+        return _engine.forward_outputs(self, theta, X, n_threads)
