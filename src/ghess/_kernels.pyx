@@ -198,6 +198,11 @@ def activation_forward(int kind, double p0, double p1,
     _check(not want_d1 or d1.shape[0] == size, "activation_forward d1")
     _check(not want_d2 or d2.shape[0] == size, "activation_forward d2")
     for i in prange(size, nogil=True, schedule='static', num_threads=n_threads):
+        # Assigned in the loop body, so that prange makes them thread-private
+        # (a variable only written through a pointer would be shared).
+        vy = 0.0
+        v1 = 0.0
+        v2 = 0.0
         _activation(kind, x[i], p0, p1, &vy, &v1, &v2)
         y[i] = <floating> vy
         if want_d1:
