@@ -1,0 +1,164 @@
+"""Bad input: a clear ValueError/TypeError naming expected and received, before any work."""
+
+import numpy as np
+import pytest
+from numpy.testing import assert_array_equal
+
+import ghess
+
+from conftest import Case
+
+OPERATORS = [ghess.GGNLinearOperator, ghess.HessianLinearOperator]
+
+
+def build(kind, c, theta=None, data=None, **kw):
+    theta = c.theta if theta is None else theta
+    if kind == "jacobian":
+        X = c.X if data is None else data[0]
+        return ghess.JacobianLinearOperator(c.model, theta, X, **kw)
+    if kind == "loss_and_grad":
+        return ghess.loss_and_grad(c.model, c.loss, theta, c.data if data is None else data)
+    cls = {"ggn": ghess.GGNLinearOperator, "hessian": ghess.HessianLinearOperator}[kind]
+    return cls(c.model, c.loss, theta, c.data if data is None else data, **kw)
+
+
+KINDS = ["ggn", "hessian", "jacobian", "loss_and_grad"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_params_wrong_length_shape_dtype_or_nonfinite(kind):
+    c = Case("tanh-ce")
+    n = c.model.n_params
+    with pytest.raises(ValueError, match=rf"length {n}.*got {n - 1}"):
+        build(kind, c, theta=c.theta[:-1])
+    with pytest.raises(ValueError, match="1-D"):
+        build(kind, c, theta=c.theta.reshape(1, -1))
+    with pytest.raises(TypeError, match="complex"):
+        build(kind, c, theta=c.theta.astype(complex))
+    with pytest.raises(TypeError, match="float32 or float64"):
+        build(kind, c, theta=c.theta.astype(object))
+    bad = c.theta.copy()
+    bad[3] = np.nan
+    with pytest.raises(ValueError, match=r"params contains NaN or Inf \(first at index \(3,\)"):
+        build(kind, c, theta=bad)
+    bad[3] = np.inf
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        build(kind, c, theta=bad)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_inputs_wrong_shape_nonfinite_or_empty(kind):
+    c = Case("tanh-ce")
+    with pytest.raises(ValueError, match=r"X must have shape \(n_samples, 4\), got \(9, 5\)"):
+        build(kind, c, data=(np.ones((9, 5)), c.y))
+    with pytest.raises(ValueError, match=r"X must have shape"):
+        build(kind, c, data=(np.ones(9), c.y))
+    X = c.X.copy()
+    X[2, 1] = np.nan
+    with pytest.raises(ValueError, match="X contains NaN or Inf"):
+        build(kind, c, data=(X, c.y))
+    with pytest.raises(ValueError, match="empty"):
+        build(kind, c, data=(np.ones((0, 4)), c.y[:0]))
+    with pytest.raises(TypeError, match="X must hold real numbers"):
+        build(kind, c, data=(c.X.astype(str), c.y))
+
+
+@pytest.mark.parametrize("kind", ["ggn", "hessian", "loss_and_grad"])
+def test_targets_checked(kind):
+    c = Case("tanh-ce")
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\).*got label 3"):
+        build(kind, c, data=(c.X, np.full(9, 3)))
+    with pytest.raises(ValueError, match="got label -1"):
+        build(kind, c, data=(c.X, np.full(9, -1)))
+    with pytest.raises(TypeError, match="labels must be integers"):
+        build(kind, c, data=(c.X, c.y.astype(float)))
+    with pytest.raises(ValueError, match=r"labels must have shape \(9,\), got \(8,\)"):
+        build(kind, c, data=(c.X, c.y[:8]))
+    m = Case("sigmoid-mse")
+    with pytest.raises(ValueError, match=r"targets must have the outputs' shape \(9, 3\), "
+                                         r"got \(9,\)"):
+        build(kind, m, data=(m.X, m.y[:, 0]))
+    y = m.y.copy()
+    y[0, 0] = np.inf
+    with pytest.raises(ValueError, match="targets contains NaN or Inf"):
+        build(kind, m, data=(m.X, y))
+    b = Case("softplus-bce")
+    with pytest.raises(ValueError, match=r"targets must lie in \[0, 1\]"):
+        build(kind, b, data=(b.X, b.y + 1.5))
+
+
+@pytest.mark.parametrize("kind", ["ggn", "hessian", "loss_and_grad"])
+def test_data_container_errors(kind):
+    c = Case("tanh-ce")
+    with pytest.raises(ValueError, match="data is empty"):
+        build(kind, c, data=[])
+    with pytest.raises(TypeError, match="pair"):
+        build(kind, c, data=[c.X])
+    with pytest.raises(TypeError, match="iterable"):
+        build(kind, c, data=c.X)
+    with pytest.raises(ValueError, match=r"\(batch 1\)"):
+        build(kind, c, data=[(c.X, c.y), (c.X[:, :2], c.y)])
+
+
+@pytest.mark.parametrize("cls", OPERATORS)
+def test_vectors_checked(cls):
+    c = Case("tanh-ce")
+    op = cls(c.model, c.loss, c.theta, c.data)
+    n = op.shape[0]
+    with pytest.raises(ValueError, match="dimension mismatch|rows"):
+        op @ np.ones(n + 1)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        op @ np.full(n, np.nan)
+    with pytest.raises(TypeError, match="must be real"):
+        op @ (np.ones(n) * 1j)
+    with pytest.raises(ValueError, match="rows|dimension"):
+        op.matmat(np.ones((n + 2, 3)))
+    v = np.ones(n)
+    op @ v
+    assert_array_equal(v, np.ones(n))
+
+
+def test_jacobian_vectors_checked():
+    c = Case("tanh-ce")
+    J = ghess.JacobianLinearOperator(c.model, c.theta, c.X)
+    with pytest.raises(ValueError):
+        J.rmatvec(np.ones(J.shape[0] + 1))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        J.rmatvec(np.full(J.shape[0], np.inf))
+
+
+@pytest.mark.parametrize("cls", OPERATORS)
+def test_options_checked(cls):
+    c = Case("tanh-ce")
+    with pytest.raises(ValueError, match="damping must be finite and >= 0, got -1"):
+        cls(c.model, c.loss, c.theta, c.data, damping=-1)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        cls(c.model, c.loss, c.theta, c.data, mode="fast")
+    with pytest.raises(ValueError, match="n_threads must be >= 1"):
+        cls(c.model, c.loss, c.theta, c.data, n_threads=0)
+    with pytest.raises(TypeError, match="n_threads must be a positive int"):
+        cls(c.model, c.loss, c.theta, c.data, n_threads=1.5)
+    with pytest.raises(ValueError, match="chunk_size must be >= 1"):
+        cls(c.model, c.loss, c.theta, c.data, chunk_size=0)
+    with pytest.raises(TypeError, match="loss must be a loss instance"):
+        cls(c.model, ghess.MSELoss, c.theta, c.data)
+    with pytest.raises(TypeError, match="model must be a ghess.Sequential"):
+        cls(ghess.Linear(4, 3), c.loss, c.theta, c.data)
+    op = cls(c.model, c.loss, c.theta, c.data)
+    with pytest.raises(ValueError, match=r"unknown parameter '9.weight'.*'0.weight'"):
+        op.block("9.weight")
+
+
+def test_loss_reduction_checked():
+    with pytest.raises(ValueError, match="reduction must be 'mean' or 'sum', got 'none'"):
+        ghess.CrossEntropyLoss(reduction="none")
+
+
+def test_failed_calls_leave_inputs_untouched():
+    c = Case("tanh-ce")
+    X, y, theta = c.X.copy(), c.y.copy(), c.theta.copy()
+    with pytest.raises(ValueError):
+        ghess.GGNLinearOperator(c.model, c.loss, c.theta, (c.X, np.full(9, 7)))
+    assert_array_equal(c.X, X)
+    assert_array_equal(c.y, y)
+    assert_array_equal(c.theta, theta)

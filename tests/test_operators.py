@@ -1,0 +1,278 @@
+"""GGN, Hessian and Jacobian operators against the pure-NumPy reference."""
+
+import numpy as np
+import pytest
+from numpy.testing import assert_allclose, assert_array_equal
+
+import ghess
+from ghess.testing import (
+    assert_allclose_rel,
+    finite_difference_hvp,
+    reference_ggn,
+    reference_hessian,
+    reference_per_sample_jacobians,
+)
+
+from conftest import RTOL, Case
+
+
+@pytest.mark.parametrize("chunk_size", [2, 64], ids=lambda c: f"chunk={c}")
+def test_ggn_matches_reference(case, mode, chunk_size):
+    G = ghess.GGNLinearOperator(case.model, case.loss, case.theta, case.data, mode=mode,
+                                chunk_size=chunk_size, damping=0.25)
+    expected = reference_ggn(case.model, case.loss, case.theta, case.data, damping=0.25)
+    assert_allclose_rel(G.todense(), expected, RTOL[np.float64])
+    assert G.mode == mode
+
+
+@pytest.mark.parametrize("chunk_size", [2, 64], ids=lambda c: f"chunk={c}")
+def test_hessian_matches_reference(case, mode, chunk_size):
+    H = ghess.HessianLinearOperator(case.model, case.loss, case.theta, case.data, mode=mode,
+                                    chunk_size=chunk_size, damping=0.5)
+    expected = reference_hessian(case.model, case.loss, case.theta, case.data, damping=0.5)
+    assert_allclose_rel(H.todense(), expected, RTOL[np.float64])
+
+
+def test_jacobian_operator_matches_reference(case, mode):
+    J = ghess.JacobianLinearOperator(case.model, case.theta, case.X, mode=mode, chunk_size=4)
+    expected = reference_per_sample_jacobians(case.model, case.theta, case.X)
+    expected = expected.reshape(-1, case.model.n_params)
+    n = case.model.n_params
+    assert J.shape == expected.shape
+    assert_allclose_rel(J @ np.eye(n), expected, RTOL[np.float64])
+    assert_allclose_rel(J.T @ np.eye(J.shape[0]), expected.T, RTOL[np.float64])
+    assert_allclose_rel(J.H.matmat(np.eye(J.shape[0])), expected.T, RTOL[np.float64])
+
+
+def test_per_sample_jacobians_match_reference(case):
+    J = ghess.per_sample_jacobians(case.model, case.theta, case.X, chunk_size=4)
+    expected = reference_per_sample_jacobians(case.model, case.theta, case.X)
+    assert J.shape == (case.X.shape[0], case.model.n_outputs, case.model.n_params)
+    assert_allclose_rel(J, expected, RTOL[np.float64])
+
+
+def test_jacobian_dot_product_test(case):
+    """<w, J v> = <J^T w, v> for random v, w."""
+    J = ghess.JacobianLinearOperator(case.model, case.theta, case.X)
+    rng = np.random.default_rng(3)
+    v = rng.normal(size=J.shape[1])
+    w = rng.normal(size=J.shape[0])
+    assert_allclose(w @ (J @ v), (J.rmatvec(w)) @ v, rtol=1e-12)
+
+
+def test_hessian_vector_product_matches_finite_differences(case):
+    H = ghess.HessianLinearOperator(case.model, case.loss, case.theta, case.data)
+    v = np.random.default_rng(5).normal(size=H.shape[1])
+
+    def grad(theta):
+        return ghess.loss_and_grad(case.model, case.loss, theta, case.data)[1]
+
+    assert_allclose_rel(H @ v, finite_difference_hvp(grad, case.theta, v, eps=1e-4), 1e-7)
+
+
+def test_ggn_equals_jt_b_j_built_from_jacobians(case):
+    """G = sum_n J_n^T B_n J_n with J_n from per_sample_jacobians and B_n from the loss."""
+    J = ghess.per_sample_jacobians(case.model, case.theta, case.X)
+    z = case.model.forward(case.theta, case.X)
+    N, K = z.shape
+    scale = case.loss.scale(N, K)
+    G = np.zeros((case.model.n_params,) * 2)
+    for n in range(N):
+        if isinstance(case.loss, ghess.MSELoss):
+            B = 2 * np.eye(K)
+        elif isinstance(case.loss, ghess.CrossEntropyLoss):
+            p = np.exp(z[n] - z[n].max())
+            p /= p.sum()
+            B = np.diag(p) - np.outer(p, p)
+        else:
+            s = 1 / (1 + np.exp(-z[n]))
+            B = np.diag(s * (1 - s))
+        G += scale * J[n].T @ B @ J[n]
+    op = ghess.GGNLinearOperator(case.model, case.loss, case.theta, case.data)
+    assert_allclose_rel(op.todense(), G, 1e-12)
+
+
+@pytest.mark.parametrize("operator", ["ggn", "hessian"])
+def test_float32_close_to_float64(operator, mode):
+    cls = ghess.GGNLinearOperator if operator == "ggn" else ghess.HessianLinearOperator
+    c64 = Case("tanh-ce", np.float64)
+    c32 = Case("tanh-ce", np.float32)
+    op64 = cls(c64.model, c64.loss, c64.theta, c64.data, mode=mode)
+    op32 = cls(c32.model, c32.loss, c32.theta, c32.data, mode=mode)
+    assert op32.dtype == np.float32 and op64.dtype == np.float64
+    v = np.random.default_rng(0).normal(size=op64.shape[1])
+    out32 = op32 @ v.astype(np.float32)
+    assert out32.dtype == np.float32
+    assert_allclose_rel(out32, op64 @ v, RTOL[np.float32])
+
+
+@pytest.mark.parametrize("operator", ["ggn", "hessian"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_batches_equal_concatenation(operator, reduction, mode):
+    cls = ghess.GGNLinearOperator if operator == "ggn" else ghess.HessianLinearOperator
+    c = Case("tanh-ce", n_samples=11)
+    loss = ghess.CrossEntropyLoss(reduction=reduction)
+    batches = [(c.X[:4], c.y[:4]), (c.X[4:5], c.y[4:5]), (c.X[5:], c.y[5:])]
+    whole = cls(c.model, loss, c.theta, (c.X, c.y), mode=mode).todense()
+    split = cls(c.model, loss, c.theta, batches, mode=mode).todense()
+    from_generator = cls(c.model, loss, c.theta, iter(batches), mode=mode).todense()
+    assert_allclose_rel(split, whole, 1e-13)
+    assert_allclose_rel(from_generator, whole, 1e-13)
+
+
+def test_stored_and_recompute_agree():
+    c = Case("softplus-bce", n_samples=20)
+    for cls in (ghess.GGNLinearOperator, ghess.HessianLinearOperator):
+        a = cls(c.model, c.loss, c.theta, c.data, mode="stored", chunk_size=3)
+        b = cls(c.model, c.loss, c.theta, c.data, mode="recompute", chunk_size=7)
+        V = np.random.default_rng(1).normal(size=(a.shape[1], 5))
+        assert_allclose_rel(a @ V, b @ V, 1e-13)
+
+
+# -- operator properties ----------------------------------------------------
+
+@pytest.mark.parametrize("operator", ["ggn", "hessian"])
+def test_symmetric(case, operator):
+    cls = ghess.GGNLinearOperator if operator == "ggn" else ghess.HessianLinearOperator
+    op = cls(case.model, case.loss, case.theta, case.data)
+    rng = np.random.default_rng(2)
+    u, v = rng.normal(size=(2, op.shape[0]))
+    assert_allclose(u @ (op @ v), (op @ u) @ v, rtol=1e-11)
+    assert op.H is op and op.T is op
+
+
+def test_ggn_positive_semidefinite(case):
+    G = ghess.GGNLinearOperator(case.model, case.loss, case.theta, case.data).todense()
+    eigenvalues = np.linalg.eigvalsh(G)
+    assert eigenvalues.min() >= -1e-12 * max(1.0, eigenvalues.max())
+    v = np.random.default_rng(4).normal(size=G.shape[0])
+    assert v @ (G @ v) >= 0
+
+
+def test_relu_hessian_differs_from_ggn():
+    """Piecewise-linear activations still give cross-layer second-order terms."""
+    c = Case("relu-ce-sum")
+    H = ghess.HessianLinearOperator(c.model, c.loss, c.theta, c.data).todense()
+    G = ghess.GGNLinearOperator(c.model, c.loss, c.theta, c.data).todense()
+    assert np.abs(H - G).max() > 1e-3 * np.abs(G).max()
+
+
+@pytest.mark.parametrize("operator", ["ggn", "hessian", "jacobian"])
+def test_linear_and_deterministic(operator, mode):
+    c = Case("sigmoid-mse", n_samples=30)
+    if operator == "jacobian":
+        op = ghess.JacobianLinearOperator(c.model, c.theta, c.X, mode=mode)
+    else:
+        cls = ghess.GGNLinearOperator if operator == "ggn" else ghess.HessianLinearOperator
+        op = cls(c.model, c.loss, c.theta, c.data, mode=mode)
+    rng = np.random.default_rng(6)
+    u, v = rng.normal(size=(2, op.shape[1]))
+    assert_allclose(op @ (2.0 * u - 3.0 * v), 2.0 * (op @ u) - 3.0 * (op @ v),
+                    rtol=1e-12, atol=1e-14 * np.abs(op @ u).max())
+    assert_array_equal(op @ u, op @ u)  # bit for bit
+
+
+@pytest.mark.parametrize("operator", ["ggn", "hessian"])
+def test_one_and_two_threads_agree(operator, mode):
+    cls = ghess.GGNLinearOperator if operator == "ggn" else ghess.HessianLinearOperator
+    c = Case("tanh-ce", n_samples=300)
+    one = cls(c.model, c.loss, c.theta, c.data, mode=mode, n_threads=1)
+    two = cls(c.model, c.loss, c.theta, c.data, mode=mode, n_threads=2)
+    V = np.random.default_rng(7).normal(size=(one.shape[1], 3))
+    assert_allclose_rel(one @ V, two @ V, 1e-13)
+    assert_array_equal(two @ V, two @ V)
+
+
+def test_matvec_input_shapes(mode):
+    c = Case("tanh-ce")
+    G = ghess.GGNLinearOperator(c.model, c.loss, c.theta, c.data, mode=mode, damping=0.1)
+    n = G.shape[0]
+    V = np.random.default_rng(8).normal(size=(3, n))
+    expected = np.stack([G.matvec(v) for v in V])
+    assert G.matvec(V[0]).shape == (n,)
+    assert G.matvec(V[0][:, None]).shape == (n, 1)
+    assert_array_equal(G.matvec(V[0][:, None])[:, 0], expected[0])
+    batched = G.matvec(V)
+    assert batched.shape == (3, n)
+    assert_allclose(batched, expected, rtol=1e-13)
+    assert_allclose(G.matmat(V.T), expected.T, rtol=1e-13)
+    assert_allclose(G @ np.asfortranarray(V.T), expected.T, rtol=1e-13)
+    assert G.matvec(V[None]).shape == (1, 3, n)
+    # list input and integer dtype are converted, not refused
+    assert_allclose(G.matvec(list(V[0])), expected[0], rtol=1e-13)
+    assert G.matvec(np.ones(n, dtype=np.int64)).dtype == np.float64
+
+
+def test_jacobian_matvec_shapes():
+    c = Case("tanh-ce", n_samples=5)
+    J = ghess.JacobianLinearOperator(c.model, c.theta, c.X)
+    m, n = J.shape
+    V = np.random.default_rng(9).normal(size=(4, n))
+    W = np.random.default_rng(9).normal(size=(4, m))
+    assert J.matvec(V).shape == (4, m)
+    assert J.rmatvec(W).shape == (4, n)
+    assert_allclose(J.matvec(V)[1], J @ V[1], rtol=1e-13)
+    assert_allclose(J.rmatvec(W)[2], J.T @ W[2], rtol=1e-13)
+
+
+def test_todense_equals_identity_product():
+    c = Case("softplus-bce")
+    H = ghess.HessianLinearOperator(c.model, c.loss, c.theta, c.data, damping=0.3)
+    assert_allclose_rel(H.todense(), H @ np.eye(H.shape[0]), 1e-14)
+
+
+@pytest.mark.parametrize("operator", ["ggn", "hessian"])
+def test_block_matches_dense(operator):
+    cls = ghess.GGNLinearOperator if operator == "ggn" else ghess.HessianLinearOperator
+    c = Case("tanh-ce")
+    op = cls(c.model, c.loss, c.theta, c.data, damping=0.2)
+    dense = op.todense()
+    for a in c.model.param_slots.values():
+        for b in c.model.param_slots.values():
+            block = op.block(a.name, b.name)
+            assert block.shape == (a.size, b.size)
+            assert_allclose_rel(block, dense[a.start:a.stop, b.start:b.stop], 1e-14)
+    assert_allclose_rel(op.block("2.weight"), op.block("2.weight", "2.weight"), 0)
+
+
+def test_inputs_not_modified_and_params_copied():
+    c = Case("tanh-ce")
+    theta, X, y = c.theta.copy(), c.X.copy(), c.y.copy()
+    for cls in (ghess.GGNLinearOperator, ghess.HessianLinearOperator):
+        op = cls(c.model, c.loss, c.theta, c.data)
+        v = np.ones(op.shape[0])
+        before = op @ v
+        op @ v
+        c.theta[0] += 1.0  # the operator keeps its own copy of theta
+        assert_array_equal(op @ v, before)
+        c.theta[0] -= 1.0
+        assert_array_equal(v, np.ones(op.shape[0]))
+    assert_array_equal(c.theta, theta)
+    assert_array_equal(c.X, X)
+    assert_array_equal(c.y, y)
+
+
+def test_memory_required_and_auto_mode():
+    c = Case("tanh-ce", n_samples=50)
+    stored = ghess.GGNLinearOperator.memory_required(c.model, c.data, "stored")
+    # per sample: inputs of the 2nd and 3rd Linear (6 + 5), D of layers 0 and 2
+    # (K * 6 + K * 5), softmax (K); the final Linear's D is the identity
+    K = 3
+    assert stored == 50 * 8 * (6 + 5 + K * 6 + K * 5 + K)
+    assert ghess.GGNLinearOperator.memory_required(c.model, 50, "stored",
+                                                   dtype=np.float32) == stored // 2
+    op = ghess.GGNLinearOperator(c.model, c.loss, c.theta, c.data)
+    assert op.mode == "stored" and op.memory_bytes == stored
+    held = sum(f.nbytes() for f in op._stored)
+    assert held == stored
+    small = ghess.GGNLinearOperator(c.model, c.loss, c.theta, c.data, memory_budget=stored - 1)
+    assert small.mode == "recompute" and small.memory_bytes == 0
+    with pytest.raises(ValueError, match="memory_budget"):
+        ghess.GGNLinearOperator(c.model, c.loss, c.theta, c.data, mode="stored",
+                                memory_budget=stored - 1)
+    assert_allclose(op @ np.ones(op.shape[0]), small @ np.ones(op.shape[0]), rtol=1e-13)
+    recompute = ghess.HessianLinearOperator.memory_required(c.model, c.data, "recompute",
+                                                            chunk_size=10)
+    assert 0 < recompute < ghess.HessianLinearOperator.memory_required(c.model, 500,
+                                                                       "recompute",
+                                                                       chunk_size=100)

@@ -1,0 +1,106 @@
+"""Cross-checks against PyTorch (skipped when it is not installed)."""
+
+import numpy as np
+import pytest
+
+import ghess
+from ghess.testing import assert_allclose_rel
+
+from conftest import Case
+
+torch = pytest.importorskip("torch")
+torch.set_default_dtype(torch.float64)
+
+
+def to_torch(model):
+    modules = []
+    for layer in model.layers:
+        if isinstance(layer, ghess.Linear):
+            modules.append(torch.nn.Linear(layer.in_features, layer.out_features,
+                                           bias=layer.bias))
+        elif isinstance(layer, ghess.LeakyReLU):
+            modules.append(torch.nn.LeakyReLU(layer.negative_slope))
+        elif isinstance(layer, ghess.Softplus):
+            modules.append(torch.nn.Softplus(layer.beta, layer.threshold))
+        else:
+            modules.append(getattr(torch.nn, type(layer).__name__)())
+    return torch.nn.Sequential(*modules).double()
+
+
+def torch_loss(loss):
+    return getattr(torch.nn, type(loss).__name__)(reduction=loss.reduction)
+
+
+def functional(case):
+    net = to_torch(case.model)
+    names = [n for n, _ in net.named_parameters()]
+    shapes = [p.shape for p in net.parameters()]
+    assert names == list(case.model.param_slots)
+
+    def unflatten(flat):
+        out, start = {}, 0
+        for name, shape in zip(names, shapes):
+            size = int(np.prod(shape))
+            out[name] = flat[start:start + size].reshape(shape)
+            start += size
+        return out
+
+    def outputs(flat, X):
+        return torch.func.functional_call(net, unflatten(flat), (X,))
+
+    X = torch.from_numpy(case.X)
+    y = torch.from_numpy(case.y)
+    lossfn = torch_loss(case.loss)
+
+    def objective(flat):
+        return lossfn(outputs(flat, X), y)
+
+    return net, outputs, objective, X
+
+
+@pytest.fixture(params=["tanh-ce", "sigmoid-mse", "softplus-bce", "relu-ce-sum",
+                        "leakyrelu-mse-sum", "linear-linear-bce"], ids=lambda n: f"case={n}")
+def tcase(request):
+    return Case(request.param)
+
+
+def test_parameter_layout_matches_torch(tcase):
+    net = to_torch(tcase.model)
+    torch.nn.utils.vector_to_parameters(torch.from_numpy(tcase.theta), net.parameters())
+    flat = torch.cat([p.reshape(-1) for p in net.parameters()]).detach().numpy()
+    np.testing.assert_array_equal(flat, tcase.theta)
+    state = {k: v.numpy() for k, v in net.state_dict().items()}
+    for name, view in tcase.model.unflatten(tcase.theta).items():
+        np.testing.assert_array_equal(view, state[name])
+
+
+def test_loss_grad_hessian_match_torch(tcase):
+    _, outputs, objective, X = functional(tcase)
+    theta = torch.from_numpy(tcase.theta)
+    value, grad = ghess.loss_and_grad(tcase.model, tcase.loss, tcase.theta, tcase.data)
+    np.testing.assert_allclose(value, objective(theta).item(), rtol=1e-13)
+    assert_allclose_rel(grad, torch.func.grad(objective)(theta).numpy(), 1e-12)
+    H = ghess.HessianLinearOperator(tcase.model, tcase.loss, tcase.theta, tcase.data)
+    assert_allclose_rel(H.todense(), torch.func.hessian(objective)(theta).numpy(), 1e-12)
+    z = tcase.model.forward(tcase.theta, tcase.X)
+    assert_allclose_rel(z, outputs(theta, X).detach().numpy(), 1e-14)
+
+
+def test_jacobians_and_ggn_match_torch(tcase):
+    _, outputs, _, X = functional(tcase)
+    theta = torch.from_numpy(tcase.theta)
+
+    def one(flat, x):
+        return outputs(flat, x[None])[0]
+
+    J = torch.func.vmap(torch.func.jacrev(one), in_dims=(None, 0))(theta, X).numpy()
+    assert_allclose_rel(ghess.per_sample_jacobians(tcase.model, tcase.theta, tcase.X), J, 1e-12)
+    # GGN through torch.func: jvp, closed-form B via the loss Hessian in output space, vjp
+    z = outputs(theta, X).detach()
+    y = torch.from_numpy(tcase.y)
+    lossfn = torch_loss(tcase.loss)
+    B = torch.func.hessian(lambda zz: lossfn(zz, y))(z).numpy()  # (N, K, N, K)
+    N, K = z.shape
+    G = np.einsum("nki,nkml,mlj->ij", J, B, J, optimize=True)
+    op = ghess.GGNLinearOperator(tcase.model, tcase.loss, tcase.theta, tcase.data)
+    assert_allclose_rel(op.todense(), G, 1e-12)
