@@ -90,7 +90,7 @@ def _targets(loss, y, n_samples, n_outputs):
 
 
 def _batches(model, loss, data):
-    """``data`` as a list of float64 ``(X, y)`` pairs."""
+    """Return ``data`` as a list of float64 ``(X, y)`` pairs."""
     single = (isinstance(data, tuple) and len(data) == 2
               and not isinstance(data[0], (tuple, list)))
     items = [data] if single else list(data)
@@ -104,7 +104,7 @@ def _batches(model, loss, data):
 
 
 def _scale(loss, n_samples, n_outputs):
-    """The reduction's factor c (PyTorch semantics)."""
+    """Return the reduction's factor c (PyTorch semantics)."""
     if loss.reduction == "sum":
         return 1.0
     if isinstance(loss, CrossEntropyLoss):
