@@ -538,3 +538,25 @@ def test_assert_allclose_rel():
         testing.assert_allclose_rel(np.array([np.nan, 0.0, 0.0]), desired, 1.0)
     with pytest.raises(AssertionError, match="relative error"):
         testing.assert_allclose_rel(np.ones(3), np.zeros(3), 1e-3)
+
+
+@pytest.mark.parametrize("case_name", ["tanh-ce", "sigmoid-mse", "softplus-bce", "relu-ce-sum",
+                                       "leakyrelu-mse-sum", "linear-linear-bce", "tanh-tail-ce"],
+                         ids=lambda n: f"case={n}")
+def test_batched_products_match_dense_reference(case_name):
+    """The batched NumPy products equal the dense per-sample reference times v."""
+    from conftest import Case
+
+    c = Case(case_name)
+    v = np.random.default_rng(11).normal(size=c.model.n_params)
+    batches = [(c.X[:4], c.y[:4]), (c.X[4:], c.y[4:])]
+    G = testing.reference_ggn(c.model, c.loss, c.theta, batches)
+    H = testing.reference_hessian(c.model, c.loss, c.theta, batches)
+    testing.assert_allclose_rel(
+        testing.reference_ggn_matvec(c.model, c.loss, c.theta, batches, v), G @ v, 1e-13)
+    testing.assert_allclose_rel(
+        testing.reference_hessian_matvec(c.model, c.loss, c.theta, batches, v), H @ v, 1e-13)
+    v32 = testing.reference_ggn_matvec(c.model, c.loss, c.theta.astype(np.float32), batches,
+                                       v.astype(np.float32))
+    assert v32.dtype == np.float32
+    testing.assert_allclose_rel(v32, G @ v, 1e-4)

@@ -50,6 +50,8 @@ __all__ = [
     "reference_per_sample_jacobians",
     "reference_ggn",
     "reference_hessian",
+    "reference_ggn_matvec",
+    "reference_hessian_matvec",
     "finite_difference_gradient",
     "finite_difference_jvp",
     "finite_difference_hvp",
@@ -438,6 +440,143 @@ def reference_hessian(model, loss, theta, data, damping=0.0):
                 H[:, j] += _sample_hvp(model, params, X[n], caches, c * dl, c * d2l,
                                        model.unflatten(e_j))
     return H
+
+
+
+# ---------------------------------------------------------------------------
+# Batched products: what a plain NumPy implementation computes per product
+# ---------------------------------------------------------------------------
+def _batch_dtype(theta):
+    theta = np.asarray(theta)
+    return np.float32 if theta.dtype == np.float32 else np.float64
+
+
+def _batch_forward(model, params, X):
+    """Forward pass of a whole batch: outputs, and per layer its input, f' and f''."""
+    a = X.reshape(X.shape[0], -1)
+    caches = []
+    for i, layer in enumerate(model.layers):
+        if isinstance(layer, Linear):
+            W, b = _layer_params(model, params, i)
+            caches.append({"a": a})
+            a = a @ W.T if b is None else a @ W.T + b
+        else:
+            f, d1, d2 = _activation(layer, a)
+            caches.append({"s": a, "d1": d1.astype(a.dtype), "d2": d2.astype(a.dtype)})
+            a = f.astype(a.dtype)
+    return a, caches
+
+
+def _batch_loss_grad(loss, z, y, scale):
+    """Scaled dL/dz (N, K) and a function applying the scaled B_n row by row."""
+    if isinstance(loss, MSELoss):
+        return scale * 2.0 * (z - y), lambda u: scale * 2.0 * u
+    if isinstance(loss, CrossEntropyLoss):
+        p = np.exp(z - z.max(axis=1, keepdims=True))
+        p /= p.sum(axis=1, keepdims=True)
+        r = p.copy()
+        r[np.arange(z.shape[0]), y] -= 1.0
+        return scale * r, lambda u: scale * p * (u - np.sum(p * u, axis=1, keepdims=True))
+    p, q = _sigmoid_parts(z)
+    return scale * (p - y), lambda u: scale * (p * q).astype(z.dtype) * u
+
+
+def _batch_r_forward(model, params, v, caches):
+    """R{input} of every layer and R{z}, for direction v, of a whole batch."""
+    r_inputs, ra = [], None
+    for i, layer in enumerate(model.layers):
+        r_inputs.append(ra)
+        if isinstance(layer, Linear):
+            W, b = _layer_params(model, params, i)
+            V, vb = _layer_params(model, v, i)
+            out = caches[i]["a"] @ V.T
+            if ra is not None:
+                out += ra @ W.T
+            ra = out if b is None else out + vb
+        elif ra is not None:
+            ra = caches[i]["d1"] * ra
+    return r_inputs, ra
+
+
+def reference_ggn_matvec(model, loss, theta, data, v):
+    """GGN-vector product ``G v`` computed batch-wise with plain NumPy.
+
+    Forward pass, R-forward (``J v``), ``B J v``, backward (``J^T B J v``) for
+    every product, vectorised over the samples of a batch: the baseline a plain
+    NumPy implementation gives. Computes in float32 when theta is float32,
+    else in float64.
+    """
+    dtype = _batch_dtype(theta)
+    theta = np.asarray(theta, dtype=dtype)
+    batches = _batches(model, loss, data)
+    scale = _scale(loss, sum(X.shape[0] for X, _ in batches), model.n_outputs)
+    params = model.unflatten(theta)
+    vp = model.unflatten(np.asarray(v, dtype=dtype))
+    out = np.zeros(model.n_params, dtype=dtype)
+    for X, y in batches:
+        X = X.astype(dtype)
+        y = y if isinstance(loss, CrossEntropyLoss) else y.astype(dtype)
+        z, caches = _batch_forward(model, params, X)
+        _, apply_B = _batch_loss_grad(loss, z, y, scale)
+        _, rz = _batch_r_forward(model, params, vp, caches)
+        g = apply_B(rz)
+        for i in reversed(range(len(model.layers))):
+            layer = model.layers[i]
+            if isinstance(layer, Linear):
+                W, b = _layer_params(model, params, i)
+                slot = model.param_slots[f"{i}.weight"]
+                out[slot.start:slot.stop] += (g.T @ caches[i]["a"]).ravel()
+                if b is not None:
+                    slot = model.param_slots[f"{i}.bias"]
+                    out[slot.start:slot.stop] += g.sum(axis=0)
+                g = g @ W
+            else:
+                g = caches[i]["d1"] * g
+    return out
+
+
+def reference_hessian_matvec(model, loss, theta, data, v):
+    """Hessian-vector product ``H v`` batch-wise with plain NumPy (R-operator).
+
+    Forward, backward (the gradients of every layer), R-forward and R-backward
+    for every product, vectorised over the samples of a batch. Computes in
+    float32 when theta is float32, else in float64.
+    """
+    dtype = _batch_dtype(theta)
+    theta = np.asarray(theta, dtype=dtype)
+    batches = _batches(model, loss, data)
+    scale = _scale(loss, sum(X.shape[0] for X, _ in batches), model.n_outputs)
+    params = model.unflatten(theta)
+    vp = model.unflatten(np.asarray(v, dtype=dtype))
+    out = np.zeros(model.n_params, dtype=dtype)
+    for X, y in batches:
+        X = X.astype(dtype)
+        y = y if isinstance(loss, CrossEntropyLoss) else y.astype(dtype)
+        z, caches = _batch_forward(model, params, X)
+        g, apply_B = _batch_loss_grad(loss, z, y, scale)
+        r_inputs, rz = _batch_r_forward(model, params, vp, caches)
+        rg = apply_B(rz)
+        for i in reversed(range(len(model.layers))):
+            layer, cache, r_in = model.layers[i], caches[i], r_inputs[i]
+            if isinstance(layer, Linear):
+                W, b = _layer_params(model, params, i)
+                V, _ = _layer_params(model, vp, i)
+                a = cache["a"]
+                slot = model.param_slots[f"{i}.weight"]
+                rW = rg.T @ a
+                if r_in is not None:
+                    rW += g.T @ r_in
+                out[slot.start:slot.stop] += rW.ravel()
+                if b is not None:
+                    slot = model.param_slots[f"{i}.bias"]
+                    out[slot.start:slot.stop] += rg.sum(axis=0)
+                g, rg = g @ W, rg @ W + g @ V
+            else:
+                new_rg = cache["d1"] * rg
+                if r_in is not None:
+                    new_rg += cache["d2"] * r_in * g
+                g, rg = cache["d1"] * g, new_rg
+    return out
 
 
 # ---------------------------------------------------------------------------
