@@ -10,7 +10,7 @@ RTOL = {np.float64: 1e-12, np.float32: 2e-4}
 
 
 def make_data(loss, n_samples, model, rng, dtype=np.float64):
-    """Inputs and targets fitting ``model`` and ``loss``."""
+    """Draw inputs and targets fitting ``model`` and ``loss``."""
     X = rng.normal(size=(n_samples,) + model.input_shape).astype(dtype)
     K = model.n_outputs
     if isinstance(loss, ghess.CrossEntropyLoss):

@@ -2,11 +2,10 @@
 
 import numpy as np
 import pytest
+from conftest import Case
 from numpy.testing import assert_array_equal
 
 import ghess
-
-from conftest import Case
 
 OPERATORS = [ghess.GGNLinearOperator, ghess.HessianLinearOperator]
 

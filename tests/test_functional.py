@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from conftest import RTOL, Case
 from numpy.testing import assert_allclose
 
 import ghess
@@ -11,8 +12,6 @@ from ghess.testing import (
     reference_forward,
     reference_loss_and_grad,
 )
-
-from conftest import RTOL, Case
 
 
 def test_loss_and_grad_matches_reference(case):

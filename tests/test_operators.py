@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from conftest import RTOL, Case
 from numpy.testing import assert_allclose, assert_array_equal
 
 import ghess
@@ -12,8 +13,6 @@ from ghess.testing import (
     reference_hessian,
     reference_per_sample_jacobians,
 )
-
-from conftest import RTOL, Case
 
 
 @pytest.mark.parametrize("chunk_size", [2, 64], ids=lambda c: f"chunk={c}")
@@ -276,3 +275,21 @@ def test_memory_required_and_auto_mode():
     assert 0 < recompute < ghess.HessianLinearOperator.memory_required(c.model, 500,
                                                                        "recompute",
                                                                        chunk_size=100)
+
+
+@pytest.mark.parametrize("case_name", ["tanh-ce", "softplus-bce", "linear-linear-bce",
+                                       "tanh-tail-ce", "relu-ce-sum"], ids=lambda n: f"case={n}")
+def test_hessian_memory_required_is_what_is_held(case_name):
+    """The planned figure equals the bytes of the arrays the stored traces keep."""
+    c = Case(case_name, n_samples=40)
+    H = ghess.HessianLinearOperator(c.model, c.loss, c.theta, c.data, mode="stored",
+                                    chunk_size=8)
+    held = {}
+    for trace in H._stored:
+        arrays = [v for ctx in trace.ctxs for v in ctx.values()] + list(trace.grads)
+        arrays.append(trace.loss_state)
+        for a in arrays:
+            if a is not None and not np.shares_memory(a, c.X):
+                held[id(a)] = a.nbytes
+    assert sum(held.values()) == H.memory_bytes
+    assert H.memory_bytes == ghess.HessianLinearOperator.memory_required(c.model, c.data)

@@ -2,12 +2,11 @@
 
 import numpy as np
 import pytest
+from conftest import Case
 from numpy.testing import assert_allclose
 from scipy.sparse.linalg import cg, eigsh, lobpcg, lsmr, minres
 
 import ghess
-
-from conftest import Case
 
 
 @pytest.fixture(scope="module")

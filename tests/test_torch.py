@@ -2,11 +2,10 @@
 
 import numpy as np
 import pytest
+from conftest import Case
 
 import ghess
 from ghess.testing import assert_allclose_rel
-
-from conftest import Case
 
 torch = pytest.importorskip("torch")
 torch.set_default_dtype(torch.float64)

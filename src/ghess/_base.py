@@ -12,7 +12,7 @@ import numpy as np
 from scipy.sparse.linalg import LinearOperator
 
 from . import _engine
-from ._config import blas_threads, resolve_n_threads
+from ._config import resolve_n_threads, single_threaded_blas
 from ._validation import (
     check_n_threads,
     check_nonnegative,
@@ -28,7 +28,7 @@ BLOCK_COLUMNS = 64
 
 
 def default_memory_budget():
-    """A quarter of physical memory, at most 4 GiB."""
+    """Return a quarter of physical memory, at most 4 GiB."""
     try:
         import os
 
@@ -64,7 +64,7 @@ def check_loss(loss):
 
 
 def count_samples(data):
-    """Number of samples in an int, an array X, ``(X, y)`` or a list of batches."""
+    """Count the samples of an int, an array X, ``(X, y)`` or a list of batches."""
     if isinstance(data, numbers.Integral) and not isinstance(data, bool):
         if data < 1:
             raise ValueError(f"n_samples must be >= 1, got {data}")
@@ -159,7 +159,7 @@ class CurvatureOperator(VectorOperatorMixin, LinearOperator):
         super().__init__(dtype=self.params.dtype, shape=(model.n_params, model.n_params))
         self._stored = None
         if self.mode == "stored":
-            with blas_threads(self.n_threads):
+            with single_threaded_blas():
                 self._stored = self._prepare_stored()
 
     # -- planning -----------------------------------------------------------
@@ -209,7 +209,7 @@ class CurvatureOperator(VectorOperatorMixin, LinearOperator):
     # -- products -----------------------------------------------------------
     def _matmat(self, X):
         V = self._check_vectors(X, self.shape[1])
-        with blas_threads(self.n_threads):
+        with single_threaded_blas():
             out = self._apply_rows(V)
         if self.damping:
             out += self.damping * V
@@ -225,7 +225,7 @@ class CurvatureOperator(VectorOperatorMixin, LinearOperator):
         return self
 
     def _apply_rows_damped(self, V):
-        with blas_threads(self.n_threads):
+        with single_threaded_blas():
             out = self._apply_rows(V)
         if self.damping:
             out += self.damping * V
@@ -258,7 +258,7 @@ class CurvatureOperator(VectorOperatorMixin, LinearOperator):
         return out
 
     def todense(self):
-        """The full matrix (n_params x n_params); refuses above ``memory_budget``."""
+        """Return the full matrix (n_params x n_params); refuse above ``memory_budget``."""
         n = self.shape[0]
         if n * n * self.dtype.itemsize > self.memory_budget:
             raise ValueError(f"todense needs {n * n * self.dtype.itemsize / 2**20:.1f} MiB, "

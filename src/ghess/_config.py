@@ -29,16 +29,15 @@ def _threadpool_controller():
 
 
 @contextlib.contextmanager
-def blas_threads(n_threads):
-    """Limit BLAS to ``n_threads`` inside the block (no change when None).
+def single_threaded_blas():
+    """Hold every BLAS library at one thread inside the block.
 
-    The kernels alternate between OpenMP loops and BLAS calls and never run both
-    at once, so each may use ``n_threads`` without oversubscribing the cores.
+    ghess parallelises with OpenMP only, splitting GEMMs itself
+    (``_kernels.gemm_rowmajor``): a second pool of spinning BLAS threads would
+    compete with OpenMP's for the same cores.
     """
-    if n_threads is None:
-        yield
-        return
-    with _threadpool_controller().limit(limits=n_threads, user_api="blas"):
+    controller = _threadpool_controller()
+    with controller.limit(limits=1, user_api="blas"):
         yield
 
 

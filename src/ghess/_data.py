@@ -62,6 +62,6 @@ def as_batches(model, loss, data, dtype):
 
 
 def as_input_batches(model, X, dtype):
-    """Inputs only (no targets), as one batch."""
+    """Validate inputs only (no targets), as one batch."""
     X = model.check_inputs(X, dtype)
     return Batches([(X, None)], X.shape[0])

@@ -21,7 +21,7 @@ from .layers import Activation
 
 
 def param_layer_indices(model):
-    """Indices of the layers that own parameters."""
+    """Return the indices of the layers that own parameters."""
     return [i for i, slots in enumerate(model._layer_slots) if slots]
 
 
@@ -42,12 +42,12 @@ def forward_chunk(model, lparams, X, need, n_threads):
 
 def forward_outputs(model, theta, X, n_threads, chunk_size=4096):
     """Network outputs (N, K) in theta's dtype, chunk by chunk."""
-    from ._config import blas_threads, resolve_n_threads
+    from ._config import resolve_n_threads, single_threaded_blas
 
     lparams = model.layer_params(theta)
     out = np.empty((X.shape[0], model.n_outputs), dtype=theta.dtype)
     omp = resolve_n_threads(n_threads)
-    with blas_threads(n_threads):
+    with single_threaded_blas():
         for start in range(0, X.shape[0], chunk_size):
             _, z = forward_chunk(model, lparams, X[start:start + chunk_size], 0, omp)
             out[start:start + z.shape[0]] = z
@@ -200,7 +200,7 @@ def gradient_trace(model, lparams, loss, X, y, scale, n_threads):
     for i in range(len(model.layers) - 1, first - 1, -1):
         grads[i] = g
         if i > first:
-            g = model.layers[i].input_grad(lparams[i], g, ctxs[i])
+            g = model.layers[i].input_grad(lparams[i], g, ctxs[i], n_threads)
     return GradientTrace(ctxs, grads, state, loss_sum)
 
 
@@ -232,8 +232,8 @@ def stored_factor_bytes_per_sample(model, itemsize):
     for i in range(len(model.layers) - 1, first - 1, -1):
         layer = model.layers[i]
         if model._layer_slots[i]:
-            if i != 0:
-                total += model.shapes[i][0]  # the layer's input (data itself for layer 0)
+            if not _input_is_data(model, i):
+                total += model.shapes[i][0]  # the layer's input
             if not identity:
                 total += K * model.shapes[i + 1][0]
         if not (isinstance(layer, Activation) and layer._kind == 0):
@@ -241,18 +241,33 @@ def stored_factor_bytes_per_sample(model, itemsize):
     return total * itemsize
 
 
+def _is_identity(layer):
+    return isinstance(layer, Activation) and layer._kind == 0
+
+
+def _input_is_data(model, i):
+    """Whether layer i's input is the network input itself (no array of its own)."""
+    return all(_is_identity(layer) for layer in model.layers[:i])
+
+
 def gradient_trace_bytes_per_sample(model, itemsize):
-    """Bytes per sample kept by a Hessian product's stored traces."""
-    total = 2 * model.n_outputs  # loss state and dL/dz
+    """Bytes per sample kept by a Hessian product's stored traces.
+
+    Exact for CrossEntropyLoss and BCEWithLogitsLoss; MSELoss keeps no loss
+    state, so the figure is K numbers per sample above what it holds.
+    """
+    first = param_layer_indices(model)[0]
+    total = 2 * model.n_outputs  # loss state (softmax or sigma') and dL/dz
     for i, layer in enumerate(model.layers):
-        width = int(np.prod(model.shapes[i + 1]))
+        width = int(np.prod(model.shapes[i]))  # this layer's input
+        if _is_identity(layer):
+            continue
         if isinstance(layer, Activation):
-            if layer._kind == 0:
-                continue
-            total += width * (2 + (1 if layer.has_curvature else 0))  # y, f', f''
-        else:
-            total += width
-        total += width  # dL/dy
+            total += width * (2 if layer.has_curvature else 1)  # f', f''
+        elif not _input_is_data(model, i):
+            total += width  # the dense layer's input
+        if i > first:
+            total += width  # dL/d(input), kept for the layer before
     return total * itemsize
 
 

@@ -13,10 +13,14 @@ Design notes
 3. Per-sample Jacobian factors ``D[n, c, o] = dz[n, c] / ds[n, o]`` (``c`` over
    the ``K`` network outputs, ``o`` over a layer's outputs) are stored as
    ``(n, K, width)``: the same layout as ``k = K`` directions.
-4. Threading: ``prange`` over samples (or elements) with a static schedule. No
-   kernel here sums across samples in parallel, so results do not depend on
-   the number of threads; sums over samples are GEMMs (BLAS) or the sequential
-   ``sum_rows_into``.
+4. Threading: ONE thread pool, OpenMP's. ``prange`` over samples (or
+   elements) with a static schedule, and GEMMs split into blocks of the output,
+   one single-threaded BLAS call per thread (BLAS is held at one thread during
+   products). Two pools, OpenMP's spinning workers and OpenBLAS's, fight over
+   the cores: measured 3.5x SLOWER at 2 threads than at 1 on MLP-S before this
+   design. No kernel sums across threads, so results do not depend on the
+   number of threads beyond rounding; sums over samples are GEMMs or the
+   sequential ``sum_rows_into``.
 5. Elementwise math is done in double precision and rounded to the array's
    dtype: cheap next to the GEMMs, and it keeps float32 activations accurate.
 """
@@ -70,26 +74,69 @@ cdef inline void _check(bint ok, str what) except *:
 # GEMM entry point for the Python engine
 # ---------------------------------------------------------------------------
 
+# Below this many multiply-adds a GEMM runs on one thread: splitting it would
+# cost more in synchronisation than it saves.
+cdef double PARALLEL_GEMM_MIN_WORK = 2.0e5
+
+
 def gemm_rowmajor(bint trans_a, bint trans_b, double alpha,
                   const floating[:, ::1] a,   # IN  (m, k), or (k, m) if trans_a
                   const floating[:, ::1] b,   # IN  (k, n), or (n, k) if trans_b
                   double beta,
-                  floating[:, ::1] c):        # OUT (m, n)
-    """c := alpha * op(a) @ op(b) + beta * c, row-major, GIL released."""
+                  floating[:, ::1] c,         # OUT (m, n)
+                  int n_threads=1):
+    """c := alpha * op(a) @ op(b) + beta * c, row-major, GIL released.
+
+    With n_threads > 1 the OUTPUT is split into blocks of rows (or columns, if
+    it has more of them), one single-threaded BLAS call per OpenMP thread. BLAS
+    itself must then run single-threaded (``ghess._config.blas_threads``): one
+    thread pool instead of two competing for the cores, and no sums across
+    threads, so the result does not depend on the number of threads beyond the
+    blocking inside BLAS.
+    """
     cdef int m = a.shape[1] if trans_a else a.shape[0]
     cdef int k = a.shape[0] if trans_a else a.shape[1]
     cdef int kb = b.shape[1] if trans_b else b.shape[0]
     cdef int n = b.shape[0] if trans_b else b.shape[1]
+    cdef int lda = a.shape[1], ldb = b.shape[1], ldc = c.shape[1]
+    cdef int n_blocks, block, start, size, t
+    cdef bint split_rows
     _check(k == kb and c.shape[0] == m and c.shape[1] == n, "gemm operands")
     if m == 0 or n == 0:
         return
     if k == 0:
         with nogil:
-            _scale_matrix(m, n, <floating> beta, &c[0, 0], c.shape[1])
+            _scale_matrix(m, n, <floating> beta, &c[0, 0], ldc)
         return
-    with nogil:
-        gemm(trans_a, trans_b, m, n, k, <floating> alpha, &a[0, 0], a.shape[1],
-             &b[0, 0], b.shape[1], <floating> beta, &c[0, 0], c.shape[1])
+    n_blocks = 1
+    if n_threads > 1 and <double> m * n * k >= PARALLEL_GEMM_MIN_WORK:
+        n_blocks = min(n_threads, max(m, n))
+    if n_blocks == 1:
+        with nogil:
+            gemm(trans_a, trans_b, m, n, k, <floating> alpha, &a[0, 0], lda,
+                 &b[0, 0], ldb, <floating> beta, &c[0, 0], ldc)
+        return
+    split_rows = m >= n
+    for t in prange(n_blocks, nogil=True, schedule='static', num_threads=n_blocks):
+        if split_rows:
+            block = (m + n_blocks - 1) // n_blocks
+            start = t * block
+            size = min(block, m - start)
+            if size > 0:
+                # rows start..start+size of op(a) and of c
+                gemm(trans_a, trans_b, size, n, k, <floating> alpha,
+                     &a[0, start] if trans_a else &a[start, 0], lda,
+                     &b[0, 0], ldb, <floating> beta, &c[start, 0], ldc)
+        else:
+            block = (n + n_blocks - 1) // n_blocks
+            start = t * block
+            size = min(block, n - start)
+            if size > 0:
+                # columns start..start+size of op(b) and of c
+                gemm(trans_a, trans_b, m, size, k, <floating> alpha,
+                     &a[0, 0], lda,
+                     &b[start, 0] if trans_b else &b[0, start], ldb,
+                     <floating> beta, &c[0, start], ldc)
 
 
 cdef inline void _scale_matrix(int m, int n, floating beta, floating* c,

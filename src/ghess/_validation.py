@@ -50,7 +50,8 @@ def as_float_array(x, name, *, dtype=None, ndim=None, allow_empty=True):
     out = np.ascontiguousarray(arr, dtype=target)
     if out.dtype.kind == "f" and not np.isfinite(out).all():
         bad = np.argwhere(~np.isfinite(out))[0]
-        raise ValueError(f"{name} contains NaN or Inf (first at index {tuple(int(i) for i in bad)})")
+        where = tuple(int(i) for i in bad)
+        raise ValueError(f"{name} contains NaN or Inf (first at index {where})")
     return out
 
 
@@ -80,7 +81,7 @@ def check_n_threads(n_threads):
 
 
 def check_nonnegative(value, name):
-    """A finite real number >= 0, as float."""
+    """Check a finite real number >= 0; return it as float."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {value!r}")
     value = float(value)
@@ -90,7 +91,7 @@ def check_nonnegative(value, name):
 
 
 def check_positive_int(value, name, *, allow_none=False):
-    """A positive int (or None when allowed)."""
+    """Check a positive int (or None when allowed)."""
     if value is None and allow_none:
         return None
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):

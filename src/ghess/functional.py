@@ -4,7 +4,7 @@ import numpy as np
 
 from . import _engine
 from ._base import check_loss, check_model
-from ._config import blas_threads, resolve_n_threads
+from ._config import resolve_n_threads, single_threaded_blas
 from ._data import as_batches, as_input_batches
 from ._validation import check_n_threads, check_params, check_positive_int
 
@@ -41,7 +41,7 @@ def loss_and_grad(model, loss, params, data, *, chunk_size=1024, n_threads=None)
     omp = resolve_n_threads(n_threads)
     accs = _engine.new_accumulators(model, 1, theta.dtype)
     total = 0.0
-    with blas_threads(n_threads):
+    with single_threaded_blas():
         for X, y in batches.chunks(chunk_size):
             ctxs, z = _engine.forward_chunk(model, lparams, X, 1, omp)
             value, r, _ = loss.value_grad(z, y, scale, omp)
@@ -70,7 +70,7 @@ def per_sample_jacobians(model, params, X, *, chunk_size=256, n_threads=None):
     J = np.zeros((batches.n_samples, K, model.n_params), dtype=theta.dtype)
     eye = np.eye(K, dtype=theta.dtype)
     start = 0
-    with blas_threads(n_threads):
+    with single_threaded_blas():
         for Xc, _ in batches.chunks(chunk_size):
             ctxs, _ = _engine.forward_chunk(model, lparams, Xc, 1, omp)
             factors = _engine.jacobian_factors(model, lparams, ctxs, omp)

@@ -10,7 +10,7 @@ from ._base import (
     check_model,
     default_memory_budget,
 )
-from ._config import blas_threads, resolve_n_threads
+from ._config import resolve_n_threads, single_threaded_blas
 from ._data import as_input_batches
 from ._validation import check_n_threads, check_params, check_positive_int
 
@@ -71,7 +71,7 @@ class JacobianLinearOperator(VectorOperatorMixin, LinearOperator):
         super().__init__(dtype=self.params.dtype, shape=(self.n_samples * K, model.n_params))
         self._stored = None
         if mode == "stored":
-            with blas_threads(self.n_threads):
+            with single_threaded_blas():
                 self._stored = [self._factors(X) for X, _ in self.data.chunks(self.chunk_size)]
 
     def _factors(self, X):
@@ -88,7 +88,7 @@ class JacobianLinearOperator(VectorOperatorMixin, LinearOperator):
         k, K = V.shape[0], self.model.n_outputs
         out = np.empty((k, self.shape[0]), dtype=self.dtype)
         start = 0
-        with blas_threads(self.n_threads):
+        with single_threaded_blas():
             tangents = _engine.prepare_tangents(self.model, V)
             for factors in self._chunks():
                 Jv = _engine.factor_jvp(self.model, self._lparams, tangents, factors, k,
@@ -103,7 +103,7 @@ class JacobianLinearOperator(VectorOperatorMixin, LinearOperator):
         k, K = W.shape[0], self.model.n_outputs
         accs = _engine.new_accumulators(self.model, k, self.dtype)
         start = 0
-        with blas_threads(self.n_threads):
+        with single_threaded_blas():
             for factors in self._chunks():
                 stop = start + factors.n * K
                 u = np.ascontiguousarray(

@@ -93,24 +93,24 @@ class Linear(Layer):
         return (f"Linear(in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias})")
 
-    def param_shapes(self, input_shape):
+    def param_shapes(self, input_shape):  # noqa: D102
         shapes = [("weight", (self.out_features, self.in_features))]
         if self.bias:
             shapes.append(("bias", (self.out_features,)))
         return shapes
 
-    def output_shape(self, input_shape):
+    def output_shape(self, input_shape):  # noqa: D102
         if len(input_shape) != 1:
             raise ValueError(
                 f"{self!r} expects a flat input of {self.in_features} features per sample, "
-                f"got shape {tuple(input_shape)} (add a Flatten layer before it)")
+                f"got shape {tuple(input_shape)} (reshape the input to (N, features) first)")
         if input_shape[0] != self.in_features:
             raise ValueError(
                 f"{self!r} expects {self.in_features} input features, "
                 f"but the previous layer produces {input_shape[0]}")
         return (self.out_features,)
 
-    def init_params(self, input_shape, rng, dtype):
+    def init_params(self, input_shape, rng, dtype):  # noqa: D102
         # PyTorch: kaiming_uniform_(a=sqrt(5)) for the weight, i.e. U(-1/sqrt(fan_in), ...),
         # and U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for the bias.
         bound = 1.0 / np.sqrt(self.in_features)
@@ -121,10 +121,10 @@ class Linear(Layer):
 
     # -- propagation ------------------------------------------------------
     def forward(self, params, x, ctx, need, n_threads):
-        """y = x W^T + b; keeps ``x`` for the parameter derivatives."""
+        """Y = x W^T + b; keeps ``x`` for the parameter derivatives."""
         W = params["weight"]
         y = np.empty((x.shape[0], self.out_features), dtype=x.dtype)
-        _kernels.gemm_rowmajor(False, True, 1.0, x, W, 0.0, y)
+        _kernels.gemm_rowmajor(False, True, 1.0, x, W, 0.0, y, n_threads)
         if self.bias:
             _kernels.add_grouped_rows(y[:, None, :], params["bias"][None, :], n_threads)
         ctx["x"] = x
@@ -148,10 +148,10 @@ class Linear(Layer):
         k = Vw.shape[0] // self.out_features
         ry = np.empty((n, k, self.out_features), dtype=x.dtype)
         # (n, in) @ (in, k*out): all k directions in one GEMM
-        _kernels.gemm_rowmajor(False, True, 1.0, x, Vw, 0.0, ry.reshape(n, -1))
+        _kernels.gemm_rowmajor(False, True, 1.0, x, Vw, 0.0, ry.reshape(n, -1), n_threads)
         if rx is not None:
             _kernels.gemm_rowmajor(False, True, 1.0, rx.reshape(n * k, -1), params["weight"],
-                                   1.0, ry.reshape(n * k, -1))
+                                   1.0, ry.reshape(n * k, -1), n_threads)
         if self.bias:
             _kernels.add_grouped_rows(ry, tangent["bias"], n_threads)
         return ry
@@ -176,7 +176,7 @@ class Linear(Layer):
         x = ctx["x"]
         n = x.shape[0]
         g2 = gy.reshape(n, -1)
-        _kernels.gemm_rowmajor(True, False, 1.0, g2, x, 1.0, acc["weight"])
+        _kernels.gemm_rowmajor(True, False, 1.0, g2, x, 1.0, acc["weight"], n_threads)
         if self.bias:
             _kernels.sum_rows_into(g2, acc["bias"])
 
@@ -189,7 +189,7 @@ class Linear(Layer):
         n, k = gy.shape[0], gy.shape[1]
         gx = np.empty((n, k, self.in_features), dtype=gy.dtype)
         _kernels.gemm_rowmajor(False, False, 1.0, gy.reshape(n * k, -1), params["weight"],
-                               0.0, gx.reshape(n * k, -1))
+                               0.0, gx.reshape(n * k, -1), n_threads)
         return gx
 
     def rvjp(self, params, tangent, ctx, g, rx, rgy, acc, need_input_grad, n_threads):
@@ -204,14 +204,14 @@ class Linear(Layer):
         if rx is not None:
             # g^T R{x}: (out, n) @ (n, k*in), then reorder to (k, out, in)
             cross = np.empty((self.out_features, k * self.in_features), dtype=x.dtype)
-            _kernels.gemm_rowmajor(True, False, 1.0, g, rx.reshape(n, -1), 0.0, cross)
+            _kernels.gemm_rowmajor(True, False, 1.0, g, rx.reshape(n, -1), 0.0, cross, n_threads)
             acc["weight"].reshape(k, self.out_features, self.in_features)[...] += (
                 cross.reshape(self.out_features, k, self.in_features).transpose(1, 0, 2))
         if not need_input_grad:
             return None
         rgx = np.empty((n, k, self.in_features), dtype=x.dtype)
         _kernels.gemm_rowmajor(False, False, 1.0, rgy.reshape(n * k, -1), params["weight"],
-                               0.0, rgx.reshape(n * k, -1))
+                               0.0, rgx.reshape(n * k, -1), n_threads)
         # g V_W for all k at once: V_W rearranged as (out, k*in)
         v_cat = tangent.get("weight_by_output")
         if v_cat is None:
@@ -219,13 +219,13 @@ class Linear(Layer):
                 tangent["weight"].reshape(k, self.out_features, self.in_features)
                 .transpose(1, 0, 2)).reshape(self.out_features, k * self.in_features)
             tangent["weight_by_output"] = v_cat
-        _kernels.gemm_rowmajor(False, False, 1.0, g, v_cat, 1.0, rgx.reshape(n, -1))
+        _kernels.gemm_rowmajor(False, False, 1.0, g, v_cat, 1.0, rgx.reshape(n, -1), n_threads)
         return rgx
 
-    def input_grad(self, params, gy, ctx):
+    def input_grad(self, params, gy, ctx, n_threads):
         """dL/dx = gy W for direction-free gy (n, out)."""
         gx = np.empty((gy.shape[0], self.in_features), dtype=gy.dtype)
-        _kernels.gemm_rowmajor(False, False, 1.0, gy, params["weight"], 0.0, gx)
+        _kernels.gemm_rowmajor(False, False, 1.0, gy, params["weight"], 0.0, gx, n_threads)
         return gx
 
     def sample_jacobian(self, ctx, D, offset, J_out, n_threads):
@@ -241,7 +241,7 @@ class Activation(Layer):
     _p1 = 0.0
 
     def forward(self, params, x, ctx, need, n_threads):
-        """y = f(x); keeps f'(x) when ``need`` asks for it, and f''(x) for Hessians."""
+        """Y = f(x); keeps f'(x) when ``need`` asks for it, and f''(x) for Hessians."""
         if self._kind == 0:
             return x
         flat = x.reshape(-1)
@@ -284,7 +284,7 @@ class Activation(Layer):
             _kernels.activation_rbackward(ctx["d1"], ctx["d2"], g, rx, rgy, out, n_threads)
         return out
 
-    def input_grad(self, params, gy, ctx):
+    def input_grad(self, params, gy, ctx, n_threads):
         """dL/dx = f'(x) dL/dy for direction-free gy (n, width)."""
         if self._kind == 0:
             return gy

@@ -146,7 +146,7 @@ class Sequential:
         return theta
 
     def unflatten(self, theta):
-        """Views of ``theta`` keyed like ``nn.Sequential.state_dict()``.
+        """Return views of ``theta`` keyed like ``nn.Sequential.state_dict()``.
 
         Writing into a view writes into ``theta``.
         """
