@@ -9,6 +9,7 @@ of dense networks, computed by Cython kernels over BLAS and exposed as
 __version__ = "0.1.0"
 
 from ._config import show_config
+from .conv import AvgPool2d, Conv2d, Flatten, MaxPool2d
 from .functional import loss_and_grad, per_sample_jacobians
 from .ggn import GGNLinearOperator
 from .hessian import HessianLinearOperator
@@ -26,6 +27,10 @@ __all__ = [
     "Sigmoid",
     "Softplus",
     "Identity",
+    "Conv2d",
+    "MaxPool2d",
+    "AvgPool2d",
+    "Flatten",
     "MSELoss",
     "CrossEntropyLoss",
     "BCEWithLogitsLoss",

@@ -17,7 +17,6 @@ the layer's rules (``ghess.layers``), which call the Cython kernels. Passes:
 import numpy as np
 
 from . import _kernels
-from .layers import Activation
 
 
 def param_layer_indices(model):
@@ -32,7 +31,7 @@ def param_layer_indices(model):
 def forward_chunk(model, lparams, X, need, n_threads):
     """Forward pass; ``need`` = 0 (outputs), 1 (+ f'), 2 (+ f'')."""
     ctxs = []
-    x = X
+    x = X.reshape(X.shape[0], -1)  # activations are kept flat per sample (C order)
     for layer, params in zip(model.layers, lparams):
         ctx = {}
         x = layer.forward(params, x, ctx, need, n_threads)
@@ -101,61 +100,62 @@ def vjp_chunk(model, lparams, ctxs, gz, accs, n_threads):
 # ---------------------------------------------------------------------------
 
 class ChunkFactors:
-    """Per dense layer of one chunk: ``(layer index, input x, D or None)``.
+    """Per parametrised layer of one chunk: ``(layer index, context, D or None)``.
 
-    ``D[n, c, o] = dz[n, c] / ds[n, o]`` for the layer's output s; None means
-    the identity (a final Linear layer, possibly followed by Identity layers).
+    The context holds what the layer's parameter derivatives need (a dense
+    layer's input, a convolution's unfolded input); ``D[n, c, o] = dz[n, c] /
+    ds[n, o]`` for the layer's output s, None meaning the identity (a final
+    layer followed only by identity layers).
     """
 
-    __slots__ = ("n", "layers", "loss_state")
+    __slots__ = ("n", "layers", "loss_state", "dtype")
 
-    def __init__(self, n, layers, loss_state=None):
+    def __init__(self, n, layers, dtype, loss_state=None):
         self.n = n
         self.layers = layers
+        self.dtype = dtype
         self.loss_state = loss_state
 
     def nbytes(self):
         """Bytes held by the stored arrays (inputs that are views of data excluded)."""
         total = 0
-        for _, x, D in self.layers:
-            if x.base is None or x.flags.owndata:
-                total += x.nbytes
+        for _, ctx, D in self.layers:
+            for x in ctx.values():
+                if x.base is None or x.flags.owndata:
+                    total += x.nbytes
             total += 0 if D is None else D.nbytes
         if self.loss_state is not None:
             total += self.loss_state.nbytes
         return total
 
 
-def jacobian_factors(model, lparams, ctxs, n_threads):
-    """Back-propagate the K output unit vectors once; keep D for each dense layer."""
+def jacobian_factors(model, lparams, ctxs, n, dtype, n_threads):
+    """Back-propagate the K output unit vectors once; keep D for each parametrised layer."""
     first = param_layer_indices(model)[0]
-    n = None
     D = None  # identity
     layers = []
     for i in range(len(model.layers) - 1, first - 1, -1):
         layer, ctx = model.layers[i], ctxs[i]
         if model._layer_slots[i]:
-            n = ctx["x"].shape[0]
-            layers.append((i, ctx["x"], D))
+            layers.append((i, layer.factor_context(ctx), D))
         if i == first:
             break
         if D is None:
-            if isinstance(layer, Activation) and layer._kind == 0:
+            if layer.is_identity:
                 continue  # the identity stays the identity
-            width = model.shapes[i + 1][0]
-            m = ctx["x"].shape[0] if "x" in ctx else ctx["d1"].shape[0]
-            D = np.ascontiguousarray(np.broadcast_to(
-                np.eye(width, dtype=lparams[first]["weight"].dtype), (m, width, width)))
+            width = int(np.prod(model.shapes[i + 1]))
+            D = np.ascontiguousarray(np.broadcast_to(np.eye(width, dtype=dtype),
+                                                     (n, width, width)))
         D = layer.vjp(lparams[i], ctx, D, None, True, n_threads)
     layers.reverse()
-    return ChunkFactors(n, layers)
+    return ChunkFactors(n, layers, dtype)
 
 
 def factor_jvp(model, lparams, tangents, factors, k, n_threads):
-    """J v (n, k, K) from stored factors: per layer U = x V^T + v_b, then D U."""
-    Jv = np.zeros((factors.n, k, model.n_outputs), dtype=factors.layers[0][1].dtype)
-    for i, x, D in factors.layers:
-        U = model.layers[i].jvp(lparams[i], tangents[i], {"x": x}, None, n_threads)
+    """J v (n, k, K) from stored factors: per layer U = (df/dw) v, then D U."""
+    Jv = np.zeros((factors.n, k, model.n_outputs), dtype=factors.dtype)
+    for i, ctx, D in factors.layers:
+        U = model.layers[i].jvp(lparams[i], tangents[i], ctx, None, n_threads)
         if D is None:
             Jv += U
         else:
@@ -164,15 +164,15 @@ def factor_jvp(model, lparams, tangents, factors, k, n_threads):
 
 
 def factor_vjp(model, factors, u, accs, n_threads):
-    """Accumulate J^T u from stored factors: per layer S = D^T u, dW += S^T x."""
+    """Accumulate J^T u from stored factors: per layer S = D^T u, then (df/dw)^T S."""
     n, k = u.shape[0], u.shape[1]
-    for i, x, D in factors.layers:
+    for i, ctx, D in factors.layers:
         if D is None:
             S = u
         else:
             S = np.empty((n, k, D.shape[2]), dtype=u.dtype)
             _kernels.contract_factor_t(D, u, S, n_threads)
-        model.layers[i].param_vjp({"x": x}, S, accs[i], n_threads)
+        model.layers[i].param_vjp(ctx, S, accs[i], n_threads)
 
 
 # ---------------------------------------------------------------------------
@@ -223,31 +223,26 @@ def hvp_chunk(model, lparams, loss, tangents, trace, scale, accs, k, n_threads):
 # memory planning
 # ---------------------------------------------------------------------------
 
+def _input_is_data(model, i):
+    """Whether layer i's input is the network input itself (no array of its own)."""
+    return all(layer.is_identity for layer in model.layers[:i])
+
+
 def stored_factor_bytes_per_sample(model, itemsize):
     """Bytes per sample kept by the stored-Jacobian path (GGN and Jacobian)."""
     first = param_layer_indices(model)[0]
     K = model.n_outputs
-    total = K  # loss state (softmax or sigma') per sample
+    total = K * itemsize  # loss state (softmax or sigma') per sample
     identity = True
     for i in range(len(model.layers) - 1, first - 1, -1):
         layer = model.layers[i]
         if model._layer_slots[i]:
-            if not _input_is_data(model, i):
-                total += model.shapes[i][0]  # the layer's input
+            total += layer.factor_bytes(model.shapes[i], itemsize, _input_is_data(model, i))
             if not identity:
-                total += K * model.shapes[i + 1][0]
-        if not (isinstance(layer, Activation) and layer._kind == 0):
+                total += K * int(np.prod(model.shapes[i + 1])) * itemsize
+        if not layer.is_identity:
             identity = False
-    return total * itemsize
-
-
-def _is_identity(layer):
-    return isinstance(layer, Activation) and layer._kind == 0
-
-
-def _input_is_data(model, i):
-    """Whether layer i's input is the network input itself (no array of its own)."""
-    return all(_is_identity(layer) for layer in model.layers[:i])
+    return total
 
 
 def gradient_trace_bytes_per_sample(model, itemsize):
@@ -257,21 +252,19 @@ def gradient_trace_bytes_per_sample(model, itemsize):
     state, so the figure is K numbers per sample above what it holds.
     """
     first = param_layer_indices(model)[0]
-    total = 2 * model.n_outputs  # loss state (softmax or sigma') and dL/dz
+    total = 2 * model.n_outputs * itemsize  # loss state (softmax or sigma') and dL/dz
     for i, layer in enumerate(model.layers):
-        width = int(np.prod(model.shapes[i]))  # this layer's input
-        if _is_identity(layer):
+        if layer.is_identity:
             continue
-        if isinstance(layer, Activation):
-            total += width * (2 if layer.has_curvature else 1)  # f', f''
-        elif not _input_is_data(model, i):
-            total += width  # the dense layer's input
+        total += layer.kept_bytes(model.shapes[i], itemsize, _input_is_data(model, i))
         if i > first:
-            total += width  # dL/d(input), kept for the layer before
-    return total * itemsize
+            total += int(np.prod(model.shapes[i])) * itemsize  # dL/d(input)
+    return total
 
 
 def working_bytes_per_sample(model, itemsize, k):
     """Bytes per sample of the temporaries of one pass over a chunk, k directions."""
     widths = sum(int(np.prod(s)) for s in model.shapes)
-    return (4 * widths + 3 * k * widths + 4 * k * model.n_outputs) * itemsize
+    work = sum(layer.work_elements(model.shapes[i]) for i, layer in enumerate(model.layers))
+    return (4 * widths + 3 * k * widths + 4 * k * model.n_outputs
+            + (1 + k) * work) * itemsize

@@ -73,12 +73,12 @@ def per_sample_jacobians(model, params, X, *, chunk_size=256, n_threads=None):
     with single_threaded_blas():
         for Xc, _ in batches.chunks(chunk_size):
             ctxs, _ = _engine.forward_chunk(model, lparams, Xc, 1, omp)
-            factors = _engine.jacobian_factors(model, lparams, ctxs, omp)
+            factors = _engine.jacobian_factors(model, lparams, ctxs, Xc.shape[0], theta.dtype, omp)
             n = Xc.shape[0]
-            for i, x, D in factors.layers:
+            for i, ctx, D in factors.layers:
                 if D is None:
                     D = np.ascontiguousarray(np.broadcast_to(eye, (n, K, K)))
-                model.layers[i].sample_jacobian({"x": x}, D, model.layer_range(i)[0],
+                model.layers[i].sample_jacobian(ctx, D, model.layer_range(i)[0],
                                                 J[start:start + n], omp)
             start += n
     return J

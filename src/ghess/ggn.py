@@ -73,8 +73,8 @@ class GGNLinearOperator(CurvatureOperator):
         for X, y in self.data.chunks(self.chunk_size):
             ctxs, z = _engine.forward_chunk(self.model, self._lparams, X, 1, self._omp_threads)
             _, _, state = self.loss.value_grad(z, y, self._scale, self._omp_threads)
-            factors = _engine.jacobian_factors(self.model, self._lparams, ctxs,
-                                               self._omp_threads)
+            factors = _engine.jacobian_factors(self.model, self._lparams, ctxs, X.shape[0],
+                                               self.dtype, self._omp_threads)
             factors.loss_state = state
             stored.append(factors)
         return stored

@@ -76,7 +76,8 @@ class JacobianLinearOperator(VectorOperatorMixin, LinearOperator):
 
     def _factors(self, X):
         ctxs, _ = _engine.forward_chunk(self.model, self._lparams, X, 1, self._omp_threads)
-        return _engine.jacobian_factors(self.model, self._lparams, ctxs, self._omp_threads)
+        return _engine.jacobian_factors(self.model, self._lparams, ctxs, X.shape[0],
+                                        self.params.dtype, self._omp_threads)
 
     def _chunks(self):
         if self.mode == "stored":

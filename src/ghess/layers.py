@@ -54,6 +54,20 @@ class Layer:
 
     #: whether ``rvjp`` has a second-order term of its own (f'' != 0)
     has_curvature = False
+    #: whether the layer passes its input through unchanged (no arrays of its own)
+    is_identity = False
+
+    def kept_bytes(self, input_shape, itemsize, input_is_data):
+        """Bytes per sample that ``forward`` keeps in its context for Hessian products."""
+        return 0
+
+    def factor_bytes(self, input_shape, itemsize, input_is_data):
+        """Bytes per sample that the stored-Jacobian path keeps for this layer."""
+        return 0
+
+    def work_elements(self, input_shape):
+        """Scalars per sample of temporaries beyond the activations (for chunk sizing)."""
+        return 0
 
     def param_shapes(self, input_shape):
         """Return ``[(name, shape), ...]`` of the parameters, in PyTorch's order."""
@@ -129,6 +143,16 @@ class Linear(Layer):
             _kernels.add_grouped_rows(y[:, None, :], params["bias"][None, :], n_threads)
         ctx["x"] = x
         return y
+
+    def factor_context(self, ctx):
+        """Return what the stored-Jacobian path keeps: the layer input."""
+        return {"x": ctx["x"]}
+
+    def kept_bytes(self, input_shape, itemsize, input_is_data):
+        """Count the input, unless it is the network input itself."""
+        return 0 if input_is_data else self.in_features * itemsize
+
+    factor_bytes = kept_bytes
 
     def split_tangent(self, V):
         """Cut this layer's slice ``V`` (k, n_params_layer) into GEMM-ready pieces."""
@@ -239,6 +263,16 @@ class Activation(Layer):
     _kind = 0
     _p0 = 0.0
     _p1 = 0.0
+
+    @property
+    def is_identity(self):  # noqa: D102
+        return self._kind == 0
+
+    def kept_bytes(self, input_shape, itemsize, input_is_data):
+        """f'(x), and f''(x) when it is not identically zero."""
+        if self.is_identity:
+            return 0
+        return int(np.prod(input_shape)) * itemsize * (2 if self.has_curvature else 1)
 
     def forward(self, params, x, ctx, need, n_threads):
         """Y = f(x); keeps f'(x) when ``need`` asks for it, and f''(x) for Hessians."""

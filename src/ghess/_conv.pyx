@@ -1,0 +1,386 @@
+"""Cython kernels for convolution and pooling layers.
+
+Design notes
+------------
+1. Geometry. Every kernel takes the layer geometry as a tuple of 13 ints
+   ``(C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, out_h, out_w)`` (see
+   ``ghess.conv``), unpacked into a ``Geometry`` struct. Inputs are per sample
+   ``(C * H * W)`` in C order; unfolded inputs ``(C * kh * kw, P)`` with
+   ``P = out_h * out_w``; outputs ``(M, P)`` for ``M`` output channels.
+2. A convolution is ``s_n = W phi(x_n)`` per sample (``phi`` = im2col), one
+   single-threaded BLAS GEMM per sample, samples spread over OpenMP threads
+   (``prange``). BLAS is held at one thread during ghess products.
+3. Broadcast over directions. Arrays with a direction axis ``k`` have shape
+   ``(n, k, ...)``; an operand whose direction axis has length 1 is shared by
+   all k directions. This covers the forward pass (k = 1), ``V phi(x)`` for k
+   tangents V (one stacked GEMM), and ``W phi(R{x})`` for k directions R{x}.
+4. Sums over samples (weight gradients) go to one accumulator per thread,
+   added in thread order at the end: deterministic for a given number of
+   threads, equal across thread counts up to rounding.
+"""
+from cython cimport floating
+from cython.parallel cimport prange, threadid
+from libc.string cimport memset
+
+from ._blas cimport gemm
+
+
+cdef struct Geometry:
+    int C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, out_h, out_w
+
+
+cdef Geometry _geometry(tuple geom) except *:
+    cdef Geometry g
+    if len(geom) != 13:
+        raise ValueError(f"internal: geometry must have 13 ints, got {geom!r}")
+    (g.C, g.H, g.W, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw,
+     g.out_h, g.out_w) = geom
+    return g
+
+
+cdef inline void _check(bint ok, str what) except *:
+    if not ok:
+        raise ValueError(f"internal shape mismatch in ghess._conv: {what}")
+
+
+# ---------------------------------------------------------------------------
+# im2col / col2im
+# ---------------------------------------------------------------------------
+
+cdef void _im2col(const floating* x, floating* cols, Geometry* g) noexcept nogil:
+    # cols[(c, a, b), (i, j)] = x[c, i*sh - ph + a*dh, j*sw - pw + b*dw], 0 outside
+    cdef int P = g.out_h * g.out_w
+    cdef int c, a, b, i, j, ih, iw, row
+    cdef floating* out
+    for c in range(g.C):
+        for a in range(g.kh):
+            for b in range(g.kw):
+                row = (c * g.kh + a) * g.kw + b
+                for i in range(g.out_h):
+                    out = cols + <Py_ssize_t> row * P + i * g.out_w
+                    ih = i * g.sh - g.ph + a * g.dh
+                    if ih < 0 or ih >= g.H:
+                        for j in range(g.out_w):
+                            out[j] = 0
+                        continue
+                    for j in range(g.out_w):
+                        iw = j * g.sw - g.pw + b * g.dw
+                        if iw < 0 or iw >= g.W:
+                            out[j] = 0
+                        else:
+                            out[j] = x[(<Py_ssize_t> c * g.H + ih) * g.W + iw]
+
+
+cdef void _col2im_add(const floating* cols, floating* x, Geometry* g) noexcept nogil:
+    # x[c, i*sh - ph + a*dh, j*sw - pw + b*dw] += cols[(c, a, b), (i, j)] (transpose of im2col)
+    cdef int P = g.out_h * g.out_w
+    cdef int c, a, b, i, j, ih, iw, row
+    cdef const floating* src
+    for c in range(g.C):
+        for a in range(g.kh):
+            for b in range(g.kw):
+                row = (c * g.kh + a) * g.kw + b
+                for i in range(g.out_h):
+                    ih = i * g.sh - g.ph + a * g.dh
+                    if ih < 0 or ih >= g.H:
+                        continue
+                    src = cols + <Py_ssize_t> row * P + i * g.out_w
+                    for j in range(g.out_w):
+                        iw = j * g.sw - g.pw + b * g.dw
+                        if 0 <= iw < g.W:
+                            x[(<Py_ssize_t> c * g.H + ih) * g.W + iw] += src[j]
+
+
+def unfold(const floating[:, ::1] x,        # IN  (m, C*H*W)
+           floating[:, :, ::1] cols,        # OUT (m, C*kh*kw, P)
+           tuple geom, int n_threads):
+    """cols[i] = im2col(x[i]) for every row i."""
+    cdef Geometry g = _geometry(geom)
+    cdef Py_ssize_t m = x.shape[0], i
+    _check(x.shape[1] == g.C * g.H * g.W, "unfold x")
+    _check(cols.shape[0] == m and cols.shape[1] == g.C * g.kh * g.kw
+           and cols.shape[2] == g.out_h * g.out_w, "unfold cols")
+    if m == 0:
+        return
+    for i in prange(m, nogil=True, schedule='static', num_threads=n_threads):
+        _im2col(&x[i, 0], &cols[i, 0, 0], &g)
+
+
+# ---------------------------------------------------------------------------
+# GEMMs over samples and directions
+# ---------------------------------------------------------------------------
+
+def conv_gemm(const floating[:, :, ::1] weights,     # IN  (kw_, M, CKK)
+              const floating[:, :, :, ::1] cols,     # IN  (n, kc, CKK, P)
+              floating[:, :, ::1] out,               # IN/OUT (n, k, M*P)
+              bint accumulate, int n_threads):
+    """out[i, j] (+)= weights[j or 0] @ cols[i, j or 0]  (a convolution's GEMMs)."""
+    cdef Py_ssize_t n = cols.shape[0], i
+    cdef int kW = weights.shape[0], M = weights.shape[1], CKK = weights.shape[2]
+    cdef int kc = cols.shape[1], P = cols.shape[3], k = out.shape[1], j
+    cdef floating beta = 1 if accumulate else 0
+    _check(cols.shape[2] == CKK, "conv_gemm cols")
+    _check(k == max(kW, kc) and (kW == 1 or kW == k) and (kc == 1 or kc == k),
+           "conv_gemm directions")
+    _check(out.shape[0] == n and out.shape[2] == M * P, "conv_gemm out")
+    if n == 0 or k == 0 or M == 0 or P == 0:
+        return
+    for i in prange(n, nogil=True, schedule='static', num_threads=n_threads):
+        if kc == 1:
+            # all directions' weights stacked: (kW*M, CKK) @ (CKK, P) in one GEMM
+            gemm(False, False, kW * M, P, CKK, 1, &weights[0, 0, 0], CKK,
+                 &cols[i, 0, 0, 0], P, beta, &out[i, 0, 0], P)
+        else:
+            for j in range(k):
+                gemm(False, False, M, P, CKK, 1, &weights[j if kW > 1 else 0, 0, 0], CKK,
+                     &cols[i, j, 0, 0], P, beta, &out[i, j, 0], P)
+
+
+def conv_weight_grad(const floating[:, :, ::1] g,        # IN  (n, kg, M*P)
+                     const floating[:, :, :, ::1] cols,  # IN  (n, kc, CKK, P)
+                     floating[:, :, ::1] out,            # IN/OUT (k, M, CKK)
+                     floating[:, :, :, ::1] work,        # WORK (n_threads, k, M, CKK)
+                     int n_threads):
+    """out[j] += sum_i g[i, j or 0] @ cols[i, j or 0]^T  (weight gradients)."""
+    cdef Py_ssize_t n = g.shape[0], i
+    cdef int kg = g.shape[1], kc = cols.shape[1], k = out.shape[0]
+    cdef int M = out.shape[1], CKK = out.shape[2], P = cols.shape[3], j, t
+    cdef Py_ssize_t size = <Py_ssize_t> k * M * CKK, e
+    _check(cols.shape[0] == n and cols.shape[2] == CKK, "conv_weight_grad cols")
+    _check(g.shape[2] == M * P, "conv_weight_grad g")
+    _check(k == max(kg, kc) and (kg == 1 or kg == k) and (kc == 1 or kc == k),
+           "conv_weight_grad directions")
+    _check(work.shape[0] >= n_threads and work.shape[1] == k and work.shape[2] == M
+           and work.shape[3] == CKK, "conv_weight_grad work")
+    if n == 0 or size == 0:
+        return
+    with nogil:
+        memset(&work[0, 0, 0, 0], 0, n_threads * size * sizeof(floating))
+    for i in prange(n, nogil=True, schedule='static', num_threads=n_threads):
+        t = threadid()
+        if kc == 1:
+            # (kg*M, P) @ (P, CKK): every direction at once
+            gemm(False, True, kg * M, CKK, P, 1, &g[i, 0, 0], P, &cols[i, 0, 0, 0], P,
+                 1, &work[t, 0, 0, 0], CKK)
+        else:
+            for j in range(k):
+                gemm(False, True, M, CKK, P, 1, &g[i, j if kg > 1 else 0, 0], P,
+                     &cols[i, j, 0, 0], P, 1, &work[t, j, 0, 0], CKK)
+    with nogil:
+        for t in range(n_threads):
+            for e in range(size):
+                (&out[0, 0, 0])[e] += (&work[t, 0, 0, 0])[e]
+
+
+def conv_input_grad(const floating[:, :, ::1] weights,   # IN  (kw_, M, CKK)
+                    const floating[:, :, ::1] g,         # IN  (n, kg, M*P)
+                    floating[:, :, ::1] out,             # IN/OUT (n, k, C*H*W)
+                    floating[:, :, ::1] work,            # WORK (n_threads, CKK, P)
+                    tuple geom, bint accumulate, int n_threads):
+    """out[i, j] (+)= col2im(weights[j or 0]^T @ g[i, j or 0])  (input gradients)."""
+    cdef Geometry geo = _geometry(geom)
+    cdef Py_ssize_t n = g.shape[0], i
+    cdef int kW = weights.shape[0], M = weights.shape[1], CKK = weights.shape[2]
+    cdef int kg = g.shape[1], k = out.shape[1], P = geo.out_h * geo.out_w, j, t
+    _check(CKK == geo.C * geo.kh * geo.kw and g.shape[2] == M * P, "conv_input_grad g")
+    _check(k == max(kW, kg) and (kW == 1 or kW == k) and (kg == 1 or kg == k),
+           "conv_input_grad directions")
+    _check(out.shape[0] == n and out.shape[2] == geo.C * geo.H * geo.W, "conv_input_grad out")
+    _check(work.shape[0] >= n_threads and work.shape[1] == CKK and work.shape[2] == P,
+           "conv_input_grad work")
+    if n == 0 or k == 0:
+        return
+    for i in prange(n, nogil=True, schedule='static', num_threads=n_threads):
+        t = threadid()
+        for j in range(k):
+            if not accumulate:
+                memset(&out[i, j, 0], 0, out.shape[2] * sizeof(floating))
+            gemm(True, False, CKK, P, M, 1, &weights[j if kW > 1 else 0, 0, 0], CKK,
+                 &g[i, j if kg > 1 else 0, 0], P, 0, &work[t, 0, 0], P)
+            _col2im_add(&work[t, 0, 0], &out[i, j, 0], &geo)
+
+
+def channel_bias_add(floating[:, :, ::1] out,        # IN/OUT (n, k, M*P)
+                     const floating[:, ::1] bias,    # IN     (kb, M)
+                     int n_threads):
+    """out[i, j, m*P:(m+1)*P] += bias[j or 0, m]."""
+    cdef Py_ssize_t n = out.shape[0], i
+    cdef int k = out.shape[1], kb = bias.shape[0], M = bias.shape[1], j, m, p, P
+    _check(kb == 1 or kb == k, "channel_bias_add directions")
+    _check(M > 0 and out.shape[2] % M == 0, "channel_bias_add out")
+    P = out.shape[2] // M
+    for i in prange(n, nogil=True, schedule='static', num_threads=n_threads):
+        for j in range(k):
+            for m in range(M):
+                for p in range(P):
+                    out[i, j, m * P + p] += bias[j if kb > 1 else 0, m]
+
+
+def channel_bias_grad(const floating[:, :, ::1] g,   # IN     (n, k, M*P)
+                      floating[:, ::1] out,          # IN/OUT (k, M)
+                      int n_threads):
+    """out[j, m] += sum over samples and positions of g[i, j, m*P:(m+1)*P]."""
+    cdef Py_ssize_t n = g.shape[0], i
+    cdef int k = out.shape[0], M = out.shape[1], jm, p, P
+    cdef double acc
+    _check(g.shape[1] == k and M > 0 and g.shape[2] % M == 0, "channel_bias_grad")
+    P = g.shape[2] // M
+    # one output per (j, m), summed in a fixed order: thread-count independent
+    for jm in prange(k * M, nogil=True, schedule='static', num_threads=n_threads):
+        acc = 0.0
+        for i in range(n):
+            for p in range(P):
+                acc = acc + g[i, jm // M, (jm % M) * P + p]
+        out[jm // M, jm % M] += <floating> acc
+
+
+def conv_sample_jacobian(const floating[:, :, ::1] D,     # IN  (n, K, M*P)
+                         const floating[:, :, ::1] cols,  # IN  (n, CKK, P)
+                         bint has_bias, Py_ssize_t offset,
+                         floating[:, :, ::1] J,           # OUT (n, K, n_params)
+                         int n_threads):
+    """J[i, c, offset:] = (D[i, c] @ cols[i]^T, sum_p D[i, c]): a conv layer's columns."""
+    cdef Py_ssize_t n = D.shape[0], i
+    cdef int K = D.shape[1], CKK = cols.shape[1], P = cols.shape[2], c, m, p, M
+    cdef double acc
+    _check(cols.shape[0] == n and J.shape[0] == n and J.shape[1] == K, "conv_sample_jacobian")
+    _check(P > 0 and D.shape[2] % P == 0, "conv_sample_jacobian D")
+    M = D.shape[2] // P
+    _check(offset >= 0 and offset + M * CKK + (M if has_bias else 0) <= J.shape[2],
+           "conv_sample_jacobian offset")
+    for i in prange(n, nogil=True, schedule='static', num_threads=n_threads):
+        for c in range(K):
+            gemm(False, True, M, CKK, P, 1, &D[i, c, 0], P, &cols[i, 0, 0], P,
+                 0, &J[i, c, offset], CKK)
+            if has_bias:
+                for m in range(M):
+                    acc = 0.0
+                    for p in range(P):
+                        acc = acc + D[i, c, m * P + p]
+                    J[i, c, offset + M * CKK + m] = <floating> acc
+
+
+# ---------------------------------------------------------------------------
+# Pooling
+# ---------------------------------------------------------------------------
+
+def maxpool_forward(const floating[:, ::1] x,     # IN  (n, C*H*W)
+                    floating[:, ::1] y,           # OUT (n, C*out_h*out_w)
+                    Py_ssize_t[:, ::1] argmax,    # OUT (n, C*out_h*out_w) index into x[i]
+                    tuple geom, int n_threads):
+    """Max over each window (padding is -inf); argmax is the FIRST maximum, row-major."""
+    cdef Geometry g = _geometry(geom)
+    cdef Py_ssize_t n = x.shape[0], i, best_index, index
+    cdef int c, oi, oj, a, b, ih, iw, o
+    cdef floating best, value
+    cdef bint found
+    _check(x.shape[1] == g.C * g.H * g.W, "maxpool_forward x")
+    _check(y.shape[0] == n and y.shape[1] == g.C * g.out_h * g.out_w, "maxpool_forward y")
+    _check(argmax.shape[0] == n and argmax.shape[1] == y.shape[1], "maxpool_forward argmax")
+    for i in prange(n, nogil=True, schedule='static', num_threads=n_threads):
+        for c in range(g.C):
+            for oi in range(g.out_h):
+                for oj in range(g.out_w):
+                    found = False
+                    best = 0
+                    best_index = 0
+                    for a in range(g.kh):
+                        ih = oi * g.sh - g.ph + a * g.dh
+                        if ih < 0 or ih >= g.H:
+                            continue
+                        for b in range(g.kw):
+                            iw = oj * g.sw - g.pw + b * g.dw
+                            if iw < 0 or iw >= g.W:
+                                continue
+                            index = (<Py_ssize_t> c * g.H + ih) * g.W + iw
+                            value = x[i, index]
+                            # strict '>' keeps the first maximum, as PyTorch
+                            if not found or value > best:
+                                found = True
+                                best = value
+                                best_index = index
+                    o = (c * g.out_h + oi) * g.out_w + oj
+                    y[i, o] = best
+                    argmax[i, o] = best_index
+
+
+def gather(const floating[:, :, ::1] x,          # IN  (n, k, in_width)
+           const Py_ssize_t[:, ::1] index,       # IN  (n, out_width)
+           floating[:, :, ::1] out,              # OUT (n, k, out_width)
+           int n_threads):
+    """out[i, j, o] = x[i, j, index[i, o]]  (max-pooling JVP)."""
+    cdef Py_ssize_t n = x.shape[0], k = x.shape[1], m = out.shape[2], i, j, o
+    _check(index.shape[0] == n and index.shape[1] == m, "gather index")
+    _check(out.shape[0] == n and out.shape[1] == k, "gather out")
+    for i in prange(n, nogil=True, schedule='static', num_threads=n_threads):
+        for j in range(k):
+            for o in range(m):
+                out[i, j, o] = x[i, j, index[i, o]]
+
+
+def scatter_add(const floating[:, :, ::1] g,     # IN  (n, k, out_width)
+                const Py_ssize_t[:, ::1] index,  # IN  (n, out_width), values < in_width
+                floating[:, :, ::1] out,         # OUT (n, k, in_width), zeroed here
+                int n_threads):
+    """out[i, j, index[i, o]] += g[i, j, o]  (max-pooling VJP)."""
+    cdef Py_ssize_t n = g.shape[0], k = g.shape[1], m = g.shape[2], i, j, o
+    _check(index.shape[0] == n and index.shape[1] == m, "scatter_add index")
+    _check(out.shape[0] == n and out.shape[1] == k, "scatter_add out")
+    for i in prange(n, nogil=True, schedule='static', num_threads=n_threads):
+        for j in range(k):
+            memset(&out[i, j, 0], 0, out.shape[2] * sizeof(floating))
+            for o in range(m):
+                out[i, j, index[i, o]] += g[i, j, o]
+
+
+def avgpool_forward(const floating[:, ::1] x,    # IN  (m, C*H*W)
+                    floating[:, ::1] y,          # OUT (m, C*out_h*out_w)
+                    tuple geom, int n_threads):
+    """Mean over each window, padded zeros included (divisor kh * kw)."""
+    cdef Geometry g = _geometry(geom)
+    cdef Py_ssize_t m = x.shape[0], i
+    cdef int c, oi, oj, a, b, ih, iw
+    cdef double acc, inv = 1.0 / (g.kh * g.kw)
+    _check(x.shape[1] == g.C * g.H * g.W, "avgpool_forward x")
+    _check(y.shape[0] == m and y.shape[1] == g.C * g.out_h * g.out_w, "avgpool_forward y")
+    for i in prange(m, nogil=True, schedule='static', num_threads=n_threads):
+        for c in range(g.C):
+            for oi in range(g.out_h):
+                for oj in range(g.out_w):
+                    acc = 0.0
+                    for a in range(g.kh):
+                        ih = oi * g.sh - g.ph + a * g.dh
+                        if ih < 0 or ih >= g.H:
+                            continue
+                        for b in range(g.kw):
+                            iw = oj * g.sw - g.pw + b * g.dw
+                            if 0 <= iw < g.W:
+                                acc = acc + x[i, (c * g.H + ih) * g.W + iw]
+                    y[i, (c * g.out_h + oi) * g.out_w + oj] = <floating> (acc * inv)
+
+
+def avgpool_backward(const floating[:, ::1] gy,  # IN  (m, C*out_h*out_w)
+                     floating[:, ::1] gx,        # OUT (m, C*H*W), zeroed here
+                     tuple geom, int n_threads):
+    """Transpose of avgpool_forward: spread each output's gradient over its window."""
+    cdef Geometry g = _geometry(geom)
+    cdef Py_ssize_t m = gy.shape[0], i
+    cdef int c, oi, oj, a, b, ih, iw
+    cdef floating share
+    cdef double inv = 1.0 / (g.kh * g.kw)
+    _check(gy.shape[1] == g.C * g.out_h * g.out_w, "avgpool_backward gy")
+    _check(gx.shape[0] == m and gx.shape[1] == g.C * g.H * g.W, "avgpool_backward gx")
+    for i in prange(m, nogil=True, schedule='static', num_threads=n_threads):
+        memset(&gx[i, 0], 0, gx.shape[1] * sizeof(floating))
+        for c in range(g.C):
+            for oi in range(g.out_h):
+                for oj in range(g.out_w):
+                    share = <floating> (gy[i, (c * g.out_h + oi) * g.out_w + oj] * inv)
+                    for a in range(g.kh):
+                        ih = oi * g.sh - g.ph + a * g.dh
+                        if ih < 0 or ih >= g.H:
+                            continue
+                        for b in range(g.kw):
+                            iw = oj * g.sw - g.pw + b * g.dw
+                            if 0 <= iw < g.W:
+                                gx[i, (c * g.H + ih) * g.W + iw] += share
