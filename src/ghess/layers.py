@@ -117,7 +117,7 @@ class Linear(Layer):
         if len(input_shape) != 1:
             raise ValueError(
                 f"{self!r} expects a flat input of {self.in_features} features per sample, "
-                f"got shape {tuple(input_shape)} (reshape the input to (N, features) first)")
+                f"got per-sample shape {tuple(input_shape)}: add a Flatten() before it")
         if input_shape[0] != self.in_features:
             raise ValueError(
                 f"{self!r} expects {self.in_features} input features, "

@@ -5,6 +5,7 @@ The parameters are ONE flat 1-D array ``theta``, laid out exactly as
 ``torch.nn.Sequential``: layer by layer, weight then bias, C order.
 """
 
+import copy
 import numbers
 
 import numpy as np
@@ -86,7 +87,9 @@ class Sequential:
         if not input_shape or any(s <= 0 for s in input_shape):
             raise ValueError(f"Sequential: input_shape must be non-empty with positive sizes, "
                              f"got {input_shape}")
-        self.layers = tuple(layers)
+        # The model owns copies: layers record their input geometry below, so one
+        # layer object may serve in several models without interference.
+        self.layers = tuple(copy.copy(layer) for layer in layers)
         self.input_shape = input_shape
 
         shapes = [input_shape]
