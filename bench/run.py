@@ -25,15 +25,53 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-PROBLEMS = {
-    # name: (layers, input_shape, batch)
-    "MLP-S": ([("linear", 784, 256), ("tanh",), ("linear", 256, 10)], (784,), 256),
-    "MLP-M": ([("linear", 784, 512), ("relu",), ("linear", 512, 512), ("relu",),
-               ("linear", 512, 10)], (784,), 1024),
-    "MLP-M-tanh": ([("linear", 784, 512), ("tanh",), ("linear", 512, 512), ("tanh",),
-                    ("linear", 512, 10)], (784,), 1024),
-    "tiny": ([("linear", 20, 16), ("tanh",), ("linear", 16, 4)], (20,), 32),
-}
+def _problems():
+    """Name -> (model factory, batch); PyTorch layouts, NCHW."""
+    import ghess as G
+
+    return {
+        "MLP-S": (lambda: G.Sequential(G.Linear(784, 256), G.Tanh(), G.Linear(256, 10),
+                                       input_shape=(784,)), 256),
+        "MLP-M": (lambda: G.Sequential(G.Linear(784, 512), G.ReLU(), G.Linear(512, 512),
+                                       G.ReLU(), G.Linear(512, 10), input_shape=(784,)), 1024),
+        "MLP-M-tanh": (lambda: G.Sequential(G.Linear(784, 512), G.Tanh(), G.Linear(512, 512),
+                                            G.Tanh(), G.Linear(512, 10), input_shape=(784,)),
+                       1024),
+        "CNN-S": (lambda: G.Sequential(
+            G.Conv2d(1, 16, 3, padding=1), G.ReLU(), G.MaxPool2d(2),
+            G.Conv2d(16, 32, 3, padding=1), G.ReLU(), G.MaxPool2d(2),
+            G.Flatten(), G.Linear(32 * 7 * 7, 10), input_shape=(1, 28, 28)), 128),
+        "CNN-C": (lambda: G.Sequential(
+            G.Conv2d(3, 32, 5, padding=2), G.ReLU(), G.MaxPool2d(2),
+            G.Conv2d(32, 64, 3, padding=1), G.ReLU(), G.MaxPool2d(2),
+            G.Conv2d(64, 64, 3, padding=1), G.ReLU(), G.MaxPool2d(2),
+            G.Flatten(), G.Linear(64 * 4 * 4, 10), input_shape=(3, 32, 32)), 64),
+        "tiny": (lambda: G.Sequential(G.Linear(20, 16), G.Tanh(), G.Linear(16, 4),
+                                      input_shape=(20,)), 32),
+        "tiny-cnn": (lambda: G.Sequential(G.Conv2d(1, 4, 3, padding=1), G.ReLU(),
+                                          G.MaxPool2d(2), G.Flatten(), G.Linear(64, 3),
+                                          input_shape=(1, 8, 8)), 16),
+    }
+
+
+def torch_twin(model, torch):
+    """Build the torch.nn.Sequential equivalent to a ghess model."""
+    import ghess as G
+
+    mods = []
+    for layer in model.layers:
+        if isinstance(layer, G.Linear):
+            mods.append(torch.nn.Linear(layer.in_features, layer.out_features, bias=layer.bias))
+        elif isinstance(layer, G.Conv2d):
+            mods.append(torch.nn.Conv2d(layer.in_channels, layer.out_channels,
+                                        layer.kernel_size, layer.stride, layer.padding,
+                                        layer.dilation, bias=layer.bias))
+        elif isinstance(layer, (G.MaxPool2d, G.AvgPool2d)):
+            cls = torch.nn.MaxPool2d if isinstance(layer, G.MaxPool2d) else torch.nn.AvgPool2d
+            mods.append(cls(layer.kernel_size, layer.stride, layer.padding))
+        else:
+            mods.append(getattr(torch.nn, type(layer).__name__)())
+    return torch.nn.Sequential(*mods)
 
 
 def run_config(problem, dtype_name, threads, repeats):
@@ -44,15 +82,10 @@ def run_config(problem, dtype_name, threads, repeats):
     import ghess
     from ghess import testing
 
-    layers_spec, input_shape, batch = PROBLEMS[problem]
+    make_model, batch = _problems()[problem]
+    model = make_model()
+    input_shape = model.input_shape
     dtype = np.dtype(dtype_name)
-    layers = []
-    for spec in layers_spec:
-        if spec[0] == "linear":
-            layers.append(ghess.Linear(spec[1], spec[2]))
-        else:
-            layers.append({"tanh": ghess.Tanh, "relu": ghess.ReLU}[spec[0]]())
-    model = ghess.Sequential(*layers, input_shape=input_shape)
     rng = np.random.default_rng(0)
     theta = model.init_params(seed=0, dtype=dtype)
     X = rng.normal(size=(batch,) + input_shape).astype(dtype)
@@ -76,8 +109,8 @@ def run_config(problem, dtype_name, threads, repeats):
                "n_params": model.n_params, "batch": batch, "timings": {}, "agreement": {}}
     timings = results["timings"]
 
-    # the machine's GEMM throughput, measured here: (batch x in) @ (in x out) of layer 1
-    a = rng.normal(size=(batch * 4, 784)).astype(dtype)
+    # the machine's GEMM throughput, measured here on a 1024 x 784 x 512 product
+    a = rng.normal(size=(1024, 784)).astype(dtype)
     b = rng.normal(size=(784, 512)).astype(dtype)
     t_gemm, _ = median_time(lambda: a @ b)
     results["gemm_gflops"] = 2 * a.shape[0] * 784 * 512 / t_gemm / 1e9
@@ -125,13 +158,7 @@ def run_config(problem, dtype_name, threads, repeats):
     if torch is not None:
         torch.set_num_threads(threads)
         tdtype = torch.float64 if dtype == np.float64 else torch.float32
-        mods = []
-        for spec in layers_spec:
-            if spec[0] == "linear":
-                mods.append(torch.nn.Linear(spec[1], spec[2]))
-            else:
-                mods.append({"tanh": torch.nn.Tanh, "relu": torch.nn.ReLU}[spec[0]]())
-        net = torch.nn.Sequential(*mods).to(tdtype)
+        net = torch_twin(model, torch).to(tdtype)
         names = [n for n, _ in net.named_parameters()]
         shapes = [p.shape for p in net.parameters()]
         sizes = [int(np.prod(s)) for s in shapes]
@@ -247,7 +274,8 @@ def write_report(infos, all_results, path_md, path_json):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--problems", nargs="+", default=["MLP-S", "MLP-M", "MLP-M-tanh"])
+    parser.add_argument("--problems", nargs="+",
+                        default=["MLP-S", "MLP-M", "MLP-M-tanh", "CNN-S", "CNN-C"])
     parser.add_argument("--dtypes", nargs="+", default=["float64", "float32"])
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--repeats", type=int, default=7)
@@ -263,7 +291,8 @@ def main():
         return 0
 
     if args.quick:
-        args.problems, args.dtypes, args.threads, args.repeats = ["tiny"], ["float64"], [1], 3
+        args.problems, args.dtypes, args.threads, args.repeats = (["tiny", "tiny-cnn"],
+                                                                  ["float64"], [1], 3)
     all_results = []
     for problem in args.problems:
         for dtype in args.dtypes:
