@@ -22,6 +22,14 @@ where N counts the samples of all batches together. ``r_n = c dl/dz_n`` and
 - finite differences: central, 2nd or 4th order, for scalar, vector and
   gradient functions.
 
+Layers: ``Linear``, the elementwise activations, and the convolutional layers
+``Conv2d``, ``MaxPool2d``, ``AvgPool2d`` and ``Flatten`` (PyTorch semantics).
+Activations keep their per-sample shape (``model.shapes[i]``): ``(C, H, W)``
+between convolutional layers, so inputs are ``(N, *model.input_shape)``. The
+convolution and the poolings are direct sums over kernel offsets (no im2col);
+max-pooling routes every derivative, and every R{.} quantity, to the first
+maximum of its window in row-major order, as PyTorch does.
+
 Examples
 --------
 >>> import numpy as np
@@ -40,6 +48,7 @@ Examples
 
 import numpy as np
 
+from .conv import AvgPool2d, Conv2d, Flatten, MaxPool2d
 from .layers import Identity, LeakyReLU, Linear, ReLU, Sigmoid, Softplus, Tanh
 from .losses import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
 
@@ -177,28 +186,242 @@ def _sample_loss(loss, z, y):
 
 
 # ---------------------------------------------------------------------------
+# Convolution and pooling: direct sums over the kernel offsets
+# ---------------------------------------------------------------------------
+# Arrays are (..., C, H, W): one sample (C, H, W) or a batch (N, C, H, W).
+# The window of output position (i, j) reads, at kernel offset (a, b), the
+# zero-padded input at row i*sh + a*dh and column j*sw + b*dw. For one offset,
+# those positions over all (i, j) form a single strided slice of the padded
+# input (``_tap``), so each layer below is the textbook sum written as a Python
+# loop over the kernel offsets, an explicit sum over channels, and the output
+# positions taken all at once by that slice. No unfolding (im2col) and no
+# engine code: this is a different method from the fast path's on purpose.
+def _dilation(layer):
+    return getattr(layer, "dilation", (1, 1))  # the poolings are undilated
+
+
+def _out_size(layer, height, width):
+    """``(out_h, out_w)``: floor((H + 2 p - d (k - 1) - 1) / s) + 1 per axis, as PyTorch."""
+    return tuple((size + 2 * p - d * (k - 1) - 1) // s + 1 for size, k, s, p, d in
+                 zip((height, width), layer.kernel_size, layer.stride, layer.padding,
+                     _dilation(layer)))
+
+
+def _kernel_offsets(layer):
+    """Every kernel offset (a, b), in row-major order."""
+    kh, kw = layer.kernel_size
+    return [(a, b) for a in range(kh) for b in range(kw)]
+
+
+def _tap(layer, a, b, out_hw):
+    """Rows and columns of the padded input that offset (a, b) reads, over all outputs."""
+    (sh, sw), (dh, dw), (out_h, out_w) = layer.stride, _dilation(layer), out_hw
+    return (slice(a * dh, a * dh + sh * (out_h - 1) + 1, sh),
+            slice(b * dw, b * dw + sw * (out_w - 1) + 1, sw))
+
+
+def _pad(x, padding, fill):
+    """``x`` (..., H, W) surrounded by ``padding`` rows and columns of ``fill``."""
+    (ph, pw), (H, W) = padding, x.shape[-2:]
+    out = np.full(x.shape[:-2] + (H + 2 * ph, W + 2 * pw), fill, dtype=x.dtype)
+    out[..., ph:ph + H, pw:pw + W] = x
+    return out
+
+
+def _unpad(xpad, padding, in_hw):
+    (ph, pw), (H, W) = padding, in_hw
+    return xpad[..., ph:ph + H, pw:pw + W].copy()
+
+
+def _conv2d(x, weight, layer):
+    """``s[o, i, j] = sum_{c, a, b} W[o, c, a, b] xpad[c, i sh + a dh, j sw + b dw]`` (no bias)."""
+    out_hw = _out_size(layer, *x.shape[-2:])
+    xpad = _pad(x, layer.padding, 0.0)
+    s = np.zeros(x.shape[:-3] + (weight.shape[0],) + out_hw, dtype=np.result_type(x, weight))
+    for a, b in _kernel_offsets(layer):
+        rows, cols = _tap(layer, a, b, out_hw)
+        s += np.einsum("oc,...cij->...oij", weight[:, :, a, b], xpad[..., rows, cols])
+    return s
+
+
+def _conv2d_transpose(g, weight, layer, in_shape):
+    """Adjoint of ``_conv2d`` in x: each offset adds ``W[o, c, a, b] g[o, i, j]`` where it read."""
+    C, H, W = in_shape
+    out_hw = g.shape[-2:]
+    gpad = _pad(np.zeros(g.shape[:-3] + (C, H, W), dtype=np.result_type(g, weight)),
+                layer.padding, 0.0)
+    for a, b in _kernel_offsets(layer):
+        rows, cols = _tap(layer, a, b, out_hw)
+        gpad[..., rows, cols] += np.einsum("oc,...oij->...cij", weight[:, :, a, b], g)
+    return _unpad(gpad, layer.padding, (H, W))  # what reached the padding is dropped
+
+
+def _conv2d_weight_grad(g, x, layer):
+    """Adjoint of ``_conv2d`` in W, summed over samples.
+
+    ``dW[o, c, a, b] = sum_{n, i, j} g[n, o, i, j] xpad[n, c, i sh + a dh, j sw + b dw]``.
+    """
+    g = g.reshape((-1,) + g.shape[-3:])
+    xpad = _pad(x.reshape((-1,) + x.shape[-3:]), layer.padding, 0.0)
+    out_hw = g.shape[-2:]
+    dW = np.zeros((g.shape[1], xpad.shape[1]) + layer.kernel_size, dtype=np.result_type(g, x))
+    for a, b in _kernel_offsets(layer):
+        rows, cols = _tap(layer, a, b, out_hw)
+        dW[:, :, a, b] = np.einsum("noij,ncij->oc", g, xpad[:, :, rows, cols])
+    return dW
+
+
+def _maxpool_argmax(x, layer):
+    """Flat index into (H, W) of the first maximum of every window (..., C, out_h, out_w).
+
+    The offsets are visited in row-major order and a later one wins only if it
+    is strictly larger, so a tie goes to the first maximum, as in PyTorch.
+    Padding is -inf with index -1 and never wins; like PyTorch, the search
+    starts from the window's first in-bounds element (which matters only when
+    all of them are -inf).
+    """
+    H, W = x.shape[-2:]
+    out_hw = _out_size(layer, H, W)
+    xpad = _pad(x, layer.padding, -np.inf)
+    index_pad = _pad(np.arange(H * W).reshape(H, W), layer.padding, -1)
+    best = np.full(x.shape[:-2] + out_hw, -np.inf, dtype=x.dtype)
+    argmax = np.full(best.shape, -1, dtype=np.intp)
+    for a, b in _kernel_offsets(layer):
+        rows, cols = _tap(layer, a, b, out_hw)
+        value, index = xpad[..., rows, cols], index_pad[rows, cols]
+        wins = (value > best) | ((argmax < 0) & (index >= 0))
+        best = np.where(wins, value, best)
+        argmax = np.where(wins, index, argmax)
+    return argmax
+
+
+def _maxpool_gather(x, argmax):
+    """``y[c, i, j] = x[c].ravel()[argmax[c, i, j]]``: max-pooling, given the argmax."""
+    flat = x.reshape(x.shape[:-2] + (-1,))
+    index = argmax.reshape(argmax.shape[:-2] + (-1,))
+    return np.take_along_axis(flat, index, axis=-1).reshape(argmax.shape)
+
+
+def _maxpool_scatter(g, argmax, in_hw):
+    """Adjoint of the gather: ``g[c, i, j]`` is added to input ``(c, argmax[c, i, j])``."""
+    H, W = in_hw
+    g_rows = g.reshape(-1, g.shape[-2] * g.shape[-1])
+    out = np.zeros((g_rows.shape[0], H * W), dtype=g.dtype)
+    # add.at accumulates: overlapping windows may route several outputs to one input
+    np.add.at(out, (np.arange(g_rows.shape[0])[:, None], argmax.reshape(g_rows.shape)), g_rows)
+    return out.reshape(g.shape[:-2] + (H, W))
+
+
+def _avgpool(x, layer):
+    """``y[c, i, j] = sum_{a, b} xpad[c, i sh + a, j sw + b] / (kh kw)`` (padded zeros count)."""
+    out_hw = _out_size(layer, *x.shape[-2:])
+    xpad = _pad(x, layer.padding, 0.0)
+    y = np.zeros(x.shape[:-2] + out_hw, dtype=x.dtype)
+    for a, b in _kernel_offsets(layer):
+        rows, cols = _tap(layer, a, b, out_hw)
+        y += xpad[..., rows, cols]
+    return y / (layer.kernel_size[0] * layer.kernel_size[1])
+
+
+def _avgpool_transpose(g, layer, in_hw):
+    """Adjoint of ``_avgpool``: every window spreads ``g / (kh kw)`` over its elements."""
+    gpad = _pad(np.zeros(g.shape[:-2] + tuple(in_hw), dtype=g.dtype), layer.padding, 0.0)
+    for a, b in _kernel_offsets(layer):
+        rows, cols = _tap(layer, a, b, g.shape[-2:])
+        gpad[..., rows, cols] += g
+    return _unpad(gpad, layer.padding, in_hw) / (layer.kernel_size[0] * layer.kernel_size[1])
+
+
+# ---------------------------------------------------------------------------
+# Layers that are linear in their input: Linear, Conv2d, poolings, Flatten
+# ---------------------------------------------------------------------------
+# Each computes s = A(W) a + b with A linear in a and in W (bilinear), or, for
+# the parameter-free layers, s = A a with A fixed (max-pooling: fixed by the
+# argmax of the forward pass). The rules below work on one sample or a batch.
+_LINEAR_IN_INPUT = (Linear, Conv2d, MaxPool2d, AvgPool2d, Flatten)
+
+
+def _layer_params(model, params, i):
+    """``(weight, bias)`` of layer i, None where absent."""
+    return params.get(f"{i}.weight"), params.get(f"{i}.bias")
+
+
+def _add_to(out, model, name, value):
+    slot = model.param_slots[name]
+    out[slot.start:slot.stop] += value.ravel()
+
+
+def _apply(model, i, weight, a, cache):
+    """``A(weight) a``: the layer's output without bias (for pools and Flatten, weight is None)."""
+    layer = model.layers[i]
+    if isinstance(layer, Linear):
+        return a @ weight.T
+    if isinstance(layer, Conv2d):
+        return _conv2d(a, weight, layer)
+    if isinstance(layer, MaxPool2d):
+        return _maxpool_gather(a, cache["argmax"])
+    if isinstance(layer, AvgPool2d):
+        return _avgpool(a, layer)
+    # Flatten: (..., C, H, W) -> (..., C*H*W), C order
+    return a.reshape(a.shape[:a.ndim - len(model.shapes[i])] + (-1,))
+
+
+def _apply_transpose(model, i, weight, g, cache):
+    """``A(weight)^T g``: the gradient with respect to the layer input."""
+    layer, in_shape = model.layers[i], model.shapes[i]
+    if isinstance(layer, Linear):
+        return g @ weight
+    if isinstance(layer, Conv2d):
+        return _conv2d_transpose(g, weight, layer, in_shape)
+    if isinstance(layer, MaxPool2d):
+        return _maxpool_scatter(g, cache["argmax"], in_shape[1:])
+    if isinstance(layer, AvgPool2d):
+        return _avgpool_transpose(g, layer, in_shape[1:])
+    return g.reshape(g.shape[:-1] + in_shape)  # Flatten
+
+
+def _weight_grad(layer, g, a):
+    """Adjoint of ``A(W) a`` in W, summed over samples: ``g a^T`` or ``g (*) a`` (Conv2d)."""
+    if isinstance(layer, Linear):
+        return g.reshape(-1, g.shape[-1]).T @ a.reshape(-1, a.shape[-1])
+    return _conv2d_weight_grad(g, a, layer)
+
+
+def _bias_grad(layer, g):
+    """``g`` summed over samples (and over output positions for Conv2d)."""
+    if isinstance(layer, Linear):
+        return g.reshape(-1, g.shape[-1]).sum(axis=0)
+    return g.reshape((-1,) + g.shape[-3:]).sum(axis=(0, 2, 3))
+
+
+def _add_bias(layer, s, b):
+    return s + (b if isinstance(layer, Linear) else b[:, None, None])
+
+
+def _layer_forward(model, params, i, a):
+    """Output of layer i for input ``a``, and what the backward passes need."""
+    layer = model.layers[i]
+    if isinstance(layer, _LINEAR_IN_INPUT):
+        W, b = _layer_params(model, params, i)
+        cache = {"a": a}
+        if isinstance(layer, MaxPool2d):
+            cache["argmax"] = _maxpool_argmax(a, layer)
+        s = _apply(model, i, W, a, cache)
+        return (s if b is None else _add_bias(layer, s, b)), cache
+    f, d1, d2 = _activation(layer, a)
+    return f.astype(a.dtype), {"s": a, "d1": d1.astype(a.dtype), "d2": d2.astype(a.dtype)}
+
+
+# ---------------------------------------------------------------------------
 # One sample through the network
 # ---------------------------------------------------------------------------
-def _layer_params(model, params, i):
-    return params[f"{i}.weight"], params.get(f"{i}.bias")
-
-
 def _sample_forward(model, params, x):
-    """Output z of one sample, and per layer what the backward pass needs."""
-    a = x.reshape(-1)
+    """Output z of one sample ``x`` (of shape ``model.input_shape``), and per-layer caches."""
+    a = x
     caches = []
-    for i, layer in enumerate(model.layers):
-        if isinstance(layer, Linear):
-            W, b = _layer_params(model, params, i)
-            s = W @ a
-            if b is not None:
-                s = s + b
-            caches.append({"a": a})
-            a = s
-        else:
-            f, d1, d2 = _activation(layer, a)
-            caches.append({"s": a, "d1": d1, "d2": d2})
-            a = f
+    for i in range(len(model.layers)):
+        a, cache = _layer_forward(model, params, i, a)
+        caches.append(cache)
     return a, caches
 
 
@@ -207,14 +430,14 @@ def _sample_backward(model, params, caches, g):
     grad = np.zeros(model.n_params)
     for i in reversed(range(len(model.layers))):
         layer, cache = model.layers[i], caches[i]
-        if isinstance(layer, Linear):
+        if isinstance(layer, _LINEAR_IN_INPUT):
             W, b = _layer_params(model, params, i)
-            slot = model.param_slots[f"{i}.weight"]
-            grad[slot.start:slot.stop] = np.outer(g, cache["a"]).ravel()
+            # s = A(W) a + b  =>  dW = g (x) a (outer product or correlation), db = g
+            if W is not None:
+                _add_to(grad, model, f"{i}.weight", _weight_grad(layer, g, cache["a"]))
             if b is not None:
-                slot = model.param_slots[f"{i}.bias"]
-                grad[slot.start:slot.stop] = g
-            g = W.T @ g
+                _add_to(grad, model, f"{i}.bias", _bias_grad(layer, g))
+            g = _apply_transpose(model, i, W, g, cache)
         else:
             g = cache["d1"] * g
     return grad
@@ -226,43 +449,51 @@ def _sample_hvp(model, params, x, caches, r, B, v):
     ``r`` = dL/dz and ``B`` = d2L/dz2 of this sample (already scaled); ``v`` is
     the direction in unflattened form. R{.} is the directional derivative
     d/dt (.)(theta + t v) at t = 0, applied to every line of forward and backward.
+    Linear and Conv2d are bilinear in (W, a); pooling and Flatten are linear in
+    ``a`` (max-pooling given the argmax of the forward pass, which R{.} reuses:
+    the max is piecewise linear, so it has no second-order term).
     """
     n_layers = len(model.layers)
     # R-forward: R{a} of every layer input; the network input does not depend on theta.
     r_inputs = []
-    ra = np.zeros(x.size)
+    ra = np.zeros(x.shape)
     for i, layer in enumerate(model.layers):
         r_inputs.append(ra)
-        if isinstance(layer, Linear):
+        cache = caches[i]
+        if isinstance(layer, _LINEAR_IN_INPUT):
             W, b = _layer_params(model, params, i)
             V, vb = _layer_params(model, v, i)
-            # s = W a + b  =>  R{s} = V a + W R{a} + v_b
-            ra = V @ caches[i]["a"] + W @ ra
-            if b is not None:
-                ra = ra + vb
+            # s = A(W) a + b  =>  R{s} = A(V) a + A(W) R{a} + v_b
+            ra = _apply(model, i, W, ra, cache)
+            if V is not None:
+                ra = ra + _apply(model, i, V, cache["a"], cache)
+            if vb is not None:
+                ra = _add_bias(layer, ra, vb)
         else:
             # a' = f(s)  =>  R{a'} = f'(s) R{s}
-            ra = caches[i]["d1"] * ra
+            ra = cache["d1"] * ra
     # output: g = dL/dz  =>  R{g} = B R{z}
     g, rg = r, B @ ra
     hv = np.zeros(model.n_params)
     for i in reversed(range(n_layers)):
-        layer, cache = model.layers[i], caches[i]
-        if isinstance(layer, Linear):
+        layer, cache, r_a = model.layers[i], caches[i], r_inputs[i]
+        if isinstance(layer, _LINEAR_IN_INPUT):
             W, b = _layer_params(model, params, i)
             V, _ = _layer_params(model, v, i)
-            a, r_a = cache["a"], r_inputs[i]
-            # dW = g a^T  =>  R{dW} = R{g} a^T + g R{a}^T;  db = g  =>  R{db} = R{g}
-            slot = model.param_slots[f"{i}.weight"]
-            hv[slot.start:slot.stop] = (np.outer(rg, a) + np.outer(g, r_a)).ravel()
+            # dW = g (x) a  =>  R{dW} = R{g} (x) a + g (x) R{a};  db = g  =>  R{db} = R{g}
+            if W is not None:
+                _add_to(hv, model, f"{i}.weight",
+                        _weight_grad(layer, rg, cache["a"]) + _weight_grad(layer, g, r_a))
             if b is not None:
-                slot = model.param_slots[f"{i}.bias"]
-                hv[slot.start:slot.stop] = rg
-            # g_in = W^T g  =>  R{g_in} = V^T g + W^T R{g}
-            g, rg = W.T @ g, V.T @ g + W.T @ rg
+                _add_to(hv, model, f"{i}.bias", _bias_grad(layer, rg))
+            # g_in = A(W)^T g  =>  R{g_in} = A(W)^T R{g} + A(V)^T g
+            new_rg = _apply_transpose(model, i, W, rg, cache)
+            if V is not None:
+                new_rg = new_rg + _apply_transpose(model, i, V, g, cache)
+            g, rg = _apply_transpose(model, i, W, g, cache), new_rg
         else:
             # g_in = f'(s) g  =>  R{g_in} = f''(s) R{s} g + f'(s) R{g}
-            g, rg = cache["d1"] * g, cache["d2"] * r_inputs[i] * g + cache["d1"] * rg
+            g, rg = cache["d1"] * g, cache["d2"] * r_a * g + cache["d1"] * rg
     return hv
 
 
@@ -442,7 +673,6 @@ def reference_hessian(model, loss, theta, data, damping=0.0):
     return H
 
 
-
 # ---------------------------------------------------------------------------
 # Batched products: what a plain NumPy implementation computes per product
 # ---------------------------------------------------------------------------
@@ -452,18 +682,12 @@ def _batch_dtype(theta):
 
 
 def _batch_forward(model, params, X):
-    """Forward pass of a whole batch: outputs, and per layer its input, f' and f''."""
-    a = X.reshape(X.shape[0], -1)
+    """Forward pass of a whole batch ``X`` (N, *input_shape): outputs and per-layer caches."""
+    a = X
     caches = []
-    for i, layer in enumerate(model.layers):
-        if isinstance(layer, Linear):
-            W, b = _layer_params(model, params, i)
-            caches.append({"a": a})
-            a = a @ W.T if b is None else a @ W.T + b
-        else:
-            f, d1, d2 = _activation(layer, a)
-            caches.append({"s": a, "d1": d1.astype(a.dtype), "d2": d2.astype(a.dtype)})
-            a = f.astype(a.dtype)
+    for i in range(len(model.layers)):
+        a, cache = _layer_forward(model, params, i, a)
+        caches.append(cache)
     return a, caches
 
 
@@ -482,19 +706,21 @@ def _batch_loss_grad(loss, z, y, scale):
 
 
 def _batch_r_forward(model, params, v, caches):
-    """R{input} of every layer and R{z}, for direction v, of a whole batch."""
+    """R{input} of every layer and R{z}, for direction v, of a whole batch (None: zero)."""
     r_inputs, ra = [], None
     for i, layer in enumerate(model.layers):
         r_inputs.append(ra)
-        if isinstance(layer, Linear):
-            W, b = _layer_params(model, params, i)
+        cache = caches[i]
+        if isinstance(layer, _LINEAR_IN_INPUT):
+            W, _ = _layer_params(model, params, i)
             V, vb = _layer_params(model, v, i)
-            out = caches[i]["a"] @ V.T
+            out = None if V is None else _apply(model, i, V, cache["a"], cache)
             if ra is not None:
-                out += ra @ W.T
-            ra = out if b is None else out + vb
+                term = _apply(model, i, W, ra, cache)
+                out = term if out is None else out + term
+            ra = out if vb is None else _add_bias(layer, out, vb)
         elif ra is not None:
-            ra = caches[i]["d1"] * ra
+            ra = cache["d1"] * ra
     return r_inputs, ra
 
 
@@ -521,17 +747,16 @@ def reference_ggn_matvec(model, loss, theta, data, v):
         _, rz = _batch_r_forward(model, params, vp, caches)
         g = apply_B(rz)
         for i in reversed(range(len(model.layers))):
-            layer = model.layers[i]
-            if isinstance(layer, Linear):
+            layer, cache = model.layers[i], caches[i]
+            if isinstance(layer, _LINEAR_IN_INPUT):
                 W, b = _layer_params(model, params, i)
-                slot = model.param_slots[f"{i}.weight"]
-                out[slot.start:slot.stop] += (g.T @ caches[i]["a"]).ravel()
+                if W is not None:
+                    _add_to(out, model, f"{i}.weight", _weight_grad(layer, g, cache["a"]))
                 if b is not None:
-                    slot = model.param_slots[f"{i}.bias"]
-                    out[slot.start:slot.stop] += g.sum(axis=0)
-                g = g @ W
+                    _add_to(out, model, f"{i}.bias", _bias_grad(layer, g))
+                g = _apply_transpose(model, i, W, g, cache)
             else:
-                g = caches[i]["d1"] * g
+                g = cache["d1"] * g
     return out
 
 
@@ -558,19 +783,20 @@ def reference_hessian_matvec(model, loss, theta, data, v):
         rg = apply_B(rz)
         for i in reversed(range(len(model.layers))):
             layer, cache, r_in = model.layers[i], caches[i], r_inputs[i]
-            if isinstance(layer, Linear):
+            if isinstance(layer, _LINEAR_IN_INPUT):
                 W, b = _layer_params(model, params, i)
                 V, _ = _layer_params(model, vp, i)
-                a = cache["a"]
-                slot = model.param_slots[f"{i}.weight"]
-                rW = rg.T @ a
-                if r_in is not None:
-                    rW += g.T @ r_in
-                out[slot.start:slot.stop] += rW.ravel()
+                if W is not None:
+                    rW = _weight_grad(layer, rg, cache["a"])
+                    if r_in is not None:
+                        rW += _weight_grad(layer, g, r_in)
+                    _add_to(out, model, f"{i}.weight", rW)
                 if b is not None:
-                    slot = model.param_slots[f"{i}.bias"]
-                    out[slot.start:slot.stop] += rg.sum(axis=0)
-                g, rg = g @ W, rg @ W + g @ V
+                    _add_to(out, model, f"{i}.bias", _bias_grad(layer, rg))
+                new_rg = _apply_transpose(model, i, W, rg, cache)
+                if V is not None:
+                    new_rg += _apply_transpose(model, i, V, g, cache)
+                g, rg = _apply_transpose(model, i, W, g, cache), new_rg
             else:
                 new_rg = cache["d1"] * rg
                 if r_in is not None:
