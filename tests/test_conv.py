@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from conftest import RTOL, make_data
 from numpy.testing import assert_array_equal
 
 import ghess
@@ -13,8 +14,6 @@ from ghess.testing import (
     reference_loss_and_grad,
     reference_per_sample_jacobians,
 )
-
-from conftest import RTOL, make_data
 
 G = ghess
 
@@ -178,7 +177,7 @@ def activation_pattern(model, theta, X):
 
 
 def smooth_step(model, theta, X, v, eps=1e-3):
-    """Largest eps <= 1e-3 (of the form 1e-3 / 4^j) for which theta +- 2 eps v keep the activation pattern.
+    """Find the largest eps = 1e-3 / 4^j for which theta +- 2 eps v keep the pattern.
 
     Finite differences across a ReLU kink or an argmax switch are invalid: the
     gradient jumps there. Along a segment with one pattern the loss is smooth.
@@ -193,7 +192,7 @@ def smooth_step(model, theta, X, v, eps=1e-3):
     pytest.skip("no smooth segment found along v")
 
 def wang_tan_lin_3layer():
-    """Wang, Tan and Lin's CNN: 3 x (conv + ReLU + 2x2 max-pool) on 3x32x32, then dense 10."""
+    """Build Wang, Tan and Lin's CNN: 3 x (conv, ReLU, 2x2 max-pool) on 3x32x32, dense 10."""
     return G.Sequential(
         G.Conv2d(3, 32, 5, padding=2), G.ReLU(), G.MaxPool2d(2),
         G.Conv2d(32, 64, 3, padding=1), G.ReLU(), G.MaxPool2d(2),
@@ -202,7 +201,7 @@ def wang_tan_lin_3layer():
 
 
 def wang_tan_lin_7layer():
-    """A deeper variant of the same style: 6 conv layers and a dense layer."""
+    """Build a deeper variant of the same style: 6 conv layers and a dense layer."""
     return G.Sequential(
         G.Conv2d(3, 32, 3, padding=1), G.ReLU(), G.Conv2d(32, 32, 3, padding=1), G.ReLU(),
         G.MaxPool2d(2),
@@ -214,7 +213,7 @@ def wang_tan_lin_7layer():
 
 
 def lenet_like():
-    """LeNet-like on 1x28x28 with a strided convolution and average pooling."""
+    """Build a LeNet-like net on 1x28x28 with a strided convolution and average pooling."""
     return G.Sequential(
         G.Conv2d(1, 6, 5, padding=2), G.Tanh(), G.AvgPool2d(2),
         G.Conv2d(6, 16, 5, stride=2, padding=2), G.Tanh(), G.AvgPool2d(2, padding=1),
