@@ -95,7 +95,11 @@ def run_config(problem, dtype_name, threads, repeats):
     v = V[0]
 
     def median_time(fn, min_repeats=repeats, budget=2.0):
+        t0 = time.perf_counter()
         fn()  # warm-up
+        first = time.perf_counter() - t0
+        # slow operations (the NumPy reference on CNNs) get fewer repeats, never below 3
+        min_repeats = max(3, min(min_repeats, int(4 * budget / max(first, 1e-9))))
         times = []
         start = time.perf_counter()
         while len(times) < min_repeats or (time.perf_counter() - start < budget

@@ -17,6 +17,13 @@ def to_torch(model):
         if isinstance(layer, ghess.Linear):
             modules.append(torch.nn.Linear(layer.in_features, layer.out_features,
                                            bias=layer.bias))
+        elif isinstance(layer, ghess.Conv2d):
+            modules.append(torch.nn.Conv2d(layer.in_channels, layer.out_channels,
+                                           layer.kernel_size, layer.stride, layer.padding,
+                                           layer.dilation, bias=layer.bias))
+        elif isinstance(layer, (ghess.MaxPool2d, ghess.AvgPool2d)):
+            cls = torch.nn.MaxPool2d if isinstance(layer, ghess.MaxPool2d) else torch.nn.AvgPool2d
+            modules.append(cls(layer.kernel_size, layer.stride, layer.padding))
         elif isinstance(layer, ghess.LeakyReLU):
             modules.append(torch.nn.LeakyReLU(layer.negative_slope))
         elif isinstance(layer, ghess.Softplus):
@@ -57,9 +64,18 @@ def functional(case):
     return net, outputs, objective, X
 
 
-@pytest.fixture(params=["tanh-ce", "sigmoid-mse", "softplus-bce", "relu-ce-sum",
-                        "leakyrelu-mse-sum", "linear-linear-bce"], ids=lambda n: f"case={n}")
+DENSE = ["tanh-ce", "sigmoid-mse", "softplus-bce", "relu-ce-sum", "leakyrelu-mse-sum",
+         "linear-linear-bce"]
+CONV = ["conv-relu-maxpool-ce", "conv-odd-shapes-mse", "conv-stride-avgpool-bce",
+        "conv-single-channel-pad2-sum", "conv-linear-in-theta-mse"]
+
+
+@pytest.fixture(params=DENSE + CONV, ids=lambda n: f"case={n}")
 def tcase(request):
+    if request.param in CONV:
+        from test_conv import ConvCase
+
+        return ConvCase(request.param)
     return Case(request.param)
 
 

@@ -17,6 +17,7 @@ from .jacobian import JacobianLinearOperator
 from .layers import Identity, LeakyReLU, Linear, ReLU, Sigmoid, Softplus, Tanh
 from .losses import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
 from .model import Sequential
+from .optim import NewtonCG, StepRecord
 
 __all__ = [
     "Sequential",
@@ -39,6 +40,8 @@ __all__ = [
     "GGNLinearOperator",
     "HessianLinearOperator",
     "JacobianLinearOperator",
+    "NewtonCG",
+    "StepRecord",
     "show_config",
     "__version__",
 ]

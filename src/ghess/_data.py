@@ -34,6 +34,10 @@ class Batches:
 
 def as_batches(model, loss, data, dtype):
     """Validate ``data`` = ``(X, y)`` or an iterable of such, for ``model`` and ``loss``."""
+    if isinstance(data, Batches):  # validated already (e.g. by NewtonCG); cast if needed
+        return Batches([(X.astype(dtype, copy=False), y if y is None or y.dtype.kind in "iu"
+                         else y.astype(dtype, copy=False)) for X, y in data.batches],
+                       data.n_samples)
     if _is_single_batch(data):
         items = [data]
     else:

@@ -1,0 +1,304 @@
+"""Subsampled Newton-CG training (Wang, Tan and Lin's method for CNNs).
+
+Objective over the full training set of ``l`` samples::
+
+    f(theta) = ||theta||^2 / (2 C) + L(theta),
+
+with ``L`` the loss over all samples (``reduction="mean"`` gives Wang, Tan and
+Lin's ``(1/l) sum_i xi(z_i; y_i)``). Each iteration:
+
+1. draws a fresh subsample S and forms the Gauss-Newton matrix on it, scaled
+   to estimate the full one: ``G_S = (l / |S|) GGN(L restricted to S)``, i.e.
+   ``(1/|S|) sum_{i in S} J_i^T B_i J_i`` for the mean reduction;
+2. solves ``((lambda + 1/C) I + G_S) d = -grad f`` by CG, stopping at
+   ``||r|| <= cg_rtol ||grad f||`` or ``cg_maxiter`` iterations;
+3. backtracks ``alpha`` (halving) until the Armijo condition
+   ``f(theta + alpha d) - f(theta) <= armijo * alpha * grad f^T d`` holds;
+4. updates the Levenberg-Marquardt damping from the ratio of the actual to the
+   predicted reduction ``alpha grad f^T d + alpha^2 / 2 d^T (G_S + I/C) d``:
+   ``lambda *= increase`` below ``ratio_low``, ``lambda *= decrease`` above
+   ``ratio_high``.
+
+The objective and gradient are accumulated in chunks, so the full data never
+passes through the network at once.
+"""
+
+import numbers
+import sys
+import time
+
+import numpy as np
+from scipy.sparse.linalg import LinearOperator, cg
+
+from ._base import check_loss, check_model
+from ._data import as_batches
+from ._validation import check_n_threads, check_params, check_positive_int
+from .functional import loss_and_grad
+from .ggn import GGNLinearOperator
+
+__all__ = ["NewtonCG", "StepRecord"]
+
+
+class StepRecord(dict):
+    """What one Newton-CG iteration did (a dict with attribute access).
+
+    Keys: ``objective`` (f at the returned theta), ``grad_norm`` (of grad f at the
+    returned theta), ``cg_iterations``, ``damping`` (lambda used for this step),
+    ``step_size`` (alpha, 0 when rejected), ``accepted``, ``backtracks``,
+    ``ratio`` (actual / predicted reduction), ``time`` (seconds).
+    """
+
+    __getattr__ = dict.__getitem__
+
+
+def _check_positive_real(value, name):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a positive real number, got {value!r}")
+    if not np.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be finite and > 0, got {value}")
+    return float(value)
+
+
+class _ShiftedScaled(LinearOperator):
+    """``scale * G + shift * I`` for a ghess GGN operator G (keeps its fast matmat)."""
+
+    def __init__(self, G, scale, shift):
+        self.G, self.scale, self.shift = G, scale, shift
+        super().__init__(dtype=G.dtype, shape=G.shape)
+
+    def _matvec(self, x):
+        return self.scale * self.G.matvec(x) + self.shift * np.asarray(x).reshape(-1)
+
+    def _matmat(self, X):
+        return self.scale * self.G.matmat(X) + self.shift * X
+
+    def _adjoint(self):
+        return self
+
+
+class NewtonCG:
+    """Subsampled Gauss-Newton with CG, Armijo line search and Levenberg-Marquardt damping.
+
+    Parameters
+    ----------
+    model : Sequential
+    loss : Loss
+        Its reduction defines ``L``; ``"mean"`` is Wang, Tan and Lin's (1/l) sum.
+    C : float, default=1.0
+        Regularisation: the objective adds ``||theta||^2 / (2 C)``.
+    subsample : float or int, default=0.1
+        Fraction of the data in (0, 1] or a number of samples in [1, l], drawn
+        fresh every iteration, for the Gauss-Newton matrix.
+    cg_rtol : float, default=0.1
+        CG stops when ``||r|| <= cg_rtol * ||grad f||``.
+    cg_maxiter : int, default=250
+    damping : float, default=1.0
+        Initial Levenberg-Marquardt lambda (>= 0).
+    armijo : float, default=1e-4
+        Sufficient-decrease constant of the line search.
+    backtrack : float, default=0.5
+        Step-size factor per backtracking step.
+    max_backtracks : int, default=30
+        After this many, the step is rejected and theta kept.
+    ratio_low, ratio_high : float, default=0.25, 0.75
+    increase, decrease : float, default=1.5, 2/3
+        Damping factors applied below ``ratio_low`` / above ``ratio_high``.
+    chunk_size : int, default=1024
+        Samples per pass for the objective and gradient.
+    mode : {"auto", "stored", "recompute"}, default="auto"
+        Product mode of the subsampled GGN (see :class:`ghess.GGNLinearOperator`).
+    n_threads : int, optional
+    seed : int or numpy Generator, optional
+        For the subsamples.
+
+    Examples
+    --------
+    >>> import numpy as np, ghess
+    >>> rng = np.random.default_rng(0)
+    >>> X = rng.normal(size=(200, 5)); y = (X[:, 0] > 0).astype(int)
+    >>> model = ghess.Sequential(ghess.Linear(5, 2), input_shape=(5,))
+    >>> opt = ghess.NewtonCG(model, ghess.CrossEntropyLoss(), C=10.0, subsample=0.5, seed=0)
+    >>> theta, history = opt.fit(model.init_params(), (X, y), n_iterations=5, verbose=False)
+    >>> bool(history[-1].objective < history[0].objective)
+    True
+    """
+
+    def __init__(self, model, loss, *, C=1.0, subsample=0.1, cg_rtol=0.1, cg_maxiter=250,
+                 damping=1.0, armijo=1e-4, backtrack=0.5, max_backtracks=30,
+                 ratio_low=0.25, ratio_high=0.75, increase=1.5, decrease=2 / 3,
+                 chunk_size=1024, mode="auto", n_threads=None, seed=None):
+        self.model = check_model(model)
+        self.loss = check_loss(loss)
+        self.C = _check_positive_real(C, "C")
+        if isinstance(subsample, (bool, np.bool_)) or not isinstance(subsample, numbers.Real):
+            raise TypeError(f"subsample must be a fraction in (0, 1] or a sample count, "
+                            f"got {subsample!r}")
+        if isinstance(subsample, numbers.Integral):
+            if subsample < 1:
+                raise ValueError(f"subsample must be a count >= 1 or a fraction in (0, 1], "
+                                 f"got {subsample}")
+        elif not 0 < subsample <= 1:
+            raise ValueError(f"subsample as a fraction must lie in (0, 1], got {subsample}")
+        self.subsample = subsample
+        self.cg_rtol = _check_positive_real(cg_rtol, "cg_rtol")
+        self.cg_maxiter = check_positive_int(cg_maxiter, "cg_maxiter")
+        if isinstance(damping, (bool, np.bool_)) or not isinstance(damping, numbers.Real) \
+                or not np.isfinite(damping) or damping < 0:
+            raise ValueError(f"damping must be finite and >= 0, got {damping!r}")
+        self.damping = float(damping)
+        self.armijo = _check_positive_real(armijo, "armijo")
+        self.backtrack = _check_positive_real(backtrack, "backtrack")
+        if not (self.armijo < 1 and self.backtrack < 1):
+            raise ValueError("armijo and backtrack must lie in (0, 1)")
+        self.max_backtracks = check_positive_int(max_backtracks, "max_backtracks")
+        self.ratio_low = float(ratio_low)
+        self.ratio_high = float(ratio_high)
+        if not self.ratio_low < self.ratio_high:
+            raise ValueError(f"need ratio_low < ratio_high, got {ratio_low}, {ratio_high}")
+        self.increase = _check_positive_real(increase, "increase")
+        self.decrease = _check_positive_real(decrease, "decrease")
+        self.chunk_size = check_positive_int(chunk_size, "chunk_size")
+        self.mode = mode
+        self.n_threads = check_n_threads(n_threads)
+        self.rng = np.random.default_rng(seed)
+
+    # -- objective --------------------------------------------------------
+    def objective(self, theta, data):
+        """Return ``(f, grad f)`` over all of ``data``, accumulated in chunks."""
+        value, grad = loss_and_grad(self.model, self.loss, theta, data,
+                                    chunk_size=self.chunk_size, n_threads=self.n_threads)
+        return value + float(theta @ theta) / (2 * self.C), grad + theta / self.C
+
+    def _prepare(self, theta, data):
+        theta = check_params(theta, self.model.n_params).copy()
+        batches = data if hasattr(data, "batches") else as_batches(
+            self.model, self.loss, data, theta.dtype)
+        n = batches.n_samples
+        size = (self.subsample if isinstance(self.subsample, numbers.Integral)
+                else max(1, int(round(self.subsample * n))))
+        if size > n:
+            raise ValueError(f"subsample of {size} samples exceeds the {n} samples of data")
+        return theta, batches, size
+
+    def _subsample(self, batches, size):
+        index = np.sort(self.rng.choice(batches.n_samples, size=size, replace=False))
+        if len(batches.batches) == 1:
+            X, y = batches.batches[0]
+            return X[index], y[index]
+        X = np.concatenate([b[0] for b in batches.batches])
+        y = np.concatenate([b[1] for b in batches.batches])
+        return X[index], y[index]
+
+    # -- one iteration ----------------------------------------------------
+    def step(self, theta, data, *, _state=None):
+        """Take one Newton-CG iteration from ``theta``.
+
+        Returns
+        -------
+        theta : ndarray
+            The new parameters (a new array; ``theta`` itself is not modified),
+            or a copy of ``theta`` when no step was accepted.
+        record : StepRecord
+        """
+        start = time.perf_counter()
+        if _state is None:
+            theta, batches, size = self._prepare(theta, data)
+            value, grad = self.objective(theta, batches)
+        else:
+            theta, batches, size, value, grad = _state
+        lam = self.damping
+        X_s, y_s = self._subsample(batches, size)
+        G = GGNLinearOperator(self.model, self.loss, theta, (X_s, y_s), mode=self.mode,
+                              n_threads=self.n_threads)
+        # G on S uses S's own normaliser for "mean"; rescale to estimate the full GGN
+        scale = (batches.n_samples / size if self.loss.reduction == "sum" else 1.0)
+        system = _ShiftedScaled(G, scale, lam + 1.0 / self.C)
+        iterations = [0]
+
+        def count(_):
+            iterations[0] += 1
+
+        direction, _ = cg(system, -grad, rtol=self.cg_rtol, maxiter=self.cg_maxiter,
+                          callback=count)
+        slope = float(grad @ direction)
+        curvature = float(direction @ (scale * (G @ direction) + direction / self.C))
+        alpha, accepted, backtracks = 1.0, False, 0
+        new_theta, new_value, new_grad = theta, value, grad
+        if slope < 0:
+            for backtracks in range(self.max_backtracks + 1):
+                candidate = theta + alpha * direction
+                cand_value, cand_grad = self.objective(candidate, batches)
+                if cand_value - value <= self.armijo * alpha * slope:
+                    accepted = True
+                    new_theta, new_value, new_grad = candidate, cand_value, cand_grad
+                    break
+                alpha *= self.backtrack
+        predicted = alpha * slope + 0.5 * alpha ** 2 * curvature
+        ratio = (new_value - value) / predicted if accepted and predicted < 0 else 0.0
+        if ratio < self.ratio_low:
+            self.damping = lam * self.increase
+        elif ratio > self.ratio_high:
+            self.damping = lam * self.decrease
+        record = StepRecord(
+            objective=new_value, grad_norm=float(np.linalg.norm(new_grad)),
+            cg_iterations=iterations[0], damping=lam, step_size=alpha if accepted else 0.0,
+            accepted=accepted, backtracks=backtracks, ratio=ratio,
+            time=time.perf_counter() - start)
+        if _state is not None:
+            _state[3], _state[4] = new_value, new_grad
+        return new_theta.copy() if not accepted else new_theta, record
+
+    # -- a training run ---------------------------------------------------
+    def fit(self, theta, data, n_iterations=20, *, validation=None, verbose=True,
+            callback=None, file=None):
+        """Run ``n_iterations`` Newton-CG iterations; return ``(theta, history)``.
+
+        Prints one line per iteration when ``verbose`` (to ``file``, default
+        stdout), with the validation accuracy or loss when ``validation=(X, y)``
+        is given. ``callback(theta, record)`` may return True to stop early. A
+        KeyboardInterrupt stops the run and returns the last ACCEPTED theta.
+        """
+        n_iterations = check_positive_int(n_iterations, "n_iterations")
+        theta, batches, size = self._prepare(theta, data)
+        if validation is not None:
+            validation = as_batches(self.model, self.loss, validation, theta.dtype)
+        out = sys.stdout if file is None else file
+        value, grad = self.objective(theta, batches)
+        state = [theta, batches, size, value, grad]
+        history = []
+        if verbose:
+            print(f"{'iter':>4} {'objective':>12} {'|grad|':>9} {'CG':>4} {'lambda':>9} "
+                  f"{'step':>6} {'time':>7}" + ("  validation" if validation else ""),
+                  file=out, flush=True)
+        try:
+            for it in range(n_iterations):
+                new_theta, record = self.step(theta, None, _state=state)
+                theta = new_theta
+                state[0] = theta
+                if validation is not None:
+                    record["validation"] = self.evaluate(theta, validation)
+                history.append(record)
+                if verbose:
+                    print(f"{it:4d} {record.objective:12.6g} {record.grad_norm:9.3g} "
+                          f"{record.cg_iterations:4d} {record.damping:9.3g} "
+                          f"{record.step_size:6.3g} {record.time:6.2f}s"
+                          + (f"  {record['validation']:.4f}" if validation else ""),
+                          file=out, flush=True)
+                if callback is not None and callback(theta, record):
+                    break
+        except KeyboardInterrupt:
+            if verbose:
+                print("interrupted: returning the last accepted parameters", file=out)
+        return theta, history
+
+    def evaluate(self, theta, data):
+        """Accuracy for CrossEntropyLoss, else the loss value, on ``data``."""
+        from .losses import CrossEntropyLoss
+
+        batches = data if hasattr(data, "batches") else as_batches(
+            self.model, self.loss, data, np.asarray(theta).dtype)
+        if isinstance(self.loss, CrossEntropyLoss):
+            correct = sum(int((self.model.forward(theta, X, n_threads=self.n_threads)
+                               .argmax(axis=1) == y).sum()) for X, y in batches.batches)
+            return correct / batches.n_samples
+        return loss_and_grad(self.model, self.loss, theta, batches, n_threads=self.n_threads)[0]

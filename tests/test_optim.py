@@ -1,0 +1,159 @@
+"""NewtonCG: exact minimisers on convex problems, the line search, damping and records."""
+
+import numpy as np
+import pytest
+from numpy.testing import assert_allclose, assert_array_equal
+from scipy.optimize import minimize
+
+import ghess
+
+
+def linear_problem(loss, n=120, d=4, K=3, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, d))
+    if isinstance(loss, ghess.CrossEntropyLoss):
+        y = rng.integers(0, K, size=n)
+    else:
+        y = X @ rng.normal(size=(d, K)) + 0.1 * rng.normal(size=(n, K))
+    model = ghess.Sequential(ghess.Linear(d, K), input_shape=(d,))
+    return model, X, y
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_least_squares_reaches_the_exact_minimiser(reduction):
+    loss = ghess.MSELoss(reduction=reduction)
+    model, X, y = linear_problem(loss)
+    C = 2.0
+    theta0 = model.init_params(seed=1)
+    # f is quadratic: its minimiser solves (H + I/C) theta* = (H + I/C) theta0 - grad f(theta0)
+    H = ghess.HessianLinearOperator(model, loss, theta0, (X, y)).todense() + np.eye(
+        model.n_params) / C
+    value, grad = ghess.loss_and_grad(model, loss, theta0, (X, y))
+    theta_star = theta0 - np.linalg.solve(H, grad + theta0 / C)
+    opt = ghess.NewtonCG(model, loss, C=C, subsample=1.0, cg_rtol=1e-12, damping=0.0,
+                         seed=0)
+    theta, history = opt.fit(theta0, (X, y), n_iterations=3, verbose=False)
+    assert_allclose(theta, theta_star, rtol=1e-9, atol=1e-11)
+    assert history[-1].grad_norm < 1e-9
+
+
+def test_logistic_regression_reaches_the_minimiser():
+    loss = ghess.CrossEntropyLoss()
+    model, X, y = linear_problem(loss)
+    opt = ghess.NewtonCG(model, loss, C=5.0, subsample=1.0, cg_rtol=1e-10, seed=0)
+    theta, history = opt.fit(model.init_params(seed=2), (X, y), n_iterations=25,
+                             verbose=False)
+    reference = minimize(lambda t: opt.objective(t, (X, y)), model.init_params(seed=2),
+                         jac=True, method="L-BFGS-B", options={"gtol": 1e-12, "ftol": 0})
+    assert history[-1].grad_norm < 1e-8
+    assert_allclose(theta, reference.x, rtol=1e-5, atol=1e-6)
+    assert history[-1].objective <= reference.fun + 1e-12
+
+
+def test_subsampled_training_decreases_the_objective_monotonically():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(300, 6))
+    y = (X[:, 0] * X[:, 1] > 0).astype(int)
+    model = ghess.Sequential(ghess.Linear(6, 16), ghess.Tanh(), ghess.Linear(16, 2),
+                             input_shape=(6,))
+    opt = ghess.NewtonCG(model, ghess.CrossEntropyLoss(), C=100.0, subsample=0.3, seed=1)
+    theta, history = opt.fit(model.init_params(seed=0), (X, y), n_iterations=15,
+                             verbose=False, validation=(X[:50], y[:50]))
+    objectives = [r.objective for r in history]
+    assert all(b <= a for a, b in zip(objectives, objectives[1:]))
+    assert history[-1].validation > 0.8
+
+
+def test_records_are_consistent():
+    loss = ghess.CrossEntropyLoss()
+    model, X, y = linear_problem(loss)
+    opt = ghess.NewtonCG(model, loss, C=1.0, subsample=40, cg_maxiter=3, seed=0)
+    theta = model.init_params(seed=3)
+    for _ in range(4):
+        lam = opt.damping
+        new_theta, record = opt.step(theta, (X, y))
+        value, grad = opt.objective(new_theta, (X, y))
+        assert set(record) == {"objective", "grad_norm", "cg_iterations", "damping",
+                               "step_size", "accepted", "backtracks", "ratio", "time"}
+        assert_allclose(record.objective, value, rtol=1e-14)
+        assert_allclose(record.grad_norm, np.linalg.norm(grad), rtol=1e-12)
+        assert 1 <= record.cg_iterations <= 3
+        assert record.damping == lam
+        assert record.accepted and record.step_size == 0.5 ** record.backtracks
+        assert record.time > 0
+        # Levenberg-Marquardt update from the ratio
+        factor = 1.5 if record.ratio < 0.25 else (2 / 3 if record.ratio > 0.75 else 1.0)
+        assert_allclose(opt.damping, lam * factor, rtol=1e-15)
+        theta = new_theta
+
+
+def test_line_search_terminates_with_zero_damping():
+    """lambda = 0 on a non-convex net with a crude CG: every step ends, f never increases."""
+    rng = np.random.default_rng(4)
+    X, y = rng.normal(size=(80, 3)), rng.integers(0, 3, size=80)
+    model = ghess.Sequential(ghess.Linear(3, 8), ghess.ReLU(), ghess.Linear(8, 3),
+                             input_shape=(3,))
+    opt = ghess.NewtonCG(model, ghess.CrossEntropyLoss(), C=1e6, damping=0.0, increase=1.0,
+                         decrease=1.0, subsample=10, cg_maxiter=2, max_backtracks=8, seed=0)
+    theta = model.init_params(seed=0) * 3
+    value = opt.objective(theta, (X, y))[0]
+    for _ in range(10):
+        theta, record = opt.step(theta, (X, y))
+        assert record.damping == 0.0
+        assert record.backtracks <= 8
+        assert record.objective <= value
+        value = record.objective
+
+
+def test_keyboard_interrupt_returns_the_last_accepted_theta():
+    loss = ghess.CrossEntropyLoss()
+    model, X, y = linear_problem(loss)
+    opt = ghess.NewtonCG(model, loss, subsample=1.0, seed=0)
+    seen = []
+
+    def callback(theta, record):
+        seen.append(theta.copy())
+        if len(seen) == 3:
+            raise KeyboardInterrupt
+
+    theta0 = model.init_params(seed=0)
+    kept = theta0.copy()
+    theta, history = opt.fit(theta0, (X, y), n_iterations=10, verbose=False,
+                             callback=callback)
+    assert len(history) == 3
+    assert_array_equal(theta, seen[-1])
+    assert_array_equal(theta0, kept)  # the caller's array is never modified
+
+
+def test_fit_prints_one_line_per_iteration():
+    import io
+
+    loss = ghess.MSELoss()
+    model, X, y = linear_problem(loss)
+    out = io.StringIO()
+    ghess.NewtonCG(model, loss, subsample=0.5, seed=0).fit(
+        model.init_params(), (X, y), n_iterations=4, file=out)
+    lines = out.getvalue().strip().splitlines()
+    assert len(lines) == 5 and lines[0].split()[:2] == ["iter", "objective"]
+
+
+def test_bad_arguments_fail_before_any_work():
+    loss = ghess.CrossEntropyLoss()
+    model, X, y = linear_problem(loss)
+    with pytest.raises(ValueError, match="C must be finite and > 0"):
+        ghess.NewtonCG(model, loss, C=0)
+    with pytest.raises(ValueError, match=r"fraction must lie in \(0, 1\]"):
+        ghess.NewtonCG(model, loss, subsample=1.5)
+    with pytest.raises(ValueError, match="count >= 1"):
+        ghess.NewtonCG(model, loss, subsample=0)
+    with pytest.raises(ValueError, match="cg_maxiter must be >= 1"):
+        ghess.NewtonCG(model, loss, cg_maxiter=0)
+    with pytest.raises(ValueError, match="damping"):
+        ghess.NewtonCG(model, loss, damping=-1.0)
+    opt = ghess.NewtonCG(model, loss, subsample=500)
+    with pytest.raises(ValueError, match="subsample of 500 samples exceeds the 120"):
+        opt.fit(model.init_params(), (X, y), n_iterations=1, verbose=False)
+    X_bad = X.copy()
+    X_bad[5, 1] = np.nan
+    with pytest.raises(ValueError, match="X contains NaN"):
+        ghess.NewtonCG(model, loss).fit(model.init_params(), (X_bad, y), verbose=False)
