@@ -88,7 +88,7 @@ def test_records_are_consistent():
 
 
 def test_line_search_terminates_with_zero_damping():
-    """lambda = 0 on a non-convex net with a crude CG: every step ends, f never increases."""
+    """Lambda = 0 on a non-convex net with a crude CG: every step ends, f never increases."""
     rng = np.random.default_rng(4)
     X, y = rng.normal(size=(80, 3)), rng.integers(0, 3, size=80)
     model = ghess.Sequential(ghess.Linear(3, 8), ghess.ReLU(), ghess.Linear(8, 3),

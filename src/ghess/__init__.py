@@ -8,7 +8,17 @@ of dense networks, computed by Cython kernels over BLAS and exposed as
 
 __version__ = "0.1.0"
 
+from . import analysis
 from ._config import show_config
+from .analysis import (
+    bottom_eigenvalues,
+    ggn_diagonal,
+    hutchinson_diagonal,
+    hutchinson_trace,
+    hutchpp_trace,
+    spectral_density,
+    top_eigenvalues,
+)
 from .conv import AvgPool2d, Conv2d, Flatten, MaxPool2d
 from .functional import loss_and_grad, per_sample_jacobians
 from .ggn import GGNLinearOperator
@@ -42,6 +52,14 @@ __all__ = [
     "JacobianLinearOperator",
     "NewtonCG",
     "StepRecord",
+    "top_eigenvalues",
+    "bottom_eigenvalues",
+    "hutchinson_trace",
+    "hutchpp_trace",
+    "hutchinson_diagonal",
+    "ggn_diagonal",
+    "spectral_density",
+    "analysis",
     "show_config",
     "__version__",
 ]

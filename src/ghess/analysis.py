@@ -1,0 +1,260 @@
+"""Curvature analysis on any symmetric operator: spectra, traces, diagonals, densities.
+
+Every function takes a symmetric ``scipy.sparse.linalg.LinearOperator`` (a
+ghess GGN or Hessian operator, or any other), needs only products with it, and
+uses ``matmat`` to push blocks of vectors through at once.
+"""
+
+import numbers
+
+import numpy as np
+from scipy.sparse.linalg import eigsh
+
+from . import _engine
+from ._base import check_loss, check_model
+from ._config import resolve_n_threads, single_threaded_blas
+from ._data import as_batches
+from ._validation import check_n_threads, check_params, check_positive_int
+
+__all__ = [
+    "top_eigenvalues",
+    "bottom_eigenvalues",
+    "hutchinson_trace",
+    "hutchpp_trace",
+    "hutchinson_diagonal",
+    "ggn_diagonal",
+    "spectral_density",
+    "plot_spectral_density",
+]
+
+
+def _check_operator(op):
+    shape = getattr(op, "shape", None)
+    if shape is None or len(shape) != 2 or shape[0] != shape[1] or not hasattr(op, "matmat"):
+        raise TypeError(f"expected a square LinearOperator, got {type(op).__name__} "
+                        f"with shape {shape}")
+    return shape[0]
+
+
+def _rng(seed):
+    return np.random.default_rng(seed)
+
+
+def _probes(rng, n, k, dtype):
+    """Rademacher vectors (n, k): E[v v^T] = I with the least variance for traces."""
+    return rng.choice(np.array([-1.0, 1.0], dtype=dtype), size=(n, k))
+
+
+def top_eigenvalues(op, k=5, *, return_eigenvectors=False, tol=1e-8, seed=0):
+    """Largest ``k`` eigenvalues (algebraic), in decreasing order, by ``eigsh``.
+
+    Returns ``values`` or ``(values, vectors)`` with ``vectors[:, i]`` for ``values[i]``.
+    """
+    return _extreme(op, k, "LA", return_eigenvectors, tol, seed)
+
+
+def bottom_eigenvalues(op, k=5, *, return_eigenvectors=False, tol=1e-8, seed=0):
+    """Smallest ``k`` eigenvalues (algebraic), in increasing order, by ``eigsh``.
+
+    For the Hessian these are its most negative curvatures. Convergence of the
+    smallest eigenvalues of a PSD operator with a cluster at 0 can be slow.
+    """
+    return _extreme(op, k, "SA", return_eigenvectors, tol, seed)
+
+
+def _extreme(op, k, which, return_eigenvectors, tol, seed):
+    n = _check_operator(op)
+    k = check_positive_int(k, "k")
+    if k >= n:
+        raise ValueError(f"k must be smaller than the operator size {n}, got {k}")
+    v0 = _rng(seed).normal(size=n).astype(op.dtype)
+    values, vectors = eigsh(op, k=k, which=which, tol=tol, v0=v0)
+    order = np.argsort(values)
+    if which == "LA":
+        order = order[::-1]
+    values, vectors = values[order], vectors[:, order]
+    return (values, vectors) if return_eigenvectors else values
+
+
+def hutchinson_trace(op, n_samples=100, *, seed=0, block=16):
+    """Hutchinson's estimate ``mean_i v_i^T A v_i`` with Rademacher ``v_i``.
+
+    Returns ``(estimate, standard_error)``.
+    """
+    n = _check_operator(op)
+    n_samples = check_positive_int(n_samples, "n_samples")
+    rng = _rng(seed)
+    values = []
+    for start in range(0, n_samples, block):
+        V = _probes(rng, n, min(block, n_samples - start), op.dtype)
+        values.extend(np.einsum("ij,ij->j", V, op.matmat(V)))
+    values = np.asarray(values, dtype=np.float64)
+    error = values.std(ddof=1) / np.sqrt(n_samples) if n_samples > 1 else np.inf
+    return float(values.mean()), float(error)
+
+
+def hutchpp_trace(op, n_matvecs=102, *, seed=0):
+    """Hutch++ (Meyer, Musco, Musco and Woodruff, 2021): a low-rank part exactly, the rest
+    by Hutchinson; ``n_matvecs`` products in all (a multiple of 3 is used).
+
+    The error falls like 1/n_matvecs instead of 1/sqrt(n_matvecs); exact for
+    operators of rank below ``n_matvecs / 3``.
+    """  # noqa: D205
+    n = _check_operator(op)
+    m = check_positive_int(n_matvecs, "n_matvecs") // 3
+    if m < 1:
+        raise ValueError(f"n_matvecs must be at least 3, got {n_matvecs}")
+    m = min(m, n)
+    rng = _rng(seed)
+    S = _probes(rng, n, m, op.dtype)
+    Q, _ = np.linalg.qr(op.matmat(S))
+    G = _probes(rng, n, m, op.dtype)
+    G -= Q @ (Q.T @ G)  # project out range(Q)
+    exact = np.trace(Q.T @ op.matmat(Q))
+    rest = np.einsum("ij,ij->", G, op.matmat(G)) / m
+    return float(exact + rest)
+
+
+def hutchinson_diagonal(op, n_samples=100, *, seed=0, block=16):
+    """Estimate of ``diag(A)`` as ``mean_i v_i * (A v_i)`` with Rademacher ``v_i``."""
+    n = _check_operator(op)
+    n_samples = check_positive_int(n_samples, "n_samples")
+    rng = _rng(seed)
+    total = np.zeros(n)
+    for start in range(0, n_samples, block):
+        V = _probes(rng, n, min(block, n_samples - start), op.dtype)
+        total += np.einsum("ij,ij->i", V, op.matmat(V))
+    return total / n_samples
+
+
+def ggn_diagonal(model, loss, params, data, *, chunk_size=None, n_threads=None,
+                 memory_budget=256 << 20):
+    r"""Exact diagonal of the GGN, :math:`\sum_n \mathrm{diag}(J_n^\top B_n J_n)`.
+
+    Computed from the per-sample factors chunk by chunk, without the n x n
+    matrix: per chunk, the per-sample Jacobians ``J`` (chunk, K, n_params) and
+    ``B J``, reduced immediately. ``chunk_size`` defaults to what fits
+    ``memory_budget`` bytes.
+    """
+    check_model(model)
+    check_loss(loss)
+    theta = check_params(params, model.n_params)
+    n_threads = check_n_threads(n_threads)
+    batches = as_batches(model, loss, data, theta.dtype)
+    K, P = model.n_outputs, model.n_params
+    if chunk_size is None:
+        chunk_size = max(1, int(memory_budget // (3 * K * P * theta.itemsize)))
+    chunk_size = check_positive_int(chunk_size, "chunk_size")
+    scale = loss.scale(batches.n_samples, K)
+    lparams = model.layer_params(theta)
+    omp = resolve_n_threads(n_threads)
+    eye = np.eye(K, dtype=theta.dtype)
+    diag = np.zeros(P, dtype=np.float64)
+    with single_threaded_blas():
+        for X, y in batches.chunks(chunk_size):
+            n = X.shape[0]
+            ctxs, z = _engine.forward_chunk(model, lparams, X, 1, omp)
+            _, _, state = loss.value_grad(z, y, scale, omp)
+            factors = _engine.jacobian_factors(model, lparams, ctxs, n, theta.dtype, omp)
+            J = np.zeros((n, K, P), dtype=theta.dtype)
+            for i, ctx, D in factors.layers:
+                if D is None:
+                    D = np.ascontiguousarray(np.broadcast_to(eye, (n, K, K)))
+                model.layers[i].sample_jacobian(ctx, D, model.layer_range(i)[0], J, omp)
+            Jt = np.ascontiguousarray(J.transpose(0, 2, 1))  # (n, P, K): P directions
+            BJt = np.empty_like(Jt)
+            loss.hessian_apply(state, Jt, scale, BJt, omp)
+            diag += np.einsum("npk,npk->p", Jt, BJt)
+    return diag.astype(theta.dtype)
+
+
+def _lanczos(op, v, steps):
+    """Lanczos with full reorthogonalisation: tridiagonal (alpha, beta) of ``steps`` steps."""
+    n = v.shape[0]
+    Q = np.zeros((steps + 1, n))
+    alpha, beta = np.zeros(steps), np.zeros(steps)
+    Q[0] = v / np.linalg.norm(v)
+    for j in range(steps):
+        w = np.asarray(op.matvec(Q[j].astype(op.dtype)), dtype=np.float64)
+        alpha[j] = Q[j] @ w
+        w -= Q[:j + 1].T @ (Q[:j + 1] @ w)  # full reorthogonalisation, twice
+        w -= Q[:j + 1].T @ (Q[:j + 1] @ w)
+        beta[j] = np.linalg.norm(w)
+        if beta[j] <= 1e-12 * max(1.0, abs(alpha[j])):  # invariant subspace: exact
+            return alpha[:j + 1], beta[:j]
+        Q[j + 1] = w / beta[j]
+    return alpha, beta[:-1]
+
+
+def spectral_density(op, *, n_vectors=10, n_lanczos=80, grid=None, n_grid=512, sigma=None,
+                     seed=0):
+    r"""Spectral density by stochastic Lanczos quadrature (Ghorbani, Krishnan and Xiao, 2019).
+
+    For each Rademacher vector :math:`v`, ``n_lanczos`` Lanczos steps give nodes
+    :math:`\theta_j` (Ritz values) and weights :math:`\tau_j^2` with
+    :math:`\sum_j \tau_j^2 \theta_j^m = v^\top A^m v / \|v\|^2` for
+    :math:`m < 2\,` ``n_lanczos``. The density is the average of these quadratures,
+    smoothed by Gaussians of width ``sigma`` (default: 1% of the spectral range).
+
+    Returns
+    -------
+    grid : ndarray
+    density : ndarray
+        Integrates to about 1 over ``grid``.
+    nodes, weights : ndarray of shape (n_vectors, n_lanczos)
+        The quadrature itself (weights sum to 1 per vector), for exact moments.
+    """
+    n = _check_operator(op)
+    n_vectors = check_positive_int(n_vectors, "n_vectors")
+    steps = min(check_positive_int(n_lanczos, "n_lanczos"), n)
+    rng = _rng(seed)
+    nodes = np.full((n_vectors, steps), np.nan)
+    weights = np.zeros((n_vectors, steps))
+    for i in range(n_vectors):
+        alpha, beta = _lanczos(op, _probes(rng, n, 1, np.float64)[:, 0], steps)
+        T = np.diag(alpha) + np.diag(beta, 1) + np.diag(beta, -1)
+        theta, S = np.linalg.eigh(T)
+        nodes[i, :len(theta)] = theta
+        weights[i, :len(theta)] = S[0] ** 2
+    lo, hi = np.nanmin(nodes), np.nanmax(nodes)
+    width = max(hi - lo, 1e-12 * max(1.0, abs(hi)))
+    if sigma is None:
+        sigma = 0.01 * width
+    if not (isinstance(sigma, numbers.Real) and sigma > 0):
+        raise ValueError(f"sigma must be positive, got {sigma!r}")
+    if grid is None:
+        grid = np.linspace(lo - 5 * sigma, hi + 5 * sigma, check_positive_int(n_grid, "n_grid"))
+    grid = np.asarray(grid, dtype=np.float64)
+    valid = ~np.isnan(nodes)
+    diff = grid[:, None] - nodes[valid][None, :]
+    kernel = np.exp(-0.5 * (diff / sigma) ** 2) / (sigma * np.sqrt(2 * np.pi))
+    density = kernel @ weights[valid] / n_vectors
+    return grid, density, nodes, weights
+
+
+def plot_spectral_density(grid, density, path=None, *, title="Spectral density", log=True):
+    """Plot a density from :func:`spectral_density` (needs matplotlib); save to ``path``.
+
+    Returns the matplotlib Figure.
+    """
+    try:
+        import matplotlib
+
+        if path is not None:
+            matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:  # optional dependency
+        raise ImportError("plot_spectral_density needs matplotlib: "
+                          "pip install 'ghess[demo]' or pip install matplotlib") from exc
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(grid, np.maximum(density, 1e-12) if log else density)
+    if log:
+        ax.set_yscale("log")
+        ax.set_ylim(bottom=max(1e-8, density.max() * 1e-8))
+    ax.set_xlabel("eigenvalue")
+    ax.set_ylabel("density")
+    ax.set_title(title)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig
