@@ -263,3 +263,51 @@ def test_required_networks_run_and_are_exact(name):
     # and in float32
     G32 = G.GGNLinearOperator(model, loss, theta.astype(np.float32), (X.astype(np.float32), y))
     assert_allclose_rel(G32 @ v.astype(np.float32), Gop @ v, 1e-4)
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: G.Sequential(G.Conv2d(3, 4, 3), G.Linear(4 * 6 * 6, 2), input_shape=(3, 8, 8)),
+     r"layer 1: Linear.*per-sample shape \(4, 6, 6\): add a Flatten\(\) before it"),
+    (lambda: G.Sequential(G.Conv2d(3, 4, 9), input_shape=(3, 8, 8)),
+     r"layer 0: Conv2d.*window spans 9x9 but the padded input is only 8x8"),
+    (lambda: G.Sequential(G.Conv2d(2, 4, 3), input_shape=(3, 8, 8)),
+     r"layer 0: Conv2d.*expects 2 input channels, but its input has 3"),
+    (lambda: G.Sequential(G.Conv2d(3, 4, 3), G.ReLU(), G.Conv2d(5, 2, 3),
+                          input_shape=(3, 8, 8)),
+     r"layer 2: Conv2d.*expects 5 input channels, but its input has 4"),
+    (lambda: G.Sequential(G.Conv2d(3, 4, 3), input_shape=(8, 8)),
+     r"layer 0: Conv2d.*expects inputs of shape \(channels, height, width\)"),
+    (lambda: G.Sequential(G.Conv2d(3, 4, 3), G.MaxPool2d(7), input_shape=(3, 8, 8)),
+     r"layer 1: MaxPool2d.*window spans 7x7 but the padded input is only 6x6"),
+    (lambda: G.Conv2d(3, 4, 0), r"kernel_size must be >= 1, got 0"),
+    (lambda: G.Conv2d(3, 4, 3, stride=(1, 0)), r"stride must be >= 1"),
+    (lambda: G.Conv2d(3, 4, 3, padding=-1), r"padding must be >= 0"),
+    (lambda: G.Conv2d(0, 4, 3), r"in_channels must be positive"),
+    (lambda: G.Conv2d(3, 4, (3, 3, 3)), r"kernel_size must be an int or a pair"),
+    (lambda: G.MaxPool2d(2, padding=2), r"padding must be at most half the kernel size"),
+    (lambda: G.AvgPool2d(0), r"kernel_size must be >= 1"),
+], ids=["flatten-missing", "kernel-too-large", "channels-input", "channels-chain",
+        "input-not-spatial", "pool-too-large", "kernel-zero", "stride-zero", "padding-negative",
+        "channels-zero", "kernel-triple", "pool-padding", "avgpool-kernel-zero"])
+def test_construction_errors_name_the_layer(build, message):
+    with pytest.raises(ValueError, match=message):
+        build()
+
+
+def test_conv_inputs_checked_at_call_time():
+    c = ConvCase("conv-relu-maxpool-ce")
+    with pytest.raises(ValueError, match=r"X must have shape \(n_samples, 2, 6, 6\), "
+                                         r"got \(5, 6, 6, 2\)"):
+        G.GGNLinearOperator(c.model, c.loss, c.theta, (c.X.transpose(0, 2, 3, 1), c.y))
+    with pytest.raises(TypeError, match="stride must be an int or a pair of ints"):
+        G.Conv2d(1, 1, 3, stride=1.5)
+
+
+def test_named_blocks_on_a_conv_net():
+    c = ConvCase("conv-relu-maxpool-ce")
+    H = G.HessianLinearOperator(c.model, c.loss, c.theta, c.data)
+    dense = H.todense()
+    a, b = c.model.param_slots["0.weight"], c.model.param_slots["4.weight"]
+    assert_allclose_rel(H.block("0.weight", "4.weight"), dense[a.start:a.stop, b.start:b.stop],
+                        1e-14)
+    assert H.block("0.bias", "0.weight").shape == (3, 2 * 3 * 3 * 3)

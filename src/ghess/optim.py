@@ -30,7 +30,7 @@ import time
 import numpy as np
 from scipy.sparse.linalg import LinearOperator, cg
 
-from ._base import check_loss, check_model
+from ._base import check_loss, check_mode, check_model
 from ._data import as_batches
 from ._validation import check_n_threads, check_params, check_positive_int
 from .functional import loss_and_grad
@@ -158,7 +158,7 @@ class NewtonCG:
         self.increase = _check_positive_real(increase, "increase")
         self.decrease = _check_positive_real(decrease, "decrease")
         self.chunk_size = check_positive_int(chunk_size, "chunk_size")
-        self.mode = mode
+        self.mode = check_mode(mode)
         self.n_threads = check_n_threads(n_threads)
         self.rng = np.random.default_rng(seed)
 
