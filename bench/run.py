@@ -54,26 +54,6 @@ def _problems():
     }
 
 
-def torch_twin(model, torch):
-    """Build the torch.nn.Sequential equivalent to a ghess model."""
-    import ghess as G
-
-    mods = []
-    for layer in model.layers:
-        if isinstance(layer, G.Linear):
-            mods.append(torch.nn.Linear(layer.in_features, layer.out_features, bias=layer.bias))
-        elif isinstance(layer, G.Conv2d):
-            mods.append(torch.nn.Conv2d(layer.in_channels, layer.out_channels,
-                                        layer.kernel_size, layer.stride, layer.padding,
-                                        layer.dilation, bias=layer.bias))
-        elif isinstance(layer, (G.MaxPool2d, G.AvgPool2d)):
-            cls = torch.nn.MaxPool2d if isinstance(layer, G.MaxPool2d) else torch.nn.AvgPool2d
-            mods.append(cls(layer.kernel_size, layer.stride, layer.padding))
-        else:
-            mods.append(getattr(torch.nn, type(layer).__name__)())
-    return torch.nn.Sequential(*mods)
-
-
 def run_config(problem, dtype_name, threads, repeats):
     """Benchmark one configuration in THIS process; return a dict of results."""
     import numpy as np
@@ -162,7 +142,7 @@ def run_config(problem, dtype_name, threads, repeats):
     if torch is not None:
         torch.set_num_threads(threads)
         tdtype = torch.float64 if dtype == np.float64 else torch.float32
-        net = torch_twin(model, torch).to(tdtype)
+        net = testing.torch_sequential(model, tdtype)
         names = [n for n, _ in net.named_parameters()]
         shapes = [p.shape for p in net.parameters()]
         sizes = [int(np.prod(s)) for s in shapes]

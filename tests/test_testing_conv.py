@@ -505,27 +505,7 @@ def test_reference_rejects_flat_inputs_for_conv_model():
 # Cross-checks against PyTorch
 # ---------------------------------------------------------------------------
 def _to_torch(torch, model):
-    modules = []
-    for layer in model.layers:
-        if isinstance(layer, ghess.Conv2d):
-            modules.append(torch.nn.Conv2d(layer.in_channels, layer.out_channels,
-                                           layer.kernel_size, stride=layer.stride,
-                                           padding=layer.padding, dilation=layer.dilation,
-                                           bias=layer.bias))
-        elif isinstance(layer, (ghess.MaxPool2d, ghess.AvgPool2d)):
-            # AvgPool2d: PyTorch's default count_include_pad=True
-            modules.append(getattr(torch.nn, type(layer).__name__)(
-                layer.kernel_size, stride=layer.stride, padding=layer.padding))
-        elif isinstance(layer, ghess.Linear):
-            modules.append(torch.nn.Linear(layer.in_features, layer.out_features,
-                                           bias=layer.bias))
-        elif isinstance(layer, ghess.LeakyReLU):
-            modules.append(torch.nn.LeakyReLU(layer.negative_slope))
-        elif isinstance(layer, ghess.Softplus):
-            modules.append(torch.nn.Softplus(layer.beta, layer.threshold))
-        else:
-            modules.append(getattr(torch.nn, type(layer).__name__)())
-    return torch.nn.Sequential(*modules).double()
+    return testing.torch_sequential(model)
 
 
 class TorchProblem:

@@ -5,32 +5,14 @@ import pytest
 from conftest import Case
 
 import ghess
-from ghess.testing import assert_allclose_rel
+from ghess.testing import assert_allclose_rel, torch_sequential
 
 torch = pytest.importorskip("torch")
 torch.set_default_dtype(torch.float64)
 
 
 def to_torch(model):
-    modules = []
-    for layer in model.layers:
-        if isinstance(layer, ghess.Linear):
-            modules.append(torch.nn.Linear(layer.in_features, layer.out_features,
-                                           bias=layer.bias))
-        elif isinstance(layer, ghess.Conv2d):
-            modules.append(torch.nn.Conv2d(layer.in_channels, layer.out_channels,
-                                           layer.kernel_size, layer.stride, layer.padding,
-                                           layer.dilation, bias=layer.bias))
-        elif isinstance(layer, (ghess.MaxPool2d, ghess.AvgPool2d)):
-            cls = torch.nn.MaxPool2d if isinstance(layer, ghess.MaxPool2d) else torch.nn.AvgPool2d
-            modules.append(cls(layer.kernel_size, layer.stride, layer.padding))
-        elif isinstance(layer, ghess.LeakyReLU):
-            modules.append(torch.nn.LeakyReLU(layer.negative_slope))
-        elif isinstance(layer, ghess.Softplus):
-            modules.append(torch.nn.Softplus(layer.beta, layer.threshold))
-        else:
-            modules.append(getattr(torch.nn, type(layer).__name__)())
-    return torch.nn.Sequential(*modules).double()
+    return torch_sequential(model)
 
 
 def torch_loss(loss):

@@ -65,6 +65,7 @@ __all__ = [
     "finite_difference_jvp",
     "finite_difference_hvp",
     "assert_allclose_rel",
+    "torch_sequential",
 ]
 
 
@@ -724,13 +725,10 @@ def _batch_r_forward(model, params, v, caches):
     return r_inputs, ra
 
 
-def reference_ggn_matvec(model, loss, theta, data, v):
-    """GGN-vector product ``G v`` computed batch-wise with plain NumPy.
+def _batched_setup(model, loss, theta, data, v):
+    """Shared set-up of the batched products: parameters, direction, scale, output, batches.
 
-    Forward pass, R-forward (``J v``), ``B J v``, backward (``J^T B J v``) for
-    every product, vectorised over the samples of a batch: the baseline a plain
-    NumPy implementation gives. Computes in float32 when theta is float32,
-    else in float64.
+    Computes in float32 when theta is float32, else in float64.
     """
     dtype = _batch_dtype(theta)
     theta = np.asarray(theta, dtype=dtype)
@@ -739,24 +737,26 @@ def reference_ggn_matvec(model, loss, theta, data, v):
     params = model.unflatten(theta)
     vp = model.unflatten(np.asarray(v, dtype=dtype))
     out = np.zeros(model.n_params, dtype=dtype)
+    batches = [(X.astype(dtype), y if isinstance(loss, CrossEntropyLoss) else y.astype(dtype))
+               for X, y in batches]
+    return params, vp, scale, out, batches
+
+
+def reference_ggn_matvec(model, loss, theta, data, v):
+    """GGN-vector product ``G v`` computed batch-wise with plain NumPy.
+
+    Forward pass, R-forward (``J v``), ``B J v``, backward (``J^T B J v``) for
+    every product, vectorised over the samples of a batch: the baseline a plain
+    NumPy implementation gives. Computes in float32 when theta is float32,
+    else in float64.
+    """
+    params, vp, scale, out, batches = _batched_setup(model, loss, theta, data, v)
     for X, y in batches:
-        X = X.astype(dtype)
-        y = y if isinstance(loss, CrossEntropyLoss) else y.astype(dtype)
         z, caches = _batch_forward(model, params, X)
         _, apply_B = _batch_loss_grad(loss, z, y, scale)
         _, rz = _batch_r_forward(model, params, vp, caches)
-        g = apply_B(rz)
-        for i in reversed(range(len(model.layers))):
-            layer, cache = model.layers[i], caches[i]
-            if isinstance(layer, _LINEAR_IN_INPUT):
-                W, b = _layer_params(model, params, i)
-                if W is not None:
-                    _add_to(out, model, f"{i}.weight", _weight_grad(layer, g, cache["a"]))
-                if b is not None:
-                    _add_to(out, model, f"{i}.bias", _bias_grad(layer, g))
-                g = _apply_transpose(model, i, W, g, cache)
-            else:
-                g = cache["d1"] * g
+        # the backward steps are those of one sample; they sum over a batch axis
+        out += _sample_backward(model, params, caches, apply_B(rz)).astype(out.dtype)
     return out
 
 
@@ -767,16 +767,8 @@ def reference_hessian_matvec(model, loss, theta, data, v):
     for every product, vectorised over the samples of a batch. Computes in
     float32 when theta is float32, else in float64.
     """
-    dtype = _batch_dtype(theta)
-    theta = np.asarray(theta, dtype=dtype)
-    batches = _batches(model, loss, data)
-    scale = _scale(loss, sum(X.shape[0] for X, _ in batches), model.n_outputs)
-    params = model.unflatten(theta)
-    vp = model.unflatten(np.asarray(v, dtype=dtype))
-    out = np.zeros(model.n_params, dtype=dtype)
+    params, vp, scale, out, batches = _batched_setup(model, loss, theta, data, v)
     for X, y in batches:
-        X = X.astype(dtype)
-        y = y if isinstance(loss, CrossEntropyLoss) else y.astype(dtype)
         z, caches = _batch_forward(model, params, X)
         g, apply_B = _batch_loss_grad(loss, z, y, scale)
         r_inputs, rz = _batch_r_forward(model, params, vp, caches)
@@ -925,3 +917,43 @@ def assert_allclose_rel(actual, desired, rtol, err_msg=""):
     if not rel <= rtol:  # also fails on NaN
         raise AssertionError(f"{prefix}relative error {rel:.3e} exceeds rtol {rtol:.1e} "
                              f"(||actual - desired|| = {err:.3e}, ||desired|| = {ref:.3e})")
+
+
+def torch_sequential(model, dtype=None, *, params=None):
+    """Build the ``torch.nn.Sequential`` equivalent to a ghess model (needs PyTorch).
+
+    Same layers, same semantics, same parameter order: ``torch.cat([p.reshape(-1)
+    for p in seq.parameters()])`` is ghess's flat theta. With ``params`` (a flat
+    theta) the torch parameters are set to it. ``dtype`` defaults to float64.
+    """
+    import torch
+
+    from .layers import Activation
+
+    modules = []
+    for layer in model.layers:
+        if isinstance(layer, Linear):
+            modules.append(torch.nn.Linear(layer.in_features, layer.out_features,
+                                           bias=layer.bias))
+        elif isinstance(layer, Conv2d):
+            modules.append(torch.nn.Conv2d(layer.in_channels, layer.out_channels,
+                                           layer.kernel_size, stride=layer.stride,
+                                           padding=layer.padding, dilation=layer.dilation,
+                                           bias=layer.bias))
+        elif isinstance(layer, (MaxPool2d, AvgPool2d)):
+            # AvgPool2d: PyTorch's default count_include_pad=True, as ghess
+            modules.append(getattr(torch.nn, type(layer).__name__)(
+                layer.kernel_size, stride=layer.stride, padding=layer.padding))
+        elif isinstance(layer, LeakyReLU):
+            modules.append(torch.nn.LeakyReLU(layer.negative_slope))
+        elif isinstance(layer, Softplus):
+            modules.append(torch.nn.Softplus(layer.beta, layer.threshold))
+        elif isinstance(layer, (Activation, Flatten)):
+            modules.append(getattr(torch.nn, type(layer).__name__)())
+        else:
+            raise TypeError(f"torch_sequential: no PyTorch equivalent for {layer!r}")
+    seq = torch.nn.Sequential(*modules).to(torch.float64 if dtype is None else dtype)
+    if params is not None:
+        flat = torch.as_tensor(np.asarray(params), dtype=next(seq.parameters()).dtype)
+        torch.nn.utils.vector_to_parameters(flat, seq.parameters())
+    return seq
