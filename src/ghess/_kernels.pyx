@@ -241,9 +241,23 @@ def activation_forward(int kind, double p0, double p1,
     cdef Py_ssize_t size = x.shape[0], i
     cdef bint want_d1 = d1.shape[0] > 0, want_d2 = d2.shape[0] > 0
     cdef double vy, v1, v2
+    cdef floating slope = <floating> p0
     _check(y.shape[0] == size, "activation_forward y")
     _check(not want_d1 or d1.shape[0] == size, "activation_forward d1")
     _check(not want_d2 or d2.shape[0] == size, "activation_forward d2")
+    if kind == RELU or kind == LEAKY_RELU:
+        if kind == RELU:
+            slope = 0
+        # piecewise linear: plain loops that GCC vectorises (with -fno-trapping-math, see
+        # meson.build); through _activation below they took 5 ns per element, 15x slower
+        for i in prange(size, nogil=True, schedule='static', num_threads=n_threads):
+            y[i] = x[i] if x[i] > 0 else slope * x[i]
+        if want_d1:
+            for i in prange(size, nogil=True, schedule='static', num_threads=n_threads):
+                d1[i] = 1 if x[i] > 0 else slope
+        if want_d2:
+            d2[:] = 0
+        return
     for i in prange(size, nogil=True, schedule='static', num_threads=n_threads):
         # Assigned in the loop body, so that prange makes them thread-private
         # (a variable only written through a pointer would be shared).
