@@ -104,7 +104,8 @@ def test_vectors_checked(cls):
     c = Case("tanh-ce")
     op = cls(c.model, c.loss, c.theta, c.data)
     n = op.shape[0]
-    with pytest.raises(ValueError, match="dimension mismatch|rows"):
+    with pytest.raises(ValueError, match=rf"vector must have shape \({n},\), \({n}, 1\) or "
+                                         rf"\(k, {n}\), got \({n + 1},\)"):
         op @ np.ones(n + 1)
     with pytest.raises(ValueError, match="NaN or Inf"):
         op @ np.full(n, np.nan)

@@ -14,6 +14,7 @@ from scipy.sparse.linalg import LinearOperator
 from . import _engine
 from ._config import resolve_n_threads, single_threaded_blas
 from ._validation import (
+    SUPPORTED_DTYPES,
     check_n_threads,
     check_nonnegative,
     check_params,
@@ -29,6 +30,14 @@ MODES = ("auto", "stored", "recompute")
 BLOCK_COLUMNS = 16
 
 
+def format_bytes(n):
+    """Bytes in a readable unit."""
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} bytes"
+
+
 def default_memory_budget():
     """Return a quarter of physical memory, at most 4 GiB."""
     try:
@@ -38,6 +47,12 @@ def default_memory_budget():
     except (ValueError, OSError, AttributeError):
         physical = 8 << 30
     return int(min(4 << 30, physical // 4))
+
+
+def default_chunk_size(model, itemsize):
+    """Choose samples per chunk: about 32 MiB of temporaries for one direction."""
+    per_sample = _engine.working_bytes_per_sample(model, itemsize, 1)
+    return int(np.clip((32 << 20) // max(per_sample, 1), 32, 2048))
 
 
 def check_model(model):
@@ -73,7 +88,7 @@ def count_samples(data):
         return int(data)
     if isinstance(data, np.ndarray):
         return int(data.shape[0])
-    if isinstance(data, tuple) and len(data) == 2 and not isinstance(data[0], (tuple, list)):
+    if isinstance(data, tuple) and len(data) == 2 and not isinstance(data[0], tuple):
         return int(np.shape(data[0])[0])
     if isinstance(data, (list, tuple)):
         return sum(int(np.shape(X)[0]) for X, _ in data)
@@ -106,23 +121,24 @@ class VectorOperatorMixin:
 
     def matvec(self, x):
         """Apply the operator to ``x`` of shape (n,), (n, 1), or batched (..., n)."""
-        x = np.asanyarray(x)
-        n = self.shape[1]
-        if x.ndim >= 2 and x.shape[-1] == n and not (x.ndim == 2 and x.shape == (n, 1)):
-            flat = x.reshape(-1, n)
-            y = self.matmat(flat.T).T
-            return y.reshape(x.shape[:-1] + (self.shape[0],))
-        return super().matvec(x)
+        return self._vector_product(x, self.shape[1], self.shape[0], self.matmat,
+                                    super().matvec)
 
     def rmatvec(self, x):
         """Apply the adjoint to ``x`` of shape (m,), (m, 1), or batched (..., m)."""
+        return self._vector_product(x, self.shape[0], self.shape[1], self.rmatmat,
+                                    super().rmatvec)
+
+    @staticmethod
+    def _vector_product(x, n, m, matmat, single):
         x = np.asanyarray(x)
-        m = self.shape[0]
-        if x.ndim >= 2 and x.shape[-1] == m and not (x.ndim == 2 and x.shape == (m, 1)):
-            flat = x.reshape(-1, m)
-            y = self.rmatmat(flat.T).T
-            return y.reshape(x.shape[:-1] + (self.shape[1],))
-        return super().rmatvec(x)
+        if x.ndim >= 2 and x.shape[-1] == n and not (x.ndim == 2 and x.shape == (n, 1)):
+            y = matmat(x.reshape(-1, n).T).T
+            return y.reshape(x.shape[:-1] + (m,))
+        if x.shape not in ((n,), (n, 1)):
+            raise ValueError(f"vector must have shape ({n},), ({n}, 1) or (k, {n}), "
+                             f"got {x.shape}")
+        return single(x)
 
     def _matvec(self, x):
         return self._matmat(np.asarray(x).reshape(-1, 1)).reshape(-1)
@@ -150,7 +166,8 @@ class CurvatureOperator(VectorOperatorMixin, LinearOperator):
         self.damping = check_nonnegative(damping, "damping")
         self.n_threads = check_n_threads(n_threads)
         self._omp_threads = resolve_n_threads(self.n_threads)
-        self.data = as_batches(model, loss, data, self.params.dtype)
+        # private copies: the stored factors (and recompute passes) belong to THIS data
+        self.data = as_batches(model, loss, data, self.params.dtype, copy=True)
         self.n_samples = self.data.n_samples
         self._scale = loss.scale(self.n_samples, model.n_outputs)
         self._lparams = model.layer_params(self.params)
@@ -168,24 +185,32 @@ class CurvatureOperator(VectorOperatorMixin, LinearOperator):
     def _resolve_chunk_size(self, chunk_size):
         chunk_size = check_positive_int(chunk_size, "chunk_size", allow_none=True)
         if chunk_size is None:
-            per_sample = _engine.working_bytes_per_sample(self.model, self.params.itemsize, 1)
-            chunk_size = int(np.clip((32 << 20) // max(per_sample, 1), 32, 2048))
+            chunk_size = default_chunk_size(self.model, self.params.itemsize)
         return chunk_size
 
     @classmethod
-    def memory_required(cls, model, data, mode="stored", *, dtype=np.float64, chunk_size=256):
-        """Bytes a mode keeps for ``data`` (or ``n_samples``), before anything is allocated.
+    def memory_required(cls, model, data, mode="stored", *, dtype=np.float64, chunk_size=None,
+                        n_directions=1):
+        """Bytes a mode needs for ``data`` (or ``n_samples``), before anything is allocated.
 
         ``"stored"``: the per-sample factors kept for all samples.
-        ``"recompute"``: the temporaries of one chunk of ``chunk_size`` samples.
+        ``"recompute"``: the temporaries of one pass over a chunk (``chunk_size``
+        samples, by default the operator's own choice) for ``n_directions``
+        directions at once (``matmat``, ``block`` and ``todense`` push up to
+        16 through together).
         """
         check_model(model)
         mode = check_mode(mode)
         n = count_samples(data)
-        itemsize = np.dtype(dtype).itemsize
+        dtype = np.dtype(dtype)
+        if dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+        itemsize = dtype.itemsize
         if mode == "recompute":
-            chunk = min(n, check_positive_int(chunk_size, "chunk_size"))
-            return chunk * _engine.working_bytes_per_sample(model, itemsize, 1)
+            chunk = min(n, default_chunk_size(model, itemsize) if chunk_size is None
+                        else check_positive_int(chunk_size, "chunk_size"))
+            k = check_positive_int(n_directions, "n_directions")
+            return chunk * _engine.working_bytes_per_sample(model, itemsize, k)
         if mode == "auto":
             raise ValueError("memory_required needs mode 'stored' or 'recompute'")
         return n * cls._stored_bytes_per_sample(model, itemsize)
@@ -198,14 +223,17 @@ class CurvatureOperator(VectorOperatorMixin, LinearOperator):
             return "stored" if needed <= self.memory_budget else "recompute"
         if mode == "stored" and needed > self.memory_budget:
             raise ValueError(
-                f"mode='stored' needs {needed / 2**20:.1f} MiB for {self.n_samples} samples, "
-                f"over the memory_budget of {self.memory_budget / 2**20:.1f} MiB: "
+                f"mode='stored' needs {format_bytes(needed)} for {self.n_samples} samples, "
+                f"over the memory_budget of {format_bytes(self.memory_budget)}: "
                 "raise memory_budget or use mode='recompute'")
         return mode
 
     @property
     def memory_bytes(self):
-        """Bytes held by the stored factors (0 in recompute mode)."""
+        """Bytes held by the stored factors (0 in recompute mode).
+
+        Not counted: the operator's private copy of the data, the size of the data.
+        """
         return 0 if self.mode == "recompute" else self.stored_bytes
 
     # -- products -----------------------------------------------------------
@@ -267,8 +295,8 @@ class CurvatureOperator(VectorOperatorMixin, LinearOperator):
         """Return the full matrix (n_params x n_params); refuse above ``memory_budget``."""
         n = self.shape[0]
         if n * n * self.dtype.itemsize > self.memory_budget:
-            raise ValueError(f"todense needs {n * n * self.dtype.itemsize / 2**20:.1f} MiB, "
-                             f"over the memory_budget of {self.memory_budget / 2**20:.1f} MiB")
+            raise ValueError(f"todense needs {format_bytes(n * n * self.dtype.itemsize)}, "
+                             f"over the memory_budget of {format_bytes(self.memory_budget)}")
         out = np.empty((n, n), dtype=self.dtype)
         for start in range(0, n, BLOCK_COLUMNS):
             stop = min(start + BLOCK_COLUMNS, n)

@@ -3,6 +3,7 @@
 import contextlib
 import platform
 import sys
+import threading
 
 import numpy as np
 import scipy
@@ -28,17 +29,34 @@ def _threadpool_controller():
     return _controller
 
 
+_blas_lock = threading.Lock()
+_blas_depth = 0
+_blas_limiter = None
+
+
 @contextlib.contextmanager
 def single_threaded_blas():
     """Hold every BLAS library at one thread inside the block.
 
     ghess parallelises with OpenMP only, splitting GEMMs itself
     (``_kernels.gemm_rowmajor``): a second pool of spinning BLAS threads would
-    compete with OpenMP's for the same cores.
+    compete with OpenMP's for the same cores. Re-entrant and thread-safe: the
+    first block to enter sets the limit, the last to leave restores it, so
+    products running in several Python threads never see BLAS threads change.
     """
-    controller = _threadpool_controller()
-    with controller.limit(limits=1, user_api="blas"):
+    global _blas_depth, _blas_limiter
+    with _blas_lock:
+        if _blas_depth == 0:
+            _blas_limiter = _threadpool_controller().limit(limits=1, user_api="blas")
+        _blas_depth += 1
+    try:
         yield
+    finally:
+        with _blas_lock:
+            _blas_depth -= 1
+            if _blas_depth == 0:
+                _blas_limiter.restore_original_limits()
+                _blas_limiter = None
 
 
 def show_config(file=None):

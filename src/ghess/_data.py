@@ -4,8 +4,8 @@ import numpy as np
 
 
 def _is_single_batch(data):
-    return (isinstance(data, tuple) and len(data) == 2
-            and not isinstance(data[0], (tuple, list)))
+    # (X, y) is one batch, also with nested lists for X; ((X1, y1), (X2, y2)) is two
+    return isinstance(data, tuple) and len(data) == 2 and not isinstance(data[0], tuple)
 
 
 class Batches:
@@ -32,8 +32,12 @@ class Batches:
         return sum(-(-X.shape[0] // chunk_size) for X, _ in self.batches)
 
 
-def as_batches(model, loss, data, dtype):
-    """Validate ``data`` = ``(X, y)`` or an iterable of such, for ``model`` and ``loss``."""
+def as_batches(model, loss, data, dtype, copy=False):
+    """Validate ``data`` = ``(X, y)`` or an iterable of such, for ``model`` and ``loss``.
+
+    With ``copy``, the batches are private read-only copies: an operator that keeps
+    them must not see later writes into the caller's buffers.
+    """
     if isinstance(data, Batches):  # validated already (e.g. by NewtonCG); cast if needed
         return Batches([(X.astype(dtype, copy=False), y if y is None or y.dtype.kind in "iu"
                          else y.astype(dtype, copy=False)) for X, y in data.batches],
@@ -60,12 +64,20 @@ def as_batches(model, loss, data, dtype):
             y = loss.check_targets(y, X.shape[0], model.n_outputs, dtype)
         except (ValueError, TypeError) as exc:
             raise type(exc)(f"{exc}{where}") from None
+        if copy:
+            X, y = _private(X), _private(y)
         batches.append((X, y))
         n_samples += X.shape[0]
     return Batches(batches, n_samples)
 
 
-def as_input_batches(model, X, dtype):
-    """Validate inputs only (no targets), as one batch."""
+def _private(a):
+    a = np.array(a, copy=True)
+    a.flags.writeable = False
+    return a
+
+
+def as_input_batches(model, X, dtype, copy=False):
+    """Validate inputs only (no targets), as one batch (a private copy with ``copy``)."""
     X = model.check_inputs(X, dtype)
-    return Batches([(X, None)], X.shape[0])
+    return Batches([(_private(X) if copy else X, None)], X.shape[0])

@@ -25,6 +25,7 @@ Design notes
    dtype: cheap next to the GEMMs, and it keeps float32 activations accurate.
 """
 from cython cimport floating
+import numpy as np
 from cython.parallel cimport prange
 from libc.math cimport exp, fabs, log, log1p, tanh
 
@@ -167,14 +168,23 @@ def add_grouped_rows(floating[:, :, ::1] y,          # IN/OUT (n, k, m)
 
 def sum_rows_into(const floating[:, ::1] x,   # IN     (n, m)
                   floating[::1] out):         # IN/OUT (m,)
-    """out += sum over rows of x, in a fixed order (deterministic)."""
+    """out += sum over rows of x, in a fixed order (deterministic), accumulated in double.
+
+    (A float32 accumulator lost 1.5% of a bias gradient over 2e6 samples.)
+    """
     cdef Py_ssize_t n = x.shape[0], m = x.shape[1]
     cdef Py_ssize_t i, o
+    cdef double[::1] acc
     _check(out.shape[0] == m, "sum_rows_into")
+    if m == 0:
+        return
+    acc = np.zeros(m)
     with nogil:
         for i in range(n):
             for o in range(m):
-                out[o] += x[i, o]
+                acc[o] += x[i, o]
+        for o in range(m):
+            out[o] += <floating> acc[o]
 
 
 # ---------------------------------------------------------------------------

@@ -15,8 +15,8 @@ SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 def compute_dtype(array_dtype):
     """float32 stays float32; other real numeric dtypes become float64."""
     dtype = np.dtype(array_dtype)
-    if dtype == np.float32:
-        return dtype
+    if dtype.kind == "f" and dtype.itemsize == 4:  # any byte order
+        return np.dtype(np.float32)
     return np.dtype(np.float64)
 
 

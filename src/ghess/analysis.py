@@ -8,7 +8,7 @@ uses ``matmat`` to push blocks of vectors through at once.
 import numbers
 
 import numpy as np
-from scipy.sparse.linalg import eigsh
+from scipy.sparse.linalg import ArpackNoConvergence, eigsh
 
 from . import _engine
 from ._base import check_loss, check_model
@@ -68,7 +68,18 @@ def _extreme(op, k, which, return_eigenvectors, tol, seed):
     if k >= n:
         raise ValueError(f"k must be smaller than the operator size {n}, got {k}")
     v0 = _rng(seed).normal(size=n).astype(op.dtype)
-    values, vectors = eigsh(op, k=k, which=which, tol=tol, v0=v0)
+    try:
+        values, vectors = eigsh(op, k=k, which=which, tol=tol, v0=v0)
+    except ArpackNoConvergence:
+        # clusters (e.g. the null space of a GGN) need a larger Krylov space
+        try:
+            values, vectors = eigsh(op, k=k, which=which, tol=tol, v0=v0,
+                                    ncv=min(n, max(4 * k + 1, 60)), maxiter=50 * n)
+        except ArpackNoConvergence as exc:
+            raise ArpackNoConvergence(
+                f"eigsh did not converge to the {k} {'largest' if which == 'LA' else 'smallest'}"
+                f" eigenvalues (tol={tol}); {len(exc.eigenvalues)} converged. Loosen tol or "
+                "ask for fewer.", exc.eigenvalues, exc.eigenvectors) from None
     order = np.argsort(values)
     if which == "LA":
         order = order[::-1]
@@ -83,6 +94,7 @@ def hutchinson_trace(op, n_samples=100, *, seed=0, block=16):
     """
     n = _check_operator(op)
     n_samples = check_positive_int(n_samples, "n_samples")
+    block = check_positive_int(block, "block")
     rng = _rng(seed)
     values = []
     for start in range(0, n_samples, block):
@@ -119,6 +131,7 @@ def hutchinson_diagonal(op, n_samples=100, *, seed=0, block=16):
     """Estimate of ``diag(A)`` as ``mean_i v_i * (A v_i)`` with Rademacher ``v_i``."""
     n = _check_operator(op)
     n_samples = check_positive_int(n_samples, "n_samples")
+    block = check_positive_int(block, "block")
     rng = _rng(seed)
     total = np.zeros(n)
     for start in range(0, n_samples, block):

@@ -8,7 +8,9 @@ from ._base import (
     VectorOperatorMixin,
     check_mode,
     check_model,
+    count_samples,
     default_memory_budget,
+    format_bytes,
 )
 from ._config import resolve_n_threads, single_threaded_blas
 from ._data import as_input_batches
@@ -51,7 +53,7 @@ class JacobianLinearOperator(VectorOperatorMixin, LinearOperator):
         self.params.flags.writeable = False
         self.n_threads = check_n_threads(n_threads)
         self._omp_threads = resolve_n_threads(self.n_threads)
-        self.data = as_input_batches(model, X, self.params.dtype)
+        self.data = as_input_batches(model, X, self.params.dtype, copy=True)
         self.n_samples = self.data.n_samples
         self._lparams = model.layer_params(self.params)
         self.chunk_size = check_positive_int(chunk_size, "chunk_size", allow_none=True) or 256
@@ -64,8 +66,9 @@ class JacobianLinearOperator(VectorOperatorMixin, LinearOperator):
         if mode == "auto":
             mode = "stored" if needed <= self.memory_budget else "recompute"
         elif mode == "stored" and needed > self.memory_budget:
-            raise ValueError(f"mode='stored' needs {needed / 2**20:.1f} MiB, over the "
-                             f"memory_budget of {self.memory_budget / 2**20:.1f} MiB")
+            raise ValueError(f"mode='stored' needs {format_bytes(needed)}, over the "
+                             f"memory_budget of {format_bytes(self.memory_budget)}: raise "
+                             "memory_budget or use mode='recompute'")
         self.mode = mode
         K = model.n_outputs
         super().__init__(dtype=self.params.dtype, shape=(self.n_samples * K, model.n_params))
@@ -114,3 +117,49 @@ class JacobianLinearOperator(VectorOperatorMixin, LinearOperator):
         out = np.zeros((k, self.shape[1]), dtype=self.dtype)
         _engine.accumulators_to_flat(self.model, accs, out)
         return out.T
+
+    @staticmethod
+    def memory_required(model, X, mode="stored", *, dtype=np.float64):
+        """Bytes the stored factors take for inputs ``X`` (or ``n_samples``); 0 to recompute."""
+        check_model(model)
+        if check_mode(mode) == "recompute":
+            return 0
+        n = count_samples(X)
+        return n * _engine.stored_factor_bytes_per_sample(model, np.dtype(dtype).itemsize)
+
+    @property
+    def memory_bytes(self):
+        """Bytes held by the stored factors (0 in recompute mode)."""
+        return 0 if self.mode == "recompute" else self.stored_bytes
+
+    def todense(self):
+        """Return the full (N*K, n_params) matrix; refuse above ``memory_budget``."""
+        size = self.shape[0] * self.shape[1] * self.dtype.itemsize
+        if size > self.memory_budget:
+            raise ValueError(f"todense needs {format_bytes(size)}, over the memory_budget of "
+                             f"{format_bytes(self.memory_budget)}")
+        return self.matmat(np.eye(self.shape[1], dtype=self.dtype))
+
+    def _adjoint(self):
+        return _JacobianAdjoint(self)
+
+    _transpose = _adjoint
+
+
+class _JacobianAdjoint(VectorOperatorMixin, LinearOperator):
+    """J^T, with the same batched matvec and input checks as J."""
+
+    def __init__(self, J):
+        self.J = J
+        super().__init__(dtype=J.dtype, shape=(J.shape[1], J.shape[0]))
+
+    def _matmat(self, X):
+        return self.J._rmatmat(X)
+
+    def _rmatmat(self, X):
+        return self.J._matmat(X)
+
+    def _adjoint(self):
+        return self.J
+
+    _transpose = _adjoint

@@ -79,11 +79,12 @@ class Sequential:
                                 f"got {type(layer).__name__}")
         if isinstance(input_shape, numbers.Integral) and not isinstance(input_shape, bool):
             input_shape = (input_shape,)
-        try:
-            input_shape = tuple(int(s) for s in input_shape)
-        except TypeError:
+        if not isinstance(input_shape, (tuple, list)) or not all(
+                isinstance(s, numbers.Integral) and not isinstance(s, (bool, np.bool_))
+                for s in input_shape):
             raise TypeError(f"Sequential: input_shape must be a tuple of ints, "
-                            f"got {input_shape!r}") from None
+                            f"got {input_shape!r}")
+        input_shape = tuple(int(s) for s in input_shape)
         if not input_shape or any(s <= 0 for s in input_shape):
             raise ValueError(f"Sequential: input_shape must be non-empty with positive sizes, "
                              f"got {input_shape}")

@@ -32,7 +32,12 @@ from scipy.sparse.linalg import LinearOperator, cg
 
 from ._base import check_loss, check_mode, check_model
 from ._data import as_batches
-from ._validation import check_n_threads, check_params, check_positive_int
+from ._validation import (
+    check_n_threads,
+    check_nonnegative,
+    check_params,
+    check_positive_int,
+)
 from .functional import loss_and_grad
 from .ggn import GGNLinearOperator
 
@@ -49,6 +54,14 @@ class StepRecord(dict):
     """
 
     __getattr__ = dict.__getitem__
+
+
+def _check_real(value, name):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    if not np.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return float(value)
 
 
 def _check_positive_real(value, name):
@@ -142,21 +155,22 @@ class NewtonCG:
         self.subsample = subsample
         self.cg_rtol = _check_positive_real(cg_rtol, "cg_rtol")
         self.cg_maxiter = check_positive_int(cg_maxiter, "cg_maxiter")
-        if isinstance(damping, (bool, np.bool_)) or not isinstance(damping, numbers.Real) \
-                or not np.isfinite(damping) or damping < 0:
-            raise ValueError(f"damping must be finite and >= 0, got {damping!r}")
-        self.damping = float(damping)
+        self.damping = check_nonnegative(damping, "damping")
         self.armijo = _check_positive_real(armijo, "armijo")
         self.backtrack = _check_positive_real(backtrack, "backtrack")
         if not (self.armijo < 1 and self.backtrack < 1):
             raise ValueError("armijo and backtrack must lie in (0, 1)")
         self.max_backtracks = check_positive_int(max_backtracks, "max_backtracks")
-        self.ratio_low = float(ratio_low)
-        self.ratio_high = float(ratio_high)
+        self.ratio_low = _check_real(ratio_low, "ratio_low")
+        self.ratio_high = _check_real(ratio_high, "ratio_high")
         if not self.ratio_low < self.ratio_high:
             raise ValueError(f"need ratio_low < ratio_high, got {ratio_low}, {ratio_high}")
         self.increase = _check_positive_real(increase, "increase")
         self.decrease = _check_positive_real(decrease, "decrease")
+        if self.increase < 1 or self.decrease > 1:
+            raise ValueError(f"need increase >= 1 and decrease <= 1 (lambda grows when the "
+                             f"model predicts badly), got increase={increase}, "
+                             f"decrease={decrease}")
         self.chunk_size = check_positive_int(chunk_size, "chunk_size")
         self.mode = check_mode(mode)
         self.n_threads = check_n_threads(n_threads)

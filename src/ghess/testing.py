@@ -103,8 +103,7 @@ def _targets(loss, y, n_samples, n_outputs):
 
 def _batches(model, loss, data):
     """Return ``data`` as a list of float64 ``(X, y)`` pairs."""
-    single = (isinstance(data, tuple) and len(data) == 2
-              and not isinstance(data[0], (tuple, list)))
+    single = isinstance(data, tuple) and len(data) == 2 and not isinstance(data[0], tuple)
     items = [data] if single else list(data)
     if not items:
         raise ValueError("data is empty: got no batches")
