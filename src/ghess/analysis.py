@@ -45,36 +45,42 @@ def _probes(rng, n, k, dtype):
     return rng.choice(np.array([-1.0, 1.0], dtype=dtype), size=(n, k))
 
 
-def top_eigenvalues(op, k=5, *, return_eigenvectors=False, tol=1e-8, seed=0):
+def top_eigenvalues(op, k=5, *, return_eigenvectors=False, tol=1e-8, seed=0, maxiter=None,
+                    ncv=None):
     """Largest ``k`` eigenvalues (algebraic), in decreasing order, by ``eigsh``.
 
     Returns ``values`` or ``(values, vectors)`` with ``vectors[:, i]`` for ``values[i]``.
+    ``maxiter`` and ``ncv`` go to ``eigsh``; on no convergence one retry uses a larger
+    Krylov space, then ``ArpackNoConvergence`` says how many converged.
     """
-    return _extreme(op, k, "LA", return_eigenvectors, tol, seed)
+    return _extreme(op, k, "LA", return_eigenvectors, tol, seed, maxiter, ncv)
 
 
-def bottom_eigenvalues(op, k=5, *, return_eigenvectors=False, tol=1e-8, seed=0):
+def bottom_eigenvalues(op, k=5, *, return_eigenvectors=False, tol=1e-8, seed=0, maxiter=None,
+                       ncv=None):
     """Smallest ``k`` eigenvalues (algebraic), in increasing order, by ``eigsh``.
 
-    For the Hessian these are its most negative curvatures. Convergence of the
-    smallest eigenvalues of a PSD operator with a cluster at 0 can be slow.
+    For the Hessian these are its most negative curvatures. They often sit in a
+    tight cluster around 0, where Lanczos converges slowly: bound the work with
+    ``maxiter``, loosen ``tol``, or read the smallest Ritz value of
+    :func:`spectral_density`'s nodes as a cheap estimate.
     """
-    return _extreme(op, k, "SA", return_eigenvectors, tol, seed)
+    return _extreme(op, k, "SA", return_eigenvectors, tol, seed, maxiter, ncv)
 
 
-def _extreme(op, k, which, return_eigenvectors, tol, seed):
+def _extreme(op, k, which, return_eigenvectors, tol, seed, maxiter, ncv):
     n = _check_operator(op)
     k = check_positive_int(k, "k")
     if k >= n:
         raise ValueError(f"k must be smaller than the operator size {n}, got {k}")
     v0 = _rng(seed).normal(size=n).astype(op.dtype)
     try:
-        values, vectors = eigsh(op, k=k, which=which, tol=tol, v0=v0)
+        values, vectors = eigsh(op, k=k, which=which, tol=tol, v0=v0, maxiter=maxiter, ncv=ncv)
     except ArpackNoConvergence:
         # clusters (e.g. the null space of a GGN) need a larger Krylov space
         try:
-            values, vectors = eigsh(op, k=k, which=which, tol=tol, v0=v0,
-                                    ncv=min(n, max(4 * k + 1, 60)), maxiter=50 * n)
+            values, vectors = eigsh(op, k=k, which=which, tol=tol, v0=v0, maxiter=maxiter,
+                                    ncv=min(n, max(4 * k + 1, 60, ncv or 0)))
         except ArpackNoConvergence as exc:
             raise ArpackNoConvergence(
                 f"eigsh did not converge to the {k} {'largest' if which == 'LA' else 'smallest'}"
