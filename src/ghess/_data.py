@@ -39,9 +39,11 @@ def as_batches(model, loss, data, dtype, copy=False):
     them must not see later writes into the caller's buffers.
     """
     if isinstance(data, Batches):  # validated already (e.g. by NewtonCG); cast if needed
-        return Batches([(X.astype(dtype, copy=False), y if y is None or y.dtype.kind in "iu"
-                         else y.astype(dtype, copy=False)) for X, y in data.batches],
-                       data.n_samples)
+        batches = [(X.astype(dtype, copy=False), y if y is None or y.dtype.kind in "iu"
+                    else y.astype(dtype, copy=False)) for X, y in data.batches]
+        if copy:
+            batches = [(_private(X), None if y is None else _private(y)) for X, y in batches]
+        return Batches(batches, data.n_samples)
     if _is_single_batch(data):
         items = [data]
     else:
