@@ -81,10 +81,7 @@ def jvp_chunk(model, lparams, tangents, ctxs, k, n_threads):
     rx = None
     for layer, params, tangent, ctx in zip(model.layers, lparams, tangents, ctxs):
         rx = layer.jvp(params, tangent, ctx, rx, n_threads)
-    if rx is None:  # a network without parameters
-        n = ctxs[0]["x"].shape[0] if "x" in ctxs[0] else 0
-        rx = np.zeros((n, k, model.n_outputs))
-    return rx
+    return rx  # never None: the operators refuse models without parameters
 
 
 def vjp_chunk(model, lparams, ctxs, gz, accs, n_threads):
@@ -143,12 +140,23 @@ def jacobian_factors(model, lparams, ctxs, n, dtype, n_threads):
         if D is None:
             if layer.is_identity:
                 continue  # the identity stays the identity
-            width = int(np.prod(model.shapes[i + 1]))
-            D = np.ascontiguousarray(np.broadcast_to(np.eye(width, dtype=dtype),
-                                                     (n, width, width)))
+            D = identity_factor(n, int(np.prod(model.shapes[i + 1])), dtype)
         D = layer.vjp(lparams[i], ctx, D, None, True, n_threads)
     layers.reverse()
     return ChunkFactors(n, layers, dtype)
+
+
+def identity_factor(n, width, dtype):
+    """D = I (n, width, width): the factor of the network output itself."""
+    return np.ascontiguousarray(np.broadcast_to(np.eye(width, dtype=dtype), (n, width, width)))
+
+
+def factor_sample_jacobians(model, factors, J_out, n_threads):
+    """Write the dense per-sample Jacobians (n, K, n_params) of a chunk from its factors."""
+    for i, ctx, D in factors.layers:
+        if D is None:
+            D = identity_factor(factors.n, model.n_outputs, factors.dtype)
+        model.layers[i].sample_jacobian(ctx, D, model.layer_range(i)[0], J_out, n_threads)
 
 
 def factor_jvp(model, lparams, tangents, factors, k, n_threads):

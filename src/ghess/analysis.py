@@ -167,7 +167,6 @@ def ggn_diagonal(model, loss, params, data, *, chunk_size=None, n_threads=None,
     scale = loss.scale(batches.n_samples, K)
     lparams = model.layer_params(theta)
     omp = resolve_n_threads(n_threads)
-    eye = np.eye(K, dtype=theta.dtype)
     diag = np.zeros(P, dtype=np.float64)
     with single_threaded_blas():
         for X, y in batches.chunks(chunk_size):
@@ -176,10 +175,7 @@ def ggn_diagonal(model, loss, params, data, *, chunk_size=None, n_threads=None,
             _, _, state = loss.value_grad(z, y, scale, omp)
             factors = _engine.jacobian_factors(model, lparams, ctxs, n, theta.dtype, omp)
             J = np.zeros((n, K, P), dtype=theta.dtype)
-            for i, ctx, D in factors.layers:
-                if D is None:
-                    D = np.ascontiguousarray(np.broadcast_to(eye, (n, K, K)))
-                model.layers[i].sample_jacobian(ctx, D, model.layer_range(i)[0], J, omp)
+            _engine.factor_sample_jacobians(model, factors, J, omp)
             Jt = np.ascontiguousarray(J.transpose(0, 2, 1))  # (n, P, K): P directions
             BJt = np.empty_like(Jt)
             loss.hessian_apply(state, Jt, scale, BJt, omp)

@@ -66,19 +66,13 @@ def per_sample_jacobians(model, params, X, *, chunk_size=256, n_threads=None):
     batches = as_input_batches(model, X, theta.dtype)
     lparams = model.layer_params(theta)
     omp = resolve_n_threads(n_threads)
-    K = model.n_outputs
-    J = np.zeros((batches.n_samples, K, model.n_params), dtype=theta.dtype)
-    eye = np.eye(K, dtype=theta.dtype)
+    J = np.zeros((batches.n_samples, model.n_outputs, model.n_params), dtype=theta.dtype)
     start = 0
     with single_threaded_blas():
         for Xc, _ in batches.chunks(chunk_size):
-            ctxs, _ = _engine.forward_chunk(model, lparams, Xc, 1, omp)
-            factors = _engine.jacobian_factors(model, lparams, ctxs, Xc.shape[0], theta.dtype, omp)
             n = Xc.shape[0]
-            for i, ctx, D in factors.layers:
-                if D is None:
-                    D = np.ascontiguousarray(np.broadcast_to(eye, (n, K, K)))
-                model.layers[i].sample_jacobian(ctx, D, model.layer_range(i)[0],
-                                                J[start:start + n], omp)
+            ctxs, _ = _engine.forward_chunk(model, lparams, Xc, 1, omp)
+            factors = _engine.jacobian_factors(model, lparams, ctxs, n, theta.dtype, omp)
+            _engine.factor_sample_jacobians(model, factors, J[start:start + n], omp)
             start += n
     return J
