@@ -416,7 +416,10 @@ def _layer_forward(model, params, i, a):
 # One sample through the network
 # ---------------------------------------------------------------------------
 def _sample_forward(model, params, x):
-    """Output z of one sample ``x`` (of shape ``model.input_shape``), and per-layer caches."""
+    """Output z of one sample ``x`` (of shape ``model.input_shape``), and per-layer caches.
+
+    The layer steps also take a leading batch axis: the batched products call this too.
+    """
     a = x
     caches = []
     for i in range(len(model.layers)):
@@ -443,7 +446,62 @@ def _sample_backward(model, params, caches, g):
     return grad
 
 
-def _sample_hvp(model, params, x, caches, r, B, v):
+def _r_forward(model, params, v, caches):
+    """R{input} of every layer and R{z} for direction ``v`` (None stands for zero).
+
+    ``s = A(W) a + b  =>  R{s} = A(V) a + A(W) R{a} + v_b``;
+    ``a' = f(s)  =>  R{a'} = f'(s) R{s}``.
+    The network input does not depend on theta, so its R{.} is zero.
+    """
+    r_inputs, ra = [], None
+    for i, layer in enumerate(model.layers):
+        r_inputs.append(ra)
+        cache = caches[i]
+        if isinstance(layer, _LINEAR_IN_INPUT):
+            W, _ = _layer_params(model, params, i)
+            V, vb = _layer_params(model, v, i)
+            out = None if V is None else _apply(model, i, V, cache["a"], cache)
+            if ra is not None:
+                term = _apply(model, i, W, ra, cache)
+                out = term if out is None else out + term
+            ra = out if vb is None else _add_bias(layer, out, vb)
+        elif ra is not None:
+            ra = cache["d1"] * ra
+    return r_inputs, ra
+
+
+def _r_backward(model, params, v, caches, r_inputs, g, rg, out):
+    """Add ``R{dL/dtheta}`` to ``out``, from g = dL/dz and R{g} = B R{z}.
+
+    ``dW = g (x) a  =>  R{dW} = R{g} (x) a + g (x) R{a}``;  ``R{db} = R{g}``;
+    ``g_in = A(W)^T g  =>  R{g_in} = A(W)^T R{g} + A(V)^T g``;
+    ``g_in = f'(s) g  =>  R{g_in} = f''(s) R{s} g + f'(s) R{g}``.
+    """
+    for i in reversed(range(len(model.layers))):
+        layer, cache, r_in = model.layers[i], caches[i], r_inputs[i]
+        if isinstance(layer, _LINEAR_IN_INPUT):
+            W, b = _layer_params(model, params, i)
+            V, _ = _layer_params(model, v, i)
+            if W is not None:
+                rW = _weight_grad(layer, rg, cache["a"])
+                if r_in is not None:
+                    rW = rW + _weight_grad(layer, g, r_in)
+                _add_to(out, model, f"{i}.weight", rW)
+            if b is not None:
+                _add_to(out, model, f"{i}.bias", _bias_grad(layer, rg))
+            new_rg = _apply_transpose(model, i, W, rg, cache)
+            if V is not None:
+                new_rg = new_rg + _apply_transpose(model, i, V, g, cache)
+            g, rg = _apply_transpose(model, i, W, g, cache), new_rg
+        else:
+            new_rg = cache["d1"] * rg
+            if r_in is not None:
+                new_rg = new_rg + cache["d2"] * r_in * g
+            g, rg = cache["d1"] * g, new_rg
+    return out
+
+
+def _sample_hvp(model, params, caches, r, B, v):
     """Flat ``R{dL/dtheta}`` of one sample in direction ``v`` (Pearlmutter's R-operator).
 
     ``r`` = dL/dz and ``B`` = d2L/dz2 of this sample (already scaled); ``v`` is
@@ -453,48 +511,8 @@ def _sample_hvp(model, params, x, caches, r, B, v):
     ``a`` (max-pooling given the argmax of the forward pass, which R{.} reuses:
     the max is piecewise linear, so it has no second-order term).
     """
-    n_layers = len(model.layers)
-    # R-forward: R{a} of every layer input; the network input does not depend on theta.
-    r_inputs = []
-    ra = np.zeros(x.shape)
-    for i, layer in enumerate(model.layers):
-        r_inputs.append(ra)
-        cache = caches[i]
-        if isinstance(layer, _LINEAR_IN_INPUT):
-            W, b = _layer_params(model, params, i)
-            V, vb = _layer_params(model, v, i)
-            # s = A(W) a + b  =>  R{s} = A(V) a + A(W) R{a} + v_b
-            ra = _apply(model, i, W, ra, cache)
-            if V is not None:
-                ra = ra + _apply(model, i, V, cache["a"], cache)
-            if vb is not None:
-                ra = _add_bias(layer, ra, vb)
-        else:
-            # a' = f(s)  =>  R{a'} = f'(s) R{s}
-            ra = cache["d1"] * ra
-    # output: g = dL/dz  =>  R{g} = B R{z}
-    g, rg = r, B @ ra
-    hv = np.zeros(model.n_params)
-    for i in reversed(range(n_layers)):
-        layer, cache, r_a = model.layers[i], caches[i], r_inputs[i]
-        if isinstance(layer, _LINEAR_IN_INPUT):
-            W, b = _layer_params(model, params, i)
-            V, _ = _layer_params(model, v, i)
-            # dW = g (x) a  =>  R{dW} = R{g} (x) a + g (x) R{a};  db = g  =>  R{db} = R{g}
-            if W is not None:
-                _add_to(hv, model, f"{i}.weight",
-                        _weight_grad(layer, rg, cache["a"]) + _weight_grad(layer, g, r_a))
-            if b is not None:
-                _add_to(hv, model, f"{i}.bias", _bias_grad(layer, rg))
-            # g_in = A(W)^T g  =>  R{g_in} = A(W)^T R{g} + A(V)^T g
-            new_rg = _apply_transpose(model, i, W, rg, cache)
-            if V is not None:
-                new_rg = new_rg + _apply_transpose(model, i, V, g, cache)
-            g, rg = _apply_transpose(model, i, W, g, cache), new_rg
-        else:
-            # g_in = f'(s) g  =>  R{g_in} = f''(s) R{s} g + f'(s) R{g}
-            g, rg = cache["d1"] * g, cache["d2"] * r_a * g + cache["d1"] * rg
-    return hv
+    r_inputs, rz = _r_forward(model, params, v, caches)
+    return _r_backward(model, params, v, caches, r_inputs, r, B @ rz, np.zeros(model.n_params))
 
 
 # ---------------------------------------------------------------------------
@@ -668,7 +686,7 @@ def reference_hessian(model, loss, theta, data, damping=0.0):
             for j in range(n_params):
                 e_j = np.zeros(n_params)
                 e_j[j] = 1.0
-                H[:, j] += _sample_hvp(model, params, X[n], caches, c * dl, c * d2l,
+                H[:, j] += _sample_hvp(model, params, caches, c * dl, c * d2l,
                                        model.unflatten(e_j))
     return H
 
@@ -679,16 +697,6 @@ def reference_hessian(model, loss, theta, data, damping=0.0):
 def _batch_dtype(theta):
     theta = np.asarray(theta)
     return np.float32 if theta.dtype == np.float32 else np.float64
-
-
-def _batch_forward(model, params, X):
-    """Forward pass of a whole batch ``X`` (N, *input_shape): outputs and per-layer caches."""
-    a = X
-    caches = []
-    for i in range(len(model.layers)):
-        a, cache = _layer_forward(model, params, i, a)
-        caches.append(cache)
-    return a, caches
 
 
 def _batch_loss_grad(loss, z, y, scale):
@@ -703,25 +711,6 @@ def _batch_loss_grad(loss, z, y, scale):
         return scale * r, lambda u: scale * p * (u - np.sum(p * u, axis=1, keepdims=True))
     p, q = _sigmoid_parts(z)
     return scale * (p - y), lambda u: scale * (p * q).astype(z.dtype) * u
-
-
-def _batch_r_forward(model, params, v, caches):
-    """R{input} of every layer and R{z}, for direction v, of a whole batch (None: zero)."""
-    r_inputs, ra = [], None
-    for i, layer in enumerate(model.layers):
-        r_inputs.append(ra)
-        cache = caches[i]
-        if isinstance(layer, _LINEAR_IN_INPUT):
-            W, _ = _layer_params(model, params, i)
-            V, vb = _layer_params(model, v, i)
-            out = None if V is None else _apply(model, i, V, cache["a"], cache)
-            if ra is not None:
-                term = _apply(model, i, W, ra, cache)
-                out = term if out is None else out + term
-            ra = out if vb is None else _add_bias(layer, out, vb)
-        elif ra is not None:
-            ra = cache["d1"] * ra
-    return r_inputs, ra
 
 
 def _batched_setup(model, loss, theta, data, v):
@@ -751,9 +740,9 @@ def reference_ggn_matvec(model, loss, theta, data, v):
     """
     params, vp, scale, out, batches = _batched_setup(model, loss, theta, data, v)
     for X, y in batches:
-        z, caches = _batch_forward(model, params, X)
+        z, caches = _sample_forward(model, params, X)
         _, apply_B = _batch_loss_grad(loss, z, y, scale)
-        _, rz = _batch_r_forward(model, params, vp, caches)
+        _, rz = _r_forward(model, params, vp, caches)
         # the backward steps are those of one sample; they sum over a batch axis
         out += _sample_backward(model, params, caches, apply_B(rz)).astype(out.dtype)
     return out
@@ -768,31 +757,10 @@ def reference_hessian_matvec(model, loss, theta, data, v):
     """
     params, vp, scale, out, batches = _batched_setup(model, loss, theta, data, v)
     for X, y in batches:
-        z, caches = _batch_forward(model, params, X)
+        z, caches = _sample_forward(model, params, X)
         g, apply_B = _batch_loss_grad(loss, z, y, scale)
-        r_inputs, rz = _batch_r_forward(model, params, vp, caches)
-        rg = apply_B(rz)
-        for i in reversed(range(len(model.layers))):
-            layer, cache, r_in = model.layers[i], caches[i], r_inputs[i]
-            if isinstance(layer, _LINEAR_IN_INPUT):
-                W, b = _layer_params(model, params, i)
-                V, _ = _layer_params(model, vp, i)
-                if W is not None:
-                    rW = _weight_grad(layer, rg, cache["a"])
-                    if r_in is not None:
-                        rW += _weight_grad(layer, g, r_in)
-                    _add_to(out, model, f"{i}.weight", rW)
-                if b is not None:
-                    _add_to(out, model, f"{i}.bias", _bias_grad(layer, rg))
-                new_rg = _apply_transpose(model, i, W, rg, cache)
-                if V is not None:
-                    new_rg += _apply_transpose(model, i, V, g, cache)
-                g, rg = _apply_transpose(model, i, W, g, cache), new_rg
-            else:
-                new_rg = cache["d1"] * rg
-                if r_in is not None:
-                    new_rg += cache["d2"] * r_in * g
-                g, rg = cache["d1"] * g, new_rg
+        r_inputs, rz = _r_forward(model, params, vp, caches)
+        _r_backward(model, params, vp, caches, r_inputs, g, apply_B(rz), out)
     return out
 
 
