@@ -9,17 +9,19 @@ import ghess
 RTOL = {np.float64: 1e-12, np.float32: 2e-4}
 
 
+def make_targets(loss, n_samples, n_outputs, rng, dtype=np.float64):
+    """Draw targets for ``loss``: labels, probabilities in [0, 1], or real values."""
+    if isinstance(loss, ghess.CrossEntropyLoss):
+        return rng.integers(0, n_outputs, size=n_samples)
+    if isinstance(loss, ghess.BCEWithLogitsLoss):
+        return rng.uniform(size=(n_samples, n_outputs)).astype(dtype)
+    return rng.normal(size=(n_samples, n_outputs)).astype(dtype)
+
+
 def make_data(loss, n_samples, model, rng, dtype=np.float64):
     """Draw inputs and targets fitting ``model`` and ``loss``."""
     X = rng.normal(size=(n_samples,) + model.input_shape).astype(dtype)
-    K = model.n_outputs
-    if isinstance(loss, ghess.CrossEntropyLoss):
-        y = rng.integers(0, K, size=n_samples)
-    elif isinstance(loss, ghess.BCEWithLogitsLoss):
-        y = rng.uniform(size=(n_samples, K)).astype(dtype)
-    else:
-        y = rng.normal(size=(n_samples, K)).astype(dtype)
-    return X, y
+    return X, make_targets(loss, n_samples, model.n_outputs, rng, dtype)
 
 
 def _mlp(act, hidden=(6, 5), d=4, K=3, bias=True):

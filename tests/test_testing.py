@@ -8,6 +8,7 @@ and structural properties (symmetry, PSD, batch invariance).
 
 import numpy as np
 import pytest
+from conftest import make_targets
 
 import ghess
 from ghess import testing
@@ -48,14 +49,6 @@ NETS = {
 LOSSES = {"mse": ghess.MSELoss, "ce": ghess.CrossEntropyLoss, "bce": ghess.BCEWithLogitsLoss}
 
 
-def _targets(loss, n_samples, n_outputs, rng):
-    if isinstance(loss, ghess.CrossEntropyLoss):
-        return rng.integers(0, n_outputs, size=n_samples)
-    if isinstance(loss, ghess.BCEWithLogitsLoss):
-        return rng.uniform(size=(n_samples, n_outputs))
-    return rng.normal(size=(n_samples, n_outputs))
-
-
 def _pre_activations(model, theta, X, index):
     """Return the inputs of layer ``index`` (via a prefix of the model)."""
     prefix = ghess.Sequential(*model.layers[:index], input_shape=model.input_shape)
@@ -87,7 +80,7 @@ class Case:
         # off PyTorch's small init, so that curvature terms are not tiny
         self.theta = 2.0 * self.model.init_params(seed=seed)
         self.X = _inputs_away_from_kinks(self.model, self.theta, kinks, n_samples, rng)
-        self.y = _targets(self.loss, n_samples, self.model.n_outputs, rng)
+        self.y = make_targets(self.loss, n_samples, self.model.n_outputs, rng)
         self.data = (self.X, self.y)
 
 

@@ -10,6 +10,7 @@ against PyTorch when it is installed.
 
 import numpy as np
 import pytest
+from conftest import make_targets
 from numpy.lib.stride_tricks import sliding_window_view
 
 import ghess
@@ -270,14 +271,6 @@ CONV_NETS = {
 LOSSES = {"mse": ghess.MSELoss, "ce": ghess.CrossEntropyLoss, "bce": ghess.BCEWithLogitsLoss}
 
 
-def _targets(loss, n_samples, n_outputs, rng):
-    if isinstance(loss, ghess.CrossEntropyLoss):
-        return rng.integers(0, n_outputs, size=n_samples)
-    if isinstance(loss, ghess.BCEWithLogitsLoss):
-        return rng.uniform(size=(n_samples, n_outputs))
-    return rng.normal(size=(n_samples, n_outputs))
-
-
 def _layer_inputs(model, theta, X, index):
     """Return the inputs of layer ``index``, (N, *model.shapes[index]), via a model prefix."""
     if index == 0:
@@ -330,7 +323,7 @@ class Case:
         X = X[_kink_distance(self.model, self.theta, X) > KINK_MARGIN][:n_samples]
         assert X.shape[0] == n_samples, "test setup: could not draw inputs away from kinks"
         self.X = X
-        self.y = _targets(self.loss, n_samples, self.model.n_outputs, rng)
+        self.y = make_targets(self.loss, n_samples, self.model.n_outputs, rng)
         self.data = (self.X, self.y)
 
 
@@ -579,7 +572,7 @@ def test_conv_net_matches_torch(name):
     rng = np.random.default_rng(3)
     theta = 2.0 * model.init_params(seed=3)
     X = rng.normal(size=(3,) + input_shape)
-    y = _targets(loss, 3, model.n_outputs, rng)
+    y = make_targets(loss, 3, model.n_outputs, rng)
     _check_against_torch(torch, model, loss, theta, X, y)
 
 
