@@ -181,6 +181,9 @@ class Conv2d(_Windowed):
             rcols = self._unfold(rx.reshape(n * k, -1), n_threads)
             _conv.conv_gemm(self._weight(params), rcols.reshape(n, k, self.patch_size, P),
                             ry, True, n_threads)
+            # a Hessian product's R-backward needs phi(R{x}) again (rvjp): keep it with
+            # the direction, tagged by the R{x} it came from, instead of unfolding twice
+            tangent["_unfolded_rx"] = (rx, rcols)
         if self.bias:
             _conv.channel_bias_add(ry, tangent["bias"], n_threads)
         return ry
@@ -210,10 +213,15 @@ class Conv2d(_Windowed):
         work = self._work(g.dtype, n_threads, k, self.out_channels, self.patch_size)
         _conv.conv_weight_grad(g, cols, acc["weight"], work, n_threads)
 
-    def _input_grad(self, weights, g, out, accumulate, n_threads):
+    def _input_grad(self, weights, g, out, accumulate, n_threads, weights2=None, g2=None):
+        """out (+)= col2im(weights^T g [+ weights2^T g2]), per sample and direction."""
         P = self._geom[11] * self._geom[12]
         work = self._work(g.dtype, n_threads, self.patch_size, P)
-        _conv.conv_input_grad(weights, g, out, work, self._geom, accumulate, n_threads)
+        if weights2 is None:
+            weights2 = np.empty((0,) + weights.shape[1:], dtype=g.dtype)
+            g2 = g
+        _conv.conv_input_grad(weights, g, weights2, g2, out, work, self._geom, accumulate,
+                              n_threads)
 
     def vjp(self, params, ctx, gy, acc, need_input_grad, n_threads):
         """Accumulate parameter gradients; return dL/dx = col2im(W^T g) (or None)."""
@@ -234,14 +242,18 @@ class Conv2d(_Windowed):
         n, k, P = rgy.shape[0], rgy.shape[1], cols.shape[2]
         self.param_vjp(ctx, rgy, acc, n_threads)
         if rx is not None:
-            rcols = self._unfold(rx.reshape(n * k, -1), n_threads)
+            cached = tangent.pop("_unfolded_rx", None)
+            if cached is not None and cached[0] is rx:
+                rcols = cached[1]
+            else:
+                rcols = self._unfold(rx.reshape(n * k, -1), n_threads)
             self._weight_grad(g[:, None], rcols.reshape(n, k, self.patch_size, P), acc,
                               n_threads)
         if not need_input_grad:
             return None
         rgx = np.empty((n, k, int(np.prod(self._input_shape))), dtype=rgy.dtype)
-        self._input_grad(self._weight(params), rgy, rgx, False, n_threads)
-        self._input_grad(tangent["weight"], g[:, None], rgx, True, n_threads)
+        self._input_grad(self._weight(params), rgy, rgx, False, n_threads,
+                         tangent["weight"], g[:, None])
         return rgx
 
     def input_grad(self, params, gy, ctx, n_threads):
