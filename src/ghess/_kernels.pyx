@@ -282,6 +282,38 @@ def activation_forward(int kind, double p0, double p1,
             d2[i] = <floating> v2
 
 
+def activation_derivatives_from_output(int kind,
+                                       const floating[::1] y,   # IN  (size,) f(x)
+                                       floating[::1] d1,        # OUT (size,) or empty
+                                       floating[::1] d2,        # OUT (size,) or empty
+                                       int n_threads):
+    """f'(x) and f''(x) of tanh or sigmoid from their output y = f(x).
+
+    Lets float32 take y from NumPy's SIMD tanh/expit (3-6 ns per element, against
+    ~20 ns through double libm in ``activation_forward``); the derivatives are
+    polynomials in y, which GCC vectorises.
+    """
+    cdef Py_ssize_t size = y.shape[0], i
+    cdef bint want_d1 = d1.shape[0] > 0, want_d2 = d2.shape[0] > 0
+    _check(kind == TANH or kind == SIGMOID, "activation_derivatives_from_output kind")
+    _check(not want_d1 or d1.shape[0] == size, "activation_derivatives_from_output d1")
+    _check(not want_d2 or d2.shape[0] == size, "activation_derivatives_from_output d2")
+    if kind == TANH:
+        if want_d1:
+            for i in prange(size, nogil=True, schedule='static', num_threads=n_threads):
+                d1[i] = 1 - y[i] * y[i]
+        if want_d2:
+            for i in prange(size, nogil=True, schedule='static', num_threads=n_threads):
+                d2[i] = -2 * y[i] * (1 - y[i] * y[i])
+    else:
+        if want_d1:
+            for i in prange(size, nogil=True, schedule='static', num_threads=n_threads):
+                d1[i] = y[i] * (1 - y[i])
+        if want_d2:
+            for i in prange(size, nogil=True, schedule='static', num_threads=n_threads):
+                d2[i] = y[i] * (1 - y[i]) * (1 - 2 * y[i])
+
+
 def scale_grouped(const floating[:, ::1] d,     # IN  (n, m)
                   const floating[:, :, ::1] x,  # IN  (n, k, m)
                   floating[:, :, ::1] out,      # OUT (n, k, m), may alias x
