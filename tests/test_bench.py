@@ -1,0 +1,63 @@
+"""bench/run.py runs end to end on its tiny configurations (a smoke test, not a timing test)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "bench", "run.py")
+COMPETITORS = ("torch", "jax", "curvlinops")
+
+pytestmark = pytest.mark.skipif(not os.path.exists(SCRIPT), reason="no bench/ directory")
+
+
+def run_quick(output, env=None):
+    proc = subprocess.run([sys.executable, SCRIPT, "--quick", "--output", str(output)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = (output / "RESULTS_quick.md").read_text()
+    results = json.loads((output / "results_quick.json").read_text())["results"]
+    return report, results
+
+
+def check_ghess_rows(report, results):
+    assert report.startswith("# ghess benchmark results")
+    assert "## SUMMARY" in report
+    for problem in ("tiny", "tiny-cnn"):
+        assert f"## {problem}, float64, 1 thread(s)" in report
+        assert f"| {problem} | float64 | 1 |" in report  # its summary row
+    for name in ("ghess GGN product (stored)", "ghess Hessian product (stored)",
+                 "ghess loss+grad", "ghess per-sample Jacobians", "numpy GGN product"):
+        assert f"| {name} |" in report
+    assert [(r["problem"], r["dtype"], r["threads"]) for r in results] == [
+        ("tiny", "float64", 1), ("tiny-cnn", "float64", 1)]
+    for res in results:
+        assert set(res["peak_memory_mib"]) == set(res["timings"])
+        assert all(rel <= 1e-10 for rel in res["agreement"].values())
+
+
+def test_bench_quick_writes_report(tmp_path):
+    report, results = run_quick(tmp_path)
+    check_ghess_rows(report, results)
+    for res in results:
+        for label in ("torch", "JAX", "curvlinops"):  # each either ran or was skipped
+            ran = any(name.startswith(label + " ") for name in res["timings"])
+            assert ran != (label in res["skipped"]), (label, res["skipped"])
+
+
+def test_bench_quick_without_competitors(tmp_path):
+    # modules that shadow the real ones and fail to import, as in a venv without them
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    for module in COMPETITORS:
+        (hidden / f"{module}.py").write_text(f"raise ImportError('{module} hidden by test')\n")
+    path = os.pathsep.join(filter(None, [str(hidden), os.environ.get("PYTHONPATH")]))
+    report, results = run_quick(tmp_path, env=dict(os.environ, PYTHONPATH=path))
+    check_ghess_rows(report, results)
+    for res in results:
+        assert set(res["skipped"]) == {"torch", "JAX", "curvlinops"}
+        assert all(name.startswith(("ghess ", "numpy ")) for name in res["timings"])
+    assert "Skipped JAX: JAX is not importable" in report
