@@ -284,19 +284,16 @@ class Activation(Layer):
         empty = np.empty(0, dtype=x.dtype)
         d1 = np.empty_like(x) if need >= 1 else None
         d2 = np.empty_like(x) if need >= 2 and self.has_curvature else None
+        d1_flat = empty if d1 is None else d1.reshape(-1)
+        d2_flat = empty if d2 is None else d2.reshape(-1)
         ufunc = _FLOAT32_UFUNCS.get(self._kind) if x.dtype == np.float32 else None
         if ufunc is not None:
             ufunc(x, out=y)
-            _kernels.activation_derivatives_from_output(
-                self._kind, y.reshape(-1), empty if d1 is None else d1.reshape(-1),
-                empty if d2 is None else d2.reshape(-1), n_threads)
-            ctx["d1"] = d1
-            ctx["d2"] = d2
-            return y
-        _kernels.activation_forward(
-            self._kind, self._p0, self._p1, flat, y.reshape(-1),
-            empty if d1 is None else d1.reshape(-1),
-            empty if d2 is None else d2.reshape(-1), n_threads)
+            _kernels.activation_derivatives_from_output(self._kind, y.reshape(-1), d1_flat,
+                                                        d2_flat, n_threads)
+        else:
+            _kernels.activation_forward(self._kind, self._p0, self._p1, flat, y.reshape(-1),
+                                        d1_flat, d2_flat, n_threads)
         ctx["d1"] = d1
         ctx["d2"] = d2
         return y
@@ -333,11 +330,6 @@ class Activation(Layer):
         if self._kind == 0:
             return gy
         return ctx["d1"] * gy
-
-
-#: float32 tanh and sigmoid through NumPy's SIMD ufuncs (see activation_derivatives_from_output);
-#: in float64 NumPy is no faster than libm, so the fused kernel stays
-_FLOAT32_UFUNCS = {3: np.tanh, 4: scipy.special.expit}
 
 
 class Identity(Activation):
@@ -397,3 +389,8 @@ class Softplus(Activation):
 
     def __repr__(self):
         return f"Softplus(beta={self.beta}, threshold={self.threshold})"
+
+
+#: float32 tanh and sigmoid through NumPy's SIMD ufuncs (see activation_derivatives_from_output);
+#: in float64 NumPy is no faster than libm, so the fused kernel stays
+_FLOAT32_UFUNCS = {Tanh._kind: np.tanh, Sigmoid._kind: scipy.special.expit}
