@@ -6,7 +6,8 @@ the layer's rules (``ghess.layers``), which call the Cython kernels. Passes:
 - ``forward_chunk``: outputs and per-layer contexts (inputs, f', f'').
 - ``jvp_chunk``: ``J v`` for k directions (R-forward).
 - ``vjp_chunk``: ``J^T u`` accumulated into per-layer parameter accumulators.
-- ``jacobian_factors``: per dense layer, its input and ``D = dz/ds`` (n, K, out):
+- ``jacobian_factors``: per parametrised layer, its input and ``D = dz/ds`` (n, K, out),
+  or D after the layer's activation/pooling when smaller (``factor_plan``):
   the stored-Jacobian path of DESIGN.md, reused for every product.
 - ``factor_jvp`` / ``factor_vjp``: ``J v`` and ``J^T u`` from those factors,
   without any pass through the network.
@@ -96,14 +97,30 @@ def vjp_chunk(model, lparams, ctxs, gz, accs, n_threads):
 # stored per-sample Jacobian factors
 # ---------------------------------------------------------------------------
 
-class ChunkFactors:
-    """Per parametrised layer of one chunk: ``(layer index, context, D or None)``.
+class LayerFactor:
+    """One parametrised layer's share of the stored Jacobian factors of a chunk.
 
-    The context holds what the layer's parameter derivatives need (a dense
-    layer's input, a convolution's unfolded input); ``D[n, c, o] = dz[n, c] /
-    ds[n, o]`` for the layer's output s, None meaning the identity (a final
-    layer followed only by identity layers).
+    ``ctx`` holds what the layer's parameter derivatives need (a dense layer's
+    input, a convolution's unfolded input). ``D[n, c, o] = dz[n, c] / dp[n, o]``
+    is taken at a point p after the layer: its output s, or, when that is
+    smaller, the end of the parameter-free layers that follow it (``path``, as
+    ``(layer index, context)`` pairs). After a convolution, ReLU and 2x2
+    max-pooling, D at the pooled output is a quarter of D at s; the path's own
+    contexts (f', argmax) cost 1/K of that. ``D`` None means the identity (p is
+    the network output, reached through identity layers only).
     """
+
+    __slots__ = ("index", "ctx", "D", "path")
+
+    def __init__(self, index, ctx, D, path):
+        self.index = index
+        self.ctx = ctx
+        self.D = D
+        self.path = path
+
+
+class ChunkFactors:
+    """The :class:`LayerFactor` of every parametrised layer for one chunk of n samples."""
 
     __slots__ = ("n", "layers", "loss_state", "dtype")
 
@@ -115,26 +132,61 @@ class ChunkFactors:
 
     def nbytes(self):
         """Bytes held by the stored arrays (inputs that are views of data excluded)."""
-        total = 0
-        for _, ctx, D in self.layers:
-            for x in ctx.values():
-                if x.base is None or x.flags.owndata:
-                    total += x.nbytes
-            total += 0 if D is None else D.nbytes
-        if self.loss_state is not None:
-            total += self.loss_state.nbytes
-        return total
+        arrays = []
+        for f in self.layers:
+            arrays.extend(f.ctx.values())
+            arrays.append(f.D)
+            for _, ctx in f.path:
+                arrays.extend(ctx.values())
+        arrays.append(self.loss_state)
+        return sum(x.nbytes for x in arrays
+                   if x is not None and (x.base is None or x.flags.owndata))
+
+
+def factor_plan(model, itemsize):
+    """Where each parametrised layer's factor D is taken, and the bytes per sample it costs.
+
+    Returns ``{layer index: (path, bytes)}``: ``path`` is the tuple of
+    parameter-free layers after the layer that D is pushed through (empty: D at
+    the layer's output), ``bytes`` what D and the path's contexts keep per
+    sample. D goes to the end of the path only when that keeps fewer bytes.
+    """
+    K = model.n_outputs
+    n_layers = len(model.layers)
+    param_layers = param_layer_indices(model)
+    plan = {}
+    for i, nxt in zip(param_layers, param_layers[1:] + [n_layers]):
+        after = model.layers[i + 1:]
+        at_output_bytes = (0 if all(layer.is_identity for layer in after)
+                           else K * int(np.prod(model.shapes[i + 1])) * itemsize)
+        path = tuple(range(i + 1, nxt))
+        path_bytes = (0 if nxt == n_layers else K * int(np.prod(model.shapes[nxt])) * itemsize)
+        path_bytes += sum(model.layers[j].factor_bytes(model.shapes[j], itemsize, False)
+                          for j in path)
+        if path and path_bytes < at_output_bytes:
+            plan[i] = (path, path_bytes)
+        else:
+            plan[i] = ((), at_output_bytes)
+    return plan
 
 
 def jacobian_factors(model, lparams, ctxs, n, dtype, n_threads):
-    """Back-propagate the K output unit vectors once; keep D for each parametrised layer."""
+    """Back-propagate the K output unit vectors once; keep each layer's D (see factor_plan)."""
+    plan = factor_plan(model, np.dtype(dtype).itemsize)
     first = param_layer_indices(model)[0]
     D = None  # identity
+    D_at_input = {len(model.layers): None}  # D at the input of the parametrised layers
     layers = []
     for i in range(len(model.layers) - 1, first - 1, -1):
         layer, ctx = model.layers[i], ctxs[i]
-        if model._layer_slots[i]:
-            layers.append((i, layer.factor_context(ctx), D))
+        if i in plan:
+            path = plan[i][0]
+            if path:
+                kept = D_at_input[path[-1] + 1]
+                layers.append(LayerFactor(i, layer.factor_context(ctx), kept,
+                                          tuple((j, ctxs[j]) for j in path)))
+            else:
+                layers.append(LayerFactor(i, layer.factor_context(ctx), D, ()))
         if i == first:
             break
         if D is None:
@@ -142,6 +194,8 @@ def jacobian_factors(model, lparams, ctxs, n, dtype, n_threads):
                 continue  # the identity stays the identity
             D = identity_factor(n, int(np.prod(model.shapes[i + 1])), dtype)
         D = layer.vjp(lparams[i], ctx, D, None, True, n_threads)
+        if i in plan:
+            D_at_input[i] = D
     layers.reverse()
     return ChunkFactors(n, layers, dtype)
 
@@ -151,36 +205,56 @@ def identity_factor(n, width, dtype):
     return np.ascontiguousarray(np.broadcast_to(np.eye(width, dtype=dtype), (n, width, width)))
 
 
+def _path_jvp(model, path, U, n_threads):
+    """Push a layer-output tangent U (n, k, width) through its factor path."""
+    for j, ctx in path:
+        U = model.layers[j].jvp({}, None, ctx, U, n_threads)
+    return U
+
+
+def _path_vjp(model, path, S, n_threads):
+    """Pull a cotangent at the end of a factor path back to the layer output."""
+    for j, ctx in reversed(path):
+        S = model.layers[j].vjp({}, ctx, S, None, True, n_threads)
+    return S
+
+
 def factor_sample_jacobians(model, factors, J_out, n_threads):
     """Write the dense per-sample Jacobians (n, K, n_params) of a chunk from its factors."""
-    for i, ctx, D in factors.layers:
+    for f in factors.layers:
+        D = f.D
         if D is None:
             D = identity_factor(factors.n, model.n_outputs, factors.dtype)
-        model.layers[i].sample_jacobian(ctx, D, model.layer_range(i)[0], J_out, n_threads)
+        D = _path_vjp(model, f.path, D, n_threads)  # D at the layer's output
+        model.layers[f.index].sample_jacobian(f.ctx, D, model.layer_range(f.index)[0], J_out,
+                                              n_threads)
 
 
 def factor_jvp(model, lparams, tangents, factors, k, n_threads):
     """J v (n, k, K) from stored factors: per layer U = (df/dw) v, then D U."""
     Jv = np.zeros((factors.n, k, model.n_outputs), dtype=factors.dtype)
-    for i, ctx, D in factors.layers:
-        U = model.layers[i].jvp(lparams[i], tangents[i], ctx, None, n_threads)
-        if D is None:
+    for f in factors.layers:
+        i = f.index
+        U = model.layers[i].jvp(lparams[i], tangents[i], f.ctx, None, n_threads)
+        U = _path_jvp(model, f.path, U, n_threads)
+        if f.D is None:
             Jv += U
         else:
-            _kernels.contract_factor(D, U, Jv, True, n_threads)
+            _kernels.contract_factor(f.D, U, Jv, True, n_threads)
     return Jv
 
 
 def factor_vjp(model, factors, u, accs, n_threads):
     """Accumulate J^T u from stored factors: per layer S = D^T u, then (df/dw)^T S."""
     n, k = u.shape[0], u.shape[1]
-    for i, ctx, D in factors.layers:
-        if D is None:
+    for f in factors.layers:
+        if f.D is None:
             S = u
         else:
-            S = np.empty((n, k, D.shape[2]), dtype=u.dtype)
-            _kernels.contract_factor_t(D, u, S, n_threads)
-        model.layers[i].param_vjp(ctx, S, accs[i], n_threads)
+            S = np.empty((n, k, f.D.shape[2]), dtype=u.dtype)
+            _kernels.contract_factor_t(f.D, u, S, n_threads)
+        S = _path_vjp(model, f.path, S, n_threads)
+        model.layers[f.index].param_vjp(f.ctx, S, accs[f.index], n_threads)
 
 
 # ---------------------------------------------------------------------------
@@ -238,18 +312,10 @@ def _input_is_data(model, i):
 
 def stored_factor_bytes_per_sample(model, itemsize):
     """Bytes per sample kept by the stored-Jacobian path (GGN and Jacobian)."""
-    first = param_layer_indices(model)[0]
-    K = model.n_outputs
-    total = K * itemsize  # loss state (softmax or sigma') per sample
-    identity = True
-    for i in range(len(model.layers) - 1, first - 1, -1):
-        layer = model.layers[i]
-        if model._layer_slots[i]:
-            total += layer.factor_bytes(model.shapes[i], itemsize, _input_is_data(model, i))
-            if not identity:
-                total += K * int(np.prod(model.shapes[i + 1])) * itemsize
-        if not layer.is_identity:
-            identity = False
+    total = model.n_outputs * itemsize  # loss state (softmax or sigma') per sample
+    for i, (_, factor_bytes) in factor_plan(model, itemsize).items():
+        total += factor_bytes + model.layers[i].factor_bytes(model.shapes[i], itemsize,
+                                                               _input_is_data(model, i))
     return total
 
 

@@ -354,6 +354,8 @@ class MaxPool2d(_Pool2d):
         """Bytes per sample its forward context keeps: the argmax indices."""
         return self._out_width * np.dtype(np.intp).itemsize
 
+    factor_bytes = kept_bytes
+
 
 class AvgPool2d(_Pool2d):
     """Average pooling, as ``torch.nn.AvgPool2d`` (padded zeros count in the mean)."""

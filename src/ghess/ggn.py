@@ -33,10 +33,11 @@ class GGNLinearOperator(CurvatureOperator):
     damping : float, default=0.0
         Added multiple of the identity.
     mode : {"auto", "stored", "recompute"}, default="auto"
-        ``"stored"`` keeps each dense layer's input and per-sample factor
-        :math:`D_{n,l} = \partial z_n / \partial s_{n,l}` (``memory_required`` tells
-        the bytes), so a product costs about two GEMMs per layer and no pass through
-        the network. ``"recompute"`` runs forward, R-forward and backward passes
+        ``"stored"`` keeps each layer's input (a convolution's unfolded input) and
+        per-sample factor :math:`D_{n,l} = \partial z_n / \partial s_{n,l}`, taken
+        after the layer's activation and pooling where that is smaller (a quarter,
+        after 2x2 max-pooling); ``memory_required`` tells the bytes. A product then
+        costs about two GEMMs per layer and no pass through the network. ``"recompute"`` runs forward, R-forward and backward passes
         chunk by chunk for every product (memory of one chunk). ``"auto"`` picks
         ``"stored"`` when it fits ``memory_budget``.
     chunk_size : int, optional

@@ -63,7 +63,11 @@ class Layer:
         return 0
 
     def factor_bytes(self, input_shape, itemsize, input_is_data):
-        """Bytes per sample that the stored-Jacobian path keeps for this layer."""
+        """Bytes per sample that the stored-Jacobian path keeps for this layer.
+
+        A parametrised layer's factor context; for a parameter-free layer, its
+        first-order context when a factor path runs through it (``_engine.factor_plan``).
+        """
         return 0
 
     def work_elements(self, input_shape):
@@ -274,6 +278,10 @@ class Activation(Layer):
         if self.is_identity:
             return 0
         return int(np.prod(input_shape)) * itemsize * (2 if self.has_curvature else 1)
+
+    def factor_bytes(self, input_shape, itemsize, input_is_data):
+        """f'(x): what a stored-Jacobian factor path through this layer keeps."""
+        return 0 if self.is_identity else int(np.prod(input_shape)) * itemsize
 
     def forward(self, params, x, ctx, need, n_threads):
         """Y = f(x); keeps f'(x) when ``need`` asks for it, and f''(x) for Hessians."""
