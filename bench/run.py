@@ -43,12 +43,12 @@ exclude the concatenation into one array (done only for the agreement check).
 Measurements
 ------------
 - time: median over repeats after a warm-up;
-- fraction of GEMM peak: a 1024 x 784 x 512 GEMM measures the machine in the same
-  run; with F the GEMM flops of one forward pass over the batch, an operation's
-  nominal flops are forward F, loss+grad 3F, Jacobian product F, GGN product 2F
-  (the GEMM work of the stored-factor algorithm), GGN matmat with 16 columns 32F,
-  Hessian product 6F, the same for every implementation; per-sample Jacobians
-  report their output rate in GB/s instead;
+- interleaved: every operation of a worker is timed in rounds, one run of each per
+  round, so that ratios compare timings taken under the same machine conditions;
+- flops counted per implementation (ghess from its layers, PyTorch by
+  FlopCounterMode, JAX by XLA's cost analysis; nominal multiples of the forward
+  GEMM work for the NumPy reference), as a fraction of a 1024 x 784 x 512 GEMM
+  timed in the same worker; per-sample Jacobians report their output rate in GB/s;
 - peak extra resident memory: after all timings, each operation runs once more
   while a thread samples the resident set size every 0.5 ms (and, where Linux
   lets a process reset it, the kernel's high-water mark is read too); reported is
@@ -169,6 +169,8 @@ class Op(NamedTuple):
     fn: Callable
     to_numpy: Optional[Callable] = None
     note: Optional[str] = None  # how this implementation differs, for the report
+    flops: Optional[float] = None  # counted flops of one call (ghess, PyTorch, XLA)
+    flops_source: Optional[str] = None  # who counted them
 
 
 class Unavailable(Exception):
@@ -185,20 +187,54 @@ def pin_to_cores(threads):
     return cores
 
 
-def forward_flops(model, n_samples):
-    """GEMM flops of one forward pass over ``n_samples``: dense and conv layers only."""
+def layer_forward_flops(model, n_samples):
+    """GEMM flops of each dense and conv layer in one forward pass over ``n_samples``."""
     import ghess
 
-    flops = 0
+    flops = []
     for layer, out_shape in zip(model.layers, model.shapes[1:]):
         if isinstance(layer, ghess.Linear):
-            flops += 2 * n_samples * layer.in_features * layer.out_features
+            flops.append(2 * n_samples * layer.in_features * layer.out_features)
         elif isinstance(layer, ghess.Conv2d):
             kh, kw = layer.kernel_size
             out_positions = out_shape[1] * out_shape[2]
-            flops += (2 * n_samples * layer.out_channels * layer.in_channels * kh * kw
-                      * out_positions)
+            flops.append(2 * n_samples * layer.out_channels * layer.in_channels * kh * kw
+                         * out_positions)
     return flops
+
+
+def forward_flops(model, n_samples):
+    """GEMM flops of one forward pass over ``n_samples``: dense and conv layers only."""
+    return sum(layer_forward_flops(model, n_samples))
+
+
+def ghess_gemm_flops(model, n_samples):
+    """GEMM flops of ghess's algorithms, counted from the layers (op -> flops).
+
+    With F_l a layer's forward GEMM flops, F their sum and F_1 the first layer's
+    (whose input gradient is never formed and whose R{input} is zero): loss+grad
+    3F - F_1 (forward, weight and input gradients); stored GGN product 2F (per
+    layer V a and S a^T, plus the contractions with D); stored Hessian product
+    6F - 4F_1 (R-forward V a + W R{a}; R-backward R{g}^T a + g^T R{a}, W^T R{g} +
+    V^T g); the recompute modes add the forward (and, for the Hessian, the
+    backward of the gradient trace); a stored Jacobian product F.
+    """
+    from ghess import _engine
+
+    layer_flops = layer_forward_flops(model, n_samples)
+    F, F1 = sum(layer_flops), layer_flops[0]
+    # contractions with the stored D: 2 flops per element of D, in J v and in J^T u
+    d_elements = sum((bytes_ - sum(model.layers[j].factor_bytes(model.shapes[j], 8, False)
+                                   for j in path)) // 8
+                     for path, bytes_ in _engine.factor_plan(model, 8).values())
+    contractions = 2 * 2 * n_samples * d_elements
+    return {"forward": F, "loss+grad": 3 * F - F1,
+            "GGN product (stored)": 2 * F + contractions,
+            "GGN product (recompute)": F + 2 * (2 * F - F1),
+            "GGN matmat x16 (stored)": 16 * (2 * F + contractions),
+            "Hessian product (stored)": 6 * F - 4 * F1,
+            "Hessian product (recompute)": (6 * F - 4 * F1) + F + (F - F1),
+            "Jacobian product (stored)": F + contractions // 2}
 
 
 def jacobian_samples(model, n_samples):
@@ -271,7 +307,7 @@ def ghess_competitor(s):
     Hr = operator(ghess.HessianLinearOperator, "recompute")
     J = ghess.JacobianLinearOperator(model, theta, s.X, mode="stored", n_threads=t)
     v, V = s.v, s.V
-    return {
+    ops = {
         "ghess forward": Op("forward", lambda: model.forward(theta, s.X, n_threads=t)),
         "ghess loss+grad": Op("loss+grad", lambda: ghess.loss_and_grad(
             model, loss, theta, data, n_threads=t), loss_grad_to_numpy),
@@ -288,6 +324,19 @@ def ghess_competitor(s):
         "ghess per-sample Jacobians": Op("per-sample Jacobians", lambda: (
             ghess.per_sample_jacobians(model, theta, s.Xj, n_threads=t))),
     }
+    if t > 1:
+        # the same products on one thread, timed in rounds with the rest: the thread
+        # speed-up then compares two timings taken under the same machine conditions
+        for op, cls in (("GGN product", ghess.GGNLinearOperator),
+                        ("Hessian product", ghess.HessianLinearOperator)):
+            single = cls(model, loss, theta, data, mode="stored", n_threads=1)
+            ops[f"ghess {op} (stored, 1 thread)"] = Op(op, lambda single=single: single @ v)
+    counted = ghess_gemm_flops(model, s.X.shape[0])
+    for name, entry in ops.items():
+        key = name[len("ghess "):].replace(", 1 thread", "")
+        if key in counted:
+            ops[name] = entry._replace(flops=counted[key], flops_source="ghess (layers)")
+    return ops
 
 
 def numpy_competitor(s):
@@ -306,6 +355,28 @@ def _import_torch():
     except ImportError as exc:
         raise Unavailable(f"PyTorch is not importable ({exc})") from None
     return torch
+
+
+def with_torch_flops(torch, ops):
+    """Count each operation's flops once with PyTorch's FlopCounterMode (not timed)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counted = {}
+    for name, entry in ops.items():
+        if entry.op == "per-sample Jacobians":  # reported as output GB/s
+            counted[name] = entry
+            continue
+        try:
+            with FlopCounterMode(display=False) as counter:
+                entry.fn()
+        except RuntimeError:
+            # curvlinops' backward hooks do not run under the counter (torch 2.13): its
+            # figures stay nominal; a genuine failure shows in the agreement check
+            counted[name] = entry
+            continue
+        counted[name] = entry._replace(flops=counter.get_total_flops(),
+                                       flops_source="PyTorch FlopCounterMode")
+    return counted
 
 
 def _torch_twin(s, torch):
@@ -373,7 +444,7 @@ def torch_competitor(s):
 
     jacobians = func.vmap(func.jacrev(single), in_dims=(None, 0))
     n_jac, K = s.Xj.shape[0], s.model.n_outputs
-    return {
+    return with_torch_flops(torch, {
         "torch forward": Op("forward", forward),
         "torch loss+grad": Op("loss+grad", loss_grad, loss_grad_to_numpy),
         "torch.func GGN product": Op("GGN product", ggn),
@@ -384,7 +455,7 @@ def torch_competitor(s):
         "torch.func per-sample Jacobians": Op(
             "per-sample Jacobians", lambda: jacobians(params, tXj),
             lambda out: blocks_to_jacobians([out[n] for n in names], n_jac, K)),
-    }
+    })
 
 
 def jax_unflatten(model, flat):
@@ -500,24 +571,32 @@ def jax_competitor(s):
                          "0.7 s with lax.map)")
 
     def timed(fn, *args):
-        compiled = jax.jit(fn)
-        return lambda: jax.block_until_ready(compiled(*args))
+        return jax.jit(fn).lower(*args).compile()
+
+    def op(name, compiled, *args, to_numpy=None, note=None):
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # older JAX: a list
+        flops = (cost or {}).get("flops")
+        return Op(name, lambda: jax.block_until_ready(compiled(*args)), to_numpy, note,
+                  flops if name != "per-sample Jacobians" else None, "XLA cost analysis")
 
     params = jax_unflatten(model, theta)
     slots = list(model.param_slots.values())
     n_jac, K = s.Xj.shape[0], model.n_outputs
     return {
-        "JAX forward": Op("forward", timed(f, theta, X)),
-        "JAX loss+grad": Op("loss+grad", timed(jax.value_and_grad(objective), theta, X, y),
-                            loss_grad_to_numpy),
-        "JAX GGN product": Op("GGN product", timed(ggn, theta, v, X)),
-        "JAX Hessian product": Op("Hessian product", timed(hvp, theta, v, X, y)),
-        "JAX Jacobian product": Op("Jacobian product", timed(jvp, theta, v, X)),
+        "JAX forward": op("forward", timed(f, theta, X), theta, X),
+        "JAX loss+grad": op("loss+grad", timed(jax.value_and_grad(objective), theta, X, y),
+                            theta, X, y, to_numpy=loss_grad_to_numpy),
+        "JAX GGN product": op("GGN product", timed(ggn, theta, v, X), theta, v, X),
+        "JAX Hessian product": op("Hessian product", timed(hvp, theta, v, X, y),
+                                  theta, v, X, y),
+        "JAX Jacobian product": op("Jacobian product", timed(jvp, theta, v, X), theta, v, X),
         # per layer, a dict of (n, K, *shape) blocks; concatenated only for the check
-        "JAX per-sample Jacobians": Op(
-            "per-sample Jacobians", timed(jacobians, params, Xj),
-            lambda out: blocks_to_jacobians([out[sl.layer_index][sl.attr] for sl in slots],
-                                            n_jac, K), jacobian_note),
+        "JAX per-sample Jacobians": op(
+            "per-sample Jacobians", timed(jacobians, params, Xj), params, Xj,
+            to_numpy=lambda out: blocks_to_jacobians(
+                [out[sl.layer_index][sl.attr] for sl in slots], n_jac, K),
+            note=jacobian_note),
     }
 
 
@@ -537,8 +616,9 @@ def curvlinops_competitor(s):
     G = curvlinops.GGNLinearOperator(*args, **kwargs)
     H = curvlinops.HessianLinearOperator(*args, **kwargs)
     tv = torch.from_numpy(s.v.copy())
-    return {"curvlinops GGN product": Op("GGN product", lambda: G @ tv),
-            "curvlinops Hessian product": Op("Hessian product", lambda: H @ tv)}
+    return with_torch_flops(torch, {
+        "curvlinops GGN product": Op("GGN product", lambda: G @ tv),
+        "curvlinops Hessian product": Op("Hessian product", lambda: H @ tv)})
 
 
 COMPETITORS = (("ghess", ghess_competitor), ("numpy", numpy_competitor),
@@ -585,6 +665,36 @@ def median_time(fn, min_repeats, budget=None):
         fn()
         times.append(time.perf_counter() - t0)
     return float(np.median(times)), len(times)
+
+
+def interleaved_times(fns, min_repeats, budget=None):
+    """Median wall time and runs of every ``fns[name]()``, timed in interleaved rounds.
+
+    Each function is warmed up once; its number of runs is what ``median_time``
+    would give it (at least ``min_repeats``, more within ``budget`` seconds, at most
+    50, fewer for slow ones but never below 3). Round r then runs, in turn, every
+    function that still has runs left. On a shared machine whose speed drifts over
+    seconds, consecutive runs of one function would each see a different machine;
+    interleaving makes every ratio compare timings taken under the same conditions.
+    """
+    import numpy as np
+
+    budget = BUDGET if budget is None else budget
+    runs = {}
+    for name, fn in fns.items():
+        t0 = time.perf_counter()
+        fn()  # warm-up
+        first = max(time.perf_counter() - t0, 1e-9)
+        floor = max(3, min(min_repeats, int(4 * budget / first)))
+        runs[name] = max(floor, min(50, int(budget / first)))
+    times = {name: [] for name in fns}
+    for r in range(max(runs.values(), default=0)):
+        for name, fn in fns.items():
+            if r < runs[name]:
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+    return {name: (float(np.median(ts)), len(ts)) for name, ts in times.items()}
 
 
 class PeakMemory:
@@ -675,7 +785,7 @@ def run_config(problem, dtype_name, threads, repeats, cores=None):
                "forward_flops": F, "jacobian_samples": n_jac,
                "jacobian_bytes": n_jac * model.n_outputs * model.n_params * dtype.itemsize,
                "timings": {}, "repeats": {}, "operations": {}, "flops": {},
-               "peak_memory_mib": {}, "agreement": {}, "skipped": {}}
+               "flops_source": {}, "peak_memory_mib": {}, "agreement": {}, "skipped": {}}
 
     tol = 1e-10 if dtype == np.float64 else 1e-3
 
@@ -717,13 +827,20 @@ def run_config(problem, dtype_name, threads, repeats, cores=None):
     t_gemm, _ = median_time(lambda: a @ b, repeats)
     results["gemm_gflops"] = 2 * 1024 * 784 * 512 / t_gemm / 1e9
 
+    # builds (seconds each on big problems) are timed on their own; the rest interleaved
+    builds = {name: entry.fn for name, entry in ops.items() if entry.op in UNCHECKED_OPS}
+    timed = {name: median_time(fn, 3) for name, fn in builds.items()}
+    timed.update(interleaved_times({name: entry.fn for name, entry in ops.items()
+                                    if name not in builds}, repeats))
     for name, entry in ops.items():
-        build = entry.op in UNCHECKED_OPS
-        t, runs = median_time(entry.fn, 3 if build else repeats)
-        results["timings"][name], results["repeats"][name] = t, runs
+        results["timings"][name], results["repeats"][name] = timed[name]
         results["operations"][name] = entry.op
-        if entry.op in FLOPS_PER_FORWARD:
+        if entry.flops is not None:
+            results["flops"][name] = entry.flops
+            results["flops_source"][name] = entry.flops_source
+        elif entry.op in FLOPS_PER_FORWARD:
             results["flops"][name] = FLOPS_PER_FORWARD[entry.op] * F
+            results["flops_source"][name] = "nominal"
 
     gc.collect()  # once: 0.2 s a call with torch and JAX loaded; refcounts free the rest
     memory = PeakMemory()
@@ -762,19 +879,29 @@ def target_cell(verdict):
 
 
 def thread_scaling(all_results):
-    """Rows (problem, dtype, op, speed-up) of ghess from 1 to 2 threads."""
-    by_key = {(r["problem"], r["dtype"], r["threads"]): r for r in all_results}
+    """Rows (problem, dtype, op, speed-up) of ghess from 1 to 2 threads.
+
+    Both timings come from the 2-thread worker, where the 1-thread products are
+    timed in the same rounds as the 2-thread ones.
+    """
     rows = []
-    for (problem, dtype, threads), one in by_key.items():
-        two = by_key.get((problem, dtype, 2))
-        if threads != 1 or two is None:
+    for res in all_results:
+        if res["threads"] != 2:
             continue
+        t = res["timings"]
         for op in SCALING_OPS:
-            name = GHESS_MAIN[op]
-            if name in one["timings"] and name in two["timings"]:
-                rows.append((problem, dtype, op,
-                             one["timings"][name] / two["timings"][name]))
+            two, one = GHESS_MAIN[op], f"ghess {op} (stored, 1 thread)"
+            if one in t and two in t:
+                rows.append((res["problem"], res["dtype"], op, t[one] / t[two]))
     return rows
+
+
+def flop_ratio(res, mine, rival):
+    """The rival's counted flops over ghess's: the speed-up at equal GEMM efficiency."""
+    flops, source = res["flops"], res.get("flops_source", {})
+    if any(source.get(name, "nominal") == "nominal" for name in (mine, rival)):
+        return None
+    return flops[rival] / flops[mine]
 
 
 def summary_lines(all_results):
@@ -792,8 +919,22 @@ def summary_lines(all_results):
         total += sum(v is not None and v["pass"] is not None for v in verdicts)
         lines.append(f"| {res['problem']} | {res['dtype']} | {res['threads']} | "
                      + " | ".join(map(target_cell, verdicts)) + " |")
+    lines += ["", "Counted flops of the fastest rival over ghess's (PyTorch's FlopCounterMode, "
+              "XLA's cost analysis, ghess's layer count): the speed-up each product would "
+              "show at equal GEMM efficiency.", "",
+              "| problem | dtype | threads | GGN: rival, flop ratio | Hessian: rival, flop ratio |",
+              "|---|---|---:|---|---|"]
+    for res in all_results:
+        cells = []
+        for target in TARGETS[:2]:
+            verdict = judge(res, target)
+            ratio = None if verdict is None else flop_ratio(res, GHESS_MAIN[target.op],
+                                                            verdict["rival"])
+            cells.append("n/a" if ratio is None else f"{verdict['rival']}, {ratio:.2f}")
+        lines.append(f"| {res['problem']} | {res['dtype']} | {res['threads']} | "
+                     + " | ".join(cells) + " |")
     scaling = thread_scaling(all_results)
-    lines += ["", f"ghess 1 -> 2 thread speed-up (target >= {SCALING_TARGET}x on "
+    lines += ["", f"ghess 1 -> 2 thread speed-up (both timed in the 2-thread worker) (target >= {SCALING_TARGET}x on "
               f"{', '.join(SCALING_PROBLEMS)}):", ""]
     if scaling:
         lines += ["| problem | dtype | product | speed-up | status |", "|---|---|---|---:|---|"]
@@ -805,7 +946,7 @@ def summary_lines(all_results):
                 total += 1
             lines.append(f"| {problem} | {dtype} | {op} | {speedup:.2f}x | {status} |")
     else:
-        lines.append("(not measured: no problem ran with both 1 and 2 threads)")
+        lines.append("(not measured: no problem ran with 2 threads)")
     lines += ["", f"**Targets met: {met} of {total}.**", ""]
     return lines
 
@@ -826,13 +967,16 @@ def config_lines(res):
         lines.append(f"Skipped {label}: {reason}.")
     for name, note in res.get("notes", {}).items():
         lines.append(f"{name}: {note}.")
-    lines += ["", "| operation | median (ms) | runs | nominal MFLOP | % of GEMM peak "
+    lines += ["", "| operation | median (ms) | runs | MFLOP (* nominal) | % of GEMM peak "
               "(Jacobians: output GB/s) | peak extra RSS (MiB) |",
               "|---|---:|---:|---:|---:|---:|"]
+    sources = res.get("flops_source", {})
     for name, seconds in t.items():
         flops = res["flops"].get(name)
         if flops is not None:
-            nominal, rate = f"{flops / 1e6:.4g}", f"{100 * flops / (seconds * gemm * 1e9):.1f}%"
+            mark = "*" if sources.get(name, "nominal") == "nominal" else ""
+            nominal = f"{flops / 1e6:.4g}{mark}"
+            rate = f"{100 * flops / (seconds * gemm * 1e9):.1f}%"
         elif res["operations"][name] == "per-sample Jacobians":
             nominal, rate = "—", f"{res['jacobian_bytes'] / seconds / 1e9:.2f} GB/s"
         else:
@@ -840,14 +984,20 @@ def config_lines(res):
         lines.append(f"| {name} | {1e3 * seconds:.3f} | {res['repeats'][name]} | {nominal} | "
                      f"{rate} | {res['peak_memory_mib'][name]:.2f} |")
     lines += ["", "| ghess operation | competitor | ghess (ms) | competitor (ms) | "
-              "ratio (competitor / ghess) | target |", "|---|---|---:|---:|---:|---|"]
+              "ratio (competitor / ghess) | flop ratio | target |",
+              "|---|---|---:|---:|---:|---:|---|"]
+
+    def flops_cell(mine, name):
+        ratio = flop_ratio(res, mine, name)
+        return "—" if ratio is None else f"{ratio:.2f}"
+
     for op, mine in GHESS_MAIN.items():
         if mine not in t:
             continue
         for name, other_op in res["operations"].items():
             if other_op == op and name != mine:
                 lines.append(f"| {mine} | {name} | {1e3 * t[mine]:.3f} | {1e3 * t[name]:.3f} "
-                             f"| {t[name] / t[mine]:.2f}x | |")
+                             f"| {t[name] / t[mine]:.2f}x | {flops_cell(mine, name)} | |")
     for target in TARGETS:
         verdict = judge(res, target)
         if verdict is None or verdict["pass"] is None:
@@ -856,7 +1006,8 @@ def config_lines(res):
         rival = (fastest if len(target.rivals) == 1
                  else f"fastest of {' / '.join(target.rivals)}: {fastest}")
         lines.append(f"| {mine} | {rival} | {1e3 * t[mine]:.3f} | {1e3 * t[fastest]:.3f} | "
-                     f"{verdict['ratio']:.2f}x | >= {target.ratio}x: "
+                     f"{verdict['ratio']:.2f}x | {flops_cell(mine, fastest)} | "
+                     f">= {target.ratio}x: "
                      f"{'PASS' if verdict['pass'] else 'FAIL'} |")
     lines += ["", "Agreement with ghess (relative 2-norm): " + ", ".join(
         f"{k} {v:.1e}" for k, v in res["agreement"].items()), ""]
@@ -895,18 +1046,26 @@ def machine_info(all_results):
 
 METHOD = """\
 Times are medians after a warm-up (ms). Every implementation runs in the same process on the
-same weights, data and vectors, after a check that it agrees with ghess. Each worker process
+same weights, data and vectors, after a check that it agrees with ghess. The operations are
+timed in interleaved rounds (each round runs every operation once, slow ones for fewer
+rounds), so that a drift in the machine's speed, large on this shared VM, hits ghess and its
+rivals alike; the operator builds are timed separately. The 1 -> 2 thread speed-up compares
+ghess's 2-thread products with 1-thread twins timed in the same rounds of the 2-thread worker. Each worker process
 is restricted to `threads` CPU cores with `sched_setaffinity`, which binds every library's
 thread pool alike, including XLA's (JAX 0.10 has no flag for the size of its CPU thread pool;
 `intra_op_parallelism_threads` is not an XLA flag). With 1 thread, JAX also runs with
 `XLA_FLAGS=--xla_cpu_multi_thread_eigen=false`; OpenMP and BLAS get the thread count through
 their environment variables and PyTorch through `torch.set_num_threads`.
 
-Nominal flops are multiples of F, the GEMM flops of one forward pass over the batch: forward
-F, loss+grad 3F, Jacobian product F, GGN product 2F (the GEMM work of ghess's stored-factor
-algorithm), GGN matmat with 16 columns 32F, Hessian product 6F; they are the same for every
-implementation, so the percentages of the GEMM peak (a 1024 x 784 x 512 GEMM of the same run)
-compare like the times. Per-sample Jacobians report their output rate in GB/s. torch.func
+Flops are counted per implementation: ghess's from its layers (`ghess_gemm_flops`: GEMMs
+and the contractions with the stored factors), PyTorch's, torch.func's and curvlinops' by
+`torch.utils.flop_counter.FlopCounterMode`, JAX's by XLA's cost analysis of the compiled
+function (after XLA's own simplifications). The NumPy reference has no counter: its figures
+(marked *) are nominal multiples of F, the GEMM flops of one forward pass (forward F,
+loss+grad 3F, GGN product 2F, Hessian product 6F). The percentage of the GEMM peak (a
+1024 x 784 x 512 GEMM timed in the same worker) is then each implementation's own efficiency,
+and the flop ratio (rival's flops / ghess's) is the speed-up ghess would show if both ran at
+the same efficiency. Per-sample Jacobians report their output rate in GB/s. torch.func
 and JAX produce them as one block per parameter tensor; the concatenation into one array is
 not timed. "torch loss+grad" is PyTorch's ordinary `loss.backward()` on the module.
 

@@ -37,6 +37,10 @@ def check_ghess_rows(report, results):
     for res in results:
         assert set(res["peak_memory_mib"]) == set(res["timings"])
         assert all(rel <= 1e-10 for rel in res["agreement"].values())
+        # ghess's flops are counted from its layers, not taken as nominal multiples
+        assert res["flops_source"]["ghess GGN product (stored)"] == "ghess (layers)"
+        assert res["flops"]["ghess GGN product (stored)"] > 2 * res["forward_flops"]
+    assert "| ghess operation | competitor | ghess (ms) | competitor (ms) | " in report
 
 
 def test_bench_quick_writes_report(tmp_path):
