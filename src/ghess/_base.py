@@ -50,9 +50,17 @@ def default_memory_budget():
 
 
 def default_chunk_size(model, itemsize):
-    """Choose samples per chunk: about 32 MiB of temporaries for one direction."""
+    """Choose samples per chunk: about 64 MiB of temporaries for one direction.
+
+    Dense layers want many samples per chunk (the chunk is a GEMM dimension);
+    convolutions already make per-sample GEMMs of their own, and want chunks
+    whose unfolded inputs stay in cache: with 16 samples per chunk instead of
+    32, CNN-C's loss+grad ran 1.1-1.4x faster and its Hessian product
+    1.05-1.1x (float32 and float64, 1 and 2 cores, interleaved timings); MLP-M's
+    products were 1.03-1.1x faster with 420-512 samples than with 210-256.
+    """
     per_sample = _engine.working_bytes_per_sample(model, itemsize, 1)
-    return int(np.clip((32 << 20) // max(per_sample, 1), 32, 2048))
+    return int(np.clip((64 << 20) // max(per_sample, 1), 16, 2048))
 
 
 def check_model(model):

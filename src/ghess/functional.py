@@ -3,7 +3,7 @@
 import numpy as np
 
 from . import _engine
-from ._base import check_loss, check_model
+from ._base import check_loss, check_model, default_chunk_size
 from ._config import resolve_n_threads, single_threaded_blas
 from ._data import as_batches, as_input_batches
 from ._validation import check_n_threads, check_params, check_positive_int
@@ -11,7 +11,7 @@ from ._validation import check_n_threads, check_params, check_positive_int
 __all__ = ["loss_and_grad", "per_sample_jacobians"]
 
 
-def loss_and_grad(model, loss, params, data, *, chunk_size=1024, n_threads=None):
+def loss_and_grad(model, loss, params, data, *, chunk_size=None, n_threads=None):
     """Loss value and its gradient with respect to the flat parameters.
 
     Parameters
@@ -21,8 +21,9 @@ def loss_and_grad(model, loss, params, data, *, chunk_size=1024, n_threads=None)
     params : ndarray of shape (n_params,)
     data : (X, y) or iterable of (X, y)
         With ``reduction="mean"``, the mean runs over all samples of all batches.
-    chunk_size : int, default=1024
-        Samples per forward/backward pass (bounds the memory).
+    chunk_size : int, optional
+        Samples per forward/backward pass (bounds the memory); by default about
+        64 MiB of temporaries, as for the operators.
     n_threads : int, optional
 
     Returns
@@ -34,7 +35,8 @@ def loss_and_grad(model, loss, params, data, *, chunk_size=1024, n_threads=None)
     check_loss(loss)
     theta = check_params(params, model.n_params)
     n_threads = check_n_threads(n_threads)
-    chunk_size = check_positive_int(chunk_size, "chunk_size")
+    chunk_size = (default_chunk_size(model, theta.dtype.itemsize) if chunk_size is None
+                  else check_positive_int(chunk_size, "chunk_size"))
     batches = as_batches(model, loss, data, theta.dtype)
     scale = loss.scale(batches.n_samples, model.n_outputs)
     lparams = model.layer_params(theta)

@@ -37,11 +37,13 @@ class GGNLinearOperator(CurvatureOperator):
         per-sample factor :math:`D_{n,l} = \partial z_n / \partial s_{n,l}`, taken
         after the layer's activation and pooling where that is smaller (a quarter,
         after 2x2 max-pooling); ``memory_required`` tells the bytes. A product then
-        costs about two GEMMs per layer and no pass through the network. ``"recompute"`` runs forward, R-forward and backward passes
-        chunk by chunk for every product (memory of one chunk). ``"auto"`` picks
+        costs about two GEMMs per layer and no pass through the network.
+        ``"recompute"`` runs forward, R-forward and backward passes chunk by
+        chunk for every product (memory of one chunk). ``"auto"`` picks
         ``"stored"`` when it fits ``memory_budget``.
     chunk_size : int, optional
-        Samples per chunk; by default about 32 MiB of temporaries.
+        Samples per chunk; by default about 64 MiB of temporaries
+        (at least 16 samples).
     memory_budget : int, optional
         Bytes the stored factors may take; default a quarter of RAM, at most 4 GiB.
     n_threads : int, optional

@@ -116,8 +116,9 @@ class NewtonCG:
     ratio_low, ratio_high : float, default=0.25, 0.75
     increase, decrease : float, default=1.5, 2/3
         Damping factors applied below ``ratio_low`` / above ``ratio_high``.
-    chunk_size : int, default=1024
-        Samples per pass for the objective and gradient.
+    chunk_size : int, optional
+        Samples per pass for the objective and gradient; by default
+        :func:`ghess.loss_and_grad`'s choice.
     mode : {"auto", "stored", "recompute"}, default="auto"
         Product mode of the subsampled GGN (see :class:`ghess.GGNLinearOperator`).
     n_threads : int, optional
@@ -139,7 +140,7 @@ class NewtonCG:
     def __init__(self, model, loss, *, C=1.0, subsample=0.1, cg_rtol=0.1, cg_maxiter=250,
                  damping=1.0, armijo=1e-4, backtrack=0.5, max_backtracks=30,
                  ratio_low=0.25, ratio_high=0.75, increase=1.5, decrease=2 / 3,
-                 chunk_size=1024, mode="auto", n_threads=None, seed=None):
+                 chunk_size=None, mode="auto", n_threads=None, seed=None):
         self.model = check_model(model)
         self.loss = check_loss(loss)
         self.C = _check_positive_real(C, "C")
@@ -171,7 +172,8 @@ class NewtonCG:
             raise ValueError(f"need increase >= 1 and decrease <= 1 (lambda grows when the "
                              f"model predicts badly), got increase={increase}, "
                              f"decrease={decrease}")
-        self.chunk_size = check_positive_int(chunk_size, "chunk_size")
+        self.chunk_size = (None if chunk_size is None
+                           else check_positive_int(chunk_size, "chunk_size"))
         self.mode = check_mode(mode)
         self.n_threads = check_n_threads(n_threads)
         self.rng = np.random.default_rng(seed)
