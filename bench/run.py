@@ -897,7 +897,7 @@ def thread_scaling(all_results):
 
 
 def flop_ratio(res, mine, rival):
-    """The rival's counted flops over ghess's: the speed-up at equal GEMM efficiency."""
+    """Return the rival's counted flops over ghess's: the speed-up at equal GEMM efficiency."""
     flops, source = res["flops"], res.get("flops_source", {})
     if any(source.get(name, "nominal") == "nominal" for name in (mine, rival)):
         return None
@@ -922,7 +922,8 @@ def summary_lines(all_results):
     lines += ["", "Counted flops of the fastest rival over ghess's (PyTorch's FlopCounterMode, "
               "XLA's cost analysis, ghess's layer count): the speed-up each product would "
               "show at equal GEMM efficiency.", "",
-              "| problem | dtype | threads | GGN: rival, flop ratio | Hessian: rival, flop ratio |",
+              "| problem | dtype | threads | GGN: rival, flop ratio "
+              "| Hessian: rival, flop ratio |",
               "|---|---|---:|---|---|"]
     for res in all_results:
         cells = []
@@ -934,7 +935,8 @@ def summary_lines(all_results):
         lines.append(f"| {res['problem']} | {res['dtype']} | {res['threads']} | "
                      + " | ".join(cells) + " |")
     scaling = thread_scaling(all_results)
-    lines += ["", f"ghess 1 -> 2 thread speed-up (both timed in the 2-thread worker) (target >= {SCALING_TARGET}x on "
+    lines += ["", "ghess 1 -> 2 thread speed-up, both timed in the 2-thread worker "
+              f"(target >= {SCALING_TARGET}x on "
               f"{', '.join(SCALING_PROBLEMS)}):", ""]
     if scaling:
         lines += ["| problem | dtype | product | speed-up | status |", "|---|---|---|---:|---|"]
@@ -1050,12 +1052,12 @@ same weights, data and vectors, after a check that it agrees with ghess. The ope
 timed in interleaved rounds (each round runs every operation once, slow ones for fewer
 rounds), so that a drift in the machine's speed, large on this shared VM, hits ghess and its
 rivals alike; the operator builds are timed separately. The 1 -> 2 thread speed-up compares
-ghess's 2-thread products with 1-thread twins timed in the same rounds of the 2-thread worker. Each worker process
-is restricted to `threads` CPU cores with `sched_setaffinity`, which binds every library's
-thread pool alike, including XLA's (JAX 0.10 has no flag for the size of its CPU thread pool;
-`intra_op_parallelism_threads` is not an XLA flag). With 1 thread, JAX also runs with
-`XLA_FLAGS=--xla_cpu_multi_thread_eigen=false`; OpenMP and BLAS get the thread count through
-their environment variables and PyTorch through `torch.set_num_threads`.
+ghess's 2-thread products with 1-thread twins timed in the same rounds of the 2-thread worker.
+Each worker process is restricted to `threads` CPU cores with `sched_setaffinity`, which
+binds every library's thread pool alike, including XLA's (JAX 0.10 has no flag for the size of
+its CPU thread pool; `intra_op_parallelism_threads` is not an XLA flag). With 1 thread, JAX
+also runs with `XLA_FLAGS=--xla_cpu_multi_thread_eigen=false`; OpenMP and BLAS get the thread
+count through their environment variables and PyTorch through `torch.set_num_threads`.
 
 Flops are counted per implementation: ghess's from its layers (`ghess_gemm_flops`: GEMMs
 and the contractions with the stored factors), PyTorch's, torch.func's and curvlinops' by

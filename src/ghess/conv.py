@@ -214,7 +214,7 @@ class Conv2d(_Windowed):
         _conv.conv_weight_grad(g, cols, acc["weight"], work, n_threads)
 
     def _input_grad(self, weights, g, out, accumulate, n_threads, weights2=None, g2=None):
-        """out (+)= col2im(weights^T g [+ weights2^T g2]), per sample and direction."""
+        """Set out (+)= col2im(weights^T g [+ weights2^T g2]), per sample and direction."""
         P = self._geom[11] * self._geom[12]
         work = self._work(g.dtype, n_threads, self.patch_size, P)
         if weights2 is None:
