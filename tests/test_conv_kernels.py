@@ -67,3 +67,54 @@ def test_unfold_and_col2im_match_naive_loops(geom, dtype):
         np.add.at(expected, naive[mask == 1].astype(int), gi[mask == 1])
         np.testing.assert_allclose(gx[i, 0], expected, rtol=1e-5 if dtype == np.float32
                                    else 1e-13, atol=1e-5 if dtype == np.float32 else 1e-13)
+
+
+def _naive_maxpool(x, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, out_h, out_w):
+    y = np.empty(C * out_h * out_w, dtype=x.dtype)
+    arg = np.empty(C * out_h * out_w, dtype=np.intp)
+    for c, i, j in itertools.product(range(C), range(out_h), range(out_w)):
+        best, best_index = None, None
+        for a, b in itertools.product(range(kh), range(kw)):  # row-major window order
+            ih, iw = i * sh - ph + a * dh, j * sw - pw + b * dw
+            if 0 <= ih < H and 0 <= iw < W:
+                index = (c * H + ih) * W + iw
+                if best is None or x[index] > best:  # first maximum wins
+                    best, best_index = x[index], index
+        o = (c * out_h + i) * out_w + j
+        y[o], arg[o] = best, best_index
+    return y, arg
+
+
+def _pool_geometries():
+    rng = np.random.default_rng(3)
+    out = []
+    while len(out) < 30:
+        C, H, W = rng.integers(1, 3), rng.integers(1, 8), rng.integers(1, 8)
+        kh, kw = rng.integers(1, 4), rng.integers(1, 4)
+        sh, sw = rng.integers(1, 4), rng.integers(1, 4)
+        ph, pw = (0, 0) if len(out) % 2 else (rng.integers(0, kh // 2 + 1),
+                                              rng.integers(0, kw // 2 + 1))
+        out_h, out_w = (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
+        if out_h >= 1 and out_w >= 1:
+            out.append(tuple(int(v) for v in (C, H, W, kh, kw, sh, sw, ph, pw, 1, 1,
+                                              out_h, out_w)))
+    return out
+
+
+@pytest.mark.parametrize("geom", _pool_geometries())
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_maxpool_forward_matches_naive_loop(geom, dtype):
+    # pooling as ghess allows it (padding at most half the kernel, no dilation), padded
+    # and unpadded: the unpadded ones take the branch-free kernel;
+    # integer-valued inputs make ties common, which must go to the first maximum
+    C, H, W = geom[:3]
+    rng = np.random.default_rng(2)
+    x = rng.integers(-2, 3, size=(3, C * H * W)).astype(dtype)
+    m = C * geom[11] * geom[12]
+    y = np.full((3, m), np.nan, dtype=dtype)
+    arg = np.full((3, m), -1, dtype=np.intp)
+    _conv.maxpool_forward(x, y, arg, geom, 2)
+    for i in range(3):
+        want_y, want_arg = _naive_maxpool(x[i], *geom)
+        np.testing.assert_array_equal(y[i], want_y)
+        np.testing.assert_array_equal(arg[i], want_arg)
