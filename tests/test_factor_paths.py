@@ -93,3 +93,19 @@ def test_memory_required_counts_the_path(name):
     held = sum(f.nbytes() for f in G._stored)
     # MSELoss keeps no loss state: memory_required counts K numbers per sample for it
     assert held == G.memory_bytes - data[0].shape[0] * model.n_outputs * 8
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_dense_jacobians_from_path_factors(name):
+    # per_sample_jacobians asks for D at the layer outputs; factors with paths expand
+    # to the same Jacobians (the path is pulled back first)
+    model, _, theta, (X, _) = make_case(name)
+    lparams = model.layer_params(theta)
+    ctxs, _ = _engine.forward_chunk(model, lparams, X, 1, 1)
+    J = np.zeros((X.shape[0], model.n_outputs, model.n_params))
+    for paths in (True, False):
+        factors = _engine.jacobian_factors(model, lparams, ctxs, X.shape[0], theta.dtype, 1,
+                                           paths=paths)
+        J[...] = 0
+        _engine.factor_sample_jacobians(model, factors, J, 1)
+        assert_allclose_rel(J, reference_per_sample_jacobians(model, theta, X), 1e-12)

@@ -143,13 +143,14 @@ class ChunkFactors:
                    if x is not None and (x.base is None or x.flags.owndata))
 
 
-def factor_plan(model, itemsize):
+def factor_plan(model, itemsize, paths=True):
     """Where each parametrised layer's factor D is taken, and the bytes per sample it costs.
 
     Returns ``{layer index: (path, bytes)}``: ``path`` is the tuple of
     parameter-free layers after the layer that D is pushed through (empty: D at
     the layer's output), ``bytes`` what D and the path's contexts keep per
-    sample. D goes to the end of the path only when that keeps fewer bytes.
+    sample. D goes to the end of the path only when that keeps fewer bytes, and
+    ``paths=False`` keeps every D at its layer's output.
     """
     K = model.n_outputs
     n_layers = len(model.layers)
@@ -163,16 +164,21 @@ def factor_plan(model, itemsize):
         path_bytes = (0 if nxt == n_layers else K * int(np.prod(model.shapes[nxt])) * itemsize)
         path_bytes += sum(model.layers[j].factor_bytes(model.shapes[j], itemsize, False)
                           for j in path)
-        if path and path_bytes < at_output_bytes:
+        if paths and path and path_bytes < at_output_bytes:
             plan[i] = (path, path_bytes)
         else:
             plan[i] = ((), at_output_bytes)
     return plan
 
 
-def jacobian_factors(model, lparams, ctxs, n, dtype, n_threads):
-    """Back-propagate the K output unit vectors once; keep each layer's D (see factor_plan)."""
-    plan = factor_plan(model, np.dtype(dtype).itemsize)
+def jacobian_factors(model, lparams, ctxs, n, dtype, n_threads, paths=True):
+    """Back-propagate the K output unit vectors once; keep each layer's D (see factor_plan).
+
+    ``paths=False`` for factors that are expanded into dense Jacobians at once
+    (``factor_sample_jacobians`` needs D at the layer output: a path would only
+    be pushed back through again).
+    """
+    plan = factor_plan(model, np.dtype(dtype).itemsize, paths)
     first = param_layer_indices(model)[0]
     D = None  # identity
     D_at_input = {len(model.layers): None}  # D at the input of the parametrised layers

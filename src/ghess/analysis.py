@@ -173,7 +173,8 @@ def ggn_diagonal(model, loss, params, data, *, chunk_size=None, n_threads=None,
             n = X.shape[0]
             ctxs, z = _engine.forward_chunk(model, lparams, X, 1, omp)
             _, _, state = loss.value_grad(z, y, scale, omp)
-            factors = _engine.jacobian_factors(model, lparams, ctxs, n, theta.dtype, omp)
+            factors = _engine.jacobian_factors(model, lparams, ctxs, n, theta.dtype, omp,
+                                               paths=False)
             J = np.zeros((n, K, P), dtype=theta.dtype)
             _engine.factor_sample_jacobians(model, factors, J, omp)
             Jt = np.ascontiguousarray(J.transpose(0, 2, 1))  # (n, P, K): P directions

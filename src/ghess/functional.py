@@ -74,7 +74,8 @@ def per_sample_jacobians(model, params, X, *, chunk_size=256, n_threads=None):
         for Xc, _ in batches.chunks(chunk_size):
             n = Xc.shape[0]
             ctxs, _ = _engine.forward_chunk(model, lparams, Xc, 1, omp)
-            factors = _engine.jacobian_factors(model, lparams, ctxs, n, theta.dtype, omp)
+            factors = _engine.jacobian_factors(model, lparams, ctxs, n, theta.dtype, omp,
+                                               paths=False)
             _engine.factor_sample_jacobians(model, factors, J[start:start + n], omp)
             start += n
     return J
