@@ -89,7 +89,7 @@ GHESS_MAIN = {"forward": "ghess forward", "loss+grad": "ghess loss+grad",
               "GGN product": "ghess GGN product (stored)",
               "Hessian product": "ghess Hessian product (stored)",
               "Jacobian product": "ghess Jacobian product (stored)",
-              "per-sample Jacobians": "ghess per-sample Jacobians"}
+              "per-sample Jacobians": "ghess per-sample Jacobians (out=)"}
 
 
 class Target(NamedTuple):
@@ -294,6 +294,8 @@ def blocks_to_jacobians(blocks, n_samples, n_outputs):
 # -- competitors ---------------------------------------------------------------------------
 def ghess_competitor(s):
     """Return ghess's operations; each operation's first entry is the reference."""
+    import numpy as np
+
     import ghess
 
     model, loss, theta, data, t = s.model, s.loss, s.theta, (s.X, s.y), s.threads
@@ -307,6 +309,14 @@ def ghess_competitor(s):
     Hr = operator(ghess.HessianLinearOperator, "recompute")
     J = ghess.JacobianLinearOperator(model, theta, s.X, mode="stored", n_threads=t)
     v, V = s.v, s.V
+    buffers = []
+
+    def jacobian_buffer():
+        if not buffers:
+            shape = (len(s.Xj), model.n_outputs, model.n_params)
+            buffers.append(np.empty(shape, dtype=theta.dtype))
+        return buffers[0]
+
     ops = {
         "ghess forward": Op("forward", lambda: model.forward(theta, s.X, n_threads=t)),
         "ghess loss+grad": Op("loss+grad", lambda: ghess.loss_and_grad(
@@ -323,6 +333,11 @@ def ghess_competitor(s):
         "ghess Jacobian product (stored)": Op("Jacobian product", lambda: J @ v),
         "ghess per-sample Jacobians": Op("per-sample Jacobians", lambda: (
             ghess.per_sample_jacobians(model, theta, s.Xj, n_threads=t))),
+        # the same into a buffer reused across calls (allocated by the warm-up call): the
+        # fresh output's first-touch page faults, not ghess's work, dominate the row above
+        "ghess per-sample Jacobians (out=)": Op("per-sample Jacobians", lambda: (
+            ghess.per_sample_jacobians(model, theta, s.Xj, n_threads=t,
+                                       out=jacobian_buffer()))),
     }
     if t > 1:
         # the same products on one thread, timed in rounds with the rest: the thread
@@ -668,7 +683,7 @@ def median_time(fn, min_repeats, budget=None):
 
 
 def interleaved_times(fns, min_repeats, budget=None):
-    """Median wall time and runs of every ``fns[name]()``, timed in interleaved rounds.
+    """Median wall time, runs and OS-kernel share of every ``fns[name]()``, interleaved.
 
     Each function is warmed up once; its number of runs is what ``median_time``
     would give it (at least ``min_repeats``, more within ``budget`` seconds, at most
@@ -676,6 +691,8 @@ def interleaved_times(fns, min_repeats, budget=None):
     function that still has runs left. On a shared machine whose speed drifts over
     seconds, consecutive runs of one function would each see a different machine;
     interleaving makes every ratio compare timings taken under the same conditions.
+    The kernel share is the process's system CPU time over the wall time of those
+    runs: page faults of fresh allocations show there, not in the library's work.
     """
     import numpy as np
 
@@ -688,13 +705,16 @@ def interleaved_times(fns, min_repeats, budget=None):
         floor = max(3, min(min_repeats, int(4 * budget / first)))
         runs[name] = max(floor, min(50, int(budget / first)))
     times = {name: [] for name in fns}
+    kernel = dict.fromkeys(fns, 0.0)
     for r in range(max(runs.values(), default=0)):
         for name, fn in fns.items():
             if r < runs[name]:
-                t0 = time.perf_counter()
+                s0, t0 = os.times().system, time.perf_counter()
                 fn()
                 times[name].append(time.perf_counter() - t0)
-    return {name: (float(np.median(ts)), len(ts)) for name, ts in times.items()}
+                kernel[name] += os.times().system - s0
+    return {name: (float(np.median(ts)), len(ts), kernel[name] / sum(ts))
+            for name, ts in times.items()}
 
 
 class PeakMemory:
@@ -784,7 +804,7 @@ def run_config(problem, dtype_name, threads, repeats, cores=None):
                "conv": any(isinstance(layer, ghess.Conv2d) for layer in model.layers),
                "forward_flops": F, "jacobian_samples": n_jac,
                "jacobian_bytes": n_jac * model.n_outputs * model.n_params * dtype.itemsize,
-               "timings": {}, "repeats": {}, "operations": {}, "flops": {},
+               "timings": {}, "repeats": {}, "kernel_share": {}, "operations": {}, "flops": {},
                "flops_source": {}, "peak_memory_mib": {}, "agreement": {}, "skipped": {}}
 
     tol = 1e-10 if dtype == np.float64 else 1e-3
@@ -829,11 +849,12 @@ def run_config(problem, dtype_name, threads, repeats, cores=None):
 
     # builds (seconds each on big problems) are timed on their own; the rest interleaved
     builds = {name: entry.fn for name, entry in ops.items() if entry.op in UNCHECKED_OPS}
-    timed = {name: median_time(fn, 3) for name, fn in builds.items()}
+    timed = {name: median_time(fn, 3) + (None,) for name, fn in builds.items()}
     timed.update(interleaved_times({name: entry.fn for name, entry in ops.items()
                                     if name not in builds}, repeats))
     for name, entry in ops.items():
-        results["timings"][name], results["repeats"][name] = timed[name]
+        (results["timings"][name], results["repeats"][name],
+         results["kernel_share"][name]) = timed[name]
         results["operations"][name] = entry.op
         if entry.flops is not None:
             results["flops"][name] = entry.flops
@@ -970,8 +991,9 @@ def config_lines(res):
     for name, note in res.get("notes", {}).items():
         lines.append(f"{name}: {note}.")
     lines += ["", "| operation | median (ms) | runs | MFLOP (* nominal) | % of GEMM peak "
-              "(Jacobians: output GB/s) | peak extra RSS (MiB) |",
-              "|---|---:|---:|---:|---:|---:|"]
+              "(Jacobians: output GB/s) | peak extra RSS (MiB) | % in OS kernel |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    kernel_share = res.get("kernel_share", {})
     sources = res.get("flops_source", {})
     for name, seconds in t.items():
         flops = res["flops"].get(name)
@@ -983,8 +1005,10 @@ def config_lines(res):
             nominal, rate = "—", f"{res['jacobian_bytes'] / seconds / 1e9:.2f} GB/s"
         else:
             nominal, rate = "—", "—"
+        share = kernel_share.get(name)
         lines.append(f"| {name} | {1e3 * seconds:.3f} | {res['repeats'][name]} | {nominal} | "
-                     f"{rate} | {res['peak_memory_mib'][name]:.2f} |")
+                     f"{rate} | {res['peak_memory_mib'][name]:.2f} | "
+                     f"{'—' if share is None else f'{100 * share:.0f}%'} |")
     lines += ["", "| ghess operation | competitor | ghess (ms) | competitor (ms) | "
               "ratio (competitor / ghess) | flop ratio | target |",
               "|---|---|---:|---:|---:|---:|---|"]
@@ -1075,6 +1099,13 @@ Peak extra RSS: after all timings each operation runs once more while a thread s
 resident set size every 0.5 ms (and the kernel's high-water mark, reset before the call where
 Linux allows it); reported is the peak minus the resident size just before the call, after
 freed heap memory was returned to the OS.
+
+% in OS kernel: the process's system CPU time over the wall time of an operation's timed
+runs (all threads). It is the cost of page faults on fresh allocations: on this VM a freshly
+touched page may also have to be supplied by the hypervisor, so an operation that writes a new
+multi-hundred-MiB array (per-sample Jacobians) can spend most of its time there. "ghess
+per-sample Jacobians (out=)" writes into one buffer reused across calls, which the API offers;
+the rivals' APIs allocate a new output on every call.
 """
 
 

@@ -30,7 +30,8 @@ def check_ghess_rows(report, results):
         assert f"## {problem}, float64, 1 thread(s)" in report
         assert f"| {problem} | float64 | 1 |" in report  # its summary row
     for name in ("ghess GGN product (stored)", "ghess Hessian product (stored)",
-                 "ghess loss+grad", "ghess per-sample Jacobians", "numpy GGN product"):
+                 "ghess loss+grad", "ghess per-sample Jacobians",
+                 "ghess per-sample Jacobians (out=)", "numpy GGN product"):
         assert f"| {name} |" in report
     assert [(r["problem"], r["dtype"], r["threads"]) for r in results] == [
         ("tiny", "float64", 1), ("tiny-cnn", "float64", 1)]

@@ -99,3 +99,26 @@ def check_positive_int(value, name, *, allow_none=False):
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
     return int(value)
+
+
+def check_out(out, shape, dtype, name="out", inputs=()):
+    """Validate a caller's output buffer: exact shape and dtype, C order, writeable.
+
+    It must not share memory with any array in ``inputs`` (the result would then
+    be computed from partly overwritten data).
+    """
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"{name} must be a NumPy array, got {type(out).__name__}")
+    if out.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {np.dtype(dtype)} (the params' dtype), "
+                        f"got {out.dtype}")
+    if out.shape != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {out.shape}")
+    if not out.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous")
+    if not out.flags.writeable:
+        raise ValueError(f"{name} is read-only")
+    for other in inputs:
+        if isinstance(other, np.ndarray) and np.shares_memory(out, other):
+            raise ValueError(f"{name} shares memory with an input array")
+    return out

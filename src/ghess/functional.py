@@ -6,7 +6,7 @@ from . import _engine
 from ._base import check_loss, check_model, default_chunk_size
 from ._config import resolve_n_threads, single_threaded_blas
 from ._data import as_batches, as_input_batches
-from ._validation import check_n_threads, check_params, check_positive_int
+from ._validation import check_n_threads, check_out, check_params, check_positive_int
 
 __all__ = ["loss_and_grad", "per_sample_jacobians"]
 
@@ -54,21 +54,43 @@ def loss_and_grad(model, loss, params, data, *, chunk_size=None, n_threads=None)
     return float(scale * total), grad[0]
 
 
-def per_sample_jacobians(model, params, X, *, chunk_size=256, n_threads=None):
+def per_sample_jacobians(model, params, X, *, chunk_size=256, n_threads=None, out=None):
     """Dense per-sample Jacobians of the outputs, shape (N, K, n_params).
 
     ``J[n, c, :]`` is the gradient of output ``c`` of sample ``n`` with respect to
     the flat parameters. This allocates ``N * K * n_params`` numbers; for products
     use :class:`ghess.JacobianLinearOperator` instead.
+
+    Parameters
+    ----------
+    model : Sequential
+    params : ndarray of shape (n_params,)
+    X : ndarray of shape (N, *model.input_shape)
+    chunk_size : int, optional
+        Samples per forward/backward pass.
+    n_threads : int, optional
+    out : ndarray of shape (N, K, n_params), optional
+        A C-contiguous buffer of params' dtype to write into (every element is
+        overwritten) and return. Reusing one buffer across calls saves the
+        allocation, which for large outputs is mostly the kernel's first-touch
+        page faults, not ghess's work.
+
+    Returns
+    -------
+    J : ndarray of shape (N, K, n_params), in params' dtype (``out`` when given)
     """
     check_model(model)
     theta = check_params(params, model.n_params)
     n_threads = check_n_threads(n_threads)
     chunk_size = check_positive_int(chunk_size, "chunk_size")
     batches = as_input_batches(model, X, theta.dtype)
+    shape = (batches.n_samples, model.n_outputs, model.n_params)
+    if out is None:
+        J = np.empty(shape, dtype=theta.dtype)  # every element is written below
+    else:
+        J = check_out(out, shape, theta.dtype, inputs=(X, params))
     lparams = model.layer_params(theta)
     omp = resolve_n_threads(n_threads)
-    J = np.zeros((batches.n_samples, model.n_outputs, model.n_params), dtype=theta.dtype)
     start = 0
     with single_threaded_blas():
         for Xc, _ in batches.chunks(chunk_size):
