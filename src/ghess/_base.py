@@ -49,8 +49,8 @@ def default_memory_budget():
     return int(min(4 << 30, physical // 4))
 
 
-def default_chunk_size(model, itemsize):
-    """Choose samples per chunk: about 64 MiB of temporaries for one direction.
+def default_chunk_size(model, itemsize, k=1, minimum=16):
+    """Choose samples per chunk: about 64 MiB of temporaries for ``k`` directions.
 
     Dense layers want many samples per chunk (the chunk is a GEMM dimension);
     convolutions already make per-sample GEMMs of their own, and want chunks
@@ -58,9 +58,11 @@ def default_chunk_size(model, itemsize):
     32, CNN-C's loss+grad ran 1.1-1.4x faster and its Hessian product
     1.05-1.1x (float32 and float64, 1 and 2 cores, interleaved timings); MLP-M's
     products were 1.03-1.1x faster with 420-512 samples than with 210-256.
+    Per-sample Jacobians pull K directions back (k = K, minimum 4): CNN-S's and
+    CNN-C's ran 1.25-1.3x faster in chunks of 4-16 samples than of 256.
     """
-    per_sample = _engine.working_bytes_per_sample(model, itemsize, 1)
-    return int(np.clip((64 << 20) // max(per_sample, 1), 16, 2048))
+    per_sample = _engine.working_bytes_per_sample(model, itemsize, k)
+    return int(np.clip((64 << 20) // max(per_sample, 1), minimum, 2048))
 
 
 def check_model(model):

@@ -54,7 +54,7 @@ def loss_and_grad(model, loss, params, data, *, chunk_size=None, n_threads=None)
     return float(scale * total), grad[0]
 
 
-def per_sample_jacobians(model, params, X, *, chunk_size=256, n_threads=None, out=None):
+def per_sample_jacobians(model, params, X, *, chunk_size=None, n_threads=None, out=None):
     """Dense per-sample Jacobians of the outputs, shape (N, K, n_params).
 
     ``J[n, c, :]`` is the gradient of output ``c`` of sample ``n`` with respect to
@@ -67,7 +67,8 @@ def per_sample_jacobians(model, params, X, *, chunk_size=256, n_threads=None, ou
     params : ndarray of shape (n_params,)
     X : ndarray of shape (N, *model.input_shape)
     chunk_size : int, optional
-        Samples per forward/backward pass.
+        Samples per forward/backward pass; by default about 64 MiB of
+        temporaries for the K directions pulled back.
     n_threads : int, optional
     out : ndarray of shape (N, K, n_params), optional
         A C-contiguous buffer of params' dtype to write into (every element is
@@ -82,7 +83,8 @@ def per_sample_jacobians(model, params, X, *, chunk_size=256, n_threads=None, ou
     check_model(model)
     theta = check_params(params, model.n_params)
     n_threads = check_n_threads(n_threads)
-    chunk_size = check_positive_int(chunk_size, "chunk_size")
+    chunk_size = (default_chunk_size(model, theta.dtype.itemsize, k=model.n_outputs, minimum=4)
+                  if chunk_size is None else check_positive_int(chunk_size, "chunk_size"))
     batches = as_input_batches(model, X, theta.dtype)
     shape = (batches.n_samples, model.n_outputs, model.n_params)
     if out is None:
