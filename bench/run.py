@@ -662,6 +662,49 @@ def competitor_versions():
 BUDGET = 1.0
 
 
+#: GEMM shapes (m, k, n) whose rate each library reaches: a dense layer of the MLPs and
+#: the per-sample GEMMs of CNN-C's first and last convolutions
+BLAS_SHAPES = ((1024, 784, 512), (32, 75, 1024), (64, 576, 64))
+
+
+def blas_rates(dtype, threads):
+    """GFLOP/s of NumPy's matmul, of the BLAS ghess calls and of torch.matmul, per shape.
+
+    ghess calls the BLAS that SciPy ships (``scipy.linalg.cython_blas``); NumPy and
+    PyTorch bring their own. The same GEMM can run at different rates in each, which
+    no choice inside ghess's kernels changes. Timed in interleaved rounds.
+    """
+    import numpy as np
+
+    from ghess import _kernels
+    from ghess._config import single_threaded_blas
+
+    try:
+        torch = _import_torch()
+    except Unavailable:
+        torch = None
+    rng = np.random.default_rng(2)
+    rates = {}
+    for m, k, n in BLAS_SHAPES:
+        a = rng.normal(size=(m, k)).astype(dtype)
+        b = rng.normal(size=(k, n)).astype(dtype)
+        c = np.empty((m, n), dtype=dtype)
+
+        def ghess_blas(a=a, b=b, c=c):
+            with single_threaded_blas():  # as in ghess: OpenMP splits, BLAS on one thread
+                _kernels.gemm_rowmajor(False, False, 1.0, a, b, 0.0, c, threads)
+
+        fns = {"numpy": lambda a=a, b=b, c=c: np.matmul(a, b, out=c),
+               "ghess (SciPy's BLAS)": ghess_blas}
+        if torch is not None:
+            ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+            fns["torch"] = lambda ta=ta, tb=tb: torch.matmul(ta, tb)
+        timed = interleaved_times(fns, 7, budget=0.2)
+        rates[f"{m}x{k} @ {k}x{n}"] = {name: 2 * m * k * n / t / 1e9
+                                       for name, (t, _, _) in timed.items()}
+    return rates
+
+
 def median_time(fn, min_repeats, budget=None):
     """Median wall time of ``fn()`` after a warm-up, and the number of runs."""
     import numpy as np
@@ -846,6 +889,7 @@ def run_config(problem, dtype_name, threads, repeats, cores=None):
     b = rng.normal(size=(784, 512)).astype(dtype)
     t_gemm, _ = median_time(lambda: a @ b, repeats)
     results["gemm_gflops"] = 2 * 1024 * 784 * 512 / t_gemm / 1e9
+    results["blas_rates"] = blas_rates(dtype, threads)
 
     # builds (seconds each on big problems) are timed on their own; the rest interleaved
     builds = {name: entry.fn for name, entry in ops.items() if entry.op in UNCHECKED_OPS}
@@ -986,6 +1030,17 @@ def config_lines(res):
              f"F = {res['forward_flops'] / 1e6:.4g} MFLOP; GEMM {gemm:.1f} GFLOP/s on "
              f"core(s) {res['cores']}. Per-sample Jacobians on {jac_note}, "
              f"{res['jacobian_bytes'] / 2**20:.3g} MiB of output."]
+    rates = res.get("blas_rates")
+    if rates:
+        libraries = list(next(iter(rates.values())))
+        lines += ["", "GEMM rates (GFLOP/s) of each library on the same operands, at "
+                  f"{res['threads']} thread(s):", "",
+                  "| GEMM | " + " | ".join(libraries) + " |",
+                  "|---|" + "---:|" * len(libraries)]
+        for shape, by_library in rates.items():
+            lines.append(f"| {shape} | "
+                         + " | ".join(f"{by_library[name]:.1f}" for name in libraries) + " |")
+        lines.append("")
     for label, reason in res["skipped"].items():
         lines.append(f"Skipped {label}: {reason}.")
     for name, note in res.get("notes", {}).items():
