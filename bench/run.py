@@ -667,7 +667,7 @@ BUDGET = 1.0
 BLAS_SHAPES = ((1024, 784, 512), (32, 75, 1024), (64, 576, 64))
 
 
-def blas_rates(dtype, threads):
+def blas_rates(dtype):
     """GFLOP/s of NumPy's matmul, of the BLAS ghess calls and of torch.matmul, per shape.
 
     ghess calls the BLAS that SciPy ships (``scipy.linalg.cython_blas``); NumPy and
@@ -677,7 +677,6 @@ def blas_rates(dtype, threads):
     import numpy as np
 
     from ghess import _kernels
-    from ghess._config import single_threaded_blas
 
     try:
         torch = _import_torch()
@@ -691,8 +690,7 @@ def blas_rates(dtype, threads):
         c = np.empty((m, n), dtype=dtype)
 
         def ghess_blas(a=a, b=b, c=c):
-            with single_threaded_blas():  # as in ghess: OpenMP splits, BLAS on one thread
-                _kernels.gemm_rowmajor(False, False, 1.0, a, b, 0.0, c, threads)
+            _kernels.gemm_rowmajor(False, False, 1.0, a, b, 0.0, c, 1)
 
         fns = {"numpy": lambda a=a, b=b, c=c: np.matmul(a, b, out=c),
                "ghess (SciPy's BLAS)": ghess_blas}
@@ -889,7 +887,9 @@ def run_config(problem, dtype_name, threads, repeats, cores=None):
     b = rng.normal(size=(784, 512)).astype(dtype)
     t_gemm, _ = median_time(lambda: a @ b, repeats)
     results["gemm_gflops"] = 2 * 1024 * 784 * 512 / t_gemm / 1e9
-    results["blas_rates"] = blas_rates(dtype, threads)
+    # per core only: with 2 threads each library's pool would compete with the others'
+    # still-spinning OpenMP pools, and the figures measured that contention (1-2 GFLOP/s)
+    results["blas_rates"] = blas_rates(dtype) if threads == 1 else {}
 
     # builds (seconds each on big problems) are timed on their own; the rest interleaved
     builds = {name: entry.fn for name, entry in ops.items() if entry.op in UNCHECKED_OPS}
@@ -1033,8 +1033,8 @@ def config_lines(res):
     rates = res.get("blas_rates")
     if rates:
         libraries = list(next(iter(rates.values())))
-        lines += ["", "GEMM rates (GFLOP/s) of each library on the same operands, at "
-                  f"{res['threads']} thread(s):", "",
+        lines += ["", "GEMM rates (GFLOP/s) of each library on the same operands, one core:",
+                  "",
                   "| GEMM | " + " | ".join(libraries) + " |",
                   "|---|" + "---:|" * len(libraries)]
         for shape, by_library in rates.items():

@@ -37,6 +37,7 @@ def check_ghess_rows(report, results):
         ("tiny", "float64", 1), ("tiny-cnn", "float64", 1)]
     for res in results:
         assert set(res["peak_memory_mib"]) == set(res["timings"]) == set(res["kernel_share"])
+        assert res["blas_rates"] if res["threads"] == 1 else res["blas_rates"] == {}
         assert all(rate > 0 for by_lib in res["blas_rates"].values() for rate in by_lib.values())
         assert all(rel <= 1e-10 for rel in res["agreement"].values())
         # ghess's flops are counted from its layers, not taken as nominal multiples

@@ -1,0 +1,69 @@
+"""The vectorised float64 tanh (_vecmath.h) against libm, element by element."""
+
+import numpy as np
+import pytest
+
+import ghess
+
+
+def _forward(x, need, n_threads=1):
+    ctx = {}
+    y = ghess.Tanh().forward(None, x.reshape(1, -1), ctx, need, n_threads)
+    return y.reshape(-1), ctx
+
+
+def _points():
+    rng = np.random.default_rng(0)
+    tiny = np.array([0.0, 5e-324, 1e-310, 1e-300, 1e-20, 1e-8, 1e-4])
+    # around the switch from the expm1 polynomial to exp - 1 (|x| = 0.17) and the
+    # saturation (|x| = 20), then a dense grid and random draws at every scale
+    edges = np.concatenate([0.17 + np.linspace(-1e-3, 1e-3, 201),
+                            20 + np.linspace(-1e-2, 1e-2, 201), [19.06, 22.0, 1e3, 1e300]])
+    grid = np.linspace(0, 25, 100_001)
+    draws = np.concatenate([rng.normal(size=20_000), np.exp(rng.uniform(-40, 3.3, 20_000))])
+    positive = np.concatenate([tiny, edges, grid, np.abs(draws)])
+    return np.concatenate([positive, -positive])
+
+
+def test_tanh_within_four_ulp_of_libm():
+    x = _points()
+    y, _ = _forward(x, 0)
+    expected = np.tanh(x)
+    ulp = np.spacing(np.abs(expected))
+    worst = np.max(np.abs(y - expected) / ulp)
+    assert worst <= 4, f"{worst} ulp at x = {x[np.argmax(np.abs(y - expected) / ulp)]!r}"
+    assert np.array_equal(np.signbit(y), np.signbit(expected))  # tanh(-0.0) = -0.0
+    assert np.all(np.abs(y) <= 1)
+
+
+def test_tanh_of_infinities_is_plus_or_minus_one():
+    y, _ = _forward(np.array([np.inf, -np.inf]), 0)
+    assert y.tolist() == [1.0, -1.0]
+
+
+def test_derivatives_follow_from_the_value():
+    x = _points()
+    y, ctx = _forward(x, 2)
+    d1, d2 = ctx["d1"].reshape(-1), ctx["d2"].reshape(-1)
+    np.testing.assert_array_equal(d1, 1.0 - y * y)
+    np.testing.assert_array_equal(d2, -2.0 * y * (1.0 - y * y))
+    t = np.tanh(x)
+    np.testing.assert_allclose(d1, 1.0 - t * t, rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("n_threads", [2, 3])
+def test_threads_give_identical_values(n_threads):
+    x = _points()[:12_345]
+    one, ctx_one = _forward(x, 2, 1)
+    many, ctx_many = _forward(x, 2, n_threads)
+    np.testing.assert_array_equal(one, many)
+    np.testing.assert_array_equal(ctx_one["d2"], ctx_many["d2"])
+
+
+def test_empty_and_float32_unchanged():
+    y, _ = _forward(np.empty(0), 1)
+    assert y.shape == (0,)
+    x32 = np.linspace(-5, 5, 1001, dtype=np.float32)
+    y32, _ = _forward(x32, 0)
+    assert y32.dtype == np.float32
+    np.testing.assert_array_equal(y32, np.tanh(x32))
