@@ -15,9 +15,9 @@ def _forward(x, need, n_threads=1):
 def _points():
     rng = np.random.default_rng(0)
     tiny = np.array([0.0, 5e-324, 1e-310, 1e-300, 1e-20, 1e-8, 1e-4])
-    # around the switch from the expm1 polynomial to exp - 1 (|x| = 0.17) and the
+    # around the switch from the expm1 polynomial to exp - 1 (|x| = 0.35) and the
     # saturation (|x| = 20), then a dense grid and random draws at every scale
-    edges = np.concatenate([0.17 + np.linspace(-1e-3, 1e-3, 201),
+    edges = np.concatenate([0.35 + np.linspace(-1e-3, 1e-3, 201),
                             20 + np.linspace(-1e-2, 1e-2, 201), [19.06, 22.0, 1e3, 1e300]])
     grid = np.linspace(0, 25, 100_001)
     draws = np.concatenate([rng.normal(size=20_000), np.exp(rng.uniform(-40, 3.3, 20_000))])

@@ -1,14 +1,14 @@
 /* Branch-free float64 tanh that GCC vectorises (AVX2: 4 lanes).
  *
  * libm's tanh is a scalar call with branches: ~27 ns per element in ghess's
- * activation loop, against ~5 ns for PyTorch's vectorised tanh; on MLP-M-tanh
+ * activation loop, against ~9 ns for PyTorch's vectorised tanh; on MLP-M-tanh
  * it was a third of the forward pass. Here every lane runs the same straight-line
- * code: selects instead of jumps, exp's 2^k built from the exponent bits.
+ * code: selects instead of jumps, exp's 2^k built from the exponent bits (~5 ns).
  *
  * Accuracy: exp(r) and expm1(u) are Taylor polynomials on ranges where the
- * truncation error is below 1e-17 relative, so the result is within a few ulp
- * of libm (tests/test_vecmath.py checks <= 4 ulp over a dense grid and random
- * points, and the derivatives' formulas are those of the scalar kernel).
+ * truncation error is below 1e-17 relative; the result is within 3 ulp of libm
+ * on a dense grid (tests/test_vecmath.py allows 4 over grids and random points),
+ * and the derivatives' formulas are those of the scalar kernel.
  */
 #ifndef GHESS_VECMATH_H
 #define GHESS_VECMATH_H
@@ -18,7 +18,7 @@
 #include <string.h>
 #include <stddef.h>
 
-/* 1/k! for k = 0..15, exact to double rounding */
+/* 1/k! for k = 2..18, each rounded once */
 #define GHESS_INV_FACT_2 0.5
 #define GHESS_INV_FACT_3 (1.0 / 6.0)
 #define GHESS_INV_FACT_4 (1.0 / 24.0)
@@ -33,6 +33,9 @@
 #define GHESS_INV_FACT_13 (1.0 / 6227020800.0)
 #define GHESS_INV_FACT_14 (1.0 / 87178291200.0)
 #define GHESS_INV_FACT_15 (1.0 / 1307674368000.0)
+#define GHESS_INV_FACT_16 (1.0 / 20922789888000.0)
+#define GHESS_INV_FACT_17 (1.0 / 355687428096000.0)
+#define GHESS_INV_FACT_18 (1.0 / 6402373705728000.0)
 
 /* exp(u) for u in [-45, 0]: u = k ln2 + r with |r| <= ln2 / 2, exp(r) by its Taylor
  * polynomial of degree 13 (remainder < 1e-17 relative), times 2^k from its bits.
@@ -71,10 +74,14 @@ static inline double ghess_exp_nonpositive(double u)
     return p * scale;
 }
 
-/* expm1(u) for u in (-0.35, 0]: Taylor polynomial of degree 15 (no cancellation) */
+/* expm1(u) for u in (-0.7, 0]: Taylor polynomial of degree 18 (remainder < 1e-20; no
+ * cancellation). Below -0.7, exp(u) - 1 loses less than an ulp: exp(u) < 1/2. */
 static inline double ghess_expm1_small(double u)
 {
-    double q = GHESS_INV_FACT_15;
+    double q = GHESS_INV_FACT_18;
+    q = q * u + GHESS_INV_FACT_17;
+    q = q * u + GHESS_INV_FACT_16;
+    q = q * u + GHESS_INV_FACT_15;
     q = q * u + GHESS_INV_FACT_14;
     q = q * u + GHESS_INV_FACT_13;
     q = q * u + GHESS_INV_FACT_12;
@@ -100,14 +107,15 @@ static inline double ghess_tanh(double x)
     double u = -2.0 * a;
     double small = ghess_expm1_small(u);
     double big = ghess_exp_nonpositive(u) - 1.0;
-    double em = u > -0.34 ? small : big;
+    double em = u > -0.7 ? small : big;
     return copysign(-em / (2.0 + em), x);
 }
 
-/* y = tanh(x); d1 = 1 - y^2 and d2 = -2 y (1 - y^2) where non-NULL. On x86-64 Linux
- * with GCC or clang an AVX2 clone is built beside the baseline (SSE2) one and picked
- * at load time; FMA is left out so that both clones round alike. */
-#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
+/* y = tanh(x); d1 = 1 - y^2 and d2 = -2 y (1 - y^2) where non-NULL. On x86-64 glibc
+ * with GCC or clang >= 14 an AVX2 clone is built beside the baseline (SSE2) one and picked
+ * at load time (an ifunc: glibc only); FMA is left out so that both clones round alike. */
+#if defined(__x86_64__) && defined(__GLIBC__) && \
+    ((defined(__GNUC__) && !defined(__clang__)) || (defined(__clang__) && __clang_major__ >= 14))
 __attribute__((target_clones("avx2", "default")))
 #endif
 static void ghess_tanh_block(const double *restrict x, double *restrict y,
