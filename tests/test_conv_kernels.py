@@ -118,3 +118,39 @@ def test_maxpool_forward_matches_naive_loop(geom, dtype):
         want_y, want_arg = _naive_maxpool(x[i], *geom)
         np.testing.assert_array_equal(y[i], want_y)
         np.testing.assert_array_equal(arg[i], want_arg)
+
+
+def _same_width_geometries():
+    """Stride 1 with out_w == W: the contiguous-copy path of im2col.
+
+    Paddings from none to wider than the kernel's reach (rows with no valid
+    input), dilations 1 and 2, out_h above, equal to and below H.
+    """
+    out = []
+    for C, H, W, kh, kw, dh, dw, ph in [(1, 5, 5, 3, 3, 1, 1, 1), (2, 4, 6, 3, 3, 1, 1, 0),
+                                         (3, 6, 4, 5, 5, 1, 1, 2), (2, 5, 5, 3, 3, 2, 2, 2),
+                                         (1, 3, 7, 1, 1, 1, 1, 3), (2, 8, 8, 3, 3, 1, 1, 4),
+                                         (1, 2, 3, 3, 3, 1, 1, 1), (2, 4, 1, 3, 1, 1, 1, 1),
+                                         (1, 1, 5, 1, 5, 1, 1, 0), (1, 6, 6, 2, 3, 3, 1, 0)]:
+        pw = dw * (kw - 1) // 2
+        if dw * (kw - 1) % 2:
+            continue
+        out_h = H + 2 * ph - dh * (kh - 1)
+        if out_h >= 1:
+            out.append((C, H, W, kh, kw, 1, 1, ph, pw, dh, dw, out_h, W))
+    return out
+
+
+@pytest.mark.parametrize("geom", _same_width_geometries())
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_unfold_same_width_path_matches_naive_and_reads_in_bounds(geom, dtype):
+    C, H, W, kh, kw = geom[:5]
+    P = geom[11] * geom[12]
+    rng = np.random.default_rng(2)
+    # each sample row sits between NaN rows: a read outside it would show as NaN
+    buf = np.full((5, C * H * W), np.nan, dtype=dtype)
+    buf[1:4:2] = rng.normal(size=(2, C * H * W))
+    for x in (buf[1:2], buf[3:4]):
+        cols = np.full((1, C * kh * kw, P), np.nan, dtype=dtype)
+        _conv.unfold(x, cols, geom, 1)
+        np.testing.assert_array_equal(cols[0], _naive_cols(x[0], *geom))
