@@ -969,6 +969,43 @@ def flop_ratio(res, mine, rival):
     return flops[rival] / flops[mine]
 
 
+def peak_lines(all_results):
+    """Return a table of every missed GGN/Hessian/loss+grad target against the GEMM peak.
+
+    ``needed`` is the rate ghess would have to sustain over its own counted flops
+    to meet the target against that run's fastest rival; ``peak`` is the GEMM rate
+    measured in the same worker (1024x784 @ 784x512). A need above 100% of the peak
+    cannot be met with ghess's flop count on this machine.
+    """
+    rows = []
+    for res in all_results:
+        peak = res.get("gemm_gflops")
+        for target in TARGETS[:3]:
+            verdict = judge(res, target)
+            if not peak or verdict is None or verdict["pass"] is not False:
+                continue
+            mine, rival = GHESS_MAIN[target.op], verdict["rival"]
+            t, flops, source = res["timings"], res["flops"], res.get("flops_source", {})
+            if source.get(mine, "nominal") == "nominal":
+                continue
+            have = flops[mine] / t[mine] / 1e9
+            need = target.ratio * flops[mine] / t[rival] / 1e9
+            rival_rate = (None if source.get(rival, "nominal") == "nominal"
+                          else flops[rival] / t[rival] / 1e9)
+            cells = [f"{rate:.1f} ({rate / peak:.0%})" if rate is not None else "n/a"
+                     for rate in (have, need, rival_rate)]
+            rows.append(f"| {res['problem']} | {res['dtype']} | {res['threads']} | {target.op} "
+                        f"| {rival} | " + " | ".join(cells) + f" | {peak:.1f} |")
+    if not rows:
+        return []
+    return ["", "Missed targets against the machine's GEMM peak (GFLOP/s over each "
+            "implementation's counted flops; % of the GEMM rate measured in the same worker). "
+            "\"needed\" is what ghess would have to sustain to meet the target; above 100% "
+            "it cannot be met with ghess's flop count on this machine.", "",
+            "| problem | dtype | threads | operation | fastest rival | ghess | needed "
+            "| rival | GEMM peak |", "|---|---|---:|---|---|---:|---:|---:|---:|"] + rows
+
+
 def summary_lines(all_results):
     """Return the SUMMARY section: every target, one row per configuration."""
     lines = ["## SUMMARY", "",
@@ -999,6 +1036,7 @@ def summary_lines(all_results):
             cells.append("n/a" if ratio is None else f"{verdict['rival']}, {ratio:.2f}")
         lines.append(f"| {res['problem']} | {res['dtype']} | {res['threads']} | "
                      + " | ".join(cells) + " |")
+    lines += peak_lines(all_results)
     scaling = thread_scaling(all_results)
     lines += ["", "ghess 1 -> 2 thread speed-up, both timed in the 2-thread worker "
               f"(target >= {SCALING_TARGET}x on "

@@ -68,3 +68,36 @@ def test_bench_quick_without_competitors(tmp_path):
         assert set(res["skipped"]) == {"torch", "JAX", "curvlinops"}
         assert all(name.startswith(("ghess ", "numpy ")) for name in res["timings"])
     assert "Skipped JAX: JAX is not importable" in report
+
+
+def _load_bench():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ghess_bench_run", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_peak_table_lists_misses_with_needed_rate():
+    bench = _load_bench()
+    counted = "ghess (layers)"
+    res = {"problem": "P", "dtype": "float64", "threads": 1, "conv": False, "gemm_gflops": 40.0,
+           "timings": {"ghess GGN product (stored)": 0.010, "JAX GGN product": 0.015,
+                       "ghess Hessian product (stored)": 0.010, "JAX Hessian product": 0.020,
+                       "ghess loss+grad": 0.010, "torch loss+grad": 0.009},
+           "flops": {"ghess GGN product (stored)": 3e8, "JAX GGN product": 6e8,
+                     "ghess Hessian product (stored)": 3e8, "JAX Hessian product": 6e8,
+                     "ghess loss+grad": 2e8, "torch loss+grad": 2e8},
+           "flops_source": {"ghess GGN product (stored)": counted, "JAX GGN product": "XLA",
+                            "ghess Hessian product (stored)": counted,
+                            "JAX Hessian product": "XLA", "ghess loss+grad": counted,
+                            "torch loss+grad": "PyTorch FlopCounterMode"}}
+    rows = [line for line in bench.peak_lines([res]) if line.startswith("| P |")]
+    # GGN: 1.5x < 2x, needs 2 * 3e8 / 15 ms = 40 GFLOP/s = 100% of the peak
+    assert rows[0] == ("| P | float64 | 1 | GGN product | JAX GGN product | 30.0 (75%) "
+                       "| 40.0 (100%) | 40.0 (100%) | 40.0 |")
+    # Hessian passes (2x >= 1.5x): no row; loss+grad misses (0.9x)
+    assert len(rows) == 2 and rows[1].startswith("| P | float64 | 1 | loss+grad | torch")
+    res["timings"]["torch loss+grad"] = 0.011
+    assert len([line for line in bench.peak_lines([res]) if line.startswith("| P |")]) == 1

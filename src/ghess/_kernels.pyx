@@ -32,6 +32,16 @@ from libc.math cimport exp, fabs, log, log1p, tanh
 from ._blas cimport dot, gemm
 
 
+cdef extern from "_contract.h" nogil:
+    void ghess_contract_f64(const double* D, const double* u, double* out, Py_ssize_t K,
+                            Py_ssize_t m, Py_ssize_t k, int accumulate)
+    void ghess_contract_f32(const float* D, const float* u, float* out, Py_ssize_t K,
+                            Py_ssize_t m, Py_ssize_t k, int accumulate)
+    void ghess_contract_t_f64(const double* D, const double* w, double* out, Py_ssize_t K,
+                              Py_ssize_t m, Py_ssize_t k)
+    void ghess_contract_t_f32(const float* D, const float* w, float* out, Py_ssize_t K,
+                              Py_ssize_t m, Py_ssize_t k)
+
 cdef extern from "_vecmath.h" nogil:
     # vectorisable float64 tanh and its derivatives (see the header)
     void ghess_tanh_block(const double* x, double* y, double* d1, double* d2, Py_ssize_t n)
@@ -390,23 +400,19 @@ def contract_factor(const floating[:, :, ::1] D,   # IN  (n, K, m)
                     int n_threads):
     """out[i, j, :] (+)= D[i] @ u[i, j, :]  (J v for one layer, per sample)."""
     cdef Py_ssize_t n = D.shape[0], K = D.shape[1], m = D.shape[2]
-    cdef Py_ssize_t k = u.shape[1], i, j, c
-    cdef floating s
+    cdef Py_ssize_t k = u.shape[1], i
     _check(u.shape[0] == n and u.shape[2] == m, "contract_factor u")
     _check(out.shape[0] == n and out.shape[1] == k and out.shape[2] == K,
            "contract_factor out")
-    if m == 0:
-        if not accumulate:
-            out[...] = 0
+    if n == 0 or k == 0 or K == 0:
         return
     for i in prange(n, nogil=True, schedule='static', num_threads=n_threads):
-        for j in range(k):
-            for c in range(K):
-                s = dot(<int> m, &D[i, c, 0], &u[i, j, 0])
-                if accumulate:
-                    out[i, j, c] += s
-                else:
-                    out[i, j, c] = s
+        if floating is double:
+            ghess_contract_f64(&D[i, 0, 0] if m else NULL, &u[i, 0, 0] if m else NULL,
+                               &out[i, 0, 0], K, m, k, accumulate)
+        else:
+            ghess_contract_f32(&D[i, 0, 0] if m else NULL, &u[i, 0, 0] if m else NULL,
+                               &out[i, 0, 0], K, m, k, accumulate)
 
 
 def contract_factor_t(const floating[:, :, ::1] D,   # IN  (n, K, m)
@@ -415,19 +421,20 @@ def contract_factor_t(const floating[:, :, ::1] D,   # IN  (n, K, m)
                       int n_threads):
     """out[i, j, :] = D[i]^T @ w[i, j, :]  (J^T w for one layer, per sample)."""
     cdef Py_ssize_t n = D.shape[0], K = D.shape[1], m = D.shape[2]
-    cdef Py_ssize_t k = w.shape[1], i, j, c, o
-    cdef floating wc
+    cdef Py_ssize_t k = w.shape[1], i
     _check(w.shape[0] == n and w.shape[2] == K, "contract_factor_t w")
     _check(out.shape[0] == n and out.shape[1] == k and out.shape[2] == m,
            "contract_factor_t out")
+    if n == 0 or k == 0 or m == 0:
+        return
+    if K == 0:
+        out[...] = 0
+        return
     for i in prange(n, nogil=True, schedule='static', num_threads=n_threads):
-        for j in range(k):
-            for o in range(m):
-                out[i, j, o] = 0
-            for c in range(K):
-                wc = w[i, j, c]
-                for o in range(m):
-                    out[i, j, o] += wc * D[i, c, o]
+        if floating is double:
+            ghess_contract_t_f64(&D[i, 0, 0], &w[i, 0, 0], &out[i, 0, 0], K, m, k)
+        else:
+            ghess_contract_t_f32(&D[i, 0, 0], &w[i, 0, 0], &out[i, 0, 0], K, m, k)
 
 
 def linear_sample_jacobian(const floating[:, :, ::1] D,   # IN  (n, K, m), m outputs
