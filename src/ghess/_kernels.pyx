@@ -29,7 +29,7 @@ import numpy as np
 from cython.parallel cimport prange
 from libc.math cimport exp, fabs, log, log1p, tanh
 
-from ._blas cimport dot, gemm
+from ._blas cimport gemm
 
 
 cdef extern from "_contract.h" nogil:
