@@ -964,12 +964,19 @@ def thread_scaling(all_results):
     return rows
 
 
+def counted_flops(res, name):
+    """Return the flops counted for operation ``name``, None if only nominal (or none)."""
+    if res.get("flops_source", {}).get(name, "nominal") == "nominal":
+        return None
+    return res["flops"][name]
+
+
 def flop_ratio(res, mine, rival):
     """Return the rival's counted flops over ghess's: the speed-up at equal GEMM efficiency."""
-    flops, source = res["flops"], res.get("flops_source", {})
-    if any(source.get(name, "nominal") == "nominal" for name in (mine, rival)):
+    mine_flops, rival_flops = counted_flops(res, mine), counted_flops(res, rival)
+    if mine_flops is None or rival_flops is None:
         return None
-    return flops[rival] / flops[mine]
+    return rival_flops / mine_flops
 
 
 def peak_lines(all_results):
@@ -987,14 +994,13 @@ def peak_lines(all_results):
             verdict = judge(res, target)
             if not peak or verdict is None or verdict["pass"] is not False:
                 continue
-            mine, rival = GHESS_MAIN[target.op], verdict["rival"]
-            t, flops, source = res["timings"], res["flops"], res.get("flops_source", {})
-            if source.get(mine, "nominal") == "nominal":
+            mine, rival, t = GHESS_MAIN[target.op], verdict["rival"], res["timings"]
+            mine_flops, rival_flops = counted_flops(res, mine), counted_flops(res, rival)
+            if mine_flops is None:
                 continue
-            have = flops[mine] / t[mine] / 1e9
-            need = target.ratio * flops[mine] / t[rival] / 1e9
-            rival_rate = (None if source.get(rival, "nominal") == "nominal"
-                          else flops[rival] / t[rival] / 1e9)
+            have = mine_flops / t[mine] / 1e9
+            need = target.ratio * mine_flops / t[rival] / 1e9
+            rival_rate = None if rival_flops is None else rival_flops / t[rival] / 1e9
             cells = [f"{rate:.1f} ({rate / peak:.0%})" if rate is not None else "n/a"
                      for rate in (have, need, rival_rate)]
             rows.append(f"| {res['problem']} | {res['dtype']} | {res['threads']} | {target.op} "

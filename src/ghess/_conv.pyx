@@ -47,30 +47,24 @@ cdef inline void _check(bint ok, str what) except *:
 # im2col / col2im
 # ---------------------------------------------------------------------------
 
+cdef inline void _valid_range(int size, int out_size, int stride, int off,
+                              int* lo, int* hi) noexcept nogil:
+    # outputs t (along one axis) whose input index t*stride + off lies in [0, size):
+    # lo <= t < hi. off = tap * dilation - padding: columns (W, out_w, sw, b*dw - pw)
+    # or rows (H, out_h, sh, a*dh - ph).
+    cdef int t0 = 0, t1
+    if off < 0:
+        t0 = (-off + stride - 1) // stride
+    if size - 1 - off < 0:
+        t1 = 0
+    else:
+        t1 = (size - 1 - off) // stride + 1
+    lo[0] = min(t0, out_size)
+    hi[0] = max(lo[0], min(t1, out_size))
+
+
 cdef inline void _valid_columns(Geometry* g, int b, int* lo, int* hi) noexcept nogil:
-    # output columns j whose input column j*sw - pw + b*dw lies in [0, W): lo <= j < hi
-    cdef int off = b * g.dw - g.pw, j0 = 0, j1
-    if off < 0:
-        j0 = (-off + g.sw - 1) // g.sw
-    if g.W - 1 - off < 0:
-        j1 = 0
-    else:
-        j1 = (g.W - 1 - off) // g.sw + 1
-    lo[0] = min(j0, g.out_w)
-    hi[0] = max(lo[0], min(j1, g.out_w))
-
-
-cdef inline void _valid_rows(Geometry* g, int a, int* lo, int* hi) noexcept nogil:
-    # output rows i whose input row i*sh - ph + a*dh lies in [0, H): lo <= i < hi
-    cdef int off = a * g.dh - g.ph, i0 = 0, i1
-    if off < 0:
-        i0 = (-off + g.sh - 1) // g.sh
-    if g.H - 1 - off < 0:
-        i1 = 0
-    else:
-        i1 = (g.H - 1 - off) // g.sh + 1
-    lo[0] = min(i0, g.out_h)
-    hi[0] = max(lo[0], min(i1, g.out_h))
+    _valid_range(g.W, g.out_w, g.sw, b * g.dw - g.pw, lo, hi)
 
 
 cdef void _im2col_shifted(const floating* x, floating* cols, Geometry* g) noexcept nogil:
@@ -85,7 +79,7 @@ cdef void _im2col_shifted(const floating* x, floating* cols, Geometry* g) noexce
     cdef floating* out
     for c in range(g.C):
         for a in range(g.kh):
-            _valid_rows(g, a, &i0, &i1)
+            _valid_range(g.H, g.out_h, g.sh, a * g.dh - g.ph, &i0, &i1)
             for b in range(g.kw):
                 row = (c * g.kh + a) * g.kw + b
                 out = cols + <Py_ssize_t> row * P
