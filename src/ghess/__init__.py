@@ -9,7 +9,7 @@ of dense networks, computed by Cython kernels over BLAS and exposed as
 __version__ = "0.1.0"
 
 from . import analysis
-from ._config import show_config
+from ._config import release_memory, show_config
 from .analysis import (
     bottom_eigenvalues,
     ggn_diagonal,
@@ -61,5 +61,6 @@ __all__ = [
     "spectral_density",
     "analysis",
     "show_config",
+    "release_memory",
     "__version__",
 ]

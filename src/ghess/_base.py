@@ -12,7 +12,7 @@ import numpy as np
 from scipy.sparse.linalg import LinearOperator
 
 from . import _engine
-from ._config import resolve_n_threads, single_threaded_blas
+from ._config import computing, resolve_n_threads
 from ._validation import (
     SUPPORTED_DTYPES,
     check_n_threads,
@@ -188,7 +188,7 @@ class CurvatureOperator(VectorOperatorMixin, LinearOperator):
         super().__init__(dtype=self.params.dtype, shape=(model.n_params, model.n_params))
         self._stored = None
         if self.mode == "stored":
-            with single_threaded_blas():
+            with computing():
                 self._stored = self._prepare_stored()
 
     # -- planning -----------------------------------------------------------
@@ -263,11 +263,11 @@ class CurvatureOperator(VectorOperatorMixin, LinearOperator):
     def _apply_rows_damped(self, V):
         """Operator applied to the rows of V (k, n), BLOCK_COLUMNS rows per pass."""
         if V.shape[0] <= BLOCK_COLUMNS:
-            with single_threaded_blas():
+            with computing():
                 out = self._apply_rows(V)
         else:
             out = np.empty_like(V)
-            with single_threaded_blas():
+            with computing():
                 for start in range(0, V.shape[0], BLOCK_COLUMNS):
                     out[start:start + BLOCK_COLUMNS] = self._apply_rows(
                         V[start:start + BLOCK_COLUMNS])

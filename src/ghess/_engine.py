@@ -42,12 +42,12 @@ def forward_chunk(model, lparams, X, need, n_threads):
 
 def forward_outputs(model, theta, X, n_threads, chunk_size=4096):
     """Network outputs (N, K) in theta's dtype, chunk by chunk."""
-    from ._config import resolve_n_threads, single_threaded_blas
+    from ._config import computing, resolve_n_threads
 
     lparams = model.layer_params(theta)
     out = np.empty((X.shape[0], model.n_outputs), dtype=theta.dtype)
     omp = resolve_n_threads(n_threads)
-    with single_threaded_blas():
+    with computing():
         for start in range(0, X.shape[0], chunk_size):
             _, z = forward_chunk(model, lparams, X[start:start + chunk_size], 0, omp)
             out[start:start + z.shape[0]] = z

@@ -12,7 +12,7 @@ from scipy.sparse.linalg import ArpackNoConvergence, eigsh
 
 from . import _engine
 from ._base import check_loss, check_model
-from ._config import resolve_n_threads, single_threaded_blas
+from ._config import computing, resolve_n_threads
 from ._data import as_batches
 from ._validation import check_n_threads, check_params, check_positive_int
 
@@ -168,7 +168,7 @@ def ggn_diagonal(model, loss, params, data, *, chunk_size=None, n_threads=None,
     lparams = model.layer_params(theta)
     omp = resolve_n_threads(n_threads)
     diag = np.zeros(P, dtype=np.float64)
-    with single_threaded_blas():
+    with computing():
         for X, y in batches.chunks(chunk_size):
             n = X.shape[0]
             ctxs, z = _engine.forward_chunk(model, lparams, X, 1, omp)

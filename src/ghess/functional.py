@@ -4,7 +4,7 @@ import numpy as np
 
 from . import _engine
 from ._base import check_loss, check_model, default_chunk_size
-from ._config import resolve_n_threads, single_threaded_blas
+from ._config import computing, resolve_n_threads
 from ._data import as_batches, as_input_batches
 from ._validation import check_n_threads, check_out, check_params, check_positive_int
 
@@ -43,7 +43,7 @@ def loss_and_grad(model, loss, params, data, *, chunk_size=None, n_threads=None)
     omp = resolve_n_threads(n_threads)
     accs = _engine.new_accumulators(model, 1, theta.dtype)
     total = 0.0
-    with single_threaded_blas():
+    with computing():
         for X, y in batches.chunks(chunk_size):
             ctxs, z = _engine.forward_chunk(model, lparams, X, 1, omp)
             value, r, _ = loss.value_grad(z, y, scale, omp)
@@ -94,7 +94,7 @@ def per_sample_jacobians(model, params, X, *, chunk_size=None, n_threads=None, o
     lparams = model.layer_params(theta)
     omp = resolve_n_threads(n_threads)
     start = 0
-    with single_threaded_blas():
+    with computing():
         for Xc, _ in batches.chunks(chunk_size):
             n = Xc.shape[0]
             ctxs, _ = _engine.forward_chunk(model, lparams, Xc, 1, omp)

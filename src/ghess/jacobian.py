@@ -12,7 +12,7 @@ from ._base import (
     default_memory_budget,
     format_bytes,
 )
-from ._config import resolve_n_threads, single_threaded_blas
+from ._config import computing, resolve_n_threads
 from ._data import as_input_batches
 from ._validation import check_n_threads, check_params, check_positive_int
 
@@ -74,7 +74,7 @@ class JacobianLinearOperator(VectorOperatorMixin, LinearOperator):
         super().__init__(dtype=self.params.dtype, shape=(self.n_samples * K, model.n_params))
         self._stored = None
         if mode == "stored":
-            with single_threaded_blas():
+            with computing():
                 self._stored = [self._factors(X) for X, _ in self.data.chunks(self.chunk_size)]
 
     def _factors(self, X):
@@ -92,7 +92,7 @@ class JacobianLinearOperator(VectorOperatorMixin, LinearOperator):
         k, K = V.shape[0], self.model.n_outputs
         out = np.empty((k, self.shape[0]), dtype=self.dtype)
         start = 0
-        with single_threaded_blas():
+        with computing():
             tangents = _engine.prepare_tangents(self.model, V)
             for factors in self._chunks():
                 Jv = _engine.factor_jvp(self.model, self._lparams, tangents, factors, k,
@@ -107,7 +107,7 @@ class JacobianLinearOperator(VectorOperatorMixin, LinearOperator):
         k, K = W.shape[0], self.model.n_outputs
         accs = _engine.new_accumulators(self.model, k, self.dtype)
         start = 0
-        with single_threaded_blas():
+        with computing():
             for factors in self._chunks():
                 stop = start + factors.n * K
                 u = np.ascontiguousarray(
