@@ -23,7 +23,7 @@ MiB = 1 << 20
 
 @pytest.fixture
 def pool():
-    """A known, empty pool with a 64 MiB cap; the import-time cap is restored after."""
+    """Give each test a known, empty pool capped at 64 MiB; restore the cap after."""
     limit = _alloc.stats()["limit"]
     _alloc.set_limit(64 * MiB)
     yield

@@ -189,10 +189,10 @@ def jacobian_factors(model, lparams, ctxs, n, dtype, n_threads, paths=True):
             path = plan[i][0]
             if path:
                 kept = D_at_input[path[-1] + 1]
-                layers.append(LayerFactor(i, layer.factor_context(ctx), kept,
+                layers.append(LayerFactor(i, layer.factor_context(ctx, n_threads), kept,
                                           tuple((j, ctxs[j]) for j in path)))
             else:
-                layers.append(LayerFactor(i, layer.factor_context(ctx), D, ()))
+                layers.append(LayerFactor(i, layer.factor_context(ctx, n_threads), D, ()))
         if i == first:
             break
         if D is None:

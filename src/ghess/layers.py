@@ -149,7 +149,7 @@ class Linear(Layer):
         ctx["x"] = x
         return y
 
-    def factor_context(self, ctx):
+    def factor_context(self, ctx, n_threads=1):
         """Return what the stored-Jacobian path keeps: the layer input."""
         return {"x": ctx["x"]}
 

@@ -1,0 +1,136 @@
+"""The direct convolution kernels (_direct_conv.h) against im2col + einsum, and the
+layer paths that use them against the im2col paths they replace."""
+
+import numpy as np
+import pytest
+
+import ghess
+from ghess import _conv
+
+needs_direct = pytest.mark.skipif(not _conv._DIRECT_CONV, reason="needs AVX2 and FMA")
+
+# (C, H, W, out_channels, kernel, stride, padding, dilation): CNN-C's and CNN-S's layers,
+# widths that are not multiples of a vector, one-pixel images, taller strides, dilation
+GEOMETRIES = [
+    (3, 32, 32, 32, 5, 1, 2, 1),
+    (32, 16, 16, 64, 3, 1, 1, 1),
+    (64, 8, 8, 64, 3, 1, 1, 1),
+    (1, 28, 28, 16, 3, 1, 1, 1),
+    (16, 14, 14, 32, 3, 1, 1, 1),
+    (2, 7, 9, 5, (2, 3), (2, 1), (1, 0), (1, 2)),
+    (3, 5, 5, 7, 5, 1, 0, 1),
+    (1, 1, 1, 1, 1, 1, 0, 1),
+    (4, 6, 13, 13, (3, 1), (3, 1), (2, 0), (2, 1)),
+    (2, 9, 3, 11, 3, 1, 2, 1),
+    (5, 4, 21, 17, (1, 4), 1, (0, 3), (1, 3)),
+]
+TOL = {np.float64: 1e-14, np.float32: 2e-6}
+
+
+def _layer(C, H, W, M, k, s, p, d, bias=True):
+    layer = ghess.Conv2d(C, M, k, stride=s, padding=p, dilation=d, bias=bias)
+    layer.output_shape((C, H, W))
+    return layer
+
+
+@needs_direct
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=lambda t: t.__name__)
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=str)
+@pytest.mark.parametrize("bias", [True, False])
+def test_forward_matches_im2col(geometry, dtype, bias):
+    C, H, W, M = geometry[:4]
+    layer = _layer(*geometry, bias=bias)
+    geom, P = layer._geom, layer._geom[11] * layer._geom[12]
+    rng = np.random.default_rng(len(str(geometry)))
+    n = 5
+    x = rng.standard_normal((n, C * H * W)).astype(dtype)
+    w = rng.standard_normal((M, layer.patch_size)).astype(dtype)
+    b = rng.standard_normal(M).astype(dtype) if bias else np.empty(0, dtype)
+    x0, w0 = x.copy(), w.copy()
+    expected = np.einsum("mk,nkp->nmp", w.astype(np.float64),
+                         layer._unfold(x, 1).astype(np.float64))
+    if bias:
+        expected += b[None, :, None]
+    for n_threads in (1, 2):
+        out = np.full((n, M * P), np.nan, dtype=dtype)   # every element must be written
+        _conv.conv_forward_direct(w, b, x, out, geom, n_threads)
+        err = np.abs(out.reshape(n, M, P) - expected).max() / np.abs(expected).max()
+        assert err < TOL[dtype], err
+        if n_threads == 1:
+            first = out.copy()
+        else:  # per sample, the same operations whatever the thread
+            assert np.array_equal(out, first)
+    assert np.array_equal(x, x0) and np.array_equal(w, w0)
+
+
+@needs_direct
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=lambda t: t.__name__)
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=str)
+@pytest.mark.parametrize("k", [1, 3])
+def test_weight_grad_matches_im2col(geometry, dtype, k):
+    C, H, W, M = geometry[:4]
+    layer = _layer(*geometry)
+    geom, P, K = layer._geom, layer._geom[11] * layer._geom[12], layer.patch_size
+    rng = np.random.default_rng(len(str(geometry)) + k)
+    n = 5
+    x = rng.standard_normal((n, C * H * W)).astype(dtype)
+    g = rng.standard_normal((n, k, M * P)).astype(dtype)
+    start = rng.standard_normal((k, M, K)).astype(dtype)   # accumulated into
+    expected = start + np.einsum("njmp,nkp->jmk", g.reshape(n, k, M, P).astype(np.float64),
+                                 layer._unfold(x, 1).astype(np.float64))
+    for n_threads in (1, 2):
+        out = start.copy()
+        _conv.conv_weight_grad_direct(g, x, out, geom, n_threads)
+        err = np.abs(out - expected).max() / np.abs(expected).max()
+        assert err < TOL[dtype], (n_threads, err)
+
+
+@needs_direct
+def test_kernels_reject_what_they_cannot_do():
+    layer = _layer(2, 8, 8, 3, 3, 2, 1, 1)      # stride 2 along the width
+    x = np.zeros((1, 128))
+    with pytest.raises(ValueError, match="stride 1"):
+        _conv.conv_forward_direct(np.zeros((3, 18)), np.empty(0), x, np.zeros((1, 48)),
+                                  layer._geom, 1)
+    assert not _conv.direct_conv_supported(layer._geom)
+    layer = _layer(2, 8, 8, 3, 3, 1, 1, 1)
+    with pytest.raises(ValueError, match="bias"):
+        _conv.conv_forward_direct(np.zeros((3, 18)), np.zeros(2), x, np.zeros((1, 192)),
+                                  layer._geom, 1)
+
+
+def _model():
+    # direct-capable layers (stride 1 along the width), then one that is not (stride 2)
+    return ghess.Sequential(
+        ghess.Conv2d(3, 6, 3, padding=1), ghess.Tanh(), ghess.MaxPool2d(2),
+        ghess.Conv2d(6, 5, (3, 2), padding=(1, 0), dilation=(1, 2)), ghess.Softplus(),
+        ghess.Conv2d(5, 4, 3, stride=(2, 1), padding=1), ghess.ReLU(),
+        ghess.Conv2d(4, 4, 3, stride=(1, 2), padding=1),
+        ghess.Flatten(), ghess.Linear(8, 3), input_shape=(3, 8, 9))
+
+
+@needs_direct
+@pytest.mark.parametrize("mode", ["stored", "recompute"])
+def test_every_operation_agrees_with_the_im2col_paths(monkeypatch, mode):
+    model = _model()
+    rng = np.random.default_rng(3)
+    X, y = rng.standard_normal((9, 3, 8, 9)), rng.integers(0, 3, 9)
+    theta = model.init_params(seed=2)
+    loss = ghess.CrossEntropyLoss()
+    V = rng.standard_normal((model.n_params, 2))
+
+    def run():
+        value, grad = ghess.loss_and_grad(model, loss, theta, (X, y), chunk_size=4)
+        G = ghess.GGNLinearOperator(model, loss, theta, (X, y), mode=mode, chunk_size=4)
+        H = ghess.HessianLinearOperator(model, loss, theta, (X, y), mode=mode, chunk_size=4)
+        J = ghess.per_sample_jacobians(model, theta, X, chunk_size=4)
+        return [np.array([value]), grad, G @ V, H @ V, J]
+
+    direct = run()
+    assert [_conv.direct_conv_supported(layer._geom) for layer in model.layers
+            if isinstance(layer, ghess.Conv2d)] == [True, True, True, False]
+    monkeypatch.setattr(_conv, "_DIRECT_CONV", False)
+    assert not _conv.direct_conv_supported(model.layers[0]._geom)
+    im2col = run()
+    for a, b in zip(direct, im2col):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-13 * np.abs(b).max())
