@@ -1,5 +1,6 @@
 """The direct convolution kernels (_direct_conv.h) against im2col + einsum, and the
-layer paths that use them against the im2col paths they replace."""
+layer paths that use them against the im2col paths they replace.
+"""
 
 import numpy as np
 import pytest
@@ -134,3 +135,29 @@ def test_every_operation_agrees_with_the_im2col_paths(monkeypatch, mode):
     im2col = run()
     for a, b in zip(direct, im2col):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-13 * np.abs(b).max())
+
+
+@needs_direct
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=lambda t: t.__name__)
+@pytest.mark.parametrize("geometry", GEOMETRIES + [(2, 6, 6, 3, 3, 1, 3, 1)], ids=str)
+def test_input_grad_as_a_convolution_matches_col2im(geometry, dtype):
+    C, H, W, M = geometry[:4]
+    layer = _layer(*geometry)
+    P = layer._geom[11] * layer._geom[12]
+    rng = np.random.default_rng(len(str(geometry)))
+    params = {"weight": rng.standard_normal((M, C) + layer.kernel_size).astype(dtype),
+              "bias": np.zeros(M, dtype)}
+    n, k = 4, 3
+    g = rng.standard_normal((n, k, M * P)).astype(dtype)
+    g0 = g.copy()
+    expected = np.empty((n, k, C * H * W), dtype)
+    layer._input_grad(layer._weight(params), g, expected, False, 1)
+    got = layer.vjp(params, {}, g, None, True, 2)
+    scale = np.abs(expected).max()
+    assert np.abs(got - expected).max() <= TOL[dtype] * 10 * scale
+    assert np.array_equal(g, g0)
+    # stride 1 both ways and padding within the kernel's span: the direct path applies
+    s, p = layer.stride, layer.padding
+    spans = [d * (kk - 1) for d, kk in zip(layer.dilation, layer.kernel_size)]
+    applies = s == (1, 1) and all(pp <= sp for pp, sp in zip(p, spans))
+    assert (layer._transposed_geometry() is not None) == applies

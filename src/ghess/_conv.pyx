@@ -217,9 +217,9 @@ def unfold(const floating[:, ::1] x,        # IN  (m, C*H*W)
 _DIRECT_CONV = bool(ghess_direct_conv_available())
 
 
-def direct_conv_supported(tuple geom):
-    """Whether ``conv_forward_direct`` runs on this CPU for this geometry."""
-    return _DIRECT_CONV and len(geom) == 13 and geom[6] == 1
+def direct_conv_supported(geom):
+    """Whether ``conv_forward_direct`` runs on this CPU for this geometry (None: no)."""
+    return _DIRECT_CONV and geom is not None and len(geom) == 13 and geom[6] == 1
 
 
 def conv_forward_direct(const floating[:, ::1] weights,  # IN  (M, C*kh*kw)

@@ -256,8 +256,30 @@ class Conv2d(_Windowed):
             return None
         n, k = gy.shape[0], gy.shape[1]
         gx = np.empty((n, k, int(np.prod(self._input_shape))), dtype=gy.dtype)
-        self._input_grad(self._weight(params), gy, gx, False, n_threads)
+        transposed = self._transposed_geometry()
+        if _conv.direct_conv_supported(transposed):
+            # W^T g then col2im is the convolution of g with the flipped, transposed W
+            _conv.conv_forward_direct(self._flipped_weight(params), np.empty(0, gy.dtype),
+                                      gy.reshape(n * k, -1), gx.reshape(n * k, -1),
+                                      transposed, n_threads)
+        else:
+            self._input_grad(self._weight(params), gy, gx, False, n_threads)
         return gx
+
+    def _transposed_geometry(self):
+        """Geometry of dL/dx as a convolution of dL/ds, or None where that needs
+        fractional strides (stride > 1) or cropping (padding beyond the kernel's span).
+        """  # noqa: D205
+        C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, out_h, out_w = self._geom
+        pad_h, pad_w = dh * (kh - 1) - ph, dw * (kw - 1) - pw
+        if sh != 1 or sw != 1 or pad_h < 0 or pad_w < 0:
+            return None
+        return (self.out_channels, out_h, out_w, kh, kw, 1, 1, pad_h, pad_w, dh, dw, H, W)
+
+    def _flipped_weight(self, params):
+        """W'[c, (m, a, b)] = W[m, c, kh-1-a, kw-1-b]: the weights of that convolution."""
+        w = params["weight"][:, :, ::-1, ::-1].transpose(1, 0, 2, 3)
+        return np.ascontiguousarray(w).reshape(self.in_channels, -1)
 
     def rvjp(self, params, tangent, ctx, g, rx, rgy, acc, need_input_grad, n_threads):
         """R-operator of ``vjp``: R{dW} = R{g} phi(x)^T + g phi(R{x})^T, R{db} = sum R{g},
