@@ -1,5 +1,6 @@
-"""The direct convolution kernels (_direct_conv.h) against im2col + einsum, and the
-layer paths that use them against the im2col paths they replace.
+"""The direct convolution kernels (_direct_conv.h) against im2col + einsum.
+
+Also the layer paths that use them against the im2col paths they replace.
 """
 
 import numpy as np
