@@ -162,3 +162,30 @@ def test_input_grad_as_a_convolution_matches_col2im(geometry, dtype):
     spans = [d * (kk - 1) for d, kk in zip(layer.dilation, layer.kernel_size)]
     applies = s == (1, 1) and all(pp <= sp for pp, sp in zip(p, spans))
     assert (layer._transposed_geometry() is not None) == applies
+
+
+@needs_direct
+def test_stored_operators_keep_inputs_not_unfolded_inputs_and_do_not_grow():
+    model = _model()
+    rng = np.random.default_rng(5)
+    X, y = rng.standard_normal((9, 3, 8, 9)), rng.integers(0, 3, 9)
+    theta = model.init_params(seed=4)
+    loss = ghess.CrossEntropyLoss()
+    G = ghess.GGNLinearOperator(model, loss, theta, (X, y), mode="stored", chunk_size=4)
+    H = ghess.HessianLinearOperator(model, loss, theta, (X, y), mode="stored", chunk_size=4)
+    conv = [i for i, layer in enumerate(model.layers) if isinstance(layer, ghess.Conv2d)]
+    kept = {f.index: set(f.ctx) for chunk in G._stored for f in chunk.layers}
+    assert [kept[i] for i in conv] == [{"x"}, {"x"}, {"x"}, {"cols"}]
+    before = (G.memory_bytes, sum(c.nbytes() for c in G._stored))
+    V = rng.standard_normal((model.n_params, 3))
+    for _ in range(2):
+        G @ V, H @ V, G.block("0.weight", "3.weight")
+    assert (G.memory_bytes, sum(c.nbytes() for c in G._stored)) == before
+    assert {f.index: set(f.ctx) for chunk in G._stored for f in chunk.layers} == kept
+    for trace in H._stored:
+        assert all("cols" not in trace.ctxs[i] for i in conv[:3])
+    # a direct layer's stored input is C*H*W numbers per sample, its phi(x) C*kh*kw*P
+    layer = model.layers[conv[1]]
+    shape = model.shapes[conv[1]]
+    assert layer.factor_bytes(shape, 8, False) == int(np.prod(shape)) * 8
+    assert layer.factor_bytes(shape, 8, True) == 0

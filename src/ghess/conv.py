@@ -157,10 +157,6 @@ class Conv2d(_Windowed):
             _conv.conv_forward_direct(params["weight"].reshape(self.out_channels, -1), bias, x,
                                       y, self._geom, n_threads)
             ctx["x"] = x
-            if need >= 2:
-                # a Hessian trace's R-passes read phi(x) on every product: build it now,
-                # with the trace (what memory_required counts), not on the first product
-                ctx["cols"] = self._unfold(x, n_threads)
             return y
         cols = self._unfold(x, n_threads)
         y = np.empty((n, 1, self.out_channels * cols.shape[2]), dtype=x.dtype)
@@ -170,15 +166,27 @@ class Conv2d(_Windowed):
         ctx["cols"] = cols
         return y.reshape(n, -1)
 
-    def _cols(self, ctx, n_threads):
-        """Return the unfolded inputs phi(x), unfolding them now if the forward pass did not."""
+    def _cols(self, ctx, n_threads, keep=True):
+        """Return the unfolded inputs phi(x), unfolding them now if the forward pass did not
+        (and keeping them in ``ctx`` for the next pass unless ``keep`` is False).
+        """  # noqa: D205
         cols = ctx.get("cols")
         if cols is None:
-            cols = ctx["cols"] = self._unfold(ctx["x"], n_threads)
+            cols = self._unfold(ctx["x"], n_threads)
+            if keep:
+                ctx["cols"] = cols
         return cols
 
+    def _reads_input(self, ctx):
+        """Whether the direct kernels serve this context (they read x, not phi(x))."""
+        return "x" in ctx and _conv.direct_conv_supported(self._geom)
+
     def factor_context(self, ctx, n_threads=1):
-        """Return what the stored-Jacobian path keeps: the unfolded inputs."""
+        """Return what the stored-Jacobian path keeps: the input for the direct kernels
+        (C*H*W numbers per sample), else the unfolded input (C*kh*kw*P).
+        """  # noqa: D205
+        if self._reads_input(ctx):
+            return {"x": ctx["x"]}
         return {"cols": self._cols(ctx, n_threads)}
 
     def split_tangent(self, V):
@@ -192,12 +200,21 @@ class Conv2d(_Windowed):
 
     def jvp(self, params, tangent, ctx, rx, n_threads):
         """R{s} = V phi(x) + W phi(R{x}) + v_b for k directions."""
-        cols = self._cols(ctx, n_threads)
-        n, P = cols.shape[0], cols.shape[2]
         Vw = tangent["weight"]
-        k = Vw.shape[0]
-        ry = np.empty((n, k, self.out_channels * P), dtype=cols.dtype)
-        _conv.conv_gemm(Vw, cols[:, None], ry, False, n_threads)
+        k, P = Vw.shape[0], self._geom[11] * self._geom[12]
+        if self._reads_input(ctx):
+            # the k directions' weights are k*M output channels of one direct convolution
+            x = ctx["x"]
+            n = x.shape[0]
+            ry = np.empty((n, k, self.out_channels * P), dtype=x.dtype)
+            _conv.conv_forward_direct(Vw.reshape(k * self.out_channels, -1),
+                                      np.empty(0, dtype=x.dtype), x, ry.reshape(n, -1),
+                                      self._geom, n_threads)
+        else:
+            cols = self._cols(ctx, n_threads)
+            n = cols.shape[0]
+            ry = np.empty((n, k, self.out_channels * P), dtype=cols.dtype)
+            _conv.conv_gemm(Vw, cols[:, None], ry, False, n_threads)
         if rx is not None:
             rcols = self._unfold(rx.reshape(n * k, -1), n_threads)
             _conv.conv_gemm(self._weight(params), rcols.reshape(n, k, self.patch_size, P),
@@ -225,7 +242,7 @@ class Conv2d(_Windowed):
 
     def param_vjp(self, ctx, gy, acc, n_threads):
         """dL/dW += sum_n g_n phi(x_n)^T, dL/db += sums of g over positions."""
-        if "x" in ctx and _conv.direct_conv_supported(self._geom):
+        if self._reads_input(ctx):
             # straight from x, as the forward pass: no unfolded input to write and read
             _conv.conv_weight_grad_direct(gy, ctx["x"], acc["weight"], self._geom, n_threads)
         else:
@@ -285,8 +302,7 @@ class Conv2d(_Windowed):
         """R-operator of ``vjp``: R{dW} = R{g} phi(x)^T + g phi(R{x})^T, R{db} = sum R{g},
         R{dL/dx} = col2im(W^T R{g} + V^T g).
         """  # noqa: D205
-        cols = self._cols(ctx, n_threads)
-        n, k, P = rgy.shape[0], rgy.shape[1], cols.shape[2]
+        n, k, P = rgy.shape[0], rgy.shape[1], self._geom[11] * self._geom[12]
         self.param_vjp(ctx, rgy, acc, n_threads)
         if rx is not None:
             cached = tangent.pop("_unfolded_rx", None)
@@ -309,21 +325,19 @@ class Conv2d(_Windowed):
 
     def sample_jacobian(self, ctx, D, offset, J_out, n_threads):
         """Write this layer's columns of the per-sample Jacobians ``J_out``."""
-        _conv.conv_sample_jacobian(D, self._cols(ctx, n_threads), self.bias, offset, J_out,
-                                   n_threads)
+        # keep=False: ctx may be an operator's stored factor context, which must not grow
+        _conv.conv_sample_jacobian(D, self._cols(ctx, n_threads, keep=False), self.bias,
+                                   offset, J_out, n_threads)
 
     def kept_bytes(self, input_shape, itemsize, input_is_data):
-        """Bytes per sample a Hessian trace's forward context keeps: the unfolded input,
-        and the input itself where the direct kernels read it (unless it is the data).
+        """Bytes per sample its forward context keeps: the input where the direct kernels
+        read it (nothing of its own if it is the data), else the unfolded input.
         """  # noqa: D205
-        kept = self.factor_bytes(input_shape, itemsize, input_is_data)
-        if _conv.direct_conv_supported(self._geom) and not input_is_data:
-            kept += int(np.prod(input_shape)) * itemsize
-        return kept
-
-    def factor_bytes(self, input_shape, itemsize, input_is_data):
-        """Bytes per sample of its stored factor context: the unfolded input."""
+        if _conv.direct_conv_supported(self._geom):
+            return 0 if input_is_data else int(np.prod(input_shape)) * itemsize
         return self.patch_size * self._geom[11] * self._geom[12] * itemsize
+
+    factor_bytes = kept_bytes
 
     def work_elements(self, input_shape):
         """Scalars per sample of its temporaries (the unfolded input)."""
