@@ -229,6 +229,9 @@ static size_t ghess_pool_release(void)
 static void ghess_pool_stats(size_t *count, size_t *bytes, size_t *limit, size_t *hits,
                              size_t *misses)
 {
+    *count = *bytes = *limit = *hits = *misses = 0;
+    if (ghess_pool.lock == NULL)
+        return;
     PyThread_acquire_lock(ghess_pool.lock, WAIT_LOCK);
     *count = (size_t)ghess_pool.count;
     *bytes = ghess_pool.bytes;

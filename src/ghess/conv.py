@@ -8,9 +8,13 @@ for the kernels of ``ghess._conv``:
 ``(in_channels, height, width, kernel_h, kernel_w, stride_h, stride_w,
 pad_h, pad_w, dilation_h, dilation_w, out_h, out_w)``.
 
-A convolution ``s = W * x + b`` is computed per sample as the GEMM
-``s_n = W phi(x_n) + b`` with ``phi(x_n)`` the unfolded input (im2col) of shape
+A convolution ``s = W * x + b`` is, per sample, the GEMM ``s_n = W phi(x_n) + b``
+with ``phi(x_n)`` the unfolded input (im2col) of shape
 ``(in_channels * kh * kw, out_h * out_w)``; its transpose (col2im) scatters back.
+With stride 1 along the width (and AVX2/FMA), the direct kernels of
+``ghess._conv`` compute those GEMMs from ``x_n`` itself, for the forward pass,
+``V phi(x)``, the weight gradient and (stride 1 both ways) the input gradient;
+such a layer then keeps ``x`` instead of ``phi(x)``.
 """
 
 import numbers
@@ -166,16 +170,14 @@ class Conv2d(_Windowed):
         ctx["cols"] = cols
         return y.reshape(n, -1)
 
-    def _cols(self, ctx, n_threads, keep=True):
-        """Return the unfolded inputs phi(x), unfolding them now if the forward pass did not
-        (and keeping them in ``ctx`` for the next pass unless ``keep`` is False).
-        """  # noqa: D205
+    def _cols(self, ctx, n_threads):
+        """Return the unfolded inputs phi(x): kept by the im2col path, else unfolded now.
+
+        Only per-sample Jacobians need phi(x) where the direct kernels apply; it is
+        not put back into ``ctx``, which may be an operator's stored context.
+        """
         cols = ctx.get("cols")
-        if cols is None:
-            cols = self._unfold(ctx["x"], n_threads)
-            if keep:
-                ctx["cols"] = cols
-        return cols
+        return self._unfold(ctx["x"], n_threads) if cols is None else cols
 
     def _reads_input(self, ctx):
         """Whether the direct kernels serve this context (they read x, not phi(x))."""
@@ -325,9 +327,8 @@ class Conv2d(_Windowed):
 
     def sample_jacobian(self, ctx, D, offset, J_out, n_threads):
         """Write this layer's columns of the per-sample Jacobians ``J_out``."""
-        # keep=False: ctx may be an operator's stored factor context, which must not grow
-        _conv.conv_sample_jacobian(D, self._cols(ctx, n_threads, keep=False), self.bias,
-                                   offset, J_out, n_threads)
+        _conv.conv_sample_jacobian(D, self._cols(ctx, n_threads), self.bias, offset, J_out,
+                                   n_threads)
 
     def kept_bytes(self, input_shape, itemsize, input_is_data):
         """Bytes per sample its forward context keeps: the input where the direct kernels
