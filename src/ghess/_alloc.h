@@ -62,6 +62,19 @@ static void ghess_advise_huge(void *raw, size_t size)
 #endif
 }
 
+/* take slot i out of the pool, keeping the others oldest first (lock held) */
+static void *ghess_pool_remove(int i)
+{
+    void *raw = ghess_pool.raw[i];
+    ghess_pool.bytes -= ghess_pool.capacity[i];
+    for (int j = i + 1; j < ghess_pool.count; j++) {
+        ghess_pool.raw[j - 1] = ghess_pool.raw[j];
+        ghess_pool.capacity[j - 1] = ghess_pool.capacity[j];
+    }
+    ghess_pool.count--;
+    return raw;
+}
+
 /* a pooled block of at least `size` bytes (at most 1/4 more), or NULL */
 static void *ghess_pool_take(size_t size)
 {
@@ -76,13 +89,7 @@ static void *ghess_pool_take(size_t size)
             best = i;
     }
     if (best >= 0) {
-        raw = ghess_pool.raw[best];
-        ghess_pool.bytes -= ghess_pool.capacity[best];
-        for (int i = best + 1; i < ghess_pool.count; i++) {
-            ghess_pool.raw[i - 1] = ghess_pool.raw[i];
-            ghess_pool.capacity[i - 1] = ghess_pool.capacity[i];
-        }
-        ghess_pool.count--;
+        raw = ghess_pool_remove(best);
         ghess_pool.hits++;
     } else {
         ghess_pool.misses++;
@@ -101,13 +108,7 @@ static void ghess_pool_give(void *raw, size_t capacity)
         if (capacity <= ghess_pool.limit) {
             while (ghess_pool.count > 0 && (ghess_pool.count == GHESS_CACHE_SLOTS ||
                                             ghess_pool.bytes + capacity > ghess_pool.limit)) {
-                evicted[n_evicted++] = ghess_pool.raw[0];
-                ghess_pool.bytes -= ghess_pool.capacity[0];
-                for (int i = 1; i < ghess_pool.count; i++) {
-                    ghess_pool.raw[i - 1] = ghess_pool.raw[i];
-                    ghess_pool.capacity[i - 1] = ghess_pool.capacity[i];
-                }
-                ghess_pool.count--;
+                evicted[n_evicted++] = ghess_pool_remove(0);
             }
             ghess_pool.raw[ghess_pool.count] = raw;
             ghess_pool.capacity[ghess_pool.count] = capacity;

@@ -57,8 +57,8 @@ cdef extern from "_direct_conv.h" nogil:
     int GHESS_DC_MR
 
 
-cdef struct Geometry:
-    int C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, out_h, out_w
+# one geometry struct for the Cython kernels and the C ones of _direct_conv.h
+ctypedef ghess_dc_geom Geometry
 
 
 cdef Geometry _geometry(tuple geom) except *:
@@ -229,20 +229,17 @@ def conv_forward_direct(const floating[:, ::1] weights,  # IN  (M, C*kh*kw)
                         floating[:, ::1] out,             # OUT (n, M*P)
                         tuple geom, int n_threads):
     """out[i] = weights @ im2col(x[i]) (+ bias per channel), without the im2col buffer."""
-    cdef Geometry g0 = _geometry(geom)
-    cdef ghess_dc_geom g
+    cdef Geometry g = _geometry(geom)
     cdef Py_ssize_t n = x.shape[0], i
     cdef int M = weights.shape[0], K = weights.shape[1], t
-    cdef int P = g0.out_h * g0.out_w
+    cdef int P = g.out_h * g.out_w
     _check(direct_conv_supported(geom), "conv_forward_direct needs AVX2/FMA and width stride 1")
-    _check(K == g0.C * g0.kh * g0.kw and x.shape[1] == g0.C * g0.H * g0.W,
+    _check(K == g.C * g.kh * g.kw and x.shape[1] == g.C * g.H * g.W,
            "conv_forward_direct weights/x")
     _check(bias.shape[0] in (0, M), "conv_forward_direct bias")
     _check(out.shape[0] == n and out.shape[1] == M * P, "conv_forward_direct out")
     if n == 0 or M == 0 or P == 0:
         return
-    (g.C, g.H, g.W, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, g.out_h,
-     g.out_w) = geom
     dtype = np.float64 if floating is double else np.float32
     # (M + MR - 1) // MR panels; not -(-M // MR): cdivision truncates toward zero
     cdef floating[::1] packed = np.empty((M + GHESS_DC_MR - 1) // GHESS_DC_MR * GHESS_DC_MR * K,
@@ -274,21 +271,18 @@ def conv_weight_grad_direct(const floating[:, :, ::1] g,  # IN  (n, k, M*P)
 
     The k directions share the input, so they are k*M channels of one pass.
     """
-    cdef Geometry g0 = _geometry(geom)
-    cdef ghess_dc_geom gm
-    cdef Py_ssize_t n = g.shape[0], i, kk, m, e
+    cdef Geometry gm = _geometry(geom)
+    cdef Py_ssize_t n = g.shape[0], i, kk, e
     cdef int k = g.shape[1], M = out.shape[1], K = out.shape[2], t, km
-    cdef int P = g0.out_h * g0.out_w
+    cdef int P = gm.out_h * gm.out_w
     cdef int L = 4 if floating is double else 8
     _check(direct_conv_supported(geom), "conv_weight_grad_direct needs AVX2/FMA, stride 1")
-    _check(K == g0.C * g0.kh * g0.kw and x.shape[0] == n and x.shape[1] == g0.C * g0.H * g0.W,
+    _check(K == gm.C * gm.kh * gm.kw and x.shape[0] == n and x.shape[1] == gm.C * gm.H * gm.W,
            "conv_weight_grad_direct x/out")
     _check(out.shape[0] == k and g.shape[2] == M * P, "conv_weight_grad_direct g")
     km = k * M
     if n == 0 or km == 0 or K == 0:
         return
-    (gm.C, gm.H, gm.W, gm.kh, gm.kw, gm.sh, gm.sw, gm.ph, gm.pw, gm.dh, gm.dw, gm.out_h,
-     gm.out_w) = geom
     dtype = np.float64 if floating is double else np.float32
     cdef int[::1] offsets = np.empty(K, dtype=np.intc)
     cdef floating[:, ::1] padded = np.empty((n_threads, ghess_dc_padded_size(&gm)), dtype=dtype)

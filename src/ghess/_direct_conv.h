@@ -124,26 +124,38 @@ static ptrdiff_t ghess_dc_grad_panels_size(int M, int P, int vector_length)
 }
 
 #if GHESS_DC_X86
+/* The 6 x 2-vector register tile both kernels share: 12 named accumulators (named, not
+ * an array, so that they stay in registers), a rank-1 update with b0 and b1 (in scope)
+ * by the six scalars at p0..p5, and the accumulators gathered for the stores. */
+#define GHESS_DC_ACC_ZERO(VEC, SETZERO)                                                     \
+    VEC c00 = SETZERO(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;             \
+    VEC c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+#define GHESS_DC_ACC_UPDATE(VEC, BCAST, FMA, p0, p1, p2, p3, p4, p5)                        \
+    {                                                                                       \
+        VEC a0 = BCAST(p0), a1 = BCAST(p1);                                                 \
+        c00 = FMA(a0, b0, c00); c01 = FMA(a0, b1, c01);                                     \
+        c10 = FMA(a1, b0, c10); c11 = FMA(a1, b1, c11);                                     \
+        a0 = BCAST(p2); a1 = BCAST(p3);                                                     \
+        c20 = FMA(a0, b0, c20); c21 = FMA(a0, b1, c21);                                     \
+        c30 = FMA(a1, b0, c30); c31 = FMA(a1, b1, c31);                                     \
+        a0 = BCAST(p4); a1 = BCAST(p5);                                                     \
+        c40 = FMA(a0, b0, c40); c41 = FMA(a0, b1, c41);                                     \
+        c50 = FMA(a1, b0, c50); c51 = FMA(a1, b1, c51);                                     \
+    }
+#define GHESS_DC_ACC_ARRAY(VEC)                                                             \
+    VEC acc[12] = {c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51};
+
 /* One tile: rows ib..ib+mr of out, the positions of two runs (each at most one vector)
  * starting at out + p0 / out + p1, read from xp + x0 / xp + x1. */
 #define GHESS_DC_TILE(T, VEC, LOADU, BCAST, FMA, SETZERO, STOREU, ADD, L)                        \
-    VEC c00 = SETZERO(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;             \
-    VEC c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;                   \
+    GHESS_DC_ACC_ZERO(VEC, SETZERO)                                                         \
     for (int k = 0; k < K; k++) {                                                           \
         ptrdiff_t o = off[k];                                                               \
         VEC b0 = LOADU(in0 + o), b1 = LOADU(in1 + o);                                       \
-        VEC a0 = BCAST(a), a1 = BCAST(a + 1);                                               \
-        c00 = FMA(a0, b0, c00); c01 = FMA(a0, b1, c01);                                     \
-        c10 = FMA(a1, b0, c10); c11 = FMA(a1, b1, c11);                                     \
-        a0 = BCAST(a + 2); a1 = BCAST(a + 3);                                               \
-        c20 = FMA(a0, b0, c20); c21 = FMA(a0, b1, c21);                                     \
-        c30 = FMA(a1, b0, c30); c31 = FMA(a1, b1, c31);                                     \
-        a0 = BCAST(a + 4); a1 = BCAST(a + 5);                                               \
-        c40 = FMA(a0, b0, c40); c41 = FMA(a0, b1, c41);                                     \
-        c50 = FMA(a1, b0, c50); c51 = FMA(a1, b1, c51);                                     \
+        GHESS_DC_ACC_UPDATE(VEC, BCAST, FMA, a, a + 1, a + 2, a + 3, a + 4, a + 5)          \
         a += GHESS_DC_MR;                                                                   \
     }                                                                                       \
-    VEC acc[12] = {c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51};             \
+    GHESS_DC_ACC_ARRAY(VEC)                                                                 \
     for (int r = 0; r < mr; r++) {                                                          \
         T *row = out + (ptrdiff_t)(ib + r) * P;                                             \
         VEC shift = bias ? BCAST(bias + ib + r) : SETZERO();                                \
@@ -206,27 +218,19 @@ static void ghess_dc_weight_grad_##SUFFIX(const T *gT, int M, const T *xp, const
             o[r] = off[kb + (r < kr ? r : 0)];  /* spare rows repeat a tap, not stored */   \
         for (int m0 = 0; m0 < M; m0 += 2 * L) {                                             \
             const T *b = gT + (ptrdiff_t)m0 * P;                                            \
-            VEC c00 = SETZERO(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;     \
-            VEC c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;           \
+            GHESS_DC_ACC_ZERO(VEC, SETZERO)                                                 \
             for (int i = 0; i < g->out_h; i++) {                                            \
                 const T *row = xp + (ptrdiff_t)i * g->sh * Wp;                              \
                 const T *x0 = row + o[0], *x1 = row + o[1], *x2 = row + o[2];               \
                 const T *x3 = row + o[3], *x4 = row + o[4], *x5 = row + o[5];               \
                 for (int j = 0; j < g->out_w; j++) {                                        \
                     VEC b0 = LOADU(b), b1 = LOADU(b + L);                                   \
-                    VEC a0 = BCAST(x0 + j), a1 = BCAST(x1 + j);                             \
-                    c00 = FMA(a0, b0, c00); c01 = FMA(a0, b1, c01);                         \
-                    c10 = FMA(a1, b0, c10); c11 = FMA(a1, b1, c11);                         \
-                    a0 = BCAST(x2 + j); a1 = BCAST(x3 + j);                                 \
-                    c20 = FMA(a0, b0, c20); c21 = FMA(a0, b1, c21);                         \
-                    c30 = FMA(a1, b0, c30); c31 = FMA(a1, b1, c31);                         \
-                    a0 = BCAST(x4 + j); a1 = BCAST(x5 + j);                                 \
-                    c40 = FMA(a0, b0, c40); c41 = FMA(a0, b1, c41);                         \
-                    c50 = FMA(a1, b0, c50); c51 = FMA(a1, b1, c51);                         \
+                    GHESS_DC_ACC_UPDATE(VEC, BCAST, FMA, x0 + j, x1 + j, x2 + j, x3 + j,    \
+                                        x4 + j, x5 + j)                                     \
                     b += 2 * L;                                                             \
                 }                                                                           \
             }                                                                               \
-            VEC acc[12] = {c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51};     \
+            GHESS_DC_ACC_ARRAY(VEC)                                                         \
             int w = M - m0 < 2 * L ? M - m0 : 2 * L;                                        \
             for (int r = 0; r < kr; r++) {                                                  \
                 T *dst = work + (ptrdiff_t)(kb + r) * M + m0;                               \
