@@ -219,14 +219,19 @@ def ghess_gemm_flops(model, n_samples):
     V^T g); the recompute modes add the forward (and, for the Hessian, the
     backward of the gradient trace); a stored Jacobian product F.
     """
+    import numpy as np
+
     from ghess import _engine
 
     layer_flops = layer_forward_flops(model, n_samples)
     F, F1 = sum(layer_flops), layer_flops[0]
-    # contractions with the stored D: 2 flops per element of D, in J v and in J^T u
-    d_elements = sum((bytes_ - sum(model.layers[j].factor_bytes(model.shapes[j], 8, False)
-                                   for j in path)) // 8
-                     for path, bytes_ in _engine.factor_plan(model, 8).values())
+    # contractions with the stored D: 2 flops per element of D, in J v and in J^T u (a
+    # D shared by all samples, the output layer's weight, is contracted as one GEMM)
+    d_elements = 0
+    for i, (path, bytes_, shared) in _engine.factor_plan(model, 8).items():
+        end = path[-1] + 1 if path else i + 1
+        d_elements += (model.n_outputs * int(np.prod(model.shapes[end])) if shared
+                       else (bytes_ - _engine.path_bytes(model, path, 8)) // 8)
     contractions = 2 * 2 * n_samples * d_elements
     return {"forward": F, "loss+grad": 3 * F - F1,
             "GGN product (stored)": 2 * F + contractions,

@@ -154,3 +154,33 @@ def test_unfold_same_width_path_matches_naive_and_reads_in_bounds(geom, dtype):
         cols = np.full((1, C * kh * kw, P), np.nan, dtype=dtype)
         _conv.unfold(x, cols, geom, 1)
         np.testing.assert_array_equal(cols[0], _naive_cols(x[0], *geom))
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("with_gain", [False, True])
+def test_gather_and_scatter_add_against_loops(dtype, with_gain):
+    # the max-pooling JVP/VJP, and with a gain the fused activation + max-pooling step
+    # of factor paths; repeated indices (overlapping windows) must add up
+    rng = np.random.default_rng(1)
+    n, k, in_width, out_width = 3, 2, 7, 5
+    index = rng.integers(0, in_width, size=(n, out_width)).astype(np.intp)
+    index[:, 1] = index[:, 0]  # a repeated argmax in every sample
+    gain = (rng.normal(size=(n, out_width)).astype(dtype) if with_gain
+            else np.empty((0, 0), dtype=dtype))
+    scale = gain if with_gain else np.ones((n, out_width), dtype=dtype)
+    x = rng.normal(size=(n, k, in_width)).astype(dtype)
+    out = np.full((n, k, out_width), np.nan, dtype=dtype)
+    _conv.gather(x, index, gain, out, 1)
+    expected = np.array([[[scale[i, o] * x[i, j, index[i, o]] for o in range(out_width)]
+                          for j in range(k)] for i in range(n)])
+    np.testing.assert_array_equal(out, expected.astype(dtype))
+
+    g = rng.normal(size=(n, k, out_width)).astype(dtype)
+    back = np.full((n, k, in_width), np.nan, dtype=dtype)  # zeroed by the kernel
+    _conv.scatter_add(g, index, gain, back, 2)
+    expected = np.zeros((n, k, in_width), dtype=np.float64)
+    for i, j, o in itertools.product(range(n), range(k), range(out_width)):
+        expected[i, j, index[i, o]] += scale[i, o] * g[i, j, o]
+    np.testing.assert_allclose(back, expected, rtol=1e-6 if dtype == np.float32 else 1e-15)
+    with pytest.raises(ValueError, match="gain"):
+        _conv.gather(x, index, np.ones((n, out_width + 1), dtype=dtype), out, 1)

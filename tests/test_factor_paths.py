@@ -14,24 +14,46 @@ import ghess
 from ghess import _engine
 from ghess.testing import assert_allclose_rel, reference_ggn, reference_per_sample_jacobians
 
+# name -> (model factory, {parametrised layer: (factor path, D shared by all samples)})
 MODELS = {
-    # conv -> ReLU -> 2x2 max-pool: D at the pooled output is a quarter of D at s
+    # conv -> ReLU -> 2x2 max-pool: D at the pooled output is a quarter of D at s; the
+    # last conv's D, at the input of the output layer, is that layer's weight
     "conv-relu-maxpool": (
         lambda: ghess.Sequential(ghess.Conv2d(2, 3, 3, padding=1), ghess.ReLU(),
                                  ghess.MaxPool2d(2), ghess.Conv2d(3, 4, 3, padding=1),
                                  ghess.ReLU(), ghess.MaxPool2d(2), ghess.Flatten(),
                                  ghess.Linear(4, 3), input_shape=(2, 4, 4)),
-        {0: (1, 2), 3: (4, 5, 6), 7: ()}),
-    # a path that ends at the network output: D is the identity, only f' is kept
+        {0: ((1, 2), False), 3: ((4, 5, 6), True), 7: ((), False)}),
+    # a path that ends at the network output: D is the identity, only f' is kept; the
+    # first layer's D is per sample (the Sigmoid after the last layer depends on it)
     "mlp-ending-in-sigmoid": (
         lambda: ghess.Sequential(ghess.Linear(4, 5), ghess.Tanh(), ghess.Linear(5, 3),
                                  ghess.Sigmoid(), input_shape=(4,)),
-        {0: (), 2: (3,)}),
-    # same width before and after ReLU: D stays at the layer output
+        {0: ((), False), 2: ((3,), False)}),
+    # D at the last layer's input is its weight: only ReLU's f' is kept per sample
     "mlp-relu": (
         lambda: ghess.Sequential(ghess.Linear(4, 6), ghess.ReLU(), ghess.Linear(6, 3),
                                  input_shape=(4,)),
-        {0: (), 2: ()}),
+        {0: ((1,), True), 2: ((), False)}),
+    # two dense layers in a row, identity layers after: nothing per sample for the first
+    "linear-linear-identity": (
+        lambda: ghess.Sequential(ghess.Linear(4, 6), ghess.Linear(6, 3), ghess.Identity(),
+                                 input_shape=(4,)),
+        {0: ((), True), 1: ((), False)}),
+    # Tanh then overlapping max-pooling (3x3, stride 2): one path step whose scatter
+    # adds; max-pooling then ReLU: two steps (the pair fuses only in that order)
+    "conv-tanh-overlapping-pool": (
+        lambda: ghess.Sequential(ghess.Conv2d(2, 3, 3, padding=1), ghess.Tanh(),
+                                 ghess.MaxPool2d(3, stride=2, padding=1),
+                                 ghess.Conv2d(3, 4, 3, padding=1), ghess.MaxPool2d(2),
+                                 ghess.ReLU(), ghess.Flatten(), ghess.Linear(4, 3),
+                                 input_shape=(2, 4, 4)),
+        {0: ((1, 2), False), 3: ((4, 5, 6), True), 7: ((), False)}),
+    # one output: the weight (1 x 6) costs no more per sample than f', D stays per sample
+    "mlp-one-output": (
+        lambda: ghess.Sequential(ghess.Linear(4, 6), ghess.Tanh(), ghess.Linear(6, 1),
+                                 input_shape=(4,)),
+        {0: ((), False), 2: ((), False)}),
 }
 
 
@@ -48,18 +70,33 @@ def make_case(name, dtype=np.float64, n=7):
 def test_plan_puts_D_where_it_is_smallest(name):
     model, _, _, _ = make_case(name)
     plan = _engine.factor_plan(model, 8)
-    assert {i: path for i, (path, _) in plan.items()} == MODELS[name][1]
+    assert {i: (path, shared) for i, (path, _, shared) in plan.items()} == MODELS[name][1]
+    # per-sample Jacobians ask for D at the layer outputs, per sample
+    plain = _engine.factor_plan(model, 8, paths=False)
+    assert all(path == () and not shared for path, _, shared in plain.values())
+
+
+def test_path_steps_fuse_an_activation_and_the_max_pooling_after_it():
+    model, _, _, _ = make_case("conv-tanh-overlapping-pool")
+    steps = [(type(step).__name__, indices)
+             for step, indices in _engine.path_steps(model, (1, 2))]
+    assert steps == [("ActivationMaxPool", (1, 2))]
+    steps = [(type(step).__name__, indices)
+             for step, indices in _engine.path_steps(model, (4, 5, 6))]
+    assert steps == [("MaxPool2d", (4,)), ("ReLU", (5,)), ("Flatten", (6,))]
 
 
 def test_pooled_factor_bytes():
     model, _, _, _ = make_case("conv-relu-maxpool")
     K, itemsize, intp = 3, 8, np.dtype(np.intp).itemsize
     plan = _engine.factor_plan(model, itemsize)
-    # layer 0: D at the pooled 3x2x2 output, ReLU's f' on 3x4x4, the argmax of 3x2x2
-    assert plan[0][1] == K * 12 * itemsize + 48 * itemsize + 12 * intp
+    # layer 0: D at the pooled 3x2x2 output; ReLU and max-pooling are one path step,
+    # which keeps the argmax of 3x2x2 and ReLU's f' there
+    assert plan[0][1] == K * 12 * itemsize + 12 * (itemsize + intp)
     assert plan[0][1] < K * 48 * itemsize  # D at the conv output
-    # layer 3: D at the flattened 4x1x1 input of the last Linear
-    assert plan[3][1] == K * 4 * itemsize + 16 * itemsize + 4 * intp
+    # layer 3: D at the flattened 4x1x1 input of the last Linear is its weight: only
+    # the argmax of 4x1x1 and f' there are kept per sample
+    assert plan[3][1] == 4 * (itemsize + intp)
     assert plan[7][1] == 0  # the output layer's D is the identity
 
 
@@ -109,3 +146,17 @@ def test_dense_jacobians_from_path_factors(name):
         J[...] = 0
         _engine.factor_sample_jacobians(model, factors, J, 1)
         assert_allclose_rel(J, reference_per_sample_jacobians(model, theta, X), 1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_shared_factor_is_the_output_layers_weight(dtype):
+    # the factor at the last dense layer's input is that layer's weight, a view of the
+    # operator's own parameters: no per-sample copy of it is stored
+    model, loss, theta, data = make_case("conv-relu-maxpool", dtype)
+    G = ghess.GGNLinearOperator(model, loss, theta, data, mode="stored", chunk_size=3)
+    weight = model.layer_params(G.params)[7]["weight"]
+    for chunk in G._stored:
+        factor = chunk.layers[1]
+        assert factor.index == 3 and factor.D.shape == (3, 4)
+        assert np.shares_memory(factor.D, G.params)
+        np.testing.assert_array_equal(factor.D, weight)

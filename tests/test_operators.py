@@ -254,10 +254,11 @@ def test_inputs_not_modified_and_params_copied():
 def test_memory_required_and_auto_mode():
     c = Case("tanh-ce", n_samples=50)
     stored = ghess.GGNLinearOperator.memory_required(c.model, c.data, "stored")
-    # per sample: inputs of the 2nd and 3rd Linear (6 + 5), D of layers 0 and 2
-    # (K * 6 + K * 5), softmax (K); the final Linear's D is the identity
+    # per sample: inputs of the 2nd and 3rd Linear (6 + 5), D of layer 0 (K * 6), the
+    # Tanh f' after layer 2 (5: its D, at the last Linear's input, is that Linear's
+    # weight, shared by all samples), softmax (K); the final Linear's D is the identity
     K = 3
-    assert stored == 50 * 8 * (6 + 5 + K * 6 + K * 5 + K)
+    assert stored == 50 * 8 * (6 + 5 + K * 6 + 5 + K)
     assert ghess.GGNLinearOperator.memory_required(c.model, 50, "stored",
                                                    dtype=np.float32) == stored // 2
     op = ghess.GGNLinearOperator(c.model, c.loss, c.theta, c.data)

@@ -558,31 +558,49 @@ def maxpool_forward(const floating[:, ::1] x,     # IN  (n, C*H*W)
 
 def gather(const floating[:, :, ::1] x,          # IN  (n, k, in_width)
            const Py_ssize_t[:, ::1] index,       # IN  (n, out_width)
+           const floating[:, ::1] gain,          # IN  (n, out_width), or (0, 0): all ones
            floating[:, :, ::1] out,              # OUT (n, k, out_width)
            int n_threads):
-    """out[i, j, o] = x[i, j, index[i, o]]  (max-pooling JVP)."""
+    """out[i, j, o] = gain[i, o] * x[i, j, index[i, o]]  (max-pooling JVP).
+
+    With a gain, the JVP of an activation and the max-pooling after it in one
+    pass: gain is f' at the argmax.
+    """
     cdef Py_ssize_t n = x.shape[0], k = x.shape[1], m = out.shape[2], i, j, o
+    cdef bint scaled = gain.shape[0] > 0
     _check(index.shape[0] == n and index.shape[1] == m, "gather index")
     _check(out.shape[0] == n and out.shape[1] == k, "gather out")
+    _check(not scaled or (gain.shape[0] == n and gain.shape[1] == m), "gather gain")
     for i in prange(n, nogil=True, schedule='static', num_threads=n_threads):
         for j in range(k):
-            for o in range(m):
-                out[i, j, o] = x[i, j, index[i, o]]
+            if scaled:
+                for o in range(m):
+                    out[i, j, o] = gain[i, o] * x[i, j, index[i, o]]
+            else:
+                for o in range(m):
+                    out[i, j, o] = x[i, j, index[i, o]]
 
 
 def scatter_add(const floating[:, :, ::1] g,     # IN  (n, k, out_width)
                 const Py_ssize_t[:, ::1] index,  # IN  (n, out_width), values < in_width
+                const floating[:, ::1] gain,     # IN  (n, out_width), or (0, 0): all ones
                 floating[:, :, ::1] out,         # OUT (n, k, in_width), zeroed here
                 int n_threads):
-    """out[i, j, index[i, o]] += g[i, j, o]  (max-pooling VJP)."""
+    """out[i, j, index[i, o]] += gain[i, o] * g[i, j, o]  (max-pooling VJP; see gather)."""
     cdef Py_ssize_t n = g.shape[0], k = g.shape[1], m = g.shape[2], i, j, o
+    cdef bint scaled = gain.shape[0] > 0
     _check(index.shape[0] == n and index.shape[1] == m, "scatter_add index")
     _check(out.shape[0] == n and out.shape[1] == k, "scatter_add out")
+    _check(not scaled or (gain.shape[0] == n and gain.shape[1] == m), "scatter_add gain")
     for i in prange(n, nogil=True, schedule='static', num_threads=n_threads):
         for j in range(k):
             memset(&out[i, j, 0], 0, out.shape[2] * sizeof(floating))
-            for o in range(m):
-                out[i, j, index[i, o]] += g[i, j, o]
+            if scaled:
+                for o in range(m):
+                    out[i, j, index[i, o]] += gain[i, o] * g[i, j, o]
+            else:
+                for o in range(m):
+                    out[i, j, index[i, o]] += g[i, j, o]
 
 
 def avgpool_forward(const floating[:, ::1] x,    # IN  (m, C*H*W)

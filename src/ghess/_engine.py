@@ -18,6 +18,7 @@ the layer's rules (``ghess.layers``), which call the Cython kernels. Passes:
 import numpy as np
 
 from . import _kernels
+from .conv import ActivationMaxPool
 
 
 def param_layer_indices(model):
@@ -104,7 +105,8 @@ class LayerFactor:
     input, a convolution's unfolded input). ``D[n, c, o] = dz[n, c] / dp[n, o]``
     is taken at a point p after the layer: its output s, or, when that is
     smaller, the end of the parameter-free layers that follow it (``path``, as
-    ``(layer index, context)`` pairs). After a convolution, ReLU and 2x2
+    ``(step, context)`` pairs: ``path_steps``). ``D`` of shape (K, width) is the same for
+    every sample: the weight of the last dense layer, when p is its input. After a convolution, ReLU and 2x2
     max-pooling, D at the pooled output is a quarter of D at s; the path's own
     contexts (f', argmax) cost 1/K of that. ``D`` None means the identity (p is
     the network output, reached through identity layers only).
@@ -143,14 +145,28 @@ class ChunkFactors:
                    if x is not None and (x.base is None or x.flags.owndata))
 
 
+def _shared_end(model, nxt):
+    """Whether D at the input of layer ``nxt`` is one matrix for every sample.
+
+    True when ``nxt`` is the last parametrised layer, its input Jacobian is
+    sample-independent (a dense layer: its weight) and only identity layers
+    follow it: then D there is that weight, and a factor ending there keeps no
+    per-sample D at all.
+    """
+    return (nxt < len(model.layers) and model.layers[nxt].has_shared_input_jacobian
+            and all(layer.is_identity for layer in model.layers[nxt + 1:]))
+
+
 def factor_plan(model, itemsize, paths=True):
     """Where each parametrised layer's factor D is taken, and the bytes per sample it costs.
 
-    Returns ``{layer index: (path, bytes)}``: ``path`` is the tuple of
+    Returns ``{layer index: (path, bytes, shared)}``: ``path`` is the tuple of
     parameter-free layers after the layer that D is pushed through (empty: D at
     the layer's output), ``bytes`` what D and the path's contexts keep per
-    sample. D goes to the end of the path only when that keeps fewer bytes, and
-    ``paths=False`` keeps every D at its layer's output.
+    sample, ``shared`` whether D at the end of the path is the next layer's
+    sample-independent input Jacobian (``_shared_end``). D goes to the end of
+    the path when that keeps fewer bytes, and ``paths=False`` keeps every D at
+    its layer's output, per sample.
     """
     K = model.n_outputs
     n_layers = len(model.layers)
@@ -161,14 +177,52 @@ def factor_plan(model, itemsize, paths=True):
         at_output_bytes = (0 if all(layer.is_identity for layer in after)
                            else K * int(np.prod(model.shapes[i + 1])) * itemsize)
         path = tuple(range(i + 1, nxt))
-        path_bytes = (0 if nxt == n_layers else K * int(np.prod(model.shapes[nxt])) * itemsize)
-        path_bytes += sum(model.layers[j].factor_bytes(model.shapes[j], itemsize, False)
-                          for j in path)
-        if paths and path and path_bytes < at_output_bytes:
-            plan[i] = (path, path_bytes)
+        shared = paths and _shared_end(model, nxt)
+        end_bytes = (0 if nxt == n_layers or shared
+                     else K * int(np.prod(model.shapes[nxt])) * itemsize)  # D at its end
+        kept = end_bytes + path_bytes(model, path, itemsize)
+        if paths and (path or shared) and kept < at_output_bytes:
+            plan[i] = (path, kept, shared)
         else:
-            plan[i] = ((), at_output_bytes)
+            plan[i] = ((), at_output_bytes, False)
     return plan
+
+
+def path_steps(model, path):
+    """The steps of a factor path, as ``(step, layer indices)``.
+
+    A step is a layer, or an activation and the max-pooling after it fused
+    into one (``conv.ActivationMaxPool``).
+    """
+    steps = []
+    j = 0
+    while j < len(path):
+        layer = model.layers[path[j]]
+        if j + 1 < len(path) and ActivationMaxPool.fuses(layer, model.layers[path[j + 1]]):
+            steps.append((ActivationMaxPool(layer, model.layers[path[j + 1]]),
+                          (path[j], path[j + 1])))
+            j += 2
+        else:
+            steps.append((layer, (path[j],)))
+            j += 1
+    return steps
+
+
+def path_bytes(model, path, itemsize):
+    """Bytes per sample that a factor path's steps keep."""
+    return sum(step.factor_bytes(model.shapes[indices[0]], itemsize, False)
+               for step, indices in path_steps(model, path))
+
+
+def _path_contexts(model, path, ctxs, n_threads):
+    """The ``(step, context)`` pairs a stored factor keeps for its path."""
+    pairs = []
+    for step, indices in path_steps(model, path):
+        if len(indices) == 2:
+            pairs.append((step, step.context(ctxs[indices[0]], ctxs[indices[1]], n_threads)))
+        else:
+            pairs.append((step, ctxs[indices[0]]))
+    return tuple(pairs)
 
 
 def jacobian_factors(model, lparams, ctxs, n, dtype, n_threads, paths=True):
@@ -186,13 +240,14 @@ def jacobian_factors(model, lparams, ctxs, n, dtype, n_threads, paths=True):
     for i in range(len(model.layers) - 1, first - 1, -1):
         layer, ctx = model.layers[i], ctxs[i]
         if i in plan:
-            path = plan[i][0]
-            if path:
-                kept = D_at_input[path[-1] + 1]
-                layers.append(LayerFactor(i, layer.factor_context(ctx, n_threads), kept,
-                                          tuple((j, ctxs[j]) for j in path)))
+            path, _, shared = plan[i]
+            end = path[-1] + 1 if path else i + 1  # the layer whose input D is taken at
+            if shared:  # the next layer's weight, the same for every sample
+                kept = model.layers[end].input_jacobian(lparams[end])
             else:
-                layers.append(LayerFactor(i, layer.factor_context(ctx, n_threads), D, ()))
+                kept = D_at_input[end] if path else D
+            layers.append(LayerFactor(i, layer.factor_context(ctx, n_threads), kept,
+                                      _path_contexts(model, path, ctxs, n_threads)))
         if i == first:
             break
         if D is None:
@@ -211,17 +266,17 @@ def identity_factor(n, width, dtype):
     return np.ascontiguousarray(np.broadcast_to(np.eye(width, dtype=dtype), (n, width, width)))
 
 
-def _path_jvp(model, path, U, n_threads):
+def _path_jvp(path, U, n_threads):
     """Push a layer-output tangent U (n, k, width) through its factor path."""
-    for j, ctx in path:
-        U = model.layers[j].jvp({}, None, ctx, U, n_threads)
+    for step, ctx in path:
+        U = step.jvp({}, None, ctx, U, n_threads)
     return U
 
 
-def _path_vjp(model, path, S, n_threads):
+def _path_vjp(path, S, n_threads):
     """Pull a cotangent at the end of a factor path back to the layer output."""
-    for j, ctx in reversed(path):
-        S = model.layers[j].vjp({}, ctx, S, None, True, n_threads)
+    for step, ctx in reversed(path):
+        S = step.vjp({}, ctx, S, None, True, n_threads)
     return S
 
 
@@ -231,7 +286,9 @@ def factor_sample_jacobians(model, factors, J_out, n_threads):
         D = f.D
         if D is None:
             D = identity_factor(factors.n, model.n_outputs, factors.dtype)
-        D = _path_vjp(model, f.path, D, n_threads)  # D at the layer's output
+        elif D.ndim == 2:  # shared by all samples
+            D = np.ascontiguousarray(np.broadcast_to(D, (factors.n,) + D.shape))
+        D = _path_vjp(f.path, D, n_threads)  # D at the layer's output
         model.layers[f.index].sample_jacobian(f.ctx, D, model.layer_range(f.index)[0], J_out,
                                               n_threads)
 
@@ -242,9 +299,12 @@ def factor_jvp(model, lparams, tangents, factors, k, n_threads):
     for f in factors.layers:
         i = f.index
         U = model.layers[i].jvp(lparams[i], tangents[i], f.ctx, None, n_threads)
-        U = _path_jvp(model, f.path, U, n_threads)
+        U = _path_jvp(f.path, U, n_threads)
         if f.D is None:
             Jv += U
+        elif f.D.ndim == 2:  # shared by all samples: one GEMM
+            _kernels.gemm_rowmajor(False, True, 1.0, U.reshape(-1, U.shape[2]), f.D, 1.0,
+                                   Jv.reshape(-1, Jv.shape[2]), n_threads)
         else:
             _kernels.contract_factor(f.D, U, Jv, True, n_threads)
     return Jv
@@ -256,10 +316,14 @@ def factor_vjp(model, factors, u, accs, n_threads):
     for f in factors.layers:
         if f.D is None:
             S = u
+        elif f.D.ndim == 2:  # shared by all samples: one GEMM
+            S = np.empty((n, k, f.D.shape[1]), dtype=u.dtype)
+            _kernels.gemm_rowmajor(False, False, 1.0, u.reshape(n * k, -1), f.D, 0.0,
+                                   S.reshape(n * k, -1), n_threads)
         else:
             S = np.empty((n, k, f.D.shape[2]), dtype=u.dtype)
             _kernels.contract_factor_t(f.D, u, S, n_threads)
-        S = _path_vjp(model, f.path, S, n_threads)
+        S = _path_vjp(f.path, S, n_threads)
         model.layers[f.index].param_vjp(f.ctx, S, accs[f.index], n_threads)
 
 
@@ -319,7 +383,7 @@ def _input_is_data(model, i):
 def stored_factor_bytes_per_sample(model, itemsize):
     """Bytes per sample kept by the stored-Jacobian path (GGN and Jacobian)."""
     total = model.n_outputs * itemsize  # loss state (softmax or sigma') per sample
-    for i, (_, factor_bytes) in factor_plan(model, itemsize).items():
+    for i, (_, factor_bytes, _) in factor_plan(model, itemsize).items():
         total += factor_bytes + model.layers[i].factor_bytes(model.shapes[i], itemsize,
                                                                _input_is_data(model, i))
     return total

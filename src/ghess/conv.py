@@ -22,7 +22,7 @@ import numbers
 import numpy as np
 
 from . import _conv
-from .layers import Layer, _positive_int
+from .layers import Activation, Layer, _positive_int
 
 __all__ = ["Conv2d", "MaxPool2d", "AvgPool2d", "Flatten"]
 
@@ -409,7 +409,7 @@ class MaxPool2d(_Pool2d):
         if rx is None:
             return None
         ry = np.empty((rx.shape[0], rx.shape[1], self._out_width), dtype=rx.dtype)
-        _conv.gather(rx, ctx["argmax"], ry, n_threads)
+        _conv.gather(rx, ctx["argmax"], _NO_GAIN[rx.dtype.char], ry, n_threads)
         return ry
 
     def vjp(self, params, ctx, gy, acc, need_input_grad, n_threads):
@@ -417,7 +417,7 @@ class MaxPool2d(_Pool2d):
         if not need_input_grad:
             return None
         gx = np.empty((gy.shape[0], gy.shape[1], self._in_width), dtype=gy.dtype)
-        _conv.scatter_add(gy, ctx["argmax"], gx, n_threads)
+        _conv.scatter_add(gy, ctx["argmax"], _NO_GAIN[gy.dtype.char], gx, n_threads)
         return gx
 
     def kept_bytes(self, input_shape, itemsize, input_is_data):
@@ -425,6 +425,56 @@ class MaxPool2d(_Pool2d):
         return self._out_width * np.dtype(np.intp).itemsize
 
     factor_bytes = kept_bytes
+
+
+#: the ``gain`` argument of _conv.gather/scatter_add that stands for all ones
+_NO_GAIN = {np.dtype(t).char: np.empty((0, 0), dtype=t) for t in (np.float32, np.float64)}
+
+
+class ActivationMaxPool:
+    """An activation and the max-pooling after it, as one step of a factor path.
+
+    A stored-Jacobian factor path (``_engine.factor_plan``) only pushes tangents
+    and cotangents through its layers, and through ``f`` then max-pooling both
+    are "take the window's argmax, times f' there". This step keeps f' at the
+    argmax (one number per pooled output) instead of f' on the whole pooling
+    input, and makes one pass instead of two: after a convolution, ReLU and 2x2
+    max-pooling, a quarter of the path's f' memory and half its traffic.
+    It has the path-step interface of a parameter-free layer (``jvp``/``vjp``).
+    """
+
+    def __init__(self, activation, pool):
+        self.activation = activation
+        self.pool = pool
+
+    @staticmethod
+    def fuses(first, second):
+        """Whether layers ``first``, ``second`` of a path make one such step."""
+        return (isinstance(first, Activation) and not first.is_identity
+                and isinstance(second, MaxPool2d))
+
+    def factor_bytes(self, input_shape, itemsize, input_is_data):
+        """Bytes per sample of the step's context: the argmax and f' there."""
+        return self.pool._out_width * (np.dtype(np.intp).itemsize + itemsize)
+
+    def context(self, activation_ctx, pool_ctx, n_threads):
+        """Return {"argmax", "gain"}: the pool's argmax and f' gathered at it."""
+        argmax, d1 = pool_ctx["argmax"], activation_ctx["d1"]
+        gain = np.empty(argmax.shape, dtype=d1.dtype)
+        _conv.gather(d1[:, None], argmax, _NO_GAIN[d1.dtype.char], gain[:, None], n_threads)
+        return {"argmax": argmax, "gain": gain}
+
+    def jvp(self, params, tangent, ctx, rx, n_threads):
+        """R{y} = f'(x) R{x} at each window's argmax."""
+        ry = np.empty((rx.shape[0], rx.shape[1], self.pool._out_width), dtype=rx.dtype)
+        _conv.gather(rx, ctx["argmax"], ctx["gain"], ry, n_threads)
+        return ry
+
+    def vjp(self, params, ctx, gy, acc, need_input_grad, n_threads):
+        """dL/dx: each output's gradient, times f', goes to its window's argmax."""
+        gx = np.empty((gy.shape[0], gy.shape[1], self.pool._in_width), dtype=gy.dtype)
+        _conv.scatter_add(gy, ctx["argmax"], ctx["gain"], gx, n_threads)
+        return gx
 
 
 class AvgPool2d(_Pool2d):

@@ -57,6 +57,9 @@ class Layer:
     has_curvature = False
     #: whether the layer passes its input through unchanged (no arrays of its own)
     is_identity = False
+    #: whether dy/dx is the same (out_width, in_width) matrix for every sample and
+    #: ``input_jacobian`` returns it (a dense layer: its weight)
+    has_shared_input_jacobian = False
 
     def kept_bytes(self, input_shape, itemsize, input_is_data):
         """Bytes per sample that ``forward`` keeps in its context for Hessian products."""
@@ -100,6 +103,8 @@ class Linear(Layer):
     bias : bool, default=True
         Whether the layer has a bias of shape ``(out_features,)``.
     """
+
+    has_shared_input_jacobian = True
 
     def __init__(self, in_features, out_features, bias=True):
         self.in_features = _positive_int(in_features, "in_features", "Linear")
@@ -152,6 +157,10 @@ class Linear(Layer):
     def factor_context(self, ctx, n_threads=1):
         """Return what the stored-Jacobian path keeps: the layer input."""
         return {"x": ctx["x"]}
+
+    def input_jacobian(self, params):
+        """dy/dx, the same (out, in) matrix for every sample: the weight."""
+        return params["weight"]
 
     def kept_bytes(self, input_shape, itemsize, input_is_data):
         """Count the input, unless it is the network input itself."""
