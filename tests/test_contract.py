@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from ghess import _kernels
+from ghess.testing import assert_allclose_rel
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
@@ -52,3 +53,59 @@ def test_contractions_are_the_same_on_any_thread_count():
         results.append((out, out_t))
     np.testing.assert_array_equal(results[0][0], results[1][0])
     np.testing.assert_array_equal(results[0][1], results[1][1])
+
+
+def _output_hessians(kind, state, scale, n, K):
+    """Return scale * B_i as dense (n, K, K) matrices, from their definitions."""
+    if kind == _kernels.B_IDENTITY:
+        return scale * np.broadcast_to(np.eye(K), (n, K, K))
+    if kind == _kernels.B_SOFTMAX:
+        return scale * np.stack([np.diag(p) - np.outer(p, p) for p in state])
+    return scale * np.stack([np.diag(h) for h in state])
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("kind", [0, 1, 2])
+@pytest.mark.parametrize("widths", [(), (6,), (5, 1030, 3)])
+def test_ggn_factor_core_against_einsum(dtype, kind, widths):
+    # J v = base + sum_l D_l U_l, u = scale * B J v, S_l = D_l^T u, per sample
+    rng = np.random.default_rng(len(widths) * 10 + kind)
+    n, k, K, scale = 4, 3, 5, 0.37
+    D = tuple(rng.normal(size=(n, K, m)).astype(dtype) for m in widths)
+    U = tuple(rng.normal(size=(n, k, m)).astype(dtype) for m in widths)
+    S = tuple(np.full((n, k, m), np.nan, dtype=dtype) for m in widths)
+    p = rng.random((n, K))
+    p /= p.sum(axis=1, keepdims=True)
+    state = np.empty((0, 0), dtype=dtype) if kind == _kernels.B_IDENTITY else p.astype(dtype)
+    base = rng.normal(size=(n, k, K)).astype(dtype)
+    Jv, u = base.copy(), np.full((n, k, K), np.nan, dtype=dtype)
+    _kernels.ggn_factor_core(D, U, S, Jv, u, kind, state, scale, 2)
+
+    expected_Jv = base.astype(np.float64)
+    for d, a in zip(D, U):
+        expected_Jv = expected_Jv + np.einsum("ncm,njm->njc", d, a, dtype=np.float64)
+    B = _output_hessians(kind, state.astype(np.float64), scale, n, K)
+    expected_u = np.einsum("ncd,njd->njc", B, expected_Jv)
+    rtol = 1e-4 if dtype == np.float32 else 1e-12
+    assert_allclose_rel(Jv, expected_Jv, rtol)
+    assert_allclose_rel(u, expected_u, rtol)
+    for d, s in zip(D, S):
+        assert_allclose_rel(s, np.einsum("ncm,njc->njm", d, expected_u, dtype=np.float64), rtol)
+    # output_hessian_apply is the same B
+    out = np.full_like(u, np.nan)
+    _kernels.output_hessian_apply(kind, state, scale, Jv, out, 1)
+    np.testing.assert_array_equal(out, u)
+
+
+def test_ggn_factor_core_checks_shapes():
+    n, k, K = 2, 1, 3
+    D, U = np.zeros((n, K, 4)), np.zeros((n, k, 4))
+    Jv, u, p = np.zeros((n, k, K)), np.zeros((n, k, K)), np.full((n, K), 1 / K)
+    with pytest.raises(ValueError, match="ggn_factor_core U"):
+        _kernels.ggn_factor_core((D,), (np.zeros((n, k, 5)),), (U.copy(),), Jv, u, 1, p, 1.0, 1)
+    with pytest.raises(ValueError, match="layer count"):
+        _kernels.ggn_factor_core((D,), (U,), (), Jv, u, 1, p, 1.0, 1)
+    with pytest.raises(ValueError, match="output Hessian state"):
+        _kernels.ggn_factor_core((D,), (U,), (U.copy(),), Jv, u, 1, p[:1], 1.0, 1)
+    with pytest.raises(ValueError, match="output Hessian kind"):
+        _kernels.output_hessian_apply(7, p, 1.0, Jv, u, 1)

@@ -9,8 +9,8 @@ the layer's rules (``ghess.layers``), which call the Cython kernels. Passes:
 - ``jacobian_factors``: per parametrised layer, its input and ``D = dz/ds`` (n, K, out),
   or D after the layer's activation/pooling when smaller (``factor_plan``):
   the stored-Jacobian path of DESIGN.md, reused for every product.
-- ``factor_jvp`` / ``factor_vjp``: ``J v`` and ``J^T u`` from those factors,
-  without any pass through the network.
+- ``factor_jvp`` / ``factor_vjp`` / ``factor_ggn``: ``J v``, ``J^T u`` and
+  ``J^T B J v`` from those factors, without any pass through the network.
 - ``gradient_trace`` / ``hvp_chunk``: what the Hessian product keeps per chunk
   and the R-operator backward that uses it.
 """
@@ -105,8 +105,8 @@ class LayerFactor:
     input, a convolution's unfolded input). ``D[n, c, o] = dz[n, c] / dp[n, o]``
     is taken at a point p after the layer: its output s, or, when that is
     smaller, the end of the parameter-free layers that follow it (``path``, as
-    ``(step, context)`` pairs: ``path_steps``). ``D`` of shape (K, width) is the same for
-    every sample: the weight of the last dense layer, when p is its input. After a convolution, ReLU and 2x2
+    ``(step, context)`` pairs: ``path_steps``). ``D`` of shape (K, width) is the
+    same for every sample: the weight of the last dense layer, when p is its input. After a convolution, ReLU and 2x2
     max-pooling, D at the pooled output is a quarter of D at s; the path's own
     contexts (f', argmax) cost 1/K of that. ``D`` None means the identity (p is
     the network output, reached through identity layers only).
@@ -189,7 +189,7 @@ def factor_plan(model, itemsize, paths=True):
 
 
 def path_steps(model, path):
-    """The steps of a factor path, as ``(step, layer indices)``.
+    """Return the steps of a factor path, as ``(step, layer indices)`` pairs.
 
     A step is a layer, or an activation and the max-pooling after it fused
     into one (``conv.ActivationMaxPool``).
@@ -215,7 +215,7 @@ def path_bytes(model, path, itemsize):
 
 
 def _path_contexts(model, path, ctxs, n_threads):
-    """The ``(step, context)`` pairs a stored factor keeps for its path."""
+    """Return the ``(step, context)`` pairs a stored factor keeps for its path."""
     pairs = []
     for step, indices in path_steps(model, path):
         if len(indices) == 2:
@@ -293,36 +293,87 @@ def factor_sample_jacobians(model, factors, J_out, n_threads):
                                               n_threads)
 
 
+def _factor_tangent(model, lparams, tangents, f, n_threads):
+    """Return (dp/dw) v at the factor's point p: the layer's (df/dw) v through the path."""
+    i = f.index
+    U = model.layers[i].jvp(lparams[i], tangents[i], f.ctx, None, n_threads)
+    return _path_jvp(f.path, U, n_threads)
+
+
+def _add_shared_jvp(f, U, Jv, n_threads):
+    """Jv += D U for a factor D that is the identity (None) or shared by all samples."""
+    if f.D is None:
+        Jv += U
+    else:  # one GEMM
+        _kernels.gemm_rowmajor(False, True, 1.0, U.reshape(-1, U.shape[2]), f.D, 1.0,
+                               Jv.reshape(-1, Jv.shape[2]), n_threads)
+
+
+def _shared_vjp(f, u, n_threads):
+    """D^T u for a factor D that is the identity (None) or shared by all samples."""
+    if f.D is None:
+        return u
+    n, k = u.shape[0], u.shape[1]
+    S = np.empty((n, k, f.D.shape[1]), dtype=u.dtype)
+    _kernels.gemm_rowmajor(False, False, 1.0, u.reshape(n * k, -1), f.D, 0.0,
+                           S.reshape(n * k, -1), n_threads)
+    return S
+
+
+def _per_sample(f):
+    """Whether a factor keeps a D of its own for every sample, (n, K, width)."""
+    return f.D is not None and f.D.ndim == 3
+
+
 def factor_jvp(model, lparams, tangents, factors, k, n_threads):
-    """J v (n, k, K) from stored factors: per layer U = (df/dw) v, then D U."""
+    """J v (n, k, K) from stored factors: per layer U = (dp/dw) v, then D U."""
     Jv = np.zeros((factors.n, k, model.n_outputs), dtype=factors.dtype)
     for f in factors.layers:
-        i = f.index
-        U = model.layers[i].jvp(lparams[i], tangents[i], f.ctx, None, n_threads)
-        U = _path_jvp(f.path, U, n_threads)
-        if f.D is None:
-            Jv += U
-        elif f.D.ndim == 2:  # shared by all samples: one GEMM
-            _kernels.gemm_rowmajor(False, True, 1.0, U.reshape(-1, U.shape[2]), f.D, 1.0,
-                                   Jv.reshape(-1, Jv.shape[2]), n_threads)
-        else:
+        U = _factor_tangent(model, lparams, tangents, f, n_threads)
+        if _per_sample(f):
             _kernels.contract_factor(f.D, U, Jv, True, n_threads)
+        else:
+            _add_shared_jvp(f, U, Jv, n_threads)
     return Jv
 
 
 def factor_vjp(model, factors, u, accs, n_threads):
-    """Accumulate J^T u from stored factors: per layer S = D^T u, then (df/dw)^T S."""
+    """Accumulate J^T u from stored factors: per layer S = D^T u, then (dp/dw)^T S."""
     n, k = u.shape[0], u.shape[1]
     for f in factors.layers:
-        if f.D is None:
-            S = u
-        elif f.D.ndim == 2:  # shared by all samples: one GEMM
-            S = np.empty((n, k, f.D.shape[1]), dtype=u.dtype)
-            _kernels.gemm_rowmajor(False, False, 1.0, u.reshape(n * k, -1), f.D, 0.0,
-                                   S.reshape(n * k, -1), n_threads)
-        else:
+        if _per_sample(f):
             S = np.empty((n, k, f.D.shape[2]), dtype=u.dtype)
             _kernels.contract_factor_t(f.D, u, S, n_threads)
+        else:
+            S = _shared_vjp(f, u, n_threads)
+        S = _path_vjp(f.path, S, n_threads)
+        model.layers[f.index].param_vjp(f.ctx, S, accs[f.index], n_threads)
+
+
+def factor_ggn(model, lparams, loss, scale, tangents, factors, accs, k, n_threads):
+    """Accumulate J^T B J v from stored factors.
+
+    As ``factor_jvp``, ``loss.hessian_apply`` and ``factor_vjp``, but the
+    per-sample factors meet J v, B and J^T in one pass over the samples
+    (``_kernels.ggn_factor_core``): each sample's D is read from memory once.
+    """
+    Jv = np.zeros((factors.n, k, model.n_outputs), dtype=factors.dtype)
+    tangent_at = [_factor_tangent(model, lparams, tangents, f, n_threads)
+                  for f in factors.layers]
+    for f, U in zip(factors.layers, tangent_at):
+        if not _per_sample(f):
+            _add_shared_jvp(f, U, Jv, n_threads)
+    own = [j for j, f in enumerate(factors.layers) if _per_sample(f)]
+    cotangent_at = {j: np.empty_like(tangent_at[j]) for j in own}
+    u = np.empty_like(Jv)
+    kind, state, factor = loss.hessian_kernel_args(factors.loss_state, scale, factors.dtype)
+    _kernels.ggn_factor_core(tuple(factors.layers[j].D for j in own),
+                             tuple(tangent_at[j] for j in own),
+                             tuple(cotangent_at[j] for j in own),
+                             Jv, u, kind, state, factor, n_threads)
+    del tangent_at
+    for j, f in enumerate(factors.layers):
+        S = cotangent_at.pop(j) if j in cotangent_at else _shared_vjp(f, u, n_threads)
         S = _path_vjp(f.path, S, n_threads)
         model.layers[f.index].param_vjp(f.ctx, S, accs[f.index], n_threads)
 

@@ -88,10 +88,8 @@ class GGNLinearOperator(CurvatureOperator):
         accs = _engine.new_accumulators(model, k, self.dtype)
         if self.mode == "stored":
             for factors in self._stored:
-                Jv = _engine.factor_jvp(model, self._lparams, tangents, factors, k, omp)
-                u = np.empty_like(Jv)
-                self.loss.hessian_apply(factors.loss_state, Jv, self._scale, u, omp)
-                _engine.factor_vjp(model, factors, u, accs, omp)
+                _engine.factor_ggn(model, self._lparams, self.loss, self._scale, tangents,
+                                   factors, accs, k, omp)
         else:
             for X, y in self.data.chunks(self.chunk_size):
                 ctxs, z = _engine.forward_chunk(model, self._lparams, X, 1, omp)

@@ -37,9 +37,24 @@ class Loss:
         """Return ``(sum of per-sample losses, scale * dl/dz, state for B)``."""
         raise NotImplementedError
 
+    def hessian_form(self, state, scale):
+        """Return ``(kind, array, factor)``: ``scale * B_i`` is ``factor`` times B of ``kind``.
+
+        ``kind`` is ``_kernels.B_IDENTITY`` (``array`` None), ``B_SOFTMAX``
+        (``array``: the softmax p, (n, K)) or ``B_DIAGONAL`` (``array``: the
+        diagonal, (n, K)); ``state`` is what ``value_grad`` returned.
+        """
+        raise NotImplementedError
+
+    def hessian_kernel_args(self, state, scale, dtype):
+        """``hessian_form`` as the kernels take it: ``(kind, (n, K) or (0, 0) array, factor)``."""
+        kind, array, factor = self.hessian_form(state, scale)
+        return kind, (np.empty((0, 0), dtype=dtype) if array is None else array), factor
+
     def hessian_apply(self, state, x, scale, out, n_threads):
         """``out[i, j] = scale * B_i x[i, j]`` for x of shape (n, k, K)."""
-        raise NotImplementedError
+        kind, array, factor = self.hessian_kernel_args(state, scale, x.dtype)
+        _kernels.output_hessian_apply(kind, array, factor, x, out, n_threads)
 
     def __call__(self, outputs, targets):
         """Loss of network outputs (N, K) against targets, as a float."""
@@ -84,8 +99,8 @@ class MSELoss(Loss):
         _kernels.mse_value_grad(z, y, scale, losses, r, n_threads)
         return float(losses.sum()), r, None
 
-    def hessian_apply(self, state, x, scale, out, n_threads):  # noqa: D102
-        _kernels.scaled_copy(x, 2.0 * scale, out, n_threads)
+    def hessian_form(self, state, scale):  # noqa: D102
+        return _kernels.B_IDENTITY, None, 2.0 * scale
 
 
 class CrossEntropyLoss(Loss):
@@ -122,8 +137,8 @@ class CrossEntropyLoss(Loss):
         _kernels.cross_entropy_value_grad(z, y, scale, losses, r, p, n_threads)
         return float(losses.sum()), r, p
 
-    def hessian_apply(self, state, x, scale, out, n_threads):  # noqa: D102
-        _kernels.softmax_hessian_apply(state, x, scale, out, n_threads)
+    def hessian_form(self, state, scale):  # noqa: D102
+        return _kernels.B_SOFTMAX, state, scale
 
 
 class BCEWithLogitsLoss(Loss):
@@ -152,5 +167,5 @@ class BCEWithLogitsLoss(Loss):
         _kernels.bce_value_grad(z, y, scale, losses, r, h, n_threads)
         return float(losses.sum()), r, h
 
-    def hessian_apply(self, state, x, scale, out, n_threads):  # noqa: D102
-        _kernels.diagonal_hessian_apply(state, x, scale, out, n_threads)
+    def hessian_form(self, state, scale):  # noqa: D102
+        return _kernels.B_DIAGONAL, state, scale
