@@ -102,14 +102,15 @@ class LayerFactor:
     """One parametrised layer's share of the stored Jacobian factors of a chunk.
 
     ``ctx`` holds what the layer's parameter derivatives need (a dense layer's
-    input, a convolution's unfolded input). ``D[n, c, o] = dz[n, c] / dp[n, o]``
-    is taken at a point p after the layer: its output s, or, when that is
-    smaller, the end of the parameter-free layers that follow it (``path``, as
-    ``(step, context)`` pairs: ``path_steps``). ``D`` of shape (K, width) is the
-    same for every sample: the weight of the last dense layer, when p is its input. After a convolution, ReLU and 2x2
-    max-pooling, D at the pooled output is a quarter of D at s; the path's own
-    contexts (f', argmax) cost 1/K of that. ``D`` None means the identity (p is
-    the network output, reached through identity layers only).
+    input, a convolution's input or unfolded input). ``D[n, c, o] = dz[n, c] /
+    dp[n, o]`` is taken at a point p after the layer: its output s, or, when
+    that is smaller, the end of the parameter-free layers that follow it
+    (``path``, as ``(step, context)`` pairs: ``path_steps``). After a
+    convolution, ReLU and 2x2 max-pooling, D at the pooled output is a quarter
+    of D at s, and the path keeps f' and the argmax at the pooled positions
+    only. ``D`` of shape (K, width) is the same for every sample: the weight of
+    the last dense layer, when p is its input. ``D`` None means the identity
+    (p is the network output, reached through identity layers only).
     """
 
     __slots__ = ("index", "ctx", "D", "path")
