@@ -62,6 +62,13 @@ def test_forward_matches_im2col(geometry, dtype, bias):
             first = out.copy()
         else:  # per sample, the same operations whatever the thread
             assert np.array_equal(out, first)
+        # accumulate: out += (the R-forward's W phi(R{x}) and the R-backward's W^T R{g})
+        start = rng.standard_normal((n, M * P)).astype(dtype)
+        out = start.copy()
+        _conv.conv_forward_direct(w, b, x, out, geom, n_threads, True)
+        err = (np.abs(out.reshape(n, M, P) - start.reshape(n, M, P) - expected).max()
+               / np.abs(expected).max())
+        assert err < 4 * TOL[dtype], err
     assert np.array_equal(x, x0) and np.array_equal(w, w0)
 
 

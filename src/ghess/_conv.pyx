@@ -44,9 +44,11 @@ cdef extern from "_direct_conv.h" nogil:
     void ghess_dc_pad_f64(const double* x, const ghess_dc_geom* g, double* xp)
     void ghess_dc_pad_f32(const float* x, const ghess_dc_geom* g, float* xp)
     void ghess_dc_forward_f64(const double* Ap, const double* bias, int M, const double* xp,
-                              const int* off, const ghess_dc_geom* g, double* out)
+                              const int* off, const ghess_dc_geom* g, double* out,
+                              int accumulate)
     void ghess_dc_forward_f32(const float* Ap, const float* bias, int M, const float* xp,
-                              const int* off, const ghess_dc_geom* g, float* out)
+                              const int* off, const ghess_dc_geom* g, float* out,
+                              int accumulate)
     Py_ssize_t ghess_dc_grad_panels_size(int M, int P, int vector_length)
     void ghess_dc_pack_grad_f64(const double* g, int M, int P, double* gT)
     void ghess_dc_pack_grad_f32(const float* g, int M, int P, float* gT)
@@ -226,9 +228,9 @@ def direct_conv_supported(geom):
 def conv_forward_direct(const floating[:, ::1] weights,  # IN  (M, C*kh*kw)
                         const floating[::1] bias,         # IN  (M,), or (0,): no bias
                         const floating[:, ::1] x,         # IN  (n, C*H*W)
-                        floating[:, ::1] out,             # OUT (n, M*P)
-                        tuple geom, int n_threads):
-    """out[i] = weights @ im2col(x[i]) (+ bias per channel), without the im2col buffer."""
+                        floating[:, ::1] out,             # OUT or IN/OUT (n, M*P)
+                        tuple geom, int n_threads, bint accumulate=False):
+    """out[i] (+)= weights @ im2col(x[i]) (+ bias per channel), without the im2col buffer."""
     cdef Geometry g = _geometry(geom)
     cdef Py_ssize_t n = x.shape[0], i
     cdef int M = weights.shape[0], K = weights.shape[1], t
@@ -257,10 +259,12 @@ def conv_forward_direct(const floating[:, ::1] weights,  # IN  (M, C*kh*kw)
         t = threadid()
         if floating is double:
             ghess_dc_pad_f64(&x[i, 0], &g, &padded[t, 0])
-            ghess_dc_forward_f64(&packed[0], b, M, &padded[t, 0], &offsets[0], &g, &out[i, 0])
+            ghess_dc_forward_f64(&packed[0], b, M, &padded[t, 0], &offsets[0], &g, &out[i, 0],
+                                 accumulate)
         else:
             ghess_dc_pad_f32(&x[i, 0], &g, &padded[t, 0])
-            ghess_dc_forward_f32(&packed[0], b, M, &padded[t, 0], &offsets[0], &g, &out[i, 0])
+            ghess_dc_forward_f32(&packed[0], b, M, &padded[t, 0], &offsets[0], &g, &out[i, 0],
+                                 accumulate)
 
 
 def conv_weight_grad_direct(const floating[:, :, ::1] g,  # IN  (n, k, M*P)

@@ -161,6 +161,10 @@ static ptrdiff_t ghess_dc_grad_panels_size(int M, int P, int vector_length)
         VEC shift = bias ? BCAST(bias + ib + r) : SETZERO();                                \
         VEC v0 = ADD(acc[2 * r], shift), v1 = ADD(acc[2 * r + 1], shift);                   \
         if (len0 == L && len1 == L) {                                                       \
+            if (accumulate) {                                                               \
+                v0 = ADD(LOADU(row + p0), v0);                                              \
+                v1 = ADD(LOADU(row + p1), v1);                                              \
+            }                                                                               \
             STOREU(row + p0, v0);                                                           \
             STOREU(row + p1, v1);                                                           \
         } else {                                                                            \
@@ -168,18 +172,19 @@ static ptrdiff_t ghess_dc_grad_panels_size(int M, int P, int vector_length)
             STOREU(lanes, v0);                                                              \
             STOREU(lanes + L, v1);                                                          \
             for (int j = 0; j < len0; j++)                                                  \
-                row[p0 + j] = lanes[j];                                                     \
+                row[p0 + j] = accumulate ? row[p0 + j] + lanes[j] : lanes[j];               \
             for (int j = 0; j < len1; j++)                                                  \
-                row[p1 + j] = lanes[L + j];                                                 \
+                row[p1 + j] = accumulate ? row[p1 + j] + lanes[L + j] : lanes[L + j];       \
         }                                                                                   \
     }
 
 #define GHESS_DEFINE_DIRECT_CONV_X86(T, SUFFIX, VEC, LOADU, BCAST, FMA, SETZERO, STOREU, ADD, L) \
-/* out (M, P) = W x (+ bias) for one sample; Ap from ghess_dc_pack_weights, xp from         \
+/* out (M, P) (+)= W x (+ bias) for one sample; Ap from ghess_dc_pack_weights, xp from     \
  * ghess_dc_pad, off from ghess_dc_offsets. sw must be 1. */                                \
 GHESS_DC_TARGET                                                                             \
 static void ghess_dc_forward_##SUFFIX(const T *Ap, const T *bias, int M, const T *xp,       \
-                                      const int *off, const ghess_dc_geom *g, T *out)       \
+                                      const int *off, const ghess_dc_geom *g, T *out,       \
+                                      int accumulate)                                       \
 {                                                                                           \
     const int K = g->C * g->kh * g->kw, P = g->out_h * g->out_w;                            \
     const int Wp = g->W + 2 * g->pw, runs_per_row = (g->out_w + L - 1) / L;                 \
@@ -262,11 +267,13 @@ GHESS_DEFINE_DIRECT_CONV_X86(float, f32, __m256, _mm256_loadu_ps, _mm256_broadca
 #else
 /* never called: ghess_direct_conv_available() is 0 */
 static void ghess_dc_forward_f64(const double *Ap, const double *bias, int M, const double *xp,
-                                 const int *off, const ghess_dc_geom *g, double *out)
-{ (void)Ap; (void)bias; (void)M; (void)xp; (void)off; (void)g; (void)out; }
+                                 const int *off, const ghess_dc_geom *g, double *out,
+                                 int accumulate)
+{ (void)Ap; (void)bias; (void)M; (void)xp; (void)off; (void)g; (void)out; (void)accumulate; }
 static void ghess_dc_forward_f32(const float *Ap, const float *bias, int M, const float *xp,
-                                 const int *off, const ghess_dc_geom *g, float *out)
-{ (void)Ap; (void)bias; (void)M; (void)xp; (void)off; (void)g; (void)out; }
+                                 const int *off, const ghess_dc_geom *g, float *out,
+                                 int accumulate)
+{ (void)Ap; (void)bias; (void)M; (void)xp; (void)off; (void)g; (void)out; (void)accumulate; }
 static void ghess_dc_weight_grad_f64(const double *gT, int M, const double *xp, const int *off,
                                      const ghess_dc_geom *g, double *work)
 { (void)gT; (void)M; (void)xp; (void)off; (void)g; (void)work; }

@@ -217,7 +217,12 @@ class Conv2d(_Windowed):
             n = cols.shape[0]
             ry = np.empty((n, k, self.out_channels * P), dtype=cols.dtype)
             _conv.conv_gemm(Vw, cols[:, None], ry, False, n_threads)
-        if rx is not None:
+        if rx is not None and self._reads_input(ctx):
+            # W phi(R{x}): the n*k tangent inputs are the samples of one direct convolution
+            _conv.conv_forward_direct(params["weight"].reshape(self.out_channels, -1),
+                                      np.empty(0, dtype=rx.dtype), rx.reshape(n * k, -1),
+                                      ry.reshape(n * k, -1), self._geom, n_threads, True)
+        elif rx is not None:
             rcols = self._unfold(rx.reshape(n * k, -1), n_threads)
             _conv.conv_gemm(self._weight(params), rcols.reshape(n, k, self.patch_size, P),
                             ry, True, n_threads)
@@ -300,13 +305,33 @@ class Conv2d(_Windowed):
         w = params["weight"][:, :, ::-1, ::-1].transpose(1, 0, 2, 3)
         return np.ascontiguousarray(w).reshape(self.in_channels, -1)
 
+    def _flipped_tangent(self, tangent):
+        """Return the k directions' ``_flipped_weight``, stacked as k*C output channels."""
+        flipped = tangent.get("weight_flipped")
+        if flipped is None:
+            kh, kw = self.kernel_size
+            V = tangent["weight"]
+            k = V.shape[0]
+            flipped = np.ascontiguousarray(
+                V.reshape(k, self.out_channels, self.in_channels, kh, kw)[:, :, :, ::-1, ::-1]
+                .transpose(0, 2, 1, 3, 4)).reshape(k * self.in_channels, -1)
+            tangent["weight_flipped"] = flipped
+        return flipped
+
     def rvjp(self, params, tangent, ctx, g, rx, rgy, acc, need_input_grad, n_threads):
         """R-operator of ``vjp``: R{dW} = R{g} phi(x)^T + g phi(R{x})^T, R{db} = sum R{g},
         R{dL/dx} = col2im(W^T R{g} + V^T g).
         """  # noqa: D205
         n, k, P = rgy.shape[0], rgy.shape[1], self._geom[11] * self._geom[12]
         self.param_vjp(ctx, rgy, acc, n_threads)
-        if rx is not None:
+        if rx is not None and self._reads_input(ctx):
+            # g phi(R{x}_j)^T: the direct weight gradient, direction by direction (the
+            # directions share g here, not the input)
+            g1 = np.ascontiguousarray(g)[:, None]
+            for j in range(k):
+                _conv.conv_weight_grad_direct(g1, np.ascontiguousarray(rx[:, j]),
+                                              acc["weight"][j:j + 1], self._geom, n_threads)
+        elif rx is not None:
             cached = tangent.pop("_unfolded_rx", None)
             if cached is not None and cached[0] is rx:
                 rcols = cached[1]
@@ -317,8 +342,20 @@ class Conv2d(_Windowed):
         if not need_input_grad:
             return None
         rgx = np.empty((n, k, int(np.prod(self._input_shape))), dtype=rgy.dtype)
-        self._input_grad(self._weight(params), rgy, rgx, False, n_threads,
-                         tangent["weight"], g[:, None])
+        transposed = self._transposed_geometry()
+        if _conv.direct_conv_supported(transposed):
+            # V^T g then col2im: g convolved with the k directions' flipped weights, k*C
+            # output channels of one direct convolution; then W^T R{g} as in vjp, added
+            none = np.empty(0, dtype=rgy.dtype)
+            _conv.conv_forward_direct(self._flipped_tangent(tangent), none,
+                                      np.ascontiguousarray(g), rgx.reshape(n, -1), transposed,
+                                      n_threads)
+            _conv.conv_forward_direct(self._flipped_weight(params), none,
+                                      rgy.reshape(n * k, -1), rgx.reshape(n * k, -1),
+                                      transposed, n_threads, True)
+        else:
+            self._input_grad(self._weight(params), rgy, rgx, False, n_threads,
+                             tangent["weight"], g[:, None])
         return rgx
 
     def input_grad(self, params, gy, ctx, n_threads):
