@@ -295,3 +295,17 @@ def test_hessian_memory_required_is_what_is_held(case_name):
                 held[id(a)] = a.nbytes
     assert sum(held.values()) == H.memory_bytes
     assert H.memory_bytes == ghess.HessianLinearOperator.memory_required(c.model, c.data)
+
+
+def test_chunks_are_as_few_and_as_even_as_fit():
+    from ghess._data import as_batches
+
+    c = Case("tanh-ce", n_samples=50)
+    X, y = c.data
+    batches = as_batches(c.model, c.loss, [(X[:7], y[:7]), (X[7:], y[7:])], np.float64)
+    for chunk_size, sizes in ((3, [2, 2, 3] + [2, 3, 3, 3, 3, 3, 3, 2, 3, 3, 3, 3, 3, 3, 3]),
+                              (43, [7, 43]), (42, [7, 21, 22]), (100, [7, 43])):
+        chunks = list(batches.chunks(chunk_size))
+        assert [len(Xc) for Xc, _ in chunks] == sizes
+        assert_array_equal(np.concatenate([Xc for Xc, _ in chunks]), X)
+        assert_array_equal(np.concatenate([yc for _, yc in chunks]), y)

@@ -1,4 +1,4 @@
-"""The vectorised float64 tanh (_vecmath.h) against libm, element by element."""
+"""The vectorised float64 and float32 tanh (_vecmath.h) against libm, element by element."""
 
 import numpy as np
 import pytest
@@ -60,10 +60,26 @@ def test_threads_give_identical_values(n_threads):
     np.testing.assert_array_equal(ctx_one["d2"], ctx_many["d2"])
 
 
-def test_empty_and_float32_unchanged():
-    y, _ = _forward(np.empty(0), 1)
-    assert y.shape == (0,)
-    x32 = np.linspace(-5, 5, 1001, dtype=np.float32)
-    y32, _ = _forward(x32, 0)
-    assert y32.dtype == np.float32
-    np.testing.assert_array_equal(y32, np.tanh(x32))
+def test_empty_input():
+    for dtype in (np.float64, np.float32):
+        y, ctx = _forward(np.empty(0, dtype=dtype), 2)
+        assert y.shape == (0,) and y.dtype == dtype and ctx["d1"].shape == (1, 0)
+
+
+def test_float32_tanh_within_four_ulp_of_the_exact_value():
+    x64 = _points()
+    x64 = x64[np.abs(x64) < 3e38]
+    x = np.concatenate([x64.astype(np.float32), np.linspace(-12, 12, 200_001, dtype=np.float32),
+                        np.float32([np.inf, -np.inf, 1e-40, -1e-45])])
+    y, ctx = _forward(x, 2)
+    assert y.dtype == np.float32
+    exact = np.tanh(x.astype(np.float64))
+    ulp = np.spacing(np.abs(exact).astype(np.float32)).astype(np.float64)
+    err = np.abs(y - exact) / ulp
+    assert err.max() <= 4, f"{err.max()} ulp at x = {x[np.argmax(err)]!r}"
+    assert np.array_equal(np.signbit(y), np.signbit(x))
+    d1, d2 = ctx["d1"].reshape(-1), ctx["d2"].reshape(-1)
+    np.testing.assert_array_equal(d1, np.float32(1) - y * y)
+    np.testing.assert_array_equal(d2, np.float32(-2) * y * (np.float32(1) - y * y))
+    many, _ = _forward(x, 0, 3)
+    np.testing.assert_array_equal(many, y)

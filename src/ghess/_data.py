@@ -21,15 +21,18 @@ class Batches:
         self.n_samples = n_samples
 
     def chunks(self, chunk_size):
-        """Yield ``(X, y)`` views of at most ``chunk_size`` samples, in order."""
-        for X, y in self.batches:
-            for start in range(0, X.shape[0], chunk_size):
-                stop = min(start + chunk_size, X.shape[0])
-                yield X[start:stop], None if y is None else y[start:stop]
+        """Yield ``(X, y)`` views of at most ``chunk_size`` samples, in order.
 
-    def n_chunks(self, chunk_size):
-        """How many chunks :meth:`chunks` yields."""
-        return sum(-(-X.shape[0] // chunk_size) for X, _ in self.batches)
+        A batch is cut into as few chunks as fit and as even as possible (sizes
+        differ by at most one): 1024 samples in chunks of at most 841 make two of
+        512, not 841 and a 183-sample tail whose GEMMs run 10-15% slower.
+        """
+        for X, y in self.batches:
+            n = X.shape[0]
+            count = -(-n // chunk_size)
+            for c in range(count):
+                start, stop = c * n // count, (c + 1) * n // count
+                yield X[start:stop], None if y is None else y[start:stop]
 
 
 def as_batches(model, loss, data, dtype, copy=False):

@@ -46,6 +46,7 @@ cdef extern from "_contract.h" nogil:
 cdef extern from "_vecmath.h" nogil:
     # vectorisable float64 tanh and its derivatives (see the header)
     void ghess_tanh_block(const double* x, double* y, double* d1, double* d2, Py_ssize_t n)
+    void ghess_tanhf_block(const float* x, float* y, float* d1, float* d2, Py_ssize_t n)
 
 cdef extern from *:
     """
@@ -257,8 +258,8 @@ cdef inline void _activation(int kind, double x, double p0, double p1,
         d2[0] = 0.0
 
 
-cdef void _tanh_float64(const double* x, double* y, double* d1, double* d2,
-                        Py_ssize_t size, int n_threads) noexcept nogil:
+cdef void _tanh_blocks(const floating* x, floating* y, floating* d1, floating* d2,
+                       Py_ssize_t size, int n_threads) noexcept nogil:
     # one contiguous block per thread, each through the vectorised loop of the header
     cdef Py_ssize_t block = (size + n_threads - 1) // n_threads if n_threads > 0 else size
     cdef Py_ssize_t b, start, count
@@ -268,8 +269,12 @@ cdef void _tanh_float64(const double* x, double* y, double* d1, double* d2,
         start = b * block
         count = min(block, size - start)
         if count > 0:
-            ghess_tanh_block(x + start, y + start, NULL if d1 == NULL else d1 + start,
-                             NULL if d2 == NULL else d2 + start, count)
+            if floating is double:
+                ghess_tanh_block(x + start, y + start, NULL if d1 == NULL else d1 + start,
+                                 NULL if d2 == NULL else d2 + start, count)
+            else:
+                ghess_tanhf_block(x + start, y + start, NULL if d1 == NULL else d1 + start,
+                                  NULL if d2 == NULL else d2 + start, count)
 
 
 def activation_forward(int kind, double p0, double p1,
@@ -299,12 +304,10 @@ def activation_forward(int kind, double p0, double p1,
         if want_d2:
             d2[:] = 0
         return
-    if floating is double:
-        if kind == TANH:
-            _tanh_float64(&x[0] if size else NULL, &y[0] if size else NULL,
-                          &d1[0] if want_d1 else NULL, &d2[0] if want_d2 else NULL,
-                          size, n_threads)
-            return
+    if kind == TANH:
+        _tanh_blocks(&x[0] if size else NULL, &y[0] if size else NULL,
+                     &d1[0] if want_d1 else NULL, &d2[0] if want_d2 else NULL, size, n_threads)
+        return
     for i in prange(size, nogil=True, schedule='static', num_threads=n_threads):
         # Assigned in the loop body, so that prange makes them thread-private
         # (a variable only written through a pointer would be shared).

@@ -408,6 +408,7 @@ class Softplus(Activation):
         return f"Softplus(beta={self.beta}, threshold={self.threshold})"
 
 
-#: float32 tanh and sigmoid through NumPy's SIMD ufuncs (see activation_derivatives_from_output);
-#: in float64 NumPy is no faster than libm, so the fused kernel stays
-_FLOAT32_UFUNCS = {Tanh._kind: np.tanh, Sigmoid._kind: scipy.special.expit}
+#: float32 sigmoid through SciPy's SIMD ufunc (see activation_derivatives_from_output); tanh
+#: has vectorised kernels of its own in both dtypes (_vecmath.h), and libm's float64 sigmoid
+#: is no slower than the ufunc
+_FLOAT32_UFUNCS = {Sigmoid._kind: scipy.special.expit}
