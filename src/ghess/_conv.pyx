@@ -22,7 +22,10 @@ Design notes
    convolutions (``_direct_conv.h``): the unfolded operand is read straight
    from a zero-padded copy of the input, 1.5-2x faster than im2col + BLAS on
    CNN-C's layers. Its input gradient is a direct convolution too (stride 1
-   both ways). ``ghess.conv.Conv2d`` then keeps x instead of phi(x).
+   both ways). ``ghess.conv.Conv2d`` then keeps x instead of phi(x). Hessian
+   products use the same kernels for ``W phi(R{x})`` (the n*k tangent inputs as
+   samples, added into the output: ``accumulate``), ``g phi(R{x})^T`` and
+   ``W^T R{g} + V^T g``.
 """
 import numpy as np
 

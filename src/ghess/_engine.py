@@ -372,7 +372,7 @@ def factor_ggn(model, lparams, loss, scale, tangents, factors, accs, k, n_thread
                              tuple(tangent_at[j] for j in own),
                              tuple(cotangent_at[j] for j in own),
                              Jv, u, kind, state, factor, n_threads)
-    del tangent_at
+    del tangent_at  # free before the backward's temporaries
     for j, f in enumerate(factors.layers):
         S = cotangent_at.pop(j) if j in cotangent_at else _shared_vjp(f, u, n_threads)
         S = _path_vjp(f.path, S, n_threads)

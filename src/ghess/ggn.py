@@ -36,8 +36,9 @@ class GGNLinearOperator(CurvatureOperator):
         ``"stored"`` keeps each layer's input (a convolution's unfolded input) and
         per-sample factor :math:`D_{n,l} = \partial z_n / \partial s_{n,l}`, taken
         after the layer's activation and pooling where that is smaller (a quarter,
-        after 2x2 max-pooling); ``memory_required`` tells the bytes. A product then
-        costs about two GEMMs per layer and no pass through the network.
+        after 2x2 max-pooling; nothing per sample at the input of a dense output
+        layer, whose weight it is); ``memory_required`` tells the bytes. A product
+        then costs about two GEMMs per layer and no pass through the network.
         ``"recompute"`` runs forward, R-forward and backward passes chunk by
         chunk for every product (memory of one chunk). ``"auto"`` picks
         ``"stored"`` when it fits ``memory_budget``.
