@@ -111,41 +111,6 @@ static inline double ghess_tanh(double x)
     return copysign(-em / (2.0 + em), x);
 }
 
-/* y = tanh(x); d1 = 1 - y^2 and d2 = -2 y (1 - y^2) where non-NULL. On x86-64 glibc
- * with GCC or clang >= 14 an AVX2 clone is built beside the baseline (SSE2) one and picked
- * at load time (an ifunc: glibc only); FMA is left out so that both clones round alike. */
-#if defined(__x86_64__) && defined(__GLIBC__) && \
-    ((defined(__GNUC__) && !defined(__clang__)) || (defined(__clang__) && __clang_major__ >= 14))
-__attribute__((target_clones("avx2", "default")))
-#endif
-static void ghess_tanh_block(const double *restrict x, double *restrict y,
-                             double *restrict d1, double *restrict d2, ptrdiff_t n)
-{
-    /* one pass per variant: each output is written while t is in a register */
-    ptrdiff_t i;
-    double t;
-    if (d1 && d2) {
-        for (i = 0; i < n; i++) {
-            t = ghess_tanh(x[i]);
-            y[i] = t;
-            d1[i] = 1.0 - t * t;
-            d2[i] = -2.0 * t * (1.0 - t * t);
-        }
-    } else if (d1) {
-        for (i = 0; i < n; i++) {
-            t = ghess_tanh(x[i]);
-            y[i] = t;
-            d1[i] = 1.0 - t * t;
-        }
-    } else {
-        for (i = 0; i < n; i++)
-            y[i] = ghess_tanh(x[i]);
-        if (d2)  /* not asked for by the layers; kept for completeness */
-            for (i = 0; i < n; i++)
-                d2[i] = -2.0 * y[i] * (1.0 - y[i] * y[i]);
-    }
-}
-
 /* float32 tanh with the same structure in single precision (AVX2: 8 lanes), for
  * float32 layers: NumPy's float32 tanh took 4-5 ns per element here, a tenth of
  * MLP-M-tanh's float32 loss+grad. Polynomials: exp(r) of degree 7 on |r| <= ln2/2
@@ -196,36 +161,48 @@ static inline float ghess_tanhf(float x)
     return copysignf(-em / (2.0f + em), x);
 }
 
+/* y = tanh(x); d1 = 1 - y^2 and d2 = -2 y (1 - y^2) where non-NULL, for float64
+ * (ghess_tanh_block) and float32 (ghess_tanhf_block). On x86-64 glibc with GCC or
+ * clang >= 14 an AVX2 clone is built beside the baseline (SSE2) one and picked at load
+ * time (an ifunc: glibc only); FMA is left out so that both clones round alike. */
 #if defined(__x86_64__) && defined(__GLIBC__) && \
     ((defined(__GNUC__) && !defined(__clang__)) || (defined(__clang__) && __clang_major__ >= 14))
-__attribute__((target_clones("avx2", "default")))
+#define GHESS_TANH_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define GHESS_TANH_CLONES
 #endif
-static void ghess_tanhf_block(const float *restrict x, float *restrict y,
-                              float *restrict d1, float *restrict d2, ptrdiff_t n)
-{
-    /* as ghess_tanh_block */
-    ptrdiff_t i;
-    float t;
-    if (d1 && d2) {
-        for (i = 0; i < n; i++) {
-            t = ghess_tanhf(x[i]);
-            y[i] = t;
-            d1[i] = 1.0f - t * t;
-            d2[i] = -2.0f * t * (1.0f - t * t);
-        }
-    } else if (d1) {
-        for (i = 0; i < n; i++) {
-            t = ghess_tanhf(x[i]);
-            y[i] = t;
-            d1[i] = 1.0f - t * t;
-        }
-    } else {
-        for (i = 0; i < n; i++)
-            y[i] = ghess_tanhf(x[i]);
-        if (d2)
-            for (i = 0; i < n; i++)
-                d2[i] = -2.0f * y[i] * (1.0f - y[i] * y[i]);
-    }
+
+#define GHESS_DEFINE_TANH_BLOCK(T, NAME, TANH)                                              \
+GHESS_TANH_CLONES                                                                           \
+static void NAME(const T *restrict x, T *restrict y, T *restrict d1, T *restrict d2,        \
+                 ptrdiff_t n)                                                               \
+{                                                                                           \
+    /* one pass per variant: each output is written while t is in a register */             \
+    ptrdiff_t i;                                                                            \
+    T t;                                                                                    \
+    if (d1 && d2) {                                                                         \
+        for (i = 0; i < n; i++) {                                                           \
+            t = TANH(x[i]);                                                                 \
+            y[i] = t;                                                                       \
+            d1[i] = (T)1 - t * t;                                                           \
+            d2[i] = (T)-2 * t * ((T)1 - t * t);                                             \
+        }                                                                                   \
+    } else if (d1) {                                                                        \
+        for (i = 0; i < n; i++) {                                                           \
+            t = TANH(x[i]);                                                                 \
+            y[i] = t;                                                                       \
+            d1[i] = (T)1 - t * t;                                                           \
+        }                                                                                   \
+    } else {                                                                                \
+        for (i = 0; i < n; i++)                                                             \
+            y[i] = TANH(x[i]);                                                              \
+        if (d2)  /* not asked for by the layers; kept for completeness */                   \
+            for (i = 0; i < n; i++)                                                         \
+                d2[i] = (T)-2 * y[i] * ((T)1 - y[i] * y[i]);                                \
+    }                                                                                       \
 }
+
+GHESS_DEFINE_TANH_BLOCK(double, ghess_tanh_block, ghess_tanh)
+GHESS_DEFINE_TANH_BLOCK(float, ghess_tanhf_block, ghess_tanhf)
 
 #endif
