@@ -300,22 +300,25 @@ class Conv2d(_Windowed):
             return None
         return (self.out_channels, out_h, out_w, kh, kw, 1, 1, pad_h, pad_w, dh, dw, H, W)
 
+    def _flipped(self, weights):
+        """Return W'[j*C + c, (m, a, b)] = W_j[m, c, kh-1-a, kw-1-b] for k weights W_j
+        (k, M, C*kh*kw): the weights of the convolutions of dL/ds that give dL/dx,
+        the k directions' stacked as k*C output channels.
+        """  # noqa: D205
+        k = weights.shape[0]
+        w = weights.reshape((k, self.out_channels, self.in_channels) + self.kernel_size)
+        w = w[:, :, :, ::-1, ::-1].transpose(0, 2, 1, 3, 4)
+        return np.ascontiguousarray(w).reshape(k * self.in_channels, -1)
+
     def _flipped_weight(self, params):
-        """W'[c, (m, a, b)] = W[m, c, kh-1-a, kw-1-b]: the weights of that convolution."""
-        w = params["weight"][:, :, ::-1, ::-1].transpose(1, 0, 2, 3)
-        return np.ascontiguousarray(w).reshape(self.in_channels, -1)
+        """Return ``_flipped`` of the layer's weight (C, M*kh*kw)."""
+        return self._flipped(params["weight"].reshape(1, self.out_channels, -1))
 
     def _flipped_tangent(self, tangent):
-        """Return the k directions' ``_flipped_weight``, stacked as k*C output channels."""
+        """Return ``_flipped`` of the k directions' weights (k*C, M*kh*kw), kept with them."""
         flipped = tangent.get("weight_flipped")
         if flipped is None:
-            kh, kw = self.kernel_size
-            V = tangent["weight"]
-            k = V.shape[0]
-            flipped = np.ascontiguousarray(
-                V.reshape(k, self.out_channels, self.in_channels, kh, kw)[:, :, :, ::-1, ::-1]
-                .transpose(0, 2, 1, 3, 4)).reshape(k * self.in_channels, -1)
-            tangent["weight_flipped"] = flipped
+            flipped = tangent["weight_flipped"] = self._flipped(tangent["weight"])
         return flipped
 
     def rvjp(self, params, tangent, ctx, g, rx, rgy, acc, need_input_grad, n_threads):
