@@ -37,6 +37,13 @@ CONV_CASES = {
                              G.Conv2d(1, 2, 2, padding=2), G.Tanh(), G.Flatten(),
                              G.Linear(2 * 6 * 6, 3), input_shape=(1, 4, 4)),
         lambda: G.CrossEntropyLoss(reduction="sum")),
+    # tanh then max-pooling: fused for first-order paths, not in the Hessian (f'' != 0);
+    # ReLU then max-pooling before a convolution: fused in the Hessian too
+    "conv-tanh-maxpool-relu-maxpool-ce": (
+        lambda: G.Sequential(G.Conv2d(1, 3, 3, padding=1), G.Tanh(), G.MaxPool2d(2),
+                             G.Conv2d(3, 2, 3, padding=1), G.ReLU(), G.MaxPool2d(2, stride=1),
+                             G.Flatten(), G.Linear(2 * 3 * 3, 3), input_shape=(1, 8, 8)),
+        lambda: G.CrossEntropyLoss()),
     "conv-linear-in-theta-mse": (
         lambda: G.Sequential(G.Conv2d(2, 2, 3, padding=1), G.Flatten(), input_shape=(2, 3, 3)),
         lambda: G.MSELoss(reduction="sum")),
@@ -145,6 +152,39 @@ def test_hessian_vector_product_matches_finite_differences(ccase):
         return G.loss_and_grad(ccase.model, ccase.loss, theta, ccase.data)[1]
 
     assert_allclose_rel(H @ v, finite_difference_hvp(grad, ccase.theta, v, eps=1e-4), 1e-6)
+
+
+def test_hessian_trace_fuses_only_curvature_free_activation_pooling():
+    """ReLU + max-pooling is one Hessian step with f' at the argmax; tanh + max-pooling not.
+
+    Tanh's R-backward needs f'' and dL/df on the whole pooling input. The trace
+    keeps dL/d(output) only where a step's R-backward reads it.
+    """
+    from ghess import _engine
+
+    c = ConvCase("conv-tanh-maxpool-relu-maxpool-ce", n_samples=6)
+    kinds = [type(layer).__name__ for layer in c.model.layers]
+    assert kinds == ["Conv2d", "Tanh", "MaxPool2d", "Conv2d", "ReLU", "MaxPool2d", "Flatten",
+                     "Linear"]
+    steps = [(type(step).__name__, indices) for step, indices in _engine.hessian_steps(c.model)]
+    assert steps == [("Conv2d", (0,)), ("Tanh", (1,)), ("MaxPool2d", (2,)), ("Conv2d", (3,)),
+                     ("ActivationMaxPool", (4, 5)), ("Flatten", (6,)), ("Linear", (7,))]
+    # first-order factor paths fuse both pairs
+    path = _engine.path_steps(c.model, (1, 2))
+    assert [type(step).__name__ for step, _ in path] == ["ActivationMaxPool"]
+
+    H = G.HessianLinearOperator(c.model, c.loss, c.theta, c.data, mode="stored")
+    (trace,) = H._stored
+    assert [set(ctx) for ctx in trace.ctxs] == [
+        {"x"}, {"d1", "d2"}, {"argmax"}, {"x"}, {"argmax", "gain"}, set(), set(), {"x"}]
+    assert [g is not None for g in trace.grads] == [True, True, False, True, False, False,
+                                                     False, True]
+    # f' at the argmax: what the unfused ReLU and pool would have applied
+    ctxs, _ = _engine.forward_chunk(c.model, c.model.layer_params(c.theta), c.X, 2, 1)
+    argmax = ctxs[5]["argmax"]
+    np.testing.assert_array_equal(trace.ctxs[4]["argmax"], argmax)
+    np.testing.assert_array_equal(trace.ctxs[4]["gain"],
+                                  np.take_along_axis(ctxs[4]["d1"], argmax, axis=1))
 
 
 @pytest.mark.parametrize("case_name", sorted(CONV_CASES), ids=lambda n: f"case={n}")

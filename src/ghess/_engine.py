@@ -189,17 +189,19 @@ def factor_plan(model, itemsize, paths=True):
     return plan
 
 
-def path_steps(model, path):
+def path_steps(model, path, second_order=False):
     """Return the steps of a factor path, as ``(step, layer indices)`` pairs.
 
     A step is a layer, or an activation and the max-pooling after it fused
-    into one (``conv.ActivationMaxPool``).
+    into one (``conv.ActivationMaxPool``); ``second_order`` fuses only pairs
+    whose Hessian R-backward is linear too (f'' = 0).
     """
     steps = []
     j = 0
     while j < len(path):
         layer = model.layers[path[j]]
-        if j + 1 < len(path) and ActivationMaxPool.fuses(layer, model.layers[path[j + 1]]):
+        if j + 1 < len(path) and ActivationMaxPool.fuses(layer, model.layers[path[j + 1]],
+                                                         second_order):
             steps.append((ActivationMaxPool(layer, model.layers[path[j + 1]]),
                           (path[j], path[j + 1])))
             j += 2
@@ -384,7 +386,13 @@ def factor_ggn(model, lparams, loss, scale, tangents, factors, accs, k, n_thread
 # ---------------------------------------------------------------------------
 
 class GradientTrace:
-    """What a Hessian product needs of one chunk, independent of the direction."""
+    """What a Hessian product needs of one chunk, independent of the direction.
+
+    Per step of ``hessian_steps``, at the index of its first layer: ``ctxs``,
+    the step's context (a fused activation + max-pooling keeps the argmax and
+    f' there; its second layer's entry is empty), and ``grads``, dL/d(output)
+    where the step's R-backward reads it (``uses_output_grad``), else None.
+    """
 
     __slots__ = ("ctxs", "grads", "loss_state", "loss_sum")
 
@@ -395,8 +403,21 @@ class GradientTrace:
         self.loss_sum = loss_sum
 
 
+def hessian_steps(model):
+    """Return the steps of a Hessian product, as ``(step, layer indices)`` pairs.
+
+    The layers, with an activation whose f'' is zero and the max-pooling after
+    it fused into one step (``path_steps(..., second_order=True)``).
+    """
+    return path_steps(model, range(len(model.layers)), second_order=True)
+
+
 def gradient_trace(model, lparams, loss, X, y, scale, n_threads):
-    """Forward with f' and f'', then dL/d(output) of every layer (n, width)."""
+    """Forward with f' and f'', then dL/d(output) of every layer (n, width).
+
+    Keeps, per step of ``hessian_steps``, its context and the gradient at its
+    output where its R-backward needs it (see ``GradientTrace``).
+    """
     ctxs, z = forward_chunk(model, lparams, X, 2, n_threads)
     loss_sum, g, state = loss.value_grad(z, y, scale, n_threads)
     first = param_layer_indices(model)[0]
@@ -405,22 +426,34 @@ def gradient_trace(model, lparams, loss, X, y, scale, n_threads):
         grads[i] = g
         if i > first:
             g = model.layers[i].input_grad(lparams[i], g, ctxs[i], n_threads)
+    for step, indices in hessian_steps(model):
+        if len(indices) == 2:
+            ctxs[indices[0]] = step.context(ctxs[indices[0]], ctxs[indices[1]], n_threads)
+            ctxs[indices[1]] = {}
+        for i in indices:
+            if not step.uses_output_grad:
+                grads[i] = None
     return GradientTrace(ctxs, grads, state, loss_sum)
 
 
 def hvp_chunk(model, lparams, loss, tangents, trace, scale, accs, k, n_threads):
     """Accumulate H v for one chunk: R-forward, B R{z}, then the R-backward."""
     first = param_layer_indices(model)[0]
+    steps = hessian_steps(model)
     rins = []
     rx = None
-    for layer, params, tangent, ctx in zip(model.layers, lparams, tangents, trace.ctxs):
+    for step, indices in steps:
+        i = indices[0]
         rins.append(rx)
-        rx = layer.jvp(params, tangent, ctx, rx, n_threads)
+        rx = step.jvp(lparams[i], tangents[i], trace.ctxs[i], rx, n_threads)
     rg = np.empty_like(rx)
     loss.hessian_apply(trace.loss_state, rx, scale, rg, n_threads)
-    for i in range(len(model.layers) - 1, first - 1, -1):
-        rg = model.layers[i].rvjp(lparams[i], tangents[i], trace.ctxs[i], trace.grads[i],
-                                  rins[i], rg, accs[i], i > first, n_threads)
+    for (step, indices), rin in zip(reversed(steps), reversed(rins)):
+        i = indices[0]
+        if i < first:
+            break  # nothing before the first parametrised layer has parameters
+        rg = step.rvjp(lparams[i], tangents[i], trace.ctxs[i], trace.grads[indices[-1]], rin,
+                       rg, accs[i], i > first, n_threads)
 
 
 # ---------------------------------------------------------------------------
@@ -448,13 +481,14 @@ def gradient_trace_bytes_per_sample(model, itemsize):
     state, so the figure is K numbers per sample above what it holds.
     """
     first = param_layer_indices(model)[0]
-    total = 2 * model.n_outputs * itemsize  # loss state (softmax or sigma') and dL/dz
-    for i, layer in enumerate(model.layers):
-        if layer.is_identity:
+    total = model.n_outputs * itemsize  # loss state (softmax or sigma')
+    for step, indices in hessian_steps(model):
+        i, last = indices[0], indices[-1]
+        if step.is_identity:
             continue
-        total += layer.kept_bytes(model.shapes[i], itemsize, _input_is_data(model, i))
-        if i > first:
-            total += int(np.prod(model.shapes[i])) * itemsize  # dL/d(input)
+        total += step.kept_bytes(model.shapes[i], itemsize, _input_is_data(model, i))
+        if step.uses_output_grad and i >= first:
+            total += int(np.prod(model.shapes[last + 1])) * itemsize  # dL/d(output)
     return total
 
 

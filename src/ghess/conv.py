@@ -388,6 +388,7 @@ class _Pool2d(_Windowed):
     """Shared spec of the pooling layers (no parameters)."""
 
     dilation = (1, 1)
+    uses_output_grad = False  # linear given the argmax: rvjp is the vjp of R{dL/dy}
 
     def __init__(self, kernel_size, stride=None, padding=0):
         owner = type(self).__name__
@@ -472,30 +473,44 @@ _NO_GAIN = {np.dtype(t).char: np.empty((0, 0), dtype=t) for t in (np.float32, np
 
 
 class ActivationMaxPool:
-    """An activation and the max-pooling after it, as one step of a factor path.
+    """An activation and the max-pooling after it, as one step.
 
-    A stored-Jacobian factor path (``_engine.factor_plan``) only pushes tangents
-    and cotangents through its layers, and through ``f`` then max-pooling both
-    are "take the window's argmax, times f' there". This step keeps f' at the
-    argmax (one number per pooled output) instead of f' on the whole pooling
-    input, and makes one pass instead of two: after a convolution, ReLU and 2x2
-    max-pooling, a quarter of the path's f' memory and half its traffic.
-    It has the path-step interface of a parameter-free layer (``jvp``/``vjp``).
+    Through ``f`` then max-pooling, tangents and cotangents both go "take the
+    window's argmax, times f' there". This step keeps f' at the argmax (one
+    number per pooled output) instead of f' on the whole pooling input, and
+    makes one pass instead of two: after a convolution, ReLU and 2x2
+    max-pooling, a quarter of the f' memory and half the traffic. It serves
+    the factor paths of stored Jacobians (``_engine.factor_plan``), which only
+    push tangents and cotangents, and the Hessian product when ``f'' = 0``
+    (``_engine.hessian_steps``): then the pair's R-backward is linear too.
+    It has the interface of a parameter-free layer (``jvp``/``vjp``/``rvjp``).
     """
+
+    has_curvature = False
+    is_identity = False
+    uses_output_grad = False
 
     def __init__(self, activation, pool):
         self.activation = activation
         self.pool = pool
 
     @staticmethod
-    def fuses(first, second):
-        """Whether layers ``first``, ``second`` of a path make one such step."""
+    def fuses(first, second, second_order=False):
+        """Whether layers ``first``, ``second`` make one such step.
+
+        ``second_order``: for a Hessian product, whose R-backward through an
+        activation with ``f'' != 0`` needs f'' and the gradient on the whole
+        pooling input.
+        """
         return (isinstance(first, Activation) and not first.is_identity
-                and isinstance(second, MaxPool2d))
+                and isinstance(second, MaxPool2d)
+                and not (second_order and first.has_curvature))
 
     def factor_bytes(self, input_shape, itemsize, input_is_data):
         """Bytes per sample of the step's context: the argmax and f' there."""
         return self.pool._out_width * (np.dtype(np.intp).itemsize + itemsize)
+
+    kept_bytes = factor_bytes
 
     def context(self, activation_ctx, pool_ctx, n_threads):
         """Return {"argmax", "gain"}: the pool's argmax and f' gathered at it."""
@@ -506,15 +521,23 @@ class ActivationMaxPool:
 
     def jvp(self, params, tangent, ctx, rx, n_threads):
         """R{y} = f'(x) R{x} at each window's argmax."""
+        if rx is None:
+            return None
         ry = np.empty((rx.shape[0], rx.shape[1], self.pool._out_width), dtype=rx.dtype)
         _conv.gather(rx, ctx["argmax"], ctx["gain"], ry, n_threads)
         return ry
 
     def vjp(self, params, ctx, gy, acc, need_input_grad, n_threads):
         """dL/dx: each output's gradient, times f', goes to its window's argmax."""
+        if not need_input_grad:
+            return None
         gx = np.empty((gy.shape[0], gy.shape[1], self.pool._in_width), dtype=gy.dtype)
         _conv.scatter_add(gy, ctx["argmax"], ctx["gain"], gx, n_threads)
         return gx
+
+    def rvjp(self, params, tangent, ctx, g, rx, rgy, acc, need_input_grad, n_threads):
+        """With f'' = 0 the pair is linear given f' and the argmax: the VJP of R{dL/dy}."""
+        return self.vjp(params, ctx, rgy, acc, need_input_grad, n_threads)
 
 
 class AvgPool2d(_Pool2d):
@@ -554,6 +577,7 @@ class Flatten(Layer):
     """
 
     is_identity = True
+    uses_output_grad = False
 
     def forward(self, params, x, ctx, need, n_threads):  # noqa: D102
         return x

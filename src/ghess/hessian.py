@@ -22,7 +22,10 @@ class HessianLinearOperator(CurvatureOperator):
     Parameters are those of :class:`ghess.GGNLinearOperator`. In ``"stored"``
     mode the operator keeps, for every sample, what does not depend on the
     direction: layer inputs, activation derivatives f' and f'', and the gradient
-    of the loss with respect to every layer's output.
+    of the loss at the outputs of the layers whose R-backward reads it (those
+    with parameters, and activations with f'' != 0). An activation with f'' = 0
+    (ReLU) followed by max-pooling is one step that keeps f' at each window's
+    argmax only, a quarter of it after 2x2 pooling.
 
     Examples
     --------

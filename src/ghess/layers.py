@@ -55,6 +55,9 @@ class Layer:
 
     #: whether ``rvjp`` has a second-order term of its own (f'' != 0)
     has_curvature = False
+    #: whether ``rvjp`` reads g = dL/dy: a Hessian product's stored trace keeps g
+    #: at the output of exactly these layers
+    uses_output_grad = True
     #: whether the layer passes its input through unchanged (no arrays of its own)
     is_identity = False
     #: whether dy/dx is the same (out_width, in_width) matrix for every sample and
@@ -281,6 +284,10 @@ class Activation(Layer):
     @property
     def is_identity(self):  # noqa: D102
         return self._kind == 0
+
+    @property
+    def uses_output_grad(self):  # noqa: D102  (only the f'' term reads g)
+        return self.has_curvature
 
     def kept_bytes(self, input_shape, itemsize, input_is_data):
         """f'(x), and f''(x) when it is not identically zero."""
