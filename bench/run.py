@@ -44,7 +44,9 @@ Measurements
 ------------
 - time: median over repeats after a warm-up;
 - interleaved: every operation of a worker is timed in rounds, one run of each per
-  round, so that ratios compare timings taken under the same machine conditions;
+  round, so that ratios compare timings taken under the same machine conditions; with
+  2 threads a library's operations run together in each round, after the previous
+  library's thread pool has stopped spinning (``interleaved_times``, ``SETTLE``);
 - flops counted per implementation (ghess from its layers, PyTorch by
   FlopCounterMode, JAX by XLA's cost analysis; nominal multiples of the forward
   GEMM work for the NumPy reference), as a fraction of a 1024 x 784 x 512 GEMM
@@ -728,7 +730,18 @@ def median_time(fn, min_repeats, budget=None):
     return float(np.median(times)), len(times)
 
 
-def interleaved_times(fns, min_repeats, budget=None):
+#: seconds a multi-threaded worker idles before each library's turn in a round: longer
+#: than any library's thread pool keeps spinning after its last call (OpenBLAS: 2^28
+#: cycles, about 0.11 s here; libgomp and Eigen: milliseconds)
+SETTLE = 0.2
+
+
+def library(name):
+    """Return the library of a timed operation: its name's first word ("ghess", "JAX")."""
+    return name.split(" ", 1)[0]
+
+
+def interleaved_times(fns, min_repeats, budget=None, settle=0.0):
     """Median wall time, runs and OS-kernel share of every ``fns[name]()``, interleaved.
 
     Each function is warmed up once; its number of runs is what ``median_time``
@@ -739,26 +752,46 @@ def interleaved_times(fns, min_repeats, budget=None):
     interleaving makes every ratio compare timings taken under the same conditions.
     The kernel share is the process's system CPU time over the wall time of those
     runs: page faults of fresh allocations show there, not in the library's work.
+
+    ``settle`` > 0 (multi-threaded workers): the functions of one library (``library``)
+    run together in each round, after ``settle`` seconds of idling and one untimed
+    call of that library's quickest function. The idling lets the previous library's
+    thread pool stop spinning: with two threads on two cores, a pool still spinning
+    takes a core from the next library (torch.func's GGN product after the NumPy
+    reference's OpenBLAS calls: 115 -> 66 ms). The untimed call wakes the library's own
+    pool and the idle core (the first call after 0.15 s of idling is 3-4 ms slower),
+    as in a solver's loop, where one library's products run back to back.
     """
     import numpy as np
 
     budget = BUDGET if budget is None else budget
-    runs = {}
+    runs, first_time = {}, {}
     for name, fn in fns.items():
         t0 = time.perf_counter()
         fn()  # warm-up
-        first = max(time.perf_counter() - t0, 1e-9)
+        first = first_time[name] = max(time.perf_counter() - t0, 1e-9)
         floor = max(3, min(min_repeats, int(4 * budget / first)))
         runs[name] = max(floor, min(50, int(budget / first)))
+    quickest = {}
+    for name in fns:
+        lib = library(name)
+        if lib not in quickest or first_time[name] < first_time[quickest[lib]]:
+            quickest[lib] = name
     times = {name: [] for name in fns}
     kernel = dict.fromkeys(fns, 0.0)
     for r in range(max(runs.values(), default=0)):
+        previous = None
         for name, fn in fns.items():
-            if r < runs[name]:
-                s0, t0 = os.times().system, time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t0)
-                kernel[name] += os.times().system - s0
+            if r >= runs[name]:
+                continue
+            if settle > 0 and library(name) != previous:
+                time.sleep(settle)
+                fns[quickest[library(name)]]()
+            previous = library(name)
+            s0, t0 = os.times().system, time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+            kernel[name] += os.times().system - s0
     return {name: (float(np.median(ts)), len(ts), kernel[name] / sum(ts))
             for name, ts in times.items()}
 
@@ -892,6 +925,9 @@ def run_config(problem, dtype_name, threads, repeats, cores=None):
     rng = np.random.default_rng(1)
     a = rng.normal(size=(1024, 784)).astype(dtype)
     b = rng.normal(size=(784, 512)).astype(dtype)
+    # (with 2 threads each measurement below starts once the last library's pool idles)
+    settle = SETTLE if threads > 1 else 0.0
+    time.sleep(settle)
     t_gemm, _ = median_time(lambda: a @ b, repeats)
     # per core only: with 2 threads each library's pool would compete with the others'
     # still-spinning OpenMP pools, and the figures measured that contention (1-2 GFLOP/s)
@@ -899,9 +935,11 @@ def run_config(problem, dtype_name, threads, repeats, cores=None):
 
     # builds (seconds each on big problems) are timed on their own; the rest interleaved
     builds = {name: entry.fn for name, entry in ops.items() if entry.op in UNCHECKED_OPS}
+    time.sleep(settle)
     timed = {name: median_time(fn, 3) + (None,) for name, fn in builds.items()}
     timed.update(interleaved_times({name: entry.fn for name, entry in ops.items()
-                                    if name not in builds}, repeats))
+                                    if name not in builds}, repeats, settle=settle))
+    time.sleep(settle)
     t_gemm = min(t_gemm, median_time(lambda: a @ b, repeats)[0])
     results["gemm_gflops"] = 2 * 1024 * 784 * 512 / t_gemm / 1e9
     for name, entry in ops.items():
@@ -1182,8 +1220,13 @@ Times are medians after a warm-up (ms). Every implementation runs in the same pr
 same weights, data and vectors, after a check that it agrees with ghess. The operations are
 timed in interleaved rounds (each round runs every operation once, slow ones for fewer
 rounds), so that a drift in the machine's speed, large on this shared VM, hits ghess and its
-rivals alike; the operator builds are timed separately. The 1 -> 2 thread speed-up compares
-ghess's 2-thread products with 1-thread twins timed in the same rounds of the 2-thread worker.
+rivals alike; the operator builds are timed separately. With 2 threads, each library's
+operations run together in a round, after 0.2 s of idling and one untimed call of its quickest
+operation: a thread pool still spinning after one library's last call would otherwise take a
+core from the next library (in the runs before this change, torch.func's products came right
+after the NumPy reference's OpenBLAS calls, and timed up to 2x slower). The 1 -> 2 thread
+speed-up compares ghess's 2-thread products with 1-thread twins timed in the same rounds of
+the 2-thread worker.
 Each worker process is restricted to `threads` CPU cores with `sched_setaffinity`, which
 binds every library's thread pool alike, including XLA's (JAX 0.10 has no flag for the size of
 its CPU thread pool; `intra_op_parallelism_threads` is not an XLA flag). With 1 thread, JAX

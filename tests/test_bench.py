@@ -101,3 +101,34 @@ def test_peak_table_lists_misses_with_needed_rate():
     assert len(rows) == 2 and rows[1].startswith("| P | float64 | 1 | loss+grad | torch")
     res["timings"]["torch loss+grad"] = 0.011
     assert len([line for line in bench.peak_lines([res]) if line.startswith("| P |")]) == 1
+
+
+def test_interleaved_rounds_settle_between_libraries(monkeypatch):
+    """With ``settle``, a library's operations run together in each round, after an idle
+    pause and one untimed call of its quickest operation; without, one pass in order."""
+    bench = _load_bench()
+    calls, sleeps = [], []
+    monkeypatch.setattr(bench.time, "sleep", lambda seconds: sleeps.append(seconds)
+                        or calls.append("sleep"))
+
+    def op(name, seconds):
+        def run():
+            calls.append(name)
+            t0 = bench.time.perf_counter()
+            while bench.time.perf_counter() - t0 < seconds:
+                pass
+        return run
+
+    fns = {"a slow": op("a slow", 0.002), "a quick": op("a quick", 0.0005),
+           "b only": op("b only", 0.001)}
+    timed = bench.interleaved_times(fns, 3, budget=0.0, settle=0.5)
+    assert {name: runs for name, (_, runs, _) in timed.items()} == {
+        "a slow": 3, "a quick": 3, "b only": 3}
+    warm_up, rounds = calls[:3], calls[3:]
+    assert warm_up == ["a slow", "a quick", "b only"]
+    assert rounds == 3 * ["sleep", "a quick", "a slow", "a quick", "sleep", "b only", "b only"]
+    assert sleeps == 6 * [0.5]
+
+    calls.clear()
+    bench.interleaved_times(fns, 3, budget=0.0)
+    assert calls[3:] == 3 * ["a slow", "a quick", "b only"]
