@@ -104,8 +104,11 @@ def test_peak_table_lists_misses_with_needed_rate():
 
 
 def test_interleaved_rounds_settle_between_libraries(monkeypatch):
-    """With ``settle``, a library's operations run together in each round, after an idle
-    pause and one untimed call of its quickest operation; without, one pass in order."""
+    """With ``settle``, a library's operations run together in each round.
+
+    Each library's turn starts with an idle pause and one untimed call of its
+    quickest operation; without ``settle``, each round is one pass in order.
+    """
     bench = _load_bench()
     calls, sleeps = [], []
     monkeypatch.setattr(bench.time, "sleep", lambda seconds: sleeps.append(seconds)

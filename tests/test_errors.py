@@ -162,3 +162,27 @@ def test_failed_calls_leave_inputs_untouched():
     assert_array_equal(c.X, X)
     assert_array_equal(c.y, y)
     assert_array_equal(c.theta, theta)
+
+
+def test_finiteness_check_takes_large_finite_values_and_finds_every_nonfinite():
+    """The finiteness check sums first, and that changes no verdict.
+
+    A sum that overflows must not reject finite data, and a NaN or Inf anywhere
+    (also +Inf next to -Inf) must still be found, at its index.
+    """
+    from ghess._validation import as_float_array
+
+    for dtype in (np.float32, np.float64):
+        big = np.full((3, 4), np.finfo(dtype).max / 2, dtype=dtype)
+        assert np.isinf(big.sum())  # the quick sum overflows
+        assert as_float_array(big, "X") is big
+        for bad in (np.nan, np.inf, -np.inf):
+            x = np.ones((3, 4), dtype=dtype)
+            x[1, 2] = bad
+            with pytest.raises(ValueError, match=r"X contains NaN or Inf \(first at index "
+                                                 r"\(1, 2\)\)"):
+                as_float_array(x, "X")
+        x = np.zeros(5, dtype=dtype)
+        x[1], x[3] = np.inf, -np.inf  # sums to NaN
+        with pytest.raises(ValueError, match=r"first at index \(1,\)"):
+            as_float_array(x, "X")

@@ -309,3 +309,36 @@ def test_chunks_are_as_few_and_as_even_as_fit():
         assert [len(Xc) for Xc, _ in chunks] == sizes
         assert_array_equal(np.concatenate([Xc for Xc, _ in chunks]), X)
         assert_array_equal(np.concatenate([yc for _, yc in chunks]), y)
+
+
+def test_single_direction_accumulates_in_place():
+    """For one direction the per-layer accumulators are views of the flat output.
+
+    A gradient or a matvec then needs no zeroing and no copy of its own; for
+    several directions they are arrays of their own, added at the end.
+    """
+    from ghess import _engine
+
+    c = Case("tanh-ce", n_samples=6)
+    one = np.zeros((1, c.model.n_params))
+    accs = _engine.new_accumulators(c.model, 1, np.float64, one)
+    views = [a for acc in accs if acc is not None for a in acc.values()]
+    assert views and all(np.shares_memory(a, one) for a in views)
+    for a in views:
+        a += 1.0
+    _engine.accumulators_to_flat(c.model, accs, one)  # nothing more to add
+    assert_array_equal(one, np.ones_like(one))
+
+    two = np.zeros((2, c.model.n_params))
+    accs = _engine.new_accumulators(c.model, 2, np.float64, two)
+    arrays = [a for acc in accs if acc is not None for a in acc.values()]
+    assert not any(np.shares_memory(a, two) for a in arrays)
+    for a in arrays:
+        a += 1.0
+    _engine.accumulators_to_flat(c.model, accs, two)
+    assert_array_equal(two, np.ones_like(two))
+    # one direction at a time (in place) gives the columns of the two-direction product
+    for cls in (ghess.GGNLinearOperator, ghess.HessianLinearOperator):
+        op = cls(c.model, c.loss, c.theta, c.data)
+        v = np.random.default_rng(0).normal(size=(c.model.n_params, 2))
+        assert_allclose_rel(np.column_stack([op @ v[:, 0], op @ v[:, 1]]), op @ v, 1e-13)

@@ -64,14 +64,38 @@ def prepare_tangents(model, V):
     return tangents
 
 
-def new_accumulators(model, k, dtype):
-    """Zeroed per-layer parameter accumulators for k directions."""
-    return [layer.new_accumulator(k, dtype) if model._layer_slots[i] else None
-            for i, layer in enumerate(model.layers)]
+class Accumulators(list):
+    """Per-layer parameter accumulators (None for layers without parameters).
+
+    ``into`` is the flat (1, n_params) output they are views of, or None.
+    """
+
+    into = None
+
+
+def new_accumulators(model, k, dtype, out=None):
+    """Zeroed per-layer parameter accumulators for k directions.
+
+    With ``out`` (k, n_params), zeroed and C-contiguous, and k = 1, they are
+    views of ``out``: products and gradients accumulate in place, with no
+    zeroing and no copy of their own (``accumulators_to_flat`` adds nothing).
+    """
+    in_place = out is not None and k == 1 and out.flags.c_contiguous
+    accs = Accumulators()
+    for i, layer in enumerate(model.layers):
+        if not model._layer_slots[i]:
+            accs.append(None)
+            continue
+        start, stop = model.layer_range(i)
+        accs.append(layer.new_accumulator(k, dtype, out[0, start:stop] if in_place else None))
+    accs.into = out if in_place else None
+    return accs
 
 
 def accumulators_to_flat(model, accs, out):
-    """Add per-layer accumulators into ``out`` (k, n_params)."""
+    """Add per-layer accumulators into ``out`` (k, n_params), unless they are its views."""
+    if getattr(accs, "into", None) is out:
+        return
     for i, layer in enumerate(model.layers):
         if accs[i] is not None:
             start, stop = model.layer_range(i)

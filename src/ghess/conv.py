@@ -233,8 +233,18 @@ class Conv2d(_Windowed):
             _conv.channel_bias_add(ry, tangent["bias"], n_threads)
         return ry
 
-    def new_accumulator(self, k, dtype):
-        """Zeroed parameter-gradient accumulators for k directions."""
+    def new_accumulator(self, k, dtype, into=None):
+        """Zeroed parameter-gradient accumulators for k directions.
+
+        ``into``: for k = 1, this layer's zeroed slice of a flat vector, which the
+        accumulators are then views of.
+        """
+        size = self.out_channels * self.patch_size
+        if into is not None:
+            acc = {"weight": into[:size].reshape(1, self.out_channels, self.patch_size)}
+            if self.bias:
+                acc["bias"] = into[size:].reshape(1, self.out_channels)
+            return acc
         acc = {"weight": np.zeros((k, self.out_channels, self.patch_size), dtype=dtype)}
         if self.bias:
             acc["bias"] = np.zeros((k, self.out_channels), dtype=dtype)

@@ -41,7 +41,8 @@ def loss_and_grad(model, loss, params, data, *, chunk_size=None, n_threads=None)
     scale = loss.scale(batches.n_samples, model.n_outputs)
     lparams = model.layer_params(theta)
     omp = resolve_n_threads(n_threads)
-    accs = _engine.new_accumulators(model, 1, theta.dtype)
+    grad = np.zeros((1, model.n_params), dtype=theta.dtype)
+    accs = _engine.new_accumulators(model, 1, theta.dtype, grad)  # views of grad
     total = 0.0
     with computing():
         for X, y in batches.chunks(chunk_size):
@@ -49,7 +50,6 @@ def loss_and_grad(model, loss, params, data, *, chunk_size=None, n_threads=None)
             value, r, _ = loss.value_grad(z, y, scale, omp)
             total += value
             _engine.vjp_chunk(model, lparams, ctxs, r[:, None, :], accs, omp)
-    grad = np.zeros((1, model.n_params), dtype=theta.dtype)
     _engine.accumulators_to_flat(model, accs, grad)
     return float(scale * total), grad[0]
 

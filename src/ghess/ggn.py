@@ -86,7 +86,8 @@ class GGNLinearOperator(CurvatureOperator):
     def _apply_rows(self, V):
         model, k, omp = self.model, V.shape[0], self._omp_threads
         tangents = _engine.prepare_tangents(model, V)
-        accs = _engine.new_accumulators(model, k, self.dtype)
+        out = self._new_output(k)
+        accs = _engine.new_accumulators(model, k, self.dtype, out)
         if self.mode == "stored":
             for factors in self._stored:
                 _engine.factor_ggn(model, self._lparams, self.loss, self._scale, tangents,
@@ -99,6 +100,5 @@ class GGNLinearOperator(CurvatureOperator):
                 u = np.empty_like(Jv)
                 self.loss.hessian_apply(state, Jv, self._scale, u, omp)
                 _engine.vjp_chunk(model, self._lparams, ctxs, u, accs, omp)
-        out = self._new_output(k)
         _engine.accumulators_to_flat(model, accs, out)
         return out

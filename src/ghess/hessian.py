@@ -53,12 +53,12 @@ class HessianLinearOperator(CurvatureOperator):
     def _apply_rows(self, V):
         model, k, omp = self.model, V.shape[0], self._omp_threads
         tangents = _engine.prepare_tangents(model, V)
-        accs = _engine.new_accumulators(model, k, self.dtype)
+        out = self._new_output(k)
+        accs = _engine.new_accumulators(model, k, self.dtype, out)
         traces = (self._stored if self.mode == "stored"
                   else (self._trace(X, y) for X, y in self.data.chunks(self.chunk_size)))
         for trace in traces:
             _engine.hvp_chunk(model, self._lparams, self.loss, tangents, trace, self._scale,
                               accs, k, omp)
-        out = self._new_output(k)
         _engine.accumulators_to_flat(model, accs, out)
         return out

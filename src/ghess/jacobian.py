@@ -105,7 +105,8 @@ class JacobianLinearOperator(VectorOperatorMixin, LinearOperator):
     def _rmatmat(self, X):
         W = self._check_vectors(X, self.shape[0])
         k, K = W.shape[0], self.model.n_outputs
-        accs = _engine.new_accumulators(self.model, k, self.dtype)
+        out = np.zeros((k, self.shape[1]), dtype=self.dtype)
+        accs = _engine.new_accumulators(self.model, k, self.dtype, out)
         start = 0
         with computing():
             for factors in self._chunks():
@@ -114,7 +115,6 @@ class JacobianLinearOperator(VectorOperatorMixin, LinearOperator):
                     W[:, start:stop].reshape(k, factors.n, K).transpose(1, 0, 2))
                 _engine.factor_vjp(self.model, factors, u, accs, self._omp_threads)
                 start = stop
-        out = np.zeros((k, self.shape[1]), dtype=self.dtype)
         _engine.accumulators_to_flat(self.model, accs, out)
         return out.T
 

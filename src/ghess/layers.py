@@ -197,8 +197,18 @@ class Linear(Layer):
             _kernels.add_grouped_rows(ry, tangent["bias"], n_threads)
         return ry
 
-    def new_accumulator(self, k, dtype):
-        """Zeroed parameter-gradient accumulators for k directions."""
+    def new_accumulator(self, k, dtype, into=None):
+        """Zeroed parameter-gradient accumulators for k directions.
+
+        ``into``: for k = 1, this layer's zeroed slice of a flat vector, which the
+        accumulators are then views of.
+        """
+        n_w = self.out_features * self.in_features
+        if into is not None:
+            acc = {"weight": into[:n_w].reshape(self.out_features, self.in_features)}
+            if self.bias:
+                acc["bias"] = into[n_w:]
+            return acc
         acc = {"weight": np.zeros((k * self.out_features, self.in_features), dtype=dtype)}
         if self.bias:
             acc["bias"] = np.zeros(k * self.out_features, dtype=dtype)
