@@ -342,3 +342,22 @@ def test_single_direction_accumulates_in_place():
         op = cls(c.model, c.loss, c.theta, c.data)
         v = np.random.default_rng(0).normal(size=(c.model.n_params, 2))
         assert_allclose_rel(np.column_stack([op @ v[:, 0], op @ v[:, 1]]), op @ v, 1e-13)
+
+
+def test_default_chunk_is_larger_without_convolutions():
+    """Dense-only networks get 128 MiB of temporaries per chunk, conv nets 64 MiB.
+
+    The chunk is a GEMM dimension of dense layers; convolutions' per-sample GEMMs
+    want small chunks.
+    """
+    from ghess import _engine
+    from ghess._base import CHUNK_BYTES, default_chunk_size
+
+    dense = ghess.Sequential(ghess.Linear(784, 512), ghess.ReLU(), ghess.Linear(512, 10),
+                             input_shape=(784,))
+    per_sample = _engine.working_bytes_per_sample(dense, 8, 1)
+    assert default_chunk_size(dense, 8) == 2 * CHUNK_BYTES // per_sample
+    conv = ghess.Sequential(ghess.Conv2d(3, 8, 3), ghess.ReLU(), ghess.Flatten(),
+                            ghess.Linear(8 * 30 * 30, 10), input_shape=(3, 32, 32))
+    per_sample = _engine.working_bytes_per_sample(conv, 8, 1)
+    assert default_chunk_size(conv, 8) == CHUNK_BYTES // per_sample

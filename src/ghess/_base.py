@@ -20,6 +20,7 @@ from ._validation import (
     check_params,
     check_positive_int,
 )
+from .conv import Conv2d
 from .layers import Layer
 from .model import Sequential
 
@@ -49,20 +50,30 @@ def default_memory_budget():
     return int(min(4 << 30, physical // 4))
 
 
+#: temporaries of one chunk, in bytes: a dense-only network gets twice as many (below)
+CHUNK_BYTES = 64 << 20
+
+
 def default_chunk_size(model, itemsize, k=1, minimum=16):
     """Choose samples per chunk: about 64 MiB of temporaries for ``k`` directions.
 
-    Dense layers want many samples per chunk (the chunk is a GEMM dimension);
-    convolutions already make per-sample GEMMs of their own, and want chunks
-    whose unfolded inputs stay in cache: with 16 samples per chunk instead of
-    32, CNN-C's loss+grad ran 1.1-1.4x faster and its Hessian product
-    1.05-1.1x (float32 and float64, 1 and 2 cores, interleaved timings); MLP-M's
-    products were 1.03-1.1x faster with 420-512 samples than with 210-256.
-    Per-sample Jacobians pull K directions back (k = K, minimum 4): CNN-S's and
-    CNN-C's ran 1.25-1.3x faster in chunks of 4-16 samples than of 256.
+    Dense layers want many samples per chunk (the chunk is a GEMM dimension),
+    so a network without convolutions gets 128 MiB: MLP-M's float32 loss+grad,
+    GGN and Hessian products ran 2-5% faster in one chunk of 1024 samples than
+    in two of 512 (1 and 2 cores, interleaved timings), and its products
+    1.03-1.1x faster with 420-512 samples than with 210-256. Convolutions
+    already make per-sample GEMMs of their own, and want chunks whose unfolded
+    inputs stay in cache: with 16 samples per chunk instead of 32, CNN-C's
+    loss+grad ran 1.1-1.4x faster and its Hessian product 1.05-1.1x (float32
+    and float64, 1 and 2 cores, interleaved timings). Per-sample Jacobians
+    pull K directions back (k = K, minimum 4): CNN-S's and CNN-C's ran
+    1.25-1.3x faster in chunks of 4-16 samples than of 256.
     """
+    budget = CHUNK_BYTES
+    if not any(isinstance(layer, Conv2d) for layer in model.layers):
+        budget *= 2
     per_sample = _engine.working_bytes_per_sample(model, itemsize, k)
-    return int(np.clip((64 << 20) // max(per_sample, 1), minimum, 2048))
+    return int(np.clip(budget // max(per_sample, 1), minimum, 2048))
 
 
 def check_model(model):

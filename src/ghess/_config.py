@@ -35,7 +35,7 @@ _blas_depth = 0
 _blas_limiter = None
 
 #: cap of the pool of freed temporaries (see _alloc.h): a few chunks' worth, as
-#: a chunk's temporaries are about 64 MiB by default (ghess._base.default_chunk_size)
+#: a chunk's temporaries are 64-128 MiB by default (ghess._base.default_chunk_size)
 DEFAULT_POOL_MB = 256
 
 

@@ -23,7 +23,7 @@ def loss_and_grad(model, loss, params, data, *, chunk_size=None, n_threads=None)
         With ``reduction="mean"``, the mean runs over all samples of all batches.
     chunk_size : int, optional
         Samples per forward/backward pass (bounds the memory); by default about
-        64 MiB of temporaries, as for the operators.
+        64 MiB of temporaries (128 MiB without convolutions), as for the operators.
     n_threads : int, optional
 
     Returns
@@ -68,7 +68,7 @@ def per_sample_jacobians(model, params, X, *, chunk_size=None, n_threads=None, o
     X : ndarray of shape (N, *model.input_shape)
     chunk_size : int, optional
         Samples per forward/backward pass; by default about 64 MiB of
-        temporaries for the K directions pulled back.
+        temporaries (128 MiB without convolutions) for the K directions pulled back.
     n_threads : int, optional
     out : ndarray of shape (N, K, n_params), optional
         A C-contiguous buffer of params' dtype to write into (every element is

@@ -43,8 +43,8 @@ class GGNLinearOperator(CurvatureOperator):
         chunk for every product (memory of one chunk). ``"auto"`` picks
         ``"stored"`` when it fits ``memory_budget``.
     chunk_size : int, optional
-        Samples per chunk; by default about 64 MiB of temporaries
-        (at least 16 samples).
+        Samples per chunk; by default about 64 MiB of temporaries, 128 MiB
+        for a network without convolutions (at least 16 samples).
     memory_budget : int, optional
         Bytes the stored factors may take; default a quarter of RAM, at most 4 GiB.
     n_threads : int, optional
