@@ -135,3 +135,18 @@ def test_interleaved_rounds_settle_between_libraries(monkeypatch):
     calls.clear()
     bench.interleaved_times(fns, 3, budget=0.0)
     assert calls[3:] == 3 * ["a slow", "a quick", "b only"]
+
+
+def test_thread_scaling_reports_the_machines_own_gemm_speedup():
+    bench = _load_bench()
+    res = {"problem": "CNN-C", "dtype": "float32", "threads": 2, "gemm_gflops": 120.0,
+           "gemm_gflops_1thread": 80.0,
+           "timings": {"ghess GGN product (stored)": 0.010,
+                       "ghess GGN product (stored, 1 thread)": 0.018,
+                       "ghess Hessian product (stored)": 0.020,
+                       "ghess Hessian product (stored, 1 thread)": 0.030}}
+    rows = bench.thread_scaling([res, dict(res, threads=1)])
+    assert [(op, round(s, 2), m) for _, _, op, s, m in rows] == [
+        ("GGN product", 1.8, 1.5), ("Hessian product", 1.5, 1.5)]
+    del res["gemm_gflops_1thread"]  # results of runs before it was measured
+    assert [m for *_, m in bench.thread_scaling([res])] == [None, None]
