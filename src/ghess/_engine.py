@@ -94,7 +94,7 @@ def new_accumulators(model, k, dtype, out=None):
 
 def accumulators_to_flat(model, accs, out):
     """Add per-layer accumulators into ``out`` (k, n_params), unless they are its views."""
-    if getattr(accs, "into", None) is out:
+    if accs.into is out:
         return
     for i, layer in enumerate(model.layers):
         if accs[i] is not None:
@@ -241,15 +241,17 @@ def path_bytes(model, path, itemsize):
                for step, indices in path_steps(model, path))
 
 
+def _step_context(step, indices, ctxs, n_threads):
+    """Return a step's context: its layer's forward context, or a fused pair's own."""
+    if len(indices) == 2:
+        return step.context(ctxs[indices[0]], ctxs[indices[1]], n_threads)
+    return ctxs[indices[0]]
+
+
 def _path_contexts(model, path, ctxs, n_threads):
     """Return the ``(step, context)`` pairs a stored factor keeps for its path."""
-    pairs = []
-    for step, indices in path_steps(model, path):
-        if len(indices) == 2:
-            pairs.append((step, step.context(ctxs[indices[0]], ctxs[indices[1]], n_threads)))
-        else:
-            pairs.append((step, ctxs[indices[0]]))
-    return tuple(pairs)
+    return tuple((step, _step_context(step, indices, ctxs, n_threads))
+                 for step, indices in path_steps(model, path))
 
 
 def jacobian_factors(model, lparams, ctxs, n, dtype, n_threads, paths=True):
@@ -452,7 +454,7 @@ def gradient_trace(model, lparams, loss, X, y, scale, n_threads):
             g = model.layers[i].input_grad(lparams[i], g, ctxs[i], n_threads)
     for step, indices in hessian_steps(model):
         if len(indices) == 2:
-            ctxs[indices[0]] = step.context(ctxs[indices[0]], ctxs[indices[1]], n_threads)
+            ctxs[indices[0]] = _step_context(step, indices, ctxs, n_threads)
             ctxs[indices[1]] = {}
         for i in indices:
             if not step.uses_output_grad:
