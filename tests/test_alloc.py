@@ -207,3 +207,29 @@ def test_bad_pool_size_fails_the_import():
     done = subprocess.run([sys.executable, "-c", "import ghess"], env=env, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode != 0 and "GHESS_POOL_MB must be a number" in done.stderr
+
+
+def test_computing_holds_blas_at_one_thread_and_restores_each_library():
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+
+    def blas_threads():
+        return [i["num_threads"] for i in threadpoolctl.threadpool_info()
+                if i["user_api"] == "blas"]
+
+    with threadpoolctl.threadpool_limits(limits=2, user_api="blas"):
+        outside = blas_threads()
+        assert outside and all(n == 2 for n in outside)
+        with _config.computing():
+            assert all(n == 1 for n in blas_threads())
+            with _config.computing():  # re-entrant: the inner block changes nothing
+                assert all(n == 1 for n in blas_threads())
+            assert all(n == 1 for n in blas_threads())
+        assert blas_threads() == outside
+        with pytest.raises(RuntimeError, match="inside"):
+            with _config.computing():
+                raise RuntimeError("inside")
+        assert blas_threads() == outside
+    with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
+        with _config.computing():
+            pass
+        assert all(n == 1 for n in blas_threads())

@@ -15,6 +15,7 @@ from . import _engine
 from ._config import computing, resolve_n_threads
 from ._validation import (
     SUPPORTED_DTYPES,
+    all_finite,
     check_n_threads,
     check_nonnegative,
     check_params,
@@ -136,7 +137,7 @@ class VectorOperatorMixin:
         if X.ndim != 2 or X.shape[0] != n:
             raise ValueError(f"{name} must have {n} rows, got shape {X.shape}")
         V = np.ascontiguousarray(X.T, dtype=self.dtype)
-        if not np.isfinite(V).all():
+        if not all_finite(V):
             raise ValueError(f"{name} contains NaN or Inf")
         return V
 

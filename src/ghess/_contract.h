@@ -2,12 +2,13 @@
  * non-GEMM part of a stored GGN product:
  *
  *   forward   out[j, c] (+)= sum_o D[c, o] u[j, o]   (J v, k directions)
- *   transpose out[j, o]   = sum_c w[j, c] D[c, o]    (J^T w)
+ *   transpose out[j, o] (+)= sum_c w[j, c] D[c, o]    (J^T w)
  *
  * K (network outputs) is small and m (a layer's width) large. A BLAS call per
  * (j, c) dot, or per sample with k = 1, is dominated by call and packing
  * overhead (16 GB/s and 3 GB/s on 512-wide rows even in cache); these loops
- * take four rows of D per pass, so u (or out) is read once per four rows, and
+ * take four rows of D per pass (eight in the transpose), so u (or out) is read
+ * once per pass, and
  * `omp simd` lets the compiler reassociate the sums into vector lanes. On
  * x86-64 glibc an AVX2 clone is built beside the baseline one (see _vecmath.h).
  * Results depend only on the sample, not on the thread count.
@@ -33,6 +34,22 @@
 #define GHESS_SIMD_SUM1
 #define GHESS_SIMD
 #endif
+
+/* One pass of the transpose over rows c.. of D: dst = (or +=) the weighted sum EXPR of
+ * those rows at column o. Up to eight rows per pass: dst is read and written once per
+ * eight rows of D, and the first pass writes it without reading (no zeroing pass). */
+#define GHESS_T_PASS(first, EXPR)                                                         \
+    do {                                                                                  \
+        if (first) {                                                                      \
+            GHESS_SIMD                                                                    \
+            for (ptrdiff_t o = 0; o < len; o++)                                           \
+                dst[o] = EXPR;                                                            \
+        } else {                                                                          \
+            GHESS_SIMD                                                                    \
+            for (ptrdiff_t o = 0; o < len; o++)                                           \
+                dst[o] += EXPR;                                                           \
+        }                                                                                 \
+    } while (0)
 
 /* Columns of the transpose per block: out's block stays in L1 across the K rows. */
 #define GHESS_CONTRACT_BLOCK 1024
@@ -77,7 +94,7 @@ static void ghess_contract_##SUFFIX(const T *restrict D, const T *restrict u,   
 GHESS_CLONES                                                                              \
 static void ghess_contract_t_##SUFFIX(const T *restrict D, const T *restrict w,           \
                                       T *restrict out, ptrdiff_t K, ptrdiff_t m,          \
-                                      ptrdiff_t k)                                        \
+                                      ptrdiff_t k, int accumulate)                        \
 {                                                                                         \
     for (ptrdiff_t j = 0; j < k; j++) {                                                   \
         const T *restrict wj = w + j * K;                                                 \
@@ -85,23 +102,36 @@ static void ghess_contract_t_##SUFFIX(const T *restrict D, const T *restrict w, 
             ptrdiff_t len = m - o0 < GHESS_CONTRACT_BLOCK ? m - o0 : GHESS_CONTRACT_BLOCK; \
             T *restrict dst = out + j * m + o0;                                           \
             const T *base = D + o0;                                                       \
-            GHESS_SIMD                                                                    \
-            for (ptrdiff_t o = 0; o < len; o++)                                           \
-                dst[o] = 0;                                                               \
+            int first = !accumulate; /* the first pass writes dst, the others add */      \
             ptrdiff_t c = 0;                                                              \
-            for (; c + 4 <= K; c += 4) {                                                  \
-                const T *d0 = base + c * m, *d1 = d0 + m, *d2 = d1 + m, *d3 = d2 + m;     \
-                T w0 = wj[c], w1 = wj[c + 1], w2 = wj[c + 2], w3 = wj[c + 3];             \
-                GHESS_SIMD                                                                \
-                for (ptrdiff_t o = 0; o < len; o++)                                       \
-                    dst[o] += (w0 * d0[o] + w1 * d1[o]) + (w2 * d2[o] + w3 * d3[o]);      \
+            for (; c + 8 <= K; c += 8, first = 0) {                                       \
+                const T *d = base + c * m;                                                \
+                const T *w_ = wj + c;                                                     \
+                GHESS_T_PASS(first, (w_[0] * d[o] + w_[1] * d[m + o])                     \
+                                    + (w_[2] * d[2 * m + o] + w_[3] * d[3 * m + o])       \
+                                    + ((w_[4] * d[4 * m + o] + w_[5] * d[5 * m + o])      \
+                                    + (w_[6] * d[6 * m + o] + w_[7] * d[7 * m + o])));    \
             }                                                                             \
-            for (; c < K; c++) {                                                          \
-                const T *d0 = base + c * m;                                               \
-                T w0 = wj[c];                                                             \
+            for (; c + 4 <= K; c += 4, first = 0) {                                       \
+                const T *d = base + c * m;                                                \
+                const T *w_ = wj + c;                                                     \
+                GHESS_T_PASS(first, (w_[0] * d[o] + w_[1] * d[m + o])                     \
+                                    + (w_[2] * d[2 * m + o] + w_[3] * d[3 * m + o]));     \
+            }                                                                             \
+            for (; c + 2 <= K; c += 2, first = 0) {                                       \
+                const T *d = base + c * m;                                                \
+                const T *w_ = wj + c;                                                     \
+                GHESS_T_PASS(first, w_[0] * d[o] + w_[1] * d[m + o]);                     \
+            }                                                                             \
+            for (; c < K; c++, first = 0) {                                               \
+                const T *d = base + c * m;                                                \
+                const T w0 = wj[c];                                                       \
+                GHESS_T_PASS(first, w0 * d[o]);                                           \
+            }                                                                             \
+            if (first) {  /* K == 0 */                                                    \
                 GHESS_SIMD                                                                \
                 for (ptrdiff_t o = 0; o < len; o++)                                       \
-                    dst[o] += w0 * d0[o];                                                 \
+                    dst[o] = 0;                                                           \
             }                                                                             \
         }                                                                                 \
     }                                                                                     \

@@ -20,6 +20,15 @@ def compute_dtype(array_dtype):
     return np.dtype(np.float64)
 
 
+def all_finite(a):
+    """Whether every element of the float array ``a`` is finite.
+
+    One pass without a temporary: a sum is finite only if every term is. A finite
+    array whose sum overflows takes the exact elementwise check, which then passes.
+    """
+    return bool(np.isfinite(a.sum())) or bool(np.isfinite(a).all())
+
+
 def as_float_array(x, name, *, dtype=None, ndim=None, allow_empty=True):
     """Return ``x`` as a C-contiguous finite float array, without modifying it.
 
@@ -48,9 +57,7 @@ def as_float_array(x, name, *, dtype=None, ndim=None, allow_empty=True):
         raise ValueError(f"{name} is empty (shape {arr.shape})")
     target = compute_dtype(arr.dtype) if dtype is None else np.dtype(dtype)
     out = np.ascontiguousarray(arr, dtype=target)
-    # one pass without a temporary: a sum is finite only if every term is (a finite
-    # sum that overflows takes the exact check below, which then passes)
-    if out.dtype.kind == "f" and not np.isfinite(out.sum()) and not np.isfinite(out).all():
+    if out.dtype.kind == "f" and not all_finite(out):
         bad = np.argwhere(~np.isfinite(out))[0]
         where = tuple(int(i) for i in bad)
         raise ValueError(f"{name} contains NaN or Inf (first at index {where})")
