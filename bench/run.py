@@ -671,7 +671,11 @@ BUDGET = 1.0
 
 #: GEMM shapes (m, k, n) whose rate each library reaches: a dense layer of the MLPs and
 #: the per-sample GEMMs of CNN-C's first and last convolutions
-BLAS_SHAPES = ((1024, 784, 512), (32, 75, 1024), (64, 576, 64))
+#: (op(a), op(b), m, k, n): the peak's shape; MLP-M's forward x W^T, weight gradient
+#: g^T x and input gradient g W (its loss+grad's GEMMs); two conv im2col products
+BLAS_SHAPES = (("N", "N", 1024, 784, 512), ("N", "T", 1024, 784, 512),
+               ("T", "N", 512, 1024, 784), ("N", "N", 1024, 512, 512),
+               ("N", "N", 32, 75, 1024), ("N", "N", 64, 576, 64))
 
 
 def blas_rates(dtype):
@@ -679,7 +683,9 @@ def blas_rates(dtype):
 
     ghess calls the BLAS that SciPy ships (``scipy.linalg.cython_blas``); NumPy and
     PyTorch bring their own. The same GEMM can run at different rates in each, which
-    no choice inside ghess's kernels changes. Timed in interleaved rounds.
+    no choice inside ghess's kernels changes. Timed in interleaved rounds; NumPy and
+    ghess write into preallocated outputs, torch allocates its own as autograd's
+    ``mm`` does.
     """
     import numpy as np
 
@@ -691,22 +697,26 @@ def blas_rates(dtype):
         torch = None
     rng = np.random.default_rng(2)
     rates = {}
-    for m, k, n in BLAS_SHAPES:
-        a = rng.normal(size=(m, k)).astype(dtype)
-        b = rng.normal(size=(k, n)).astype(dtype)
-        c = np.empty((m, n), dtype=dtype)
+    for op_a, op_b, m, k, n in BLAS_SHAPES:
+        trans_a, trans_b = op_a == "T", op_b == "T"
+        a = rng.normal(size=(k, m) if trans_a else (m, k)).astype(dtype)
+        b = rng.normal(size=(n, k) if trans_b else (k, n)).astype(dtype)
+        A, B = (a.T if trans_a else a), (b.T if trans_b else b)
+        outputs = [np.empty((m, n), dtype=dtype) for _ in range(2)]
 
-        def ghess_blas(a=a, b=b, c=c):
-            _kernels.gemm_rowmajor(False, False, 1.0, a, b, 0.0, c, 1)
+        def ghess_blas(a=a, b=b, c=outputs[0], ta=trans_a, tb=trans_b):
+            _kernels.gemm_rowmajor(ta, tb, 1.0, a, b, 0.0, c, 1)
 
-        fns = {"numpy": lambda a=a, b=b, c=c: np.matmul(a, b, out=c),
+        fns = {"numpy": lambda A=A, B=B, c=outputs[1]: np.matmul(A, B, out=c),
                "ghess (SciPy's BLAS)": ghess_blas}
         if torch is not None:
-            ta, tb = torch.from_numpy(a), torch.from_numpy(b)
-            fns["torch"] = lambda ta=ta, tb=tb: torch.matmul(ta, tb)
+            tA, tB = torch.from_numpy(A), torch.from_numpy(B)
+            fns["torch"] = lambda tA=tA, tB=tB: torch.mm(tA, tB)
         timed = interleaved_times(fns, 7, budget=0.2)
-        rates[f"{m}x{k} @ {k}x{n}"] = {name: 2 * m * k * n / t / 1e9
-                                       for name, (t, _, _) in timed.items()}
+        name = (f"{m}x{k} @ {k}x{n}" if not (trans_a or trans_b) else
+                f"{'(%dx%d)^T' % (k, m) if trans_a else '%dx%d' % (m, k)} @ "
+                f"{'(%dx%d)^T' % (n, k) if trans_b else '%dx%d' % (k, n)}")
+        rates[name] = {lib: 2 * m * k * n / t / 1e9 for lib, (t, _, _) in timed.items()}
     return rates
 
 
