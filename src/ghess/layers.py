@@ -252,7 +252,10 @@ class Linear(Layer):
         x = ctx["x"]
         n, k = rgy.shape[0], rgy.shape[1]
         self.param_vjp(ctx, rgy, acc, n_threads)
-        if rx is not None:
+        if rx is not None and k == 1:  # g^T R{x} straight into the accumulator
+            _kernels.gemm_rowmajor(True, False, 1.0, g, rx.reshape(n, -1), 1.0, acc["weight"],
+                                   n_threads)
+        elif rx is not None:
             # g^T R{x}: (out, n) @ (n, k*in), then reorder to (k, out, in)
             cross = np.empty((self.out_features, k * self.in_features), dtype=x.dtype)
             _kernels.gemm_rowmajor(True, False, 1.0, g, rx.reshape(n, -1), 0.0, cross, n_threads)
