@@ -4,7 +4,8 @@ In ``_kernels.gemm_rowmajor``, ``a^T b`` with at most 12 columns in ``a`` (the
 weight gradient of a layer with few outputs) skips BLAS for the kernel of
 _skinny.h; the sizes here straddle that bound, its four-row blocks and its column
 blocks, for every transposition, both dtypes, beta 0 and 1, and one and two
-threads. ``sum_rows_into`` takes four rows per pass, then the remainder.
+threads. ``sum_rows_into`` takes four rows per pass, then the remainder, and splits
+columns over threads.
 """
 
 import numpy as np
@@ -79,13 +80,21 @@ def test_gemm_rowmajor_empty_dimensions():
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-@pytest.mark.parametrize("n", [0, 1, 3, 4, 5, 9, 1027])
-def test_sum_rows_into_adds_the_column_sums(dtype, n):
-    # the bias gradient beside the GEMMs: four rows per pass, then the remainder
+@pytest.mark.parametrize("n,m", [(0, 37), (1, 37), (3, 37), (4, 37), (5, 37), (9, 37),
+                                 (1027, 37), (1027, 300), (401, 513)])
+def test_sum_rows_into_adds_the_column_sums(dtype, n, m):
+    # the bias gradient beside the GEMMs: four rows per pass, then the remainder; threads
+    # take blocks of columns (from 1e5 elements on), so every thread count gives the same bits
     rng = np.random.default_rng(n)
-    x = rng.normal(size=(n, 37)).astype(dtype)
-    out = rng.normal(size=37).astype(dtype)
-    expected = out.astype(np.float64) + x.astype(np.float64).sum(0)
-    _kernels.sum_rows_into(x, out)
+    x = rng.normal(size=(n, m)).astype(dtype)
+    start = rng.normal(size=m).astype(dtype)
+    expected = start.astype(np.float64) + x.astype(np.float64).sum(0)
     rtol = 1e-6 if dtype == np.float32 else 1e-14
-    np.testing.assert_allclose(out, expected, rtol=rtol, atol=rtol * 10)
+    results = []
+    for threads in (1, 2, 3):
+        out = start.copy()
+        _kernels.sum_rows_into(x, out, threads)
+        np.testing.assert_allclose(out, expected, rtol=rtol, atol=rtol * 10 * np.sqrt(n + 1))
+        results.append(out)
+    for out in results[1:]:
+        np.testing.assert_array_equal(out, results[0])

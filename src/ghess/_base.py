@@ -74,7 +74,7 @@ def default_chunk_size(model, itemsize, k=1, minimum=16):
     if not any(isinstance(layer, Conv2d) for layer in model.layers):
         budget *= 2
     per_sample = _engine.working_bytes_per_sample(model, itemsize, k)
-    return int(np.clip(budget // max(per_sample, 1), minimum, 2048))
+    return min(max(budget // max(per_sample, 1), minimum), 2048)
 
 
 def check_model(model):

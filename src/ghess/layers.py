@@ -229,7 +229,7 @@ class Linear(Layer):
         g2 = gy.reshape(n, -1)
         _kernels.gemm_rowmajor(True, False, 1.0, g2, x, 1.0, acc["weight"], n_threads)
         if self.bias:
-            _kernels.sum_rows_into(g2, acc["bias"])
+            _kernels.sum_rows_into(g2, acc["bias"], n_threads)
 
     def vjp(self, params, ctx, gy, acc, need_input_grad, n_threads):
         """Accumulate parameter gradients; return dL/dx = gy W (or None)."""
