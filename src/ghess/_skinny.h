@@ -4,9 +4,9 @@
  *   ghess_skinny_tn:  out[r, o] (+)= sum_i a[i, r] b[i, o]    r < m small
  *
  * OpenBLAS packs both operands of a product whose output is only m rows tall: it ran
- * this at 17-23 GFLOP/s (float32, 1024 x 512 inputs, one core, GEMM peak 90). This
+ * this at 13-23 GFLOP/s (float32, 1024 x 512 inputs, one core, GEMM peak 90). This
  * reads b once, in column blocks small enough that the m output rows of a block stay
- * in L1 across all of b's rows: 1.6-2.4x BLAS's rate in float32 and 1.2-1.5x in
+ * in L1 across all of b's rows: 1.6-2.4x BLAS's rate in float32 and 1.2-1.9x in
  * float64 (m = 10; 64-1024 rows of 256-1024 columns; warm and cold caches).
  * The sum over i runs in one order whatever block of columns a thread takes, so
  * results do not depend on the number of threads.
