@@ -24,9 +24,12 @@ def all_finite(a):
     """Whether every element of the float array ``a`` is finite.
 
     One pass without a temporary: a sum is finite only if every term is. A finite
-    array whose sum overflows takes the exact elementwise check, which then passes.
+    array whose sum overflows takes the exact elementwise check, which then passes
+    (silently: the overflow or an Inf - Inf in the sum is not the caller's warning).
     """
-    return bool(np.isfinite(a.sum())) or bool(np.isfinite(a).all())
+    with np.errstate(over="ignore", invalid="ignore"):
+        total = a.sum()
+    return bool(np.isfinite(total)) or bool(np.isfinite(a).all())
 
 
 def as_float_array(x, name, *, dtype=None, ndim=None, allow_empty=True):
