@@ -678,6 +678,11 @@ BLAS_SHAPES = (("N", "N", 1024, 784, 512), ("N", "T", 1024, 784, 512),
                ("N", "N", 32, 75, 1024), ("N", "N", 64, 576, 64))
 
 
+def _operand_name(rows, cols, transposed):
+    """Name a GEMM operand as the table does: ``rows x cols``, or the transpose it is stored as."""
+    return f"({cols}x{rows})^T" if transposed else f"{rows}x{cols}"
+
+
 def blas_rates(dtype):
     """GFLOP/s of NumPy's matmul, of the BLAS ghess calls and of torch.matmul, per shape.
 
@@ -713,9 +718,7 @@ def blas_rates(dtype):
             tA, tB = torch.from_numpy(A), torch.from_numpy(B)
             fns["torch"] = lambda tA=tA, tB=tB: torch.mm(tA, tB)
         timed = interleaved_times(fns, 7, budget=0.2)
-        name = (f"{m}x{k} @ {k}x{n}" if not (trans_a or trans_b) else
-                f"{'(%dx%d)^T' % (k, m) if trans_a else '%dx%d' % (m, k)} @ "
-                f"{'(%dx%d)^T' % (n, k) if trans_b else '%dx%d' % (k, n)}")
+        name = f"{_operand_name(m, k, trans_a)} @ {_operand_name(k, n, trans_b)}"
         rates[name] = {lib: 2 * m * k * n / t / 1e9 for lib, (t, _, _) in timed.items()}
     return rates
 
