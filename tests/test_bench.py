@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -70,17 +71,17 @@ def test_bench_quick_without_competitors(tmp_path):
     assert "Skipped JAX: JAX is not importable" in report
 
 
-def _load_bench():
-    import importlib.util
+def _load_bench(module):
+    """Import ``bench.<module>``: ``bench`` is a package of the repository root."""
+    import importlib
 
-    spec = importlib.util.spec_from_file_location("ghess_bench_run", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    return importlib.import_module(f"bench.{module}")
 
 
 def test_peak_table_lists_misses_with_needed_rate():
-    bench = _load_bench()
+    bench = _load_bench("report")
     counted = "ghess (layers)"
     res = {"problem": "P", "dtype": "float64", "threads": 1, "conv": False, "gemm_gflops": 40.0,
            "timings": {"ghess GGN product (stored)": 0.010, "JAX GGN product": 0.015,
@@ -109,7 +110,7 @@ def test_interleaved_rounds_settle_between_libraries(monkeypatch):
     Each library's turn starts with an idle pause and one untimed call of its
     quickest operation; without ``settle``, each round is one pass in order.
     """
-    bench = _load_bench()
+    bench = _load_bench("timing")
     calls, sleeps = [], []
     monkeypatch.setattr(bench.time, "sleep", lambda seconds: sleeps.append(seconds)
                         or calls.append("sleep"))
@@ -138,7 +139,7 @@ def test_interleaved_rounds_settle_between_libraries(monkeypatch):
 
 
 def test_thread_scaling_reports_the_machines_own_gemm_speedup():
-    bench = _load_bench()
+    bench = _load_bench("report")
     res = {"problem": "CNN-C", "dtype": "float32", "threads": 2, "gemm_gflops": 120.0,
            "gemm_gflops_1thread": 80.0,
            "timings": {"ghess GGN product (stored)": 0.010,
@@ -150,3 +151,55 @@ def test_thread_scaling_reports_the_machines_own_gemm_speedup():
         ("GGN product", 1.8, 1.5), ("Hessian product", 1.5, 1.5)]
     del res["gemm_gflops_1thread"]  # results of runs before it was measured
     assert [m for *_, m in bench.thread_scaling([res])] == [None, None]
+
+
+def private_ghess_uses(source):
+    """Lines of ``source`` that use a private ghess module (``ghess._x``, or an alias's)."""
+    aliases = {"ghess"} | set(re.findall(r"\bimport\s+ghess\s+as\s+(\w+)", source))
+    names = "|".join(sorted(aliases))
+    pattern = re.compile(rf"\b(?:{names})\s*\.\s*_[A-Za-z]"
+                         r"|\bfrom\s+ghess(?:\.\w+)*\s+import\s+\(?\s*_[A-Za-z]"
+                         r"|\bfrom\s+ghess\._|\bimport\s+ghess\._")
+    return [line for line in source.splitlines() if pattern.search(line)]
+
+
+def test_private_ghess_uses_are_found():
+    for line in ("from ghess import _kernels", "import ghess._engine", "from ghess._base import x",
+                 "ghess._kernels.gemm_rowmajor(", "x = ghess. _engine"):
+        assert private_ghess_uses(line) == [line], line
+    assert private_ghess_uses("import ghess as G\nG._kernels.f()") == ["G._kernels.f()"]
+    for line in ("import ghess", "from ghess import testing", "ghess.testing.reference_ggn_matvec",
+                 "self._kernels", "model.__class__"):
+        assert private_ghess_uses(line) == [], line
+
+
+def test_private_ghess_modules_are_used_only_in_bench_internals():
+    # ghess's private modules are being renamed: bench/_internals.py is the one place
+    # that names them, so that a rename is remapped there
+    users = {}
+    for folder, _, files in os.walk(os.path.join(ROOT, "bench")):
+        for name in files:
+            path = os.path.join(folder, name)
+            if name.endswith(".py") and path != os.path.join(ROOT, "bench", "_internals.py"):
+                with open(path) as fh:
+                    lines = private_ghess_uses(fh.read())
+                if lines:
+                    users[os.path.relpath(path, ROOT)] = lines
+    assert users == {}
+    with open(os.path.join(ROOT, "bench", "_internals.py")) as fh:
+        assert private_ghess_uses(fh.read())  # the hooks are there, and found
+
+
+def _imported_by(module):
+    """Which of numpy, ghess, scipy and bench._internals importing ``module`` imports."""
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import " + module + "; "
+            "print(' '.join(m for m in ('numpy', 'ghess', 'scipy', 'bench._internals') "
+            "if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code, ROOT], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.split()
+
+
+def test_bench_modules_import_no_numpy_before_the_worker_pins_its_cores():
+    # a worker sets its thread counts and pins its cores before numpy starts its BLAS
+    assert _imported_by("bench.run") == ["bench._internals"]  # whose imports are lazy
