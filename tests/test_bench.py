@@ -203,3 +203,43 @@ def _imported_by(module):
 def test_bench_modules_import_no_numpy_before_the_worker_pins_its_cores():
     # a worker sets its thread counts and pins its cores before numpy starts its BLAS
     assert _imported_by("bench.run") == ["bench._internals"]  # whose imports are lazy
+    # bench/ab.py runs on two builds of ghess: the public API only
+    assert _imported_by("bench.ab") == []
+
+
+def test_ab_same_build_twice_gives_ratios_and_no_differences(tmp_path):
+    script = os.path.join(ROOT, "bench", "ab.py")
+    output = tmp_path / "AB.md"
+    proc = subprocess.run([sys.executable, script, "--a", sys.executable, "--b", sys.executable,
+                           "--quick", "--output", str(output)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = output.read_text()
+    assert report in proc.stdout + "\n"  # printed too
+    assert "## Machine" in report and "AVX2: " in report and "AVX-512: " in report
+    header = ("| problem | dtype | threads | op | A median (ms) | B median (ms) | B/A "
+              "| B/A 95% CI | max rel diff |")
+    assert header in report
+    rows = [line.split(" | ") for line in report.splitlines() if line.startswith("| tiny")]
+    assert [(r[0], r[1], r[2], r[3]) for r in rows] == [
+        ("| " + problem, "float32", "1", op) for problem in ("tiny", "tiny-cnn")
+        for op in ("loss+grad", "GGN product", "Hessian product")]
+    for row in rows:
+        a, b, ratio = float(row[4]), float(row[5]), float(row[6])
+        assert a > 0 and b > 0 and ratio == pytest.approx(b / a, rel=0.01)
+        assert row[8] == "0 |"  # the same build: identical numbers
+    assert "Numbers unchanged: yes" in report
+
+
+def test_ab_max_rel_diff_and_interval(tmp_path):
+    import numpy as np
+
+    ab = _load_bench("ab")
+    a, b = tmp_path / "a.npz", tmp_path / "b.npz"
+    np.savez(a, loss=np.array(2.0), grad=np.array([1.0, -4.0], dtype=np.float32))
+    np.savez(b, loss=np.array(2.0), grad=np.array([1.0, -4.002], dtype=np.float32))
+    assert ab.max_rel_diff(a, a) == 0
+    assert ab.max_rel_diff(a, b) == pytest.approx(0.002 / 4, rel=1e-4)
+    low, high = ab.ratio_interval([1.0, 1.0, 1.0, 1.0], [1.1, 1.1, 1.1, 1.1])
+    assert low == pytest.approx(1.1) and high == pytest.approx(1.1)
+    assert ab.auto_rounds(0.01, 5, 10.0) == 100 and ab.auto_rounds(1.0, 5, 10.0) == 5
