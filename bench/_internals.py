@@ -9,21 +9,26 @@ any build of ghess: it uses the public API only.
 
 
 def factor_plan(model, itemsize):
-    """``ghess._engine.factor_plan``: {layer: (path, bytes per sample, shared)} of each D."""
-    from ghess import _engine
+    """Where each layer's stored factor D is taken: {layer: (path, bytes per sample, shared)}.
 
-    return _engine.factor_plan(model, itemsize)
+    From ``ghess._engine.plan.plan_for(model, itemsize).factors``.
+    """
+    from ghess._engine.plan import plan_for
+
+    return {i: (place.layers, place.bytes, place.shared)
+            for i, place in plan_for(model, itemsize).factors.items()}
 
 
 def path_bytes(model, path, itemsize):
-    """``ghess._engine.path_bytes``: bytes per sample that a factor path's steps keep."""
-    from ghess import _engine
+    """Bytes per sample that the steps of a factor path (layer indices) keep."""
+    from ghess._engine.plan import path_steps
 
-    return _engine.path_bytes(model, path, itemsize)
+    return sum(step.factor_bytes(model.shapes[indices[0]], itemsize, False)
+               for step, indices in path_steps(model, tuple(path)))
 
 
 def gemm_rowmajor(trans_a, trans_b, alpha, a, b, beta, c, n_threads):
-    """``ghess._kernels.gemm_rowmajor``: ``c = alpha op(a) op(b) + beta c``, SciPy's BLAS."""
-    from ghess import _kernels
+    """``ghess._kernels.dense.gemm_rowmajor``: ``c = alpha op(a) op(b) + beta c``, SciPy's BLAS."""
+    from ghess._kernels import dense
 
-    return _kernels.gemm_rowmajor(trans_a, trans_b, alpha, a, b, beta, c, n_threads)
+    return dense.gemm_rowmajor(trans_a, trans_b, alpha, a, b, beta, c, n_threads)

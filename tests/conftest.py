@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import ghess
+from ghess import testing
 
 # Relative tolerances per dtype (float64: "exact to rounding").
 RTOL = {np.float64: 1e-12, np.float32: 2e-4}
@@ -22,6 +23,40 @@ def make_data(loss, n_samples, model, rng, dtype=np.float64):
     """Draw inputs and targets fitting ``model`` and ``loss``."""
     X = rng.normal(size=(n_samples,) + model.input_shape).astype(dtype)
     return X, make_targets(loss, n_samples, model.n_outputs, rng, dtype)
+
+
+class Hardtanh(ghess.nn.Activation):
+    """``min_val`` below, ``max_val`` above, x between, as ``torch.nn.Hardtanh``.
+
+    A layer defined outside the package by following docs/design.md's checklist
+    for an elementwise activation: it runs in every operator through the same
+    engine as the built-in layers, and the cases below hold it to the same
+    exactness tests.
+    """
+
+    has_curvature = False  # f'' = 0 (away from the kinks)
+
+    def __init__(self, min_val=-1.0, max_val=1.0):
+        self.min_val, self.max_val = float(min_val), float(max_val)
+
+    def __repr__(self):
+        return f"Hardtanh(min_val={self.min_val}, max_val={self.max_val})"
+
+    def evaluate(self, x, y_out, d1_out, d2_out, n_threads):
+        """f = clip(x), f' = 1 strictly inside the bounds (0 at them, as PyTorch)."""
+        np.clip(x, self.min_val, self.max_val, out=y_out)
+        if d1_out is not None:
+            np.logical_and(x > self.min_val, x < self.max_val, out=d1_out, casting="unsafe")
+
+
+def _reference_hardtanh(layer, s):
+    """The reference's own Hardtanh: written from the definition, not the layer's code."""
+    below, above = s <= layer.min_val, s >= layer.max_val
+    value = np.where(below, layer.min_val, np.where(above, layer.max_val, s))
+    return value, np.where(below | above, 0.0, 1.0), np.zeros_like(s)
+
+
+testing.register_reference_activation(Hardtanh, _reference_hardtanh)
 
 
 def _mlp(act, hidden=(6, 5), d=4, K=3, bias=True):
@@ -51,7 +86,63 @@ CASES = {
         lambda: ghess.CrossEntropyLoss()),
     "one-layer-mse": (lambda: ghess.Sequential(ghess.Linear(4, 2), input_shape=(4,)),
                       lambda: ghess.MSELoss()),
+    # a layer defined outside the package (above), held to every test of the built-in ones
+    "hardtanh-ce": (lambda: _mlp(Hardtanh), lambda: ghess.CrossEntropyLoss()),
 }
+
+
+G = ghess
+
+#: small convolutional networks, each with a loss
+CONV_CASES = {
+    "conv-relu-maxpool-ce": (
+        lambda: G.Sequential(G.Conv2d(2, 3, 3, padding=1), G.ReLU(), G.MaxPool2d(2), G.Flatten(),
+                             G.Linear(27, 4), input_shape=(2, 6, 6)),
+        lambda: G.CrossEntropyLoss()),
+    "conv-odd-shapes-mse": (
+        lambda: G.Sequential(G.Conv2d(1, 2, (3, 2), stride=2, padding=2, dilation=(1, 2)),
+                             G.Tanh(), G.AvgPool2d(2, padding=1), G.Conv2d(2, 3, 1, bias=False),
+                             G.Sigmoid(), G.Flatten(), G.Linear(27, 3), input_shape=(1, 7, 8)),
+        lambda: G.MSELoss()),
+    "conv-stride-avgpool-bce": (
+        lambda: G.Sequential(G.Conv2d(3, 4, 3, stride=2), G.Softplus(), G.AvgPool2d((2, 1)),
+                             G.Flatten(), G.Linear(4 * 1 * 3, 2), input_shape=(3, 7, 7)),
+        lambda: G.BCEWithLogitsLoss()),
+    "conv-single-channel-pad2-sum": (
+        lambda: G.Sequential(G.Conv2d(1, 1, 2), G.LeakyReLU(0.1),
+                             G.MaxPool2d(3, stride=1, padding=1),
+                             G.Conv2d(1, 2, 2, padding=2), G.Tanh(), G.Flatten(),
+                             G.Linear(2 * 6 * 6, 3), input_shape=(1, 4, 4)),
+        lambda: G.CrossEntropyLoss(reduction="sum")),
+    # tanh then max-pooling: fused for first-order paths, not in the Hessian (f'' != 0);
+    # ReLU then max-pooling before a convolution: fused in the Hessian too
+    "conv-tanh-maxpool-relu-maxpool-ce": (
+        lambda: G.Sequential(G.Conv2d(1, 3, 3, padding=1), G.Tanh(), G.MaxPool2d(2),
+                             G.Conv2d(3, 2, 3, padding=1), G.ReLU(), G.MaxPool2d(2, stride=1),
+                             G.Flatten(), G.Linear(2 * 3 * 3, 3), input_shape=(1, 8, 8)),
+        lambda: G.CrossEntropyLoss()),
+    # a layer defined outside the package (Hardtanh, above), fused with the max-pooling
+    # after it like the built-in activations
+    "conv-hardtanh-maxpool-mse": (
+        lambda: G.Sequential(G.Conv2d(2, 3, 3, padding=1), Hardtanh(), G.MaxPool2d(2),
+                             G.Flatten(), G.Linear(27, 3), input_shape=(2, 6, 6)),
+        lambda: G.MSELoss()),
+    "conv-linear-in-theta-mse": (
+        lambda: G.Sequential(G.Conv2d(2, 2, 3, padding=1), G.Flatten(), input_shape=(2, 3, 3)),
+        lambda: G.MSELoss(reduction="sum")),
+}
+
+
+class ConvCase:
+    """A convolutional network, a loss, parameters and data."""
+
+    def __init__(self, name, dtype=np.float64, n_samples=5, seed=0):
+        make_model, make_loss = CONV_CASES[name]
+        self.model, self.loss = make_model(), make_loss()
+        rng = np.random.default_rng(seed)
+        self.theta = self.model.init_params(seed=seed, dtype=dtype) * dtype(2.0)
+        self.X, self.y = make_data(self.loss, n_samples, self.model, rng, dtype)
+        self.data = (self.X, self.y)
 
 
 class Case:

@@ -70,7 +70,7 @@ def test_exact_ggn_diagonal(case_name):
 
 
 def test_exact_ggn_diagonal_conv():
-    from test_conv import ConvCase
+    from conftest import ConvCase
 
     c = ConvCase("conv-relu-maxpool-ce", n_samples=6)
     dense = ghess.GGNLinearOperator(c.model, c.loss, c.theta, c.data).todense()
@@ -116,3 +116,15 @@ def test_bad_operators_are_refused(ops):
         ghess.top_eigenvalues(G, k=G.shape[0])
     with pytest.raises(ValueError, match="n_samples must be >= 1"):
         ghess.hutchinson_trace(G, n_samples=0)
+
+
+# -- regressions: defects found in review, each once a wrong or unclear result --
+
+
+def test_bottom_eigenvalues_of_a_ggn_with_a_null_space():
+    rng = np.random.default_rng(0)
+    model = ghess.Sequential(ghess.Linear(4, 5), ghess.Tanh(), ghess.Linear(5, 3),
+                             input_shape=(4,))
+    G = ghess.GGNLinearOperator(model, ghess.CrossEntropyLoss(), model.init_params(),
+                                (rng.normal(size=(6, 4)), rng.integers(0, 3, 6)))
+    assert_allclose(ghess.bottom_eigenvalues(G, 3), 0.0, atol=1e-10)

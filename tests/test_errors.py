@@ -193,3 +193,30 @@ def test_finiteness_check_takes_large_finite_values_and_finds_every_nonfinite():
             warnings.simplefilter("error")
             with pytest.raises(ValueError, match=r"first at index \(1,\)"):
                 as_float_array(x, "X")
+
+
+# -- regressions: defects found in review, each once a wrong or unclear result --
+
+
+def test_argument_validation_gaps():
+    with pytest.raises(TypeError, match="input_shape must be a tuple of ints"):
+        ghess.Sequential(ghess.Linear(3, 4), input_shape=(3.7,))
+    with pytest.raises(TypeError, match="input_shape must be a tuple of ints"):
+        ghess.Sequential(ghess.Linear(3, 4), input_shape="3")
+    model = ghess.Sequential(ghess.Linear(3, 4), input_shape=(3,))
+    loss = ghess.MSELoss()
+    with pytest.raises(TypeError, match="damping must be a real number"):
+        ghess.NewtonCG(model, loss, damping="a")
+    with pytest.raises(TypeError, match="ratio_low must be a real number"):
+        ghess.NewtonCG(model, loss, ratio_low="a")
+    with pytest.raises(ValueError, match="need increase >= 1 and decrease <= 1"):
+        ghess.NewtonCG(model, loss, increase=0.5)
+    with pytest.raises(TypeError, match="dtype must be float32 or float64"):
+        ghess.GGNLinearOperator.memory_required(model, 10, dtype="complex128")
+    G = ghess.GGNLinearOperator(model, loss, model.init_params(), (np.ones((4, 3)),
+                                                                   np.ones((4, 4))))
+    with pytest.raises(ValueError, match="block must be >= 1"):
+        ghess.hutchinson_trace(G, 10, block=0)
+    with pytest.raises(ValueError, match=r"needs \d+ bytes .* memory_budget of 1 bytes"):
+        ghess.GGNLinearOperator(model, loss, model.init_params(), (np.ones((4, 3)),
+                                np.ones((4, 4))), mode="stored", memory_budget=1)

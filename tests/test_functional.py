@@ -97,3 +97,29 @@ def test_softplus_threshold_matches_pytorch_definition():
     z = model.forward(np.array([1.0]), X)[:, 0]
     expected = np.where(2 * X[:, 0] > 5, X[:, 0], np.log1p(np.exp(2 * X[:, 0])) / 2)
     assert_allclose(z, expected, rtol=1e-15)
+
+
+# -- regressions: defects found in review, each once a wrong or unclear result --
+
+
+def test_float32_bias_gradient_accumulates_in_double():
+    rng = np.random.default_rng(0)
+    model = ghess.Sequential(ghess.Linear(2, 1), input_shape=(2,))
+    N = 300_000
+    X = np.ones((N, 2), dtype=np.float32)
+    y = (-1 + 0.01 * rng.normal(size=(N, 1))).astype(np.float32)
+    g32 = ghess.loss_and_grad(model, ghess.MSELoss(), np.zeros(3, np.float32), (X, y),
+                              chunk_size=N)[1]
+    g64 = ghess.loss_and_grad(model, ghess.MSELoss(), np.zeros(3), (X, y), chunk_size=N)[1]
+    assert_allclose(g32, g64, rtol=1e-5)
+
+
+def test_big_endian_float32_stays_float32_and_nested_lists_are_one_batch():
+    model = ghess.Sequential(ghess.Linear(3, 4), input_shape=(3,))
+    X, y = np.random.default_rng(0).normal(size=(5, 3)), np.ones((5, 4))
+    theta = model.init_params()
+    grad = ghess.loss_and_grad(model, ghess.MSELoss(), theta.astype(">f4"), (X, y))[1]
+    assert grad.dtype == np.float32
+    as_lists = ghess.loss_and_grad(model, ghess.MSELoss(), theta, (X.tolist(), y.tolist()))
+    as_arrays = ghess.loss_and_grad(model, ghess.MSELoss(), theta, (X, y))
+    assert as_lists[0] == as_arrays[0]

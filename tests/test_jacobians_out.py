@@ -2,8 +2,7 @@
 
 import numpy as np
 import pytest
-from conftest import CASES, RTOL, Case
-from test_conv import CONV_CASES, ConvCase
+from conftest import CASES, CONV_CASES, RTOL, Case, ConvCase
 
 import ghess
 from ghess.testing import assert_allclose_rel, reference_per_sample_jacobians

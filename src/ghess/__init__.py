@@ -1,15 +1,14 @@
 """ghess: exact curvature of neural-network losses as SciPy LinearOperators.
 
 Per-sample Jacobians, the generalized Gauss-Newton matrix and the exact Hessian
-of dense networks, computed by Cython kernels over BLAS and exposed as
+of dense and convolutional networks, computed by Cython kernels over BLAS and exposed as
 ``scipy.sparse.linalg.LinearOperator`` objects for ``cg``, ``minres``,
 ``eigsh``, ``lobpcg`` and ``lsmr``.
 """
 
-__version__ = "0.1.0"
-
 from . import analysis
 from ._config import release_memory, show_config
+from ._version import __version__
 from .analysis import (
     bottom_eigenvalues,
     ggn_diagonal,
@@ -19,14 +18,25 @@ from .analysis import (
     spectral_density,
     top_eigenvalues,
 )
-from .conv import AvgPool2d, Conv2d, Flatten, MaxPool2d
 from .functional import loss_and_grad, per_sample_jacobians
-from .ggn import GGNLinearOperator
-from .hessian import HessianLinearOperator
-from .jacobian import JacobianLinearOperator
-from .layers import Identity, LeakyReLU, Linear, ReLU, Sigmoid, Softplus, Tanh
-from .losses import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
-from .model import Sequential
+from .nn import (
+    AvgPool2d,
+    BCEWithLogitsLoss,
+    Conv2d,
+    CrossEntropyLoss,
+    Flatten,
+    Identity,
+    LeakyReLU,
+    Linear,
+    MaxPool2d,
+    MSELoss,
+    ReLU,
+    Sequential,
+    Sigmoid,
+    Softplus,
+    Tanh,
+)
+from .operators import GGNLinearOperator, HessianLinearOperator, JacobianLinearOperator
 from .optim import NewtonCG, StepRecord
 
 __all__ = [
@@ -60,6 +70,7 @@ __all__ = [
     "ggn_diagonal",
     "spectral_density",
     "analysis",
+    "nn",
     "show_config",
     "release_memory",
     "__version__",

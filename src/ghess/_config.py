@@ -9,15 +9,16 @@ import threading
 import numpy as np
 import scipy
 
-from . import _alloc, _kernels
+from ._kernels import alloc, dense
+from ._version import __version__
 
 _controller = None
 
 
-def resolve_n_threads(n_threads):
+def resolve_n_threads(n_threads: int | None) -> int:
     """Threads for the OpenMP kernels: ``None`` means OpenMP's default."""
     if n_threads is None:
-        return max(1, _kernels.openmp_max_threads())
+        return max(1, dense.openmp_max_threads())
     return n_threads
 
 
@@ -35,8 +36,8 @@ _blas_depth = 0
 _blas_saved = ()  # (library, its thread count) for each BLAS that single_threaded_blas changed
 _blas_libraries = None
 
-#: cap of the pool of freed temporaries (see _alloc.h): a few chunks' worth, as
-#: a chunk's temporaries are 64-128 MiB by default (ghess._base.default_chunk_size)
+#: cap of the pool of freed temporaries (see alloc.h): a few chunks' worth, as
+#: a chunk's temporaries are 64-128 MiB by default (``_engine.plan.CHUNK_BYTES``)
 DEFAULT_POOL_MB = 256
 
 
@@ -53,32 +54,31 @@ def _pool_limit_from_environment():
     return int(mb * (1 << 20))
 
 
-_alloc.set_limit(_pool_limit_from_environment())
+alloc.set_limit(_pool_limit_from_environment())
 
 
-def release_memory():
+def release_memory() -> int:
     """Free the temporaries ghess keeps for reuse; return the number of bytes freed.
 
     Each chunk of a product or a loss+gradient allocates and frees megabytes of
-    temporaries. Handing them back to the OS and faulting them in again cost
-    17-23 ms of a 105 ms CNN-C loss+gradient and 8-12 ms of 54 ms on MLP-M
-    (float32, one thread), so ghess keeps the freed blocks of at least 1 MiB
-    for its next allocations: at most ``GHESS_POOL_MB`` MiB (environment
+    temporaries. Handing them back to the OS and faulting them in again costs
+    a sixth of a call or more (``docs/design.md``), so ghess keeps the freed
+    blocks of at least 1 MiB for its next allocations: at most ``GHESS_POOL_MB`` MiB (environment
     variable read at import; default 256, 0 keeps none). Arrays you create
     outside ghess never use this pool.
     """
-    return _alloc.release()
+    return alloc.release()
 
 
 @contextlib.contextmanager
 def computing():
     """Run a ghess computation: BLAS held at one thread, temporaries from the pool."""
-    previous = _alloc.use_pool()
+    previous = alloc.use_pool()
     try:
         with single_threaded_blas():
             yield
     finally:
-        _alloc.restore(previous)
+        alloc.restore(previous)
 
 
 @contextlib.contextmanager
@@ -86,7 +86,7 @@ def single_threaded_blas():
     """Hold every BLAS library at one thread inside the block.
 
     ghess parallelises with OpenMP only, splitting GEMMs itself
-    (``_kernels.gemm_rowmajor``): a second pool of spinning BLAS threads would
+    (``_kernels.dense.gemm_rowmajor``): a second pool of spinning BLAS threads would
     compete with OpenMP's for the same cores. Re-entrant and thread-safe: the
     first block to enter sets the limit, the last to leave restores it, so
     products running in several Python threads never see BLAS threads change.
@@ -111,8 +111,8 @@ def _limit_blas_to_one_thread():
     """Set every BLAS library to one thread; return those changed, with their counts.
 
     The calls go straight to threadpoolctl's per-library controllers, found once:
-    its ``limit()`` context re-reads every library's state on each entry, 30 us a
-    product, a tenth of the Python overhead of a small one.
+    its ``limit()`` context re-reads every library's state on each entry, a
+    noticeable share of a small product's Python overhead (docs/design.md).
     """
     global _blas_libraries
     if _blas_libraries is None:
@@ -128,16 +128,14 @@ def _limit_blas_to_one_thread():
     return tuple(saved)
 
 
-def show_config(file=None):
+def show_config(file=None) -> None:
     """Print versions, OpenMP support, threads and the BLAS libraries in use."""
-    from . import __version__
-
     lines = [
         f"ghess:     {__version__}",
         f"python:    {sys.version.split()[0]} ({platform.platform()})",
         f"numpy:     {np.__version__}",
         f"scipy:     {scipy.__version__}",
-        f"OpenMP:    {'on' if _kernels.openmp_enabled() else 'off'}",
+        f"OpenMP:    {'on' if dense.openmp_enabled() else 'off'}",
         f"threads:   {resolve_n_threads(None)} (OpenMP default; n_threads= overrides)",
     ]
     try:
@@ -147,7 +145,7 @@ def show_config(file=None):
                          f"{info.get('filepath')})")
     except Exception as exc:  # threadpoolctl is informative only here
         lines.append(f"threadpool: unavailable ({exc})")
-    pool = _alloc.stats()
+    pool = alloc.stats()
     lines.append(f"pool:      {pool['bytes'] >> 20} of {pool['limit'] >> 20} MiB held in "
                  f"{pool['blocks']} freed blocks ({pool['hits']} reused, {pool['misses']} new; "
                  "GHESS_POOL_MB, ghess.release_memory)")

@@ -25,7 +25,7 @@ class Batches:
 
         A batch is cut into as few chunks as fit and as even as possible (sizes
         differ by at most one): 1024 samples in chunks of at most 841 make two of
-        512, not 841 and a 183-sample tail whose GEMMs run 10-15% slower.
+        512, not 841 and a small tail whose GEMMs run slower (docs/design.md).
         """
         for X, y in self.batches:
             n = X.shape[0]

@@ -1,6 +1,6 @@
 """Input validation shared by the public API: dtypes, shapes, finiteness.
 
-Python validates, Cython trusts (STYLE.md): everything that reaches a kernel
+Python validates, Cython trusts: everything that reaches a kernel
 went through here. Nothing here modifies its input; a converted copy is made
 only when the dtype or memory layout requires one.
 """
@@ -32,7 +32,7 @@ def all_finite(a):
     return bool(np.isfinite(total)) or bool(np.isfinite(a).all())
 
 
-def as_float_array(x, name, *, dtype=None, ndim=None, allow_empty=True):
+def as_float_array(x, name, *, dtype=None, ndim=None, allow_empty=True) -> np.ndarray:
     """Return ``x`` as a C-contiguous finite float array, without modifying it.
 
     Parameters
@@ -67,7 +67,7 @@ def as_float_array(x, name, *, dtype=None, ndim=None, allow_empty=True):
     return out
 
 
-def check_params(theta, n_params):
+def check_params(theta, n_params) -> np.ndarray:
     """Validate the flat parameter vector; return it (float32 or float64, contiguous)."""
     arr = np.asarray(theta) if not isinstance(theta, np.ndarray) else theta
     if arr.dtype.kind not in "iuf":

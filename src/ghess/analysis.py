@@ -5,16 +5,30 @@ ghess GGN or Hessian operator, or any other), needs only products with it, and
 uses ``matmat`` to push blocks of vectors through at once.
 """
 
+from __future__ import annotations
+
 import numbers
+from typing import TYPE_CHECKING
 
 import numpy as np
+import numpy.typing as npt
 from scipy.sparse.linalg import ArpackNoConvergence, eigsh
 
 from . import _engine
-from ._base import check_loss, check_model
-from ._config import computing, resolve_n_threads
-from ._data import as_batches
-from ._validation import check_n_threads, check_params, check_positive_int
+from ._config import computing
+from ._engine.plan import chunk_size_for
+from ._problem import Problem
+from ._typing import Data
+from ._validation import check_positive_int
+
+if TYPE_CHECKING:
+    import os
+
+    from matplotlib.figure import Figure
+    from scipy.sparse.linalg import LinearOperator
+
+    from .nn.losses import Loss
+    from .nn.sequential import Sequential
 
 __all__ = [
     "top_eigenvalues",
@@ -45,8 +59,10 @@ def _probes(rng, n, k, dtype):
     return rng.choice(np.array([-1.0, 1.0], dtype=dtype), size=(n, k))
 
 
-def top_eigenvalues(op, k=5, *, return_eigenvectors=False, tol=1e-8, seed=0, maxiter=None,
-                    ncv=None):
+def top_eigenvalues(op: LinearOperator, k: int = 5, *, return_eigenvectors: bool = False,
+                    tol: float = 1e-8, seed: int | np.random.Generator | None = 0,
+                    maxiter: int | None = None,
+                    ncv: int | None = None) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Largest ``k`` eigenvalues (algebraic), in decreasing order, by ``eigsh``.
 
     Returns ``values`` or ``(values, vectors)`` with ``vectors[:, i]`` for ``values[i]``.
@@ -56,8 +72,10 @@ def top_eigenvalues(op, k=5, *, return_eigenvectors=False, tol=1e-8, seed=0, max
     return _extreme(op, k, "LA", return_eigenvectors, tol, seed, maxiter, ncv)
 
 
-def bottom_eigenvalues(op, k=5, *, return_eigenvectors=False, tol=1e-8, seed=0, maxiter=None,
-                       ncv=None):
+def bottom_eigenvalues(op: LinearOperator, k: int = 5, *, return_eigenvectors: bool = False,
+                       tol: float = 1e-8, seed: int | np.random.Generator | None = 0,
+                       maxiter: int | None = None,
+                       ncv: int | None = None) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Smallest ``k`` eigenvalues (algebraic), in increasing order, by ``eigsh``.
 
     For the Hessian these are its most negative curvatures. They often sit in a
@@ -93,7 +111,9 @@ def _extreme(op, k, which, return_eigenvectors, tol, seed, maxiter, ncv):
     return (values, vectors) if return_eigenvectors else values
 
 
-def hutchinson_trace(op, n_samples=100, *, seed=0, block=16):
+def hutchinson_trace(op: LinearOperator, n_samples: int = 100, *,
+                     seed: int | np.random.Generator | None = 0,
+                     block: int = 16) -> tuple[float, float]:
     """Hutchinson's estimate ``mean_i v_i^T A v_i`` with Rademacher ``v_i``.
 
     Returns ``(estimate, standard_error)``.
@@ -111,7 +131,8 @@ def hutchinson_trace(op, n_samples=100, *, seed=0, block=16):
     return float(values.mean()), float(error)
 
 
-def hutchpp_trace(op, n_matvecs=102, *, seed=0):
+def hutchpp_trace(op: LinearOperator, n_matvecs: int = 102, *,
+                  seed: int | np.random.Generator | None = 0) -> float:
     """Hutch++ (Meyer, Musco, Musco and Woodruff, 2021): a low-rank part exactly, the rest
     by Hutchinson; ``n_matvecs`` products in all (a multiple of 3 is used).
 
@@ -133,7 +154,9 @@ def hutchpp_trace(op, n_matvecs=102, *, seed=0):
     return float(exact + rest)
 
 
-def hutchinson_diagonal(op, n_samples=100, *, seed=0, block=16):
+def hutchinson_diagonal(op: LinearOperator, n_samples: int = 100, *,
+                        seed: int | np.random.Generator | None = 0,
+                        block: int = 16) -> np.ndarray:
     """Estimate of ``diag(A)`` as ``mean_i v_i * (A v_i)`` with Rademacher ``v_i``."""
     n = _check_operator(op)
     n_samples = check_positive_int(n_samples, "n_samples")
@@ -146,8 +169,9 @@ def hutchinson_diagonal(op, n_samples=100, *, seed=0, block=16):
     return total / n_samples
 
 
-def ggn_diagonal(model, loss, params, data, *, chunk_size=None, n_threads=None,
-                 memory_budget=256 << 20):
+def ggn_diagonal(model: Sequential, loss: Loss, params: npt.ArrayLike, data: Data, *,
+                 chunk_size: int | None = None, n_threads: int | None = None,
+                 memory_budget: int = 256 << 20) -> np.ndarray:
     r"""Exact diagonal of the GGN, :math:`\sum_n \mathrm{diag}(J_n^\top B_n J_n)`.
 
     Computed from the per-sample factors chunk by chunk, without the n x n
@@ -155,33 +179,27 @@ def ggn_diagonal(model, loss, params, data, *, chunk_size=None, n_threads=None,
     ``B J``, reduced immediately. ``chunk_size`` defaults to what fits
     ``memory_budget`` bytes.
     """
-    check_model(model)
-    check_loss(loss)
-    theta = check_params(params, model.n_params)
-    n_threads = check_n_threads(n_threads)
-    batches = as_batches(model, loss, data, theta.dtype)
+    p = Problem(model, loss, params, data, chunk_size=chunk_size, n_threads=n_threads)
     K, P = model.n_outputs, model.n_params
-    if chunk_size is None:
-        chunk_size = max(1, int(memory_budget // (3 * K * P * theta.itemsize)))
-    chunk_size = check_positive_int(chunk_size, "chunk_size")
-    scale = loss.scale(batches.n_samples, K)
-    lparams = model.layer_params(theta)
-    omp = resolve_n_threads(n_threads)
+    if chunk_size is None:  # dense per-sample J and B J: 3 K P numbers per sample
+        p.chunk_size = int(chunk_size_for(3 * K * P * p.dtype.itemsize, memory_budget,
+                                          maximum=None))
+    omp = p.omp_threads
     diag = np.zeros(P, dtype=np.float64)
     with computing():
-        for X, y in batches.chunks(chunk_size):
+        for X, y in p.chunks():
             n = X.shape[0]
-            ctxs, z = _engine.forward_chunk(model, lparams, X, 1, omp)
-            _, _, state = loss.value_grad(z, y, scale, omp)
-            factors = _engine.jacobian_factors(model, lparams, ctxs, n, theta.dtype, omp,
+            ctxs, z = model.forward_chunk(p.lparams, X, 1, omp)
+            _, _, state = loss.value_grad(z, y, p.scale, omp)
+            factors = _engine.jacobian_factors(model, p.lparams, ctxs, n, p.dtype, omp,
                                                paths=False)
-            J = np.zeros((n, K, P), dtype=theta.dtype)
+            J = np.zeros((n, K, P), dtype=p.dtype)
             _engine.factor_sample_jacobians(model, factors, J, omp)
             Jt = np.ascontiguousarray(J.transpose(0, 2, 1))  # (n, P, K): P directions
             BJt = np.empty_like(Jt)
-            loss.hessian_apply(state, Jt, scale, BJt, omp)
+            loss.hessian_apply(state, Jt, p.scale, BJt, omp)
             diag += np.einsum("npk,npk->p", Jt, BJt)
-    return diag.astype(theta.dtype)
+    return diag.astype(p.dtype)
 
 
 def _lanczos(op, v, steps):
@@ -202,8 +220,10 @@ def _lanczos(op, v, steps):
     return alpha, beta[:-1]
 
 
-def spectral_density(op, *, n_vectors=10, n_lanczos=80, grid=None, n_grid=512, sigma=None,
-                     seed=0):
+def spectral_density(op: LinearOperator, *, n_vectors: int = 10, n_lanczos: int = 80,
+                     grid: npt.ArrayLike | None = None, n_grid: int = 512,
+                     sigma: float | None = None, seed: int | np.random.Generator | None = 0
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     r"""Spectral density by stochastic Lanczos quadrature (Ghorbani, Krishnan and Xiao, 2019).
 
     For each Rademacher vector :math:`v`, ``n_lanczos`` Lanczos steps give nodes
@@ -248,7 +268,9 @@ def spectral_density(op, *, n_vectors=10, n_lanczos=80, grid=None, n_grid=512, s
     return grid, density, nodes, weights
 
 
-def plot_spectral_density(grid, density, path=None, *, title="Spectral density", log=True):
+def plot_spectral_density(grid: npt.ArrayLike, density: np.ndarray,
+                          path: str | os.PathLike[str] | None = None, *,
+                          title: str = "Spectral density", log: bool = True) -> Figure:
     """Plot a density from :func:`spectral_density` (needs matplotlib); save to ``path``.
 
     Returns the matplotlib Figure.

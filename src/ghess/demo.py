@@ -16,17 +16,23 @@ import time
 import numpy as np
 from scipy.sparse.linalg import cg, eigsh
 
-from . import (
+from . import analysis
+from ._config import show_config
+from .functional import loss_and_grad
+from .nn import (
+    Conv2d,
     CrossEntropyLoss,
-    GGNLinearOperator,
-    HessianLinearOperator,
+    Flatten,
     Linear,
+    MaxPool2d,
     MSELoss,
+    ReLU,
     Sequential,
     Sigmoid,
     Tanh,
-    loss_and_grad,
 )
+from .operators import GGNLinearOperator, HessianLinearOperator
+from .optim import NewtonCG
 
 
 def hessian_blocks_example(out=print):
@@ -117,8 +123,6 @@ def train_digits(n_iterations=30, out=print):
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
-    from . import Conv2d, Flatten, MaxPool2d, NewtonCG, ReLU
-
     digits = load_digits()
     X = (digits.images / 16.0)[:, None].astype(np.float64)  # (N, 1, 8, 8)
     X_train, X_test, y_train, y_test = train_test_split(
@@ -144,8 +148,6 @@ def train_digits(n_iterations=30, out=print):
 
 def digits_example(output="ghess_spectrum.png", n_iterations=30, out=print):
     """Train on the digits, then analyse the curvature at the solution; return accuracy."""
-    from . import analysis
-
     model, loss, theta, (X_train, y_train), accuracy = train_digits(n_iterations, out)
     start = time.perf_counter()
     G = GGNLinearOperator(model, loss, theta, (X_train, y_train))
@@ -161,7 +163,7 @@ def digits_example(output="ghess_spectrum.png", n_iterations=30, out=print):
     out(f"   Hessian trace (Hutch++)  {trace_h:.5f}")
     grid, density, nodes, _ = analysis.spectral_density(H, n_vectors=4, n_lanczos=40)
     # extremal Ritz values converge first: the smallest is a cheap estimate of the most
-    # negative curvature (eigsh on that cluster near 0 took over a minute here)
+    # negative curvature (eigsh converges slowly on that cluster near 0)
     out(f"   smallest Hessian eig.    {np.nanmin(nodes):.3e} (Lanczos estimate)")
     try:
         analysis.plot_spectral_density(grid, density, output,
@@ -182,8 +184,6 @@ def main(argv=()):
                         help="where to write the spectral density plot")
     args = parser.parse_args(list(argv))
     if args.command == "config":
-        from ._config import show_config
-
         show_config()
         return 0
     start = time.perf_counter()

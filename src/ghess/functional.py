@@ -1,17 +1,28 @@
 """Loss and gradient, and dense per-sample Jacobians."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 import numpy as np
+import numpy.typing as npt
 
 from . import _engine
-from ._base import check_loss, check_model, default_chunk_size
-from ._config import computing, resolve_n_threads
-from ._data import as_batches, as_input_batches
-from ._validation import check_n_threads, check_out, check_params, check_positive_int
+from ._config import computing
+from ._problem import Problem, check_model
+from ._typing import Data
+from ._validation import check_out
+
+if TYPE_CHECKING:
+    from .nn.losses import Loss
+    from .nn.sequential import Sequential
 
 __all__ = ["loss_and_grad", "per_sample_jacobians"]
 
 
-def loss_and_grad(model, loss, params, data, *, chunk_size=None, n_threads=None):
+def loss_and_grad(model: Sequential, loss: Loss, params: npt.ArrayLike, data: Data, *,
+                  chunk_size: int | None = None,
+                  n_threads: int | None = None) -> tuple[float, np.ndarray]:
     """Loss value and its gradient with respect to the flat parameters.
 
     Parameters
@@ -31,30 +42,23 @@ def loss_and_grad(model, loss, params, data, *, chunk_size=None, n_threads=None)
     value : float
     grad : ndarray of shape (n_params,), in params' dtype
     """
-    check_model(model)
-    check_loss(loss)
-    theta = check_params(params, model.n_params)
-    n_threads = check_n_threads(n_threads)
-    chunk_size = (default_chunk_size(model, theta.dtype.itemsize) if chunk_size is None
-                  else check_positive_int(chunk_size, "chunk_size"))
-    batches = as_batches(model, loss, data, theta.dtype)
-    scale = loss.scale(batches.n_samples, model.n_outputs)
-    lparams = model.layer_params(theta)
-    omp = resolve_n_threads(n_threads)
-    grad = np.zeros((1, model.n_params), dtype=theta.dtype)
-    accs = _engine.new_accumulators(model, 1, theta.dtype, grad)  # views of grad
+    p = Problem(model, loss, params, data, chunk_size=chunk_size, n_threads=n_threads)
+    grad = np.zeros((1, model.n_params), dtype=p.dtype)
+    accs = _engine.new_accumulators(model, 1, p.dtype, grad)  # views of grad
     total = 0.0
     with computing():
-        for X, y in batches.chunks(chunk_size):
-            ctxs, z = _engine.forward_chunk(model, lparams, X, 1, omp)
-            value, r, _ = loss.value_grad(z, y, scale, omp)
+        for X, y in p.chunks():
+            ctxs, z = model.forward_chunk(p.lparams, X, 1, p.omp_threads)
+            value, r, _ = loss.value_grad(z, y, p.scale, p.omp_threads)
             total += value
-            _engine.vjp_chunk(model, lparams, ctxs, r[:, None, :], accs, omp)
+            _engine.vjp_chunk(model, p.lparams, ctxs, r[:, None, :], accs, p.omp_threads)
     _engine.accumulators_to_flat(model, accs, grad)
-    return float(scale * total), grad[0]
+    return float(p.scale * total), grad[0]
 
 
-def per_sample_jacobians(model, params, X, *, chunk_size=None, n_threads=None, out=None):
+def per_sample_jacobians(model: Sequential, params: npt.ArrayLike, X: npt.ArrayLike, *,
+                         chunk_size: int | None = None, n_threads: int | None = None,
+                         out: np.ndarray | None = None) -> np.ndarray:
     """Dense per-sample Jacobians of the outputs, shape (N, K, n_params).
 
     ``J[n, c, :]`` is the gradient of output ``c`` of sample ``n`` with respect to
@@ -81,25 +85,20 @@ def per_sample_jacobians(model, params, X, *, chunk_size=None, n_threads=None, o
     J : ndarray of shape (N, K, n_params), in params' dtype (``out`` when given)
     """
     check_model(model)
-    theta = check_params(params, model.n_params)
-    n_threads = check_n_threads(n_threads)
-    chunk_size = (default_chunk_size(model, theta.dtype.itemsize, k=model.n_outputs, minimum=4)
-                  if chunk_size is None else check_positive_int(chunk_size, "chunk_size"))
-    batches = as_input_batches(model, X, theta.dtype)
-    shape = (batches.n_samples, model.n_outputs, model.n_params)
+    p = Problem(model, None, params, X, chunk_size=chunk_size,
+                chunk_directions=model.n_outputs, min_chunk=4, n_threads=n_threads)
+    shape = (p.n_samples, model.n_outputs, model.n_params)
     if out is None:
-        J = np.empty(shape, dtype=theta.dtype)  # every element is written below
+        J = np.empty(shape, dtype=p.dtype)  # every element is written below
     else:
-        J = check_out(out, shape, theta.dtype, inputs=(X, params))
-    lparams = model.layer_params(theta)
-    omp = resolve_n_threads(n_threads)
+        J = check_out(out, shape, p.dtype, inputs=(X, params))
     start = 0
     with computing():
-        for Xc, _ in batches.chunks(chunk_size):
+        for Xc, _ in p.chunks():
             n = Xc.shape[0]
-            ctxs, _ = _engine.forward_chunk(model, lparams, Xc, 1, omp)
-            factors = _engine.jacobian_factors(model, lparams, ctxs, n, theta.dtype, omp,
-                                               paths=False)
-            _engine.factor_sample_jacobians(model, factors, J[start:start + n], omp)
+            ctxs, _ = model.forward_chunk(p.lparams, Xc, 1, p.omp_threads)
+            factors = _engine.jacobian_factors(model, p.lparams, ctxs, n, p.dtype,
+                                               p.omp_threads, paths=False)
+            _engine.factor_sample_jacobians(model, factors, J[start:start + n], p.omp_threads)
             start += n
     return J

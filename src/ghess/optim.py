@@ -23,15 +23,21 @@ The objective and gradient are accumulated in chunks, so the full data never
 passes through the network at once.
 """
 
+from __future__ import annotations
+
 import numbers
 import sys
 import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TextIO
 
 import numpy as np
+import numpy.typing as npt
 from scipy.sparse.linalg import LinearOperator, cg
 
-from ._base import check_loss, check_mode, check_model
 from ._data import as_batches
+from ._problem import check_loss, check_mode, check_model
+from ._typing import Data, Mode
 from ._validation import (
     check_n_threads,
     check_nonnegative,
@@ -39,7 +45,11 @@ from ._validation import (
     check_positive_int,
 )
 from .functional import loss_and_grad
-from .ggn import GGNLinearOperator
+from .nn.losses import CrossEntropyLoss, Loss
+from .operators.ggn import GGNLinearOperator
+
+if TYPE_CHECKING:
+    from .nn.sequential import Sequential
 
 __all__ = ["NewtonCG", "StepRecord"]
 
@@ -137,10 +147,14 @@ class NewtonCG:
     True
     """
 
-    def __init__(self, model, loss, *, C=1.0, subsample=0.1, cg_rtol=0.1, cg_maxiter=250,
-                 damping=1.0, armijo=1e-4, backtrack=0.5, max_backtracks=30,
-                 ratio_low=0.25, ratio_high=0.75, increase=1.5, decrease=2 / 3,
-                 chunk_size=None, mode="auto", n_threads=None, seed=None):
+    def __init__(self, model: Sequential, loss: Loss, *, C: float = 1.0,
+                 subsample: float | numbers.Real = 0.1, cg_rtol: float = 0.1,
+                 cg_maxiter: int = 250, damping: float = 1.0, armijo: float = 1e-4,
+                 backtrack: float = 0.5, max_backtracks: int = 30, ratio_low: float = 0.25,
+                 ratio_high: float = 0.75, increase: float = 1.5, decrease: float = 2 / 3,
+                 chunk_size: int | None = None, mode: Mode = "auto",
+                 n_threads: int | None = None,
+                 seed: int | np.random.Generator | None = None) -> None:
         self.model = check_model(model)
         self.loss = check_loss(loss)
         self.C = _check_positive_real(C, "C")
@@ -179,7 +193,7 @@ class NewtonCG:
         self.rng = np.random.default_rng(seed)
 
     # -- objective --------------------------------------------------------
-    def objective(self, theta, data):
+    def objective(self, theta: np.ndarray, data: Data) -> tuple[float, np.ndarray]:
         """Return ``(f, grad f)`` over all of ``data``, accumulated in chunks."""
         value, grad = loss_and_grad(self.model, self.loss, theta, data,
                                     chunk_size=self.chunk_size, n_threads=self.n_threads)
@@ -206,7 +220,8 @@ class NewtonCG:
         return X[index], y[index]
 
     # -- one iteration ----------------------------------------------------
-    def step(self, theta, data, *, _state=None):
+    def step(self, theta: npt.ArrayLike, data: Data, *,
+             _state: list | None = None) -> tuple[np.ndarray, StepRecord]:
         """Take one Newton-CG iteration from ``theta``.
 
         Returns
@@ -265,8 +280,10 @@ class NewtonCG:
         return new_theta.copy() if not accepted else new_theta, record
 
     # -- a training run ---------------------------------------------------
-    def fit(self, theta, data, n_iterations=20, *, validation=None, verbose=True,
-            callback=None, file=None):
+    def fit(self, theta: npt.ArrayLike, data: Data, n_iterations: int = 20, *,
+            validation: Data | None = None, verbose: bool = True,
+            callback: Callable[[np.ndarray, StepRecord], bool | None] | None = None,
+            file: TextIO | None = None) -> tuple[np.ndarray, list[StepRecord]]:
         """Run ``n_iterations`` Newton-CG iterations; return ``(theta, history)``.
 
         Prints one line per iteration when ``verbose`` (to ``file``, default
@@ -307,10 +324,8 @@ class NewtonCG:
                 print("interrupted: returning the last accepted parameters", file=out)
         return theta, history
 
-    def evaluate(self, theta, data):
+    def evaluate(self, theta: npt.ArrayLike, data: Data) -> float:
         """Accuracy for CrossEntropyLoss, else the loss value, on ``data``."""
-        from .losses import CrossEntropyLoss
-
         batches = data if hasattr(data, "batches") else as_batches(
             self.model, self.loss, data, np.asarray(theta).dtype)
         if isinstance(self.loss, CrossEntropyLoss):

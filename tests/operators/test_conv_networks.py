@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from conftest import RTOL, make_data
+from conftest import CONV_CASES, RTOL, ConvCase
 from numpy.testing import assert_array_equal
 
 import ghess
@@ -16,49 +16,6 @@ from ghess.testing import (
 )
 
 G = ghess
-
-CONV_CASES = {
-    "conv-relu-maxpool-ce": (
-        lambda: G.Sequential(G.Conv2d(2, 3, 3, padding=1), G.ReLU(), G.MaxPool2d(2), G.Flatten(),
-                             G.Linear(27, 4), input_shape=(2, 6, 6)),
-        lambda: G.CrossEntropyLoss()),
-    "conv-odd-shapes-mse": (
-        lambda: G.Sequential(G.Conv2d(1, 2, (3, 2), stride=2, padding=2, dilation=(1, 2)),
-                             G.Tanh(), G.AvgPool2d(2, padding=1), G.Conv2d(2, 3, 1, bias=False),
-                             G.Sigmoid(), G.Flatten(), G.Linear(27, 3), input_shape=(1, 7, 8)),
-        lambda: G.MSELoss()),
-    "conv-stride-avgpool-bce": (
-        lambda: G.Sequential(G.Conv2d(3, 4, 3, stride=2), G.Softplus(), G.AvgPool2d((2, 1)),
-                             G.Flatten(), G.Linear(4 * 1 * 3, 2), input_shape=(3, 7, 7)),
-        lambda: G.BCEWithLogitsLoss()),
-    "conv-single-channel-pad2-sum": (
-        lambda: G.Sequential(G.Conv2d(1, 1, 2), G.LeakyReLU(0.1),
-                             G.MaxPool2d(3, stride=1, padding=1),
-                             G.Conv2d(1, 2, 2, padding=2), G.Tanh(), G.Flatten(),
-                             G.Linear(2 * 6 * 6, 3), input_shape=(1, 4, 4)),
-        lambda: G.CrossEntropyLoss(reduction="sum")),
-    # tanh then max-pooling: fused for first-order paths, not in the Hessian (f'' != 0);
-    # ReLU then max-pooling before a convolution: fused in the Hessian too
-    "conv-tanh-maxpool-relu-maxpool-ce": (
-        lambda: G.Sequential(G.Conv2d(1, 3, 3, padding=1), G.Tanh(), G.MaxPool2d(2),
-                             G.Conv2d(3, 2, 3, padding=1), G.ReLU(), G.MaxPool2d(2, stride=1),
-                             G.Flatten(), G.Linear(2 * 3 * 3, 3), input_shape=(1, 8, 8)),
-        lambda: G.CrossEntropyLoss()),
-    "conv-linear-in-theta-mse": (
-        lambda: G.Sequential(G.Conv2d(2, 2, 3, padding=1), G.Flatten(), input_shape=(2, 3, 3)),
-        lambda: G.MSELoss(reduction="sum")),
-}
-
-
-class ConvCase:
-    def __init__(self, name, dtype=np.float64, n_samples=5, seed=0):
-        make_model, make_loss = CONV_CASES[name]
-        self.model, self.loss = make_model(), make_loss()
-        rng = np.random.default_rng(seed)
-        self.theta = self.model.init_params(seed=seed, dtype=dtype) * dtype(2.0)
-        self.X, self.y = make_data(self.loss, n_samples, self.model, rng, dtype)
-        self.data = (self.X, self.y)
-
 
 @pytest.fixture(params=sorted(CONV_CASES), ids=lambda n: f"case={n}")
 def ccase(request):
@@ -161,16 +118,17 @@ def test_hessian_trace_fuses_only_curvature_free_activation_pooling():
     keeps dL/d(output) only where a step's R-backward reads it.
     """
     from ghess import _engine
+    from ghess._engine.plan import path_steps
 
     c = ConvCase("conv-tanh-maxpool-relu-maxpool-ce", n_samples=6)
     kinds = [type(layer).__name__ for layer in c.model.layers]
     assert kinds == ["Conv2d", "Tanh", "MaxPool2d", "Conv2d", "ReLU", "MaxPool2d", "Flatten",
                      "Linear"]
-    steps = [(type(step).__name__, indices) for step, indices in _engine.hessian_steps(c.model)]
+    steps = [(type(step).__name__, indices) for step, indices in _engine.plan_for(c.model, 8).hessian_steps]
     assert steps == [("Conv2d", (0,)), ("Tanh", (1,)), ("MaxPool2d", (2,)), ("Conv2d", (3,)),
                      ("ActivationMaxPool", (4, 5)), ("Flatten", (6,)), ("Linear", (7,))]
     # first-order factor paths fuse both pairs
-    path = _engine.path_steps(c.model, (1, 2))
+    path = path_steps(c.model, (1, 2))
     assert [type(step).__name__ for step, _ in path] == ["ActivationMaxPool"]
 
     H = G.HessianLinearOperator(c.model, c.loss, c.theta, c.data, mode="stored")
@@ -180,7 +138,7 @@ def test_hessian_trace_fuses_only_curvature_free_activation_pooling():
     assert [g is not None for g in trace.grads] == [True, True, False, True, False, False,
                                                      False, True]
     # f' at the argmax: what the unfused ReLU and pool would have applied
-    ctxs, _ = _engine.forward_chunk(c.model, c.model.layer_params(c.theta), c.X, 2, 1)
+    ctxs, _ = c.model.forward_chunk(c.model.layer_params(c.theta), c.X, 2, 1)
     argmax = ctxs[5]["argmax"]
     np.testing.assert_array_equal(trace.ctxs[4]["argmax"], argmax)
     np.testing.assert_array_equal(trace.ctxs[4]["gain"],
@@ -208,9 +166,7 @@ def test_memory_required_is_what_is_held(case_name):
 
 def activation_pattern(model, theta, X):
     """ReLU signs and max-pool argmaxes: where the network is not smooth."""
-    from ghess import _engine
-
-    ctxs, _ = _engine.forward_chunk(model, model.layer_params(theta), X, 1, 1)
+    ctxs, _ = model.forward_chunk(model.layer_params(theta), X, 1, 1)
     return [ctx["d1"].copy() if isinstance(layer, (G.ReLU, G.LeakyReLU)) else ctx["argmax"]
             for layer, ctx in zip(model.layers, ctxs)
             if isinstance(layer, (G.ReLU, G.LeakyReLU, G.MaxPool2d))]

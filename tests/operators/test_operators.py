@@ -1,5 +1,7 @@
 """GGN, Hessian and Jacobian operators against the pure-NumPy reference."""
 
+import threading
+
 import numpy as np
 import pytest
 from conftest import RTOL, Case
@@ -351,13 +353,83 @@ def test_default_chunk_is_larger_without_convolutions():
     want small chunks.
     """
     from ghess import _engine
-    from ghess._base import CHUNK_BYTES, default_chunk_size
+    from ghess._engine.plan import CHUNK_BYTES
 
     dense = ghess.Sequential(ghess.Linear(784, 512), ghess.ReLU(), ghess.Linear(512, 10),
                              input_shape=(784,))
-    per_sample = _engine.working_bytes_per_sample(dense, 8, 1)
-    assert default_chunk_size(dense, 8) == 2 * CHUNK_BYTES // per_sample
+    per_sample = _engine.plan_for(dense, 8).working_bytes(1)
+    assert _engine.plan_for(dense, 8).chunk_size() == 2 * CHUNK_BYTES // per_sample
     conv = ghess.Sequential(ghess.Conv2d(3, 8, 3), ghess.ReLU(), ghess.Flatten(),
                             ghess.Linear(8 * 30 * 30, 10), input_shape=(3, 32, 32))
-    per_sample = _engine.working_bytes_per_sample(conv, 8, 1)
-    assert default_chunk_size(conv, 8) == CHUNK_BYTES // per_sample
+    per_sample = _engine.plan_for(conv, 8).working_bytes(1)
+    assert _engine.plan_for(conv, 8).chunk_size() == CHUNK_BYTES // per_sample
+
+
+# -- regressions: defects found in review, each once a wrong or unclear result --
+
+
+@pytest.mark.parametrize("mode", ["stored", "recompute"])
+def test_operators_own_their_data(mode):
+    """Writing the next minibatch into the caller's buffer must not change an operator."""
+    c = Case("tanh-ce", n_samples=20)
+    X, y = c.X.copy(), c.y.copy()
+    v = np.random.default_rng(0).normal(size=c.model.n_params)
+    ops = [cls(c.model, c.loss, c.theta, (X, y), mode=mode)
+           for cls in (ghess.GGNLinearOperator, ghess.HessianLinearOperator)]
+    J = ghess.JacobianLinearOperator(c.model, c.theta, X, mode=mode)
+    before = [op @ v for op in ops] + [J @ v]
+    X[:] = np.random.default_rng(1).normal(size=X.shape)
+    y[:] = (y + 1) % 3
+    after = [op @ v for op in ops] + [J @ v]
+    for b, a in zip(before, after):
+        assert_array_equal(a, b)
+
+
+def test_concurrent_products_keep_blas_threads_and_bits():
+    from threadpoolctl import threadpool_info
+
+    def blas_threads():
+        return sorted(i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas")
+
+    c = Case("sigmoid-mse", n_samples=200)
+    H = ghess.HessianLinearOperator(c.model, c.loss, c.theta, c.data, mode="recompute")
+    v = np.ones(H.shape[0])
+    reference = H @ v
+    before = blas_threads()
+    results = []
+
+    def work():
+        for _ in range(5):
+            results.append(H @ v)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert blas_threads() == before
+    for r in results:
+        assert_array_equal(r, reference)
+
+
+def test_jacobian_adjoint_batched_and_clear_errors():
+    c = Case("tanh-ce", n_samples=5)
+    J = ghess.JacobianLinearOperator(c.model, c.theta, c.X)
+    W = np.random.default_rng(0).normal(size=(4, J.shape[0]))
+    assert_allclose(J.T.matvec(W), J.rmatvec(W), rtol=1e-14)
+    assert J.T.T is J and J.H.H is J
+    with pytest.raises(ValueError, match=rf"vector must have shape \({J.shape[0]},\).*got"):
+        J.T @ np.ones(J.shape[0] + 1)
+    G = ghess.GGNLinearOperator(c.model, c.loss, c.theta, c.data)
+    with pytest.raises(ValueError, match=rf"vector must have shape \({G.shape[0]},\)"):
+        G @ np.ones(G.shape[0] + 1)
+    assert J.todense().shape == J.shape
+    assert J.memory_bytes == ghess.JacobianLinearOperator.memory_required(c.model, c.X)
+
+
+def test_memory_required_recompute_uses_the_operators_chunk_and_directions():
+    c = Case("tanh-ce", n_samples=50)
+    one = ghess.HessianLinearOperator.memory_required(c.model, c.data, "recompute")
+    sixteen = ghess.HessianLinearOperator.memory_required(c.model, c.data, "recompute",
+                                                          n_directions=16)
+    assert sixteen > 4 * one

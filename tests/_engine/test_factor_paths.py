@@ -1,4 +1,4 @@
-"""Stored Jacobian factors taken after the parameter-free layers (``_engine.factor_plan``).
+"""Stored Jacobian factors taken after the parameter-free layers (``ghess._engine.plan.factor_plan``).
 
 A layer's factor D may be stored at the end of the activation/pooling run that
 follows it, where it is smaller; products then push through that run. These
@@ -12,6 +12,7 @@ from conftest import RTOL, make_data
 
 import ghess
 from ghess import _engine
+from ghess._engine.plan import path_steps
 from ghess.testing import assert_allclose_rel, reference_ggn, reference_per_sample_jacobians
 
 # name -> (model factory, {parametrised layer: (factor path, D shared by all samples)})
@@ -69,35 +70,35 @@ def make_case(name, dtype=np.float64, n=7):
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_plan_puts_D_where_it_is_smallest(name):
     model, _, _, _ = make_case(name)
-    plan = _engine.factor_plan(model, 8)
-    assert {i: (path, shared) for i, (path, _, shared) in plan.items()} == MODELS[name][1]
+    plan = _engine.plan_for(model, 8).factors
+    assert {i: (p.layers, p.shared) for i, p in plan.items()} == MODELS[name][1]
     # per-sample Jacobians ask for D at the layer outputs, per sample
-    plain = _engine.factor_plan(model, 8, paths=False)
-    assert all(path == () and not shared for path, _, shared in plain.values())
+    plain = _engine.plan_for(model, 8).dense_factors
+    assert all(p.layers == () and not p.shared for p in plain.values())
 
 
 def test_path_steps_fuse_an_activation_and_the_max_pooling_after_it():
     model, _, _, _ = make_case("conv-tanh-overlapping-pool")
     steps = [(type(step).__name__, indices)
-             for step, indices in _engine.path_steps(model, (1, 2))]
+             for step, indices in path_steps(model, (1, 2))]
     assert steps == [("ActivationMaxPool", (1, 2))]
     steps = [(type(step).__name__, indices)
-             for step, indices in _engine.path_steps(model, (4, 5, 6))]
+             for step, indices in path_steps(model, (4, 5, 6))]
     assert steps == [("MaxPool2d", (4,)), ("ReLU", (5,)), ("Flatten", (6,))]
 
 
 def test_pooled_factor_bytes():
     model, _, _, _ = make_case("conv-relu-maxpool")
     K, itemsize, intp = 3, 8, np.dtype(np.intp).itemsize
-    plan = _engine.factor_plan(model, itemsize)
+    plan = _engine.plan_for(model, itemsize).factors
     # layer 0: D at the pooled 3x2x2 output; ReLU and max-pooling are one path step,
     # which keeps the argmax of 3x2x2 and ReLU's f' there
-    assert plan[0][1] == K * 12 * itemsize + 12 * (itemsize + intp)
-    assert plan[0][1] < K * 48 * itemsize  # D at the conv output
+    assert plan[0].bytes == K * 12 * itemsize + 12 * (itemsize + intp)
+    assert plan[0].bytes < K * 48 * itemsize  # D at the conv output
     # layer 3: D at the flattened 4x1x1 input of the last Linear is its weight: only
     # the argmax of 4x1x1 and f' there are kept per sample
-    assert plan[3][1] == 4 * (itemsize + intp)
-    assert plan[7][1] == 0  # the output layer's D is the identity
+    assert plan[3].bytes == 4 * (itemsize + intp)
+    assert plan[7].bytes == 0  # the output layer's D is the identity
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
@@ -138,7 +139,7 @@ def test_dense_jacobians_from_path_factors(name):
     # to the same Jacobians (the path is pulled back first)
     model, _, theta, (X, _) = make_case(name)
     lparams = model.layer_params(theta)
-    ctxs, _ = _engine.forward_chunk(model, lparams, X, 1, 1)
+    ctxs, _ = model.forward_chunk(lparams, X, 1, 1)
     J = np.zeros((X.shape[0], model.n_outputs, model.n_params))
     for paths in (True, False):
         factors = _engine.jacobian_factors(model, lparams, ctxs, X.shape[0], theta.dtype, 1,

@@ -1,7 +1,7 @@
 """The exact Hessian operator (Pearlmutter's R-operator)."""
 
-from . import _engine
-from ._base import CurvatureOperator
+from .. import _engine
+from .base import CurvatureOperator
 
 __all__ = ["HessianLinearOperator"]
 
@@ -40,25 +40,16 @@ class HessianLinearOperator(CurvatureOperator):
     """
 
     @staticmethod
-    def _stored_bytes_per_sample(model, itemsize):
-        return _engine.gradient_trace_bytes_per_sample(model, itemsize)
+    def _stored_bytes_per_sample(plan):
+        return plan.trace_bytes
 
-    def _trace(self, X, y):
-        return _engine.gradient_trace(self.model, self._lparams, self.loss, X, y,
-                                      self._scale, self._omp_threads)
+    def _chunk_state(self, X, y):
+        """The chunk's gradient trace: everything of it that does not depend on v."""
+        p = self.problem
+        return _engine.gradient_trace(self.model, p.lparams, self.loss, X, y, p.scale,
+                                      p.omp_threads)
 
-    def _prepare_stored(self):
-        return [self._trace(X, y) for X, y in self.data.chunks(self.chunk_size)]
-
-    def _apply_rows(self, V):
-        model, k, omp = self.model, V.shape[0], self._omp_threads
-        tangents = _engine.prepare_tangents(model, V)
-        out = self._new_output(k)
-        accs = _engine.new_accumulators(model, k, self.dtype, out)
-        traces = (self._stored if self.mode == "stored"
-                  else (self._trace(X, y) for X, y in self.data.chunks(self.chunk_size)))
-        for trace in traces:
-            _engine.hvp_chunk(model, self._lparams, self.loss, tangents, trace, self._scale,
-                              accs, k, omp)
-        _engine.accumulators_to_flat(model, accs, out)
-        return out
+    def _chunk_product(self, trace, tangents, accs, k):
+        p = self.problem
+        _engine.hvp_chunk(self.model, p.lparams, self.loss, tangents, trace, p.scale, accs, k,
+                          p.omp_threads)

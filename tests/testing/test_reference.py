@@ -60,7 +60,7 @@ def _inputs_away_from_kinks(model, theta, kinks, n_samples, rng):
     X = rng.normal(size=(50 * n_samples,) + model.input_shape)
     keep = np.ones(X.shape[0], dtype=bool)
     for i, layer in enumerate(model.layers):
-        if kinks and isinstance(layer, ghess.layers.Activation):
+        if kinks and isinstance(layer, ghess.nn.Activation):
             s = _pre_activations(model, theta, X, i)
             for kink in kinks:
                 keep &= np.all(np.abs(s - kink) > KINK_MARGIN, axis=1)
@@ -464,7 +464,7 @@ def test_reference_rejects_bad_inputs():
     with pytest.raises(ValueError, match="integer labels"):
         testing.reference_loss(c.model, c.loss, c.theta, (c.X, c.y.astype(float)))
 
-    class Unknown(ghess.layers.Activation):
+    class Unknown(ghess.nn.Activation):
         pass
 
     model = ghess.Sequential(ghess.Linear(3, 2), Unknown(), input_shape=(3,))

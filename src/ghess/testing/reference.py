@@ -1,56 +1,28 @@
-"""Pure-NumPy reference implementations and finite-difference checkers.
+"""The pure-NumPy reference: forward, loss, gradient, Jacobians, GGN and Hessian.
 
-Everything here is slow and written to be obviously correct: one sample at a
-time, one layer at a time, in float64, with the mathematics spelled out. It is
-deliberately independent of the fast engine: it reads only the *specs* of the
-model (``model.layers``, ``model.param_slots``, ``model.unflatten``) and of the
-loss (its type and ``reduction``), never the Cython kernels or the operators.
-Use it to test the fast path, and for small problems where speed does not
-matter.
-
-Notation: sample ``n`` has input ``x_n`` and network output ``z_n`` (K,); the
-loss is ``L = c * sum_n l(z_n, y_n)`` with ``c = 1`` for ``reduction="sum"``
-and ``c = 1/(N K)`` (MSE, BCE) or ``1/N`` (cross-entropy) for ``"mean"``,
-where N counts the samples of all batches together. ``r_n = c dl/dz_n`` and
-``B_n = c d^2l/dz_n^2``; ``J_n = dz_n/dtheta`` (K, n_params).
-
-- forward / loss / gradient: per-sample forward pass and plain backprop;
-- per-sample Jacobians: back-propagate each output unit vector e_k;
-- GGN: ``sum_n J_n^T B_n J_n`` built densely;
-- Hessian: exact, one column per parameter direction e_j by Pearlmutter's
-  R-operator (forward-mode differentiation of the backprop of one sample);
-- finite differences: central, 2nd or 4th order, for scalar, vector and
-  gradient functions.
-
-Layers: ``Linear``, the elementwise activations, and the convolutional layers
-``Conv2d``, ``MaxPool2d``, ``AvgPool2d`` and ``Flatten`` (PyTorch semantics).
-Activations keep their per-sample shape (``model.shapes[i]``): ``(C, H, W)``
-between convolutional layers, so inputs are ``(N, *model.input_shape)``. The
-convolution and the poolings are direct sums over kernel offsets (no im2col);
-max-pooling routes every derivative, and every R{.} quantity, to the first
-maximum of its window in row-major order, as PyTorch does.
-
-Examples
---------
->>> import numpy as np
->>> import ghess
->>> from ghess import testing
->>> model = ghess.Sequential(ghess.Linear(3, 2), ghess.Tanh(), ghess.Linear(2, 2),
-...                          input_shape=(3,))
->>> theta = model.init_params(seed=0)
->>> X = np.ones((4, 3)); y = np.array([0, 1, 1, 0])
->>> value, grad = testing.reference_loss_and_grad(model, ghess.CrossEntropyLoss(), theta,
-...                                              (X, y))
->>> fd = testing.finite_difference_gradient(
-...     lambda t: testing.reference_loss(model, ghess.CrossEntropyLoss(), t, (X, y)), theta)
->>> testing.assert_allclose_rel(grad, fd, rtol=1e-8)
+Slow and written to be obviously correct: one sample at a time, one layer at a
+time, in float64, independent of the fast engine (see ``ghess.testing``).
 """
+
 
 import numpy as np
 
-from .conv import AvgPool2d, Conv2d, Flatten, MaxPool2d
-from .layers import Identity, LeakyReLU, Linear, ReLU, Sigmoid, Softplus, Tanh
-from .losses import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
+from ..nn import (
+    AvgPool2d,
+    BCEWithLogitsLoss,
+    Conv2d,
+    CrossEntropyLoss,
+    Flatten,
+    Identity,
+    LeakyReLU,
+    Linear,
+    MaxPool2d,
+    MSELoss,
+    ReLU,
+    Sigmoid,
+    Softplus,
+    Tanh,
+)
 
 __all__ = [
     "reference_forward",
@@ -61,11 +33,7 @@ __all__ = [
     "reference_hessian",
     "reference_ggn_matvec",
     "reference_hessian_matvec",
-    "finite_difference_gradient",
-    "finite_difference_jvp",
-    "finite_difference_hvp",
-    "assert_allclose_rel",
-    "torch_sequential",
+    "register_reference_activation",
 ]
 
 
@@ -131,8 +99,24 @@ def _sigmoid_parts(x):
     return np.exp(-np.logaddexp(0.0, -x)), np.exp(-np.logaddexp(0.0, x))
 
 
+#: activations defined outside ghess: ``{layer class: fn(layer, s) -> (f, f', f'')}``
+_REGISTERED_ACTIVATIONS = {}
+
+
+def register_reference_activation(layer_type, fn):
+    """Teach the reference an elementwise activation defined outside ghess.
+
+    ``fn(layer, s)`` returns ``f(s), f'(s), f''(s)`` for a float64 array ``s``,
+    written independently of the layer's own code (the point of a reference).
+    """
+    _REGISTERED_ACTIVATIONS[layer_type] = fn
+
+
 def _activation(layer, s):
     """Return ``f(s), f'(s), f''(s)`` for an activation layer."""
+    registered = _REGISTERED_ACTIVATIONS.get(type(layer))
+    if registered is not None:
+        return registered(layer, s)
     if isinstance(layer, Identity):
         return s.copy(), np.ones_like(s), np.zeros_like(s)
     if isinstance(layer, LeakyReLU):
@@ -762,165 +746,3 @@ def reference_hessian_matvec(model, loss, theta, data, v):
         r_inputs, rz = _r_forward(model, params, vp, caches)
         _r_backward(model, params, vp, caches, r_inputs, g, apply_B(rz), out)
     return out
-
-
-# ---------------------------------------------------------------------------
-# Finite differences
-# ---------------------------------------------------------------------------
-def _stencil(order):
-    """Central-difference (offsets, weights): f'(0) ~ sum_i w_i f(o_i eps) / eps."""
-    if order == 2:
-        return (1.0, -1.0), (0.5, -0.5)
-    if order == 4:
-        return (2.0, 1.0, -1.0, -2.0), (-1.0 / 12, 8.0 / 12, -8.0 / 12, 1.0 / 12)
-    raise ValueError(f"order must be 2 or 4, got {order!r}")
-
-
-def finite_difference_jvp(fn, theta, v, eps=1e-5, order=4):
-    """Directional derivative of ``fn`` at ``theta`` along ``v`` by central differences.
-
-    Parameters
-    ----------
-    fn : callable
-        ``fn(theta)`` returns a scalar or an array.
-    theta, v : array_like of shape (n,)
-    eps : float, default=1e-5
-        Step along ``v``.
-    order : {2, 4}, default=4
-        Order of accuracy: 2 uses ``(f(t+eps v) - f(t-eps v)) / (2 eps)``, 4 the
-        five-point stencil.
-
-    Returns
-    -------
-    jvp : ndarray of fn's output shape, float64
-    """
-    theta = np.asarray(theta, dtype=np.float64)
-    v = np.asarray(v, dtype=np.float64)
-    if v.shape != theta.shape:
-        raise ValueError(f"v must have theta's shape {theta.shape}, got {v.shape}")
-    offsets, weights = _stencil(order)
-    total = 0.0
-    for o, w in zip(offsets, weights):
-        total = total + w * np.asarray(fn(theta + (o * eps) * v), dtype=np.float64)
-    return total / eps
-
-
-def finite_difference_gradient(f, theta, eps=1e-5, order=4):
-    """Gradient of a scalar function by central differences, one coordinate at a time.
-
-    Parameters
-    ----------
-    f : callable
-        ``f(theta)`` returns a float.
-    theta : array_like of shape (n,)
-    eps : float, default=1e-5
-    order : {2, 4}, default=4
-
-    Returns
-    -------
-    grad : ndarray of shape (n,), float64
-    """
-    theta = np.asarray(theta, dtype=np.float64)
-    _stencil(order)  # validate before any work
-    grad = np.empty(theta.shape[0])
-    for j in range(theta.shape[0]):
-        e_j = np.zeros_like(theta)
-        e_j[j] = 1.0
-        grad[j] = finite_difference_jvp(f, theta, e_j, eps=eps, order=order)
-    return grad
-
-
-def finite_difference_hvp(grad_fn, theta, v, eps=1e-5, order=2):
-    """Hessian-vector product by central differences of the gradient.
-
-    ``(grad_fn(theta + eps v) - grad_fn(theta - eps v)) / (2 eps)`` for
-    ``order=2``; the five-point stencil for ``order=4``.
-
-    Parameters
-    ----------
-    grad_fn : callable
-        ``grad_fn(theta)`` returns the gradient, shape (n,).
-    theta, v : array_like of shape (n,)
-    eps : float, default=1e-5
-    order : {2, 4}, default=2
-
-    Returns
-    -------
-    hvp : ndarray of shape (n,), float64
-    """
-    return finite_difference_jvp(grad_fn, theta, v, eps=eps, order=order)
-
-
-# ---------------------------------------------------------------------------
-# Assertions
-# ---------------------------------------------------------------------------
-def assert_allclose_rel(actual, desired, rtol, err_msg=""):
-    """Assert ``||actual - desired|| <= rtol * max(||desired||, tiny)`` (Frobenius norms).
-
-    A norm-wise relative check: unlike ``numpy.testing.assert_allclose`` it does
-    not fail on entries that are tiny next to the rest of the array.
-
-    Parameters
-    ----------
-    actual, desired : array_like of the same shape
-    rtol : float
-    err_msg : str, optional
-        Prepended to the failure message.
-
-    Raises
-    ------
-    AssertionError
-        On a shape mismatch, non-finite values, or a relative error above ``rtol``.
-    """
-    actual = np.asarray(actual, dtype=np.float64)
-    desired = np.asarray(desired, dtype=np.float64)
-    prefix = f"{err_msg}: " if err_msg else ""
-    if actual.shape != desired.shape:
-        raise AssertionError(f"{prefix}shape mismatch: actual {actual.shape}, "
-                             f"desired {desired.shape}")
-    err = np.linalg.norm((actual - desired).ravel())
-    ref = np.linalg.norm(desired.ravel())
-    rel = err / max(ref, np.finfo(np.float64).tiny)
-    if not rel <= rtol:  # also fails on NaN
-        raise AssertionError(f"{prefix}relative error {rel:.3e} exceeds rtol {rtol:.1e} "
-                             f"(||actual - desired|| = {err:.3e}, ||desired|| = {ref:.3e})")
-
-
-def torch_sequential(model, dtype=None, *, params=None):
-    """Build the ``torch.nn.Sequential`` equivalent to a ghess model (needs PyTorch).
-
-    Same layers, same semantics, same parameter order: ``torch.cat([p.reshape(-1)
-    for p in seq.parameters()])`` is ghess's flat theta. With ``params`` (a flat
-    theta) the torch parameters are set to it. ``dtype`` defaults to float64.
-    """
-    import torch
-
-    from .layers import Activation
-
-    modules = []
-    for layer in model.layers:
-        if isinstance(layer, Linear):
-            modules.append(torch.nn.Linear(layer.in_features, layer.out_features,
-                                           bias=layer.bias))
-        elif isinstance(layer, Conv2d):
-            modules.append(torch.nn.Conv2d(layer.in_channels, layer.out_channels,
-                                           layer.kernel_size, stride=layer.stride,
-                                           padding=layer.padding, dilation=layer.dilation,
-                                           bias=layer.bias))
-        elif isinstance(layer, (MaxPool2d, AvgPool2d)):
-            # AvgPool2d: PyTorch's default count_include_pad=True, as ghess
-            modules.append(getattr(torch.nn, type(layer).__name__)(
-                layer.kernel_size, stride=layer.stride, padding=layer.padding))
-        elif isinstance(layer, LeakyReLU):
-            modules.append(torch.nn.LeakyReLU(layer.negative_slope))
-        elif isinstance(layer, Softplus):
-            modules.append(torch.nn.Softplus(layer.beta, layer.threshold))
-        elif isinstance(layer, (Activation, Flatten)):
-            modules.append(getattr(torch.nn, type(layer).__name__)())
-        else:
-            raise TypeError(f"torch_sequential: no PyTorch equivalent for {layer!r}")
-    seq = torch.nn.Sequential(*modules).to(torch.float64 if dtype is None else dtype)
-    if params is not None:
-        flat = torch.as_tensor(np.asarray(params), dtype=next(seq.parameters()).dtype)
-        torch.nn.utils.vector_to_parameters(flat, seq.parameters())
-    return seq

@@ -5,15 +5,23 @@ The parameters are ONE flat 1-D array ``theta``, laid out exactly as
 ``torch.nn.Sequential``: layer by layer, weight then bias, C order.
 """
 
+from __future__ import annotations
+
 import copy
 import numbers
+from collections.abc import Mapping, Sequence
 
 import numpy as np
+import numpy.typing as npt
 
-from ._validation import as_float_array, check_params, compute_dtype
-from .layers import Layer
+from .._config import computing, resolve_n_threads
+from .._validation import as_float_array, check_n_threads, check_params, compute_dtype
+from .base import Layer
 
-__all__ = ["Sequential"]
+__all__ = ["Sequential", "ParamSlot"]
+
+#: samples per chunk of ``Sequential.forward`` (outputs only: no per-layer contexts kept)
+FORWARD_CHUNK = 4096
 
 
 class ParamSlot:
@@ -21,7 +29,8 @@ class ParamSlot:
 
     __slots__ = ("name", "layer_index", "attr", "shape", "start", "stop")
 
-    def __init__(self, name, layer_index, attr, shape, start):
+    def __init__(self, name: str, layer_index: int, attr: str, shape: Sequence[int],
+                 start: int) -> None:
         self.name = name
         self.layer_index = layer_index
         self.attr = attr
@@ -30,7 +39,7 @@ class ParamSlot:
         self.stop = start + int(np.prod(shape))
 
     @property
-    def size(self):
+    def size(self) -> int:
         """Number of scalars."""
         return self.stop - self.start
 
@@ -68,7 +77,7 @@ class Sequential:
     ['0.weight', '0.bias', '2.weight', '2.bias']
     """
 
-    def __init__(self, *layers, input_shape):
+    def __init__(self, *layers: Layer, input_shape: int | tuple[int, ...] | list[int]) -> None:
         if len(layers) == 1 and isinstance(layers[0], (list, tuple)):
             layers = tuple(layers[0])
         if not layers:
@@ -96,7 +105,8 @@ class Sequential:
         shapes = [input_shape]
         slots = {}
         offset = 0
-        self._layer_slots = []
+        #: per layer, the ParamSlots of its parameters (empty for parameter-free layers)
+        self.layer_slots = []
         for i, layer in enumerate(self.layers):
             try:
                 out_shape = layer.output_shape(shapes[-1])
@@ -108,7 +118,7 @@ class Sequential:
                 offset = slot.stop
                 slots[slot.name] = slot
                 layer_slots.append(slot)
-            self._layer_slots.append(layer_slots)
+            self.layer_slots.append(layer_slots)
             shapes.append(tuple(out_shape))
         self.shapes = tuple(shapes)
         if len(shapes[-1]) != 1:
@@ -124,14 +134,15 @@ class Sequential:
         return f"Sequential(\n    {inner},\n    input_shape={self.input_shape})"
 
     # -- parameters -------------------------------------------------------
-    def layer_range(self, index):
+    def layer_range(self, index: int) -> tuple[int, int]:
         """(start, stop) of layer ``index``'s parameters in theta."""
-        slots = self._layer_slots[index]
+        slots = self.layer_slots[index]
         if not slots:
             return (0, 0)
         return (slots[0].start, slots[-1].stop)
 
-    def init_params(self, seed=0, dtype=np.float64):
+    def init_params(self, seed: int | np.random.Generator = 0,
+                    dtype: npt.DTypeLike = np.float64) -> np.ndarray:
         """PyTorch's default initialisation, drawn from ``numpy.random.default_rng(seed)``.
 
         Returns
@@ -145,11 +156,11 @@ class Sequential:
         theta = np.empty(self.n_params, dtype=dtype)
         for i, layer in enumerate(self.layers):
             values = layer.init_params(self.shapes[i], rng, dtype)
-            for slot in self._layer_slots[i]:
+            for slot in self.layer_slots[i]:
                 theta[slot.start:slot.stop] = values[slot.attr].reshape(-1)
         return theta
 
-    def unflatten(self, theta):
+    def unflatten(self, theta: npt.ArrayLike) -> dict[str, np.ndarray]:
         """Return views of ``theta`` keyed like ``nn.Sequential.state_dict()``.
 
         Writing into a view writes into ``theta``.
@@ -161,7 +172,7 @@ class Sequential:
         return {name: theta[s.start:s.stop].reshape(s.shape) for name, s in
                 self.param_slots.items()}
 
-    def flatten(self, params):
+    def flatten(self, params: Mapping[str, npt.ArrayLike]) -> np.ndarray:
         """Inverse of :meth:`unflatten`: a dict of arrays to one flat theta."""
         missing = set(self.param_slots) - set(params)
         extra = set(params) - set(self.param_slots)
@@ -182,13 +193,14 @@ class Sequential:
             theta[slot.start:slot.stop] = value.reshape(-1)
         return theta
 
-    def layer_params(self, theta):
+    def layer_params(self, theta: np.ndarray) -> list[dict[str, np.ndarray]]:
         """Per layer, a dict ``{attr: view}`` of theta (the engine's form)."""
         return [{s.attr: theta[s.start:s.stop].reshape(s.shape) for s in slots}
-                for slots in self._layer_slots]
+                for slots in self.layer_slots]
 
     # -- inputs -----------------------------------------------------------
-    def check_inputs(self, X, dtype, name="X"):
+    def check_inputs(self, X: npt.ArrayLike, dtype: npt.DTypeLike,
+                     name: str = "X") -> np.ndarray:
         """Validate inputs (N, *input_shape); return them contiguous in ``dtype``."""
         X = as_float_array(X, name, dtype=dtype)
         expected = (X.shape[0] if X.ndim else 0,) + self.input_shape
@@ -199,10 +211,31 @@ class Sequential:
             raise ValueError(f"{name} is empty: got 0 samples")
         return X
 
-    def forward(self, theta, X, *, n_threads=None):
+    def forward(self, theta: npt.ArrayLike, X: npt.ArrayLike, *,
+                n_threads: int | None = None) -> np.ndarray:
         """Network outputs z of shape (N, K), computed in theta's dtype."""
-        from . import _engine
-
         theta = check_params(theta, self.n_params)
         X = self.check_inputs(X, theta.dtype)
-        return _engine.forward_outputs(self, theta, X, n_threads)
+        lparams = self.layer_params(theta)
+        out = np.empty((X.shape[0], self.n_outputs), dtype=theta.dtype)
+        omp = resolve_n_threads(check_n_threads(n_threads))
+        with computing():
+            for start in range(0, X.shape[0], FORWARD_CHUNK):
+                _, z = self.forward_chunk(lparams, X[start:start + FORWARD_CHUNK], 0, omp)
+                out[start:start + z.shape[0]] = z
+        return out
+
+    def forward_chunk(self, lparams: Sequence[dict[str, np.ndarray]], X: np.ndarray, need: int,
+                      n_threads: int) -> tuple[list[dict], np.ndarray]:
+        """Forward pass of one chunk: outputs (n, K) and each layer's context.
+
+        ``need`` = 0 (outputs), 1 (+ what first-order passes read), 2 (+ f'').
+        Activations are kept flat per sample (C order).
+        """
+        ctxs = []
+        x = X.reshape(X.shape[0], -1)
+        for layer, params in zip(self.layers, lparams):
+            ctx = {}
+            x = layer.forward(params, x, ctx, need, n_threads)
+            ctxs.append(ctx)
+        return ctxs, x

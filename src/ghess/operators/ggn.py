@@ -2,8 +2,8 @@
 
 import numpy as np
 
-from . import _engine
-from ._base import CurvatureOperator
+from .. import _engine
+from .base import CurvatureOperator
 
 __all__ = ["GGNLinearOperator"]
 
@@ -69,36 +69,38 @@ class GGNLinearOperator(CurvatureOperator):
     """
 
     @staticmethod
-    def _stored_bytes_per_sample(model, itemsize):
-        return _engine.stored_factor_bytes_per_sample(model, itemsize)
+    def _stored_bytes_per_sample(plan):
+        return plan.stored_factor_bytes
 
-    def _prepare_stored(self):
-        stored = []
-        for X, y in self.data.chunks(self.chunk_size):
-            ctxs, z = _engine.forward_chunk(self.model, self._lparams, X, 1, self._omp_threads)
-            _, _, state = self.loss.value_grad(z, y, self._scale, self._omp_threads)
-            factors = _engine.jacobian_factors(self.model, self._lparams, ctxs, X.shape[0],
-                                               self.dtype, self._omp_threads)
-            factors.loss_state = state
-            stored.append(factors)
-        return stored
+    def _chunk_state(self, X, y):
+        """The chunk's stored factors, with the loss state B needs."""
+        forward = self._recompute_state(X, y)
+        return self._jacobian_factors(X, forward.ctxs, forward.loss_state)
 
-    def _apply_rows(self, V):
-        model, k, omp = self.model, V.shape[0], self._omp_threads
-        tangents = _engine.prepare_tangents(model, V)
-        out = self._new_output(k)
-        accs = _engine.new_accumulators(model, k, self.dtype, out)
-        if self.mode == "stored":
-            for factors in self._stored:
-                _engine.factor_ggn(model, self._lparams, self.loss, self._scale, tangents,
-                                   factors, accs, k, omp)
+    def _recompute_state(self, X, y):
+        """The chunk's forward contexts and loss state: the passes are cheaper than factors."""
+        p = self.problem
+        ctxs, z = self.model.forward_chunk(p.lparams, X, 1, p.omp_threads)
+        _, _, state = self.loss.value_grad(z, y, p.scale, p.omp_threads)
+        return _ForwardState(ctxs, state)
+
+    def _chunk_product(self, state, tangents, accs, k):
+        p, model = self.problem, self.model
+        if isinstance(state, _ForwardState):  # J v, B J v, J^T B J v by passes
+            Jv = _engine.jvp_chunk(model, p.lparams, tangents, state.ctxs, k, p.omp_threads)
+            u = np.empty_like(Jv)
+            self.loss.hessian_apply(state.loss_state, Jv, p.scale, u, p.omp_threads)
+            _engine.vjp_chunk(model, p.lparams, state.ctxs, u, accs, p.omp_threads)
         else:
-            for X, y in self.data.chunks(self.chunk_size):
-                ctxs, z = _engine.forward_chunk(model, self._lparams, X, 1, omp)
-                _, _, state = self.loss.value_grad(z, y, self._scale, omp)
-                Jv = _engine.jvp_chunk(model, self._lparams, tangents, ctxs, k, omp)
-                u = np.empty_like(Jv)
-                self.loss.hessian_apply(state, Jv, self._scale, u, omp)
-                _engine.vjp_chunk(model, self._lparams, ctxs, u, accs, omp)
-        _engine.accumulators_to_flat(model, accs, out)
-        return out
+            _engine.factor_ggn(model, p.lparams, self.loss, p.scale, tangents, state, accs, k,
+                               p.omp_threads)
+
+
+class _ForwardState:
+    """A chunk's forward contexts and loss state (recompute mode)."""
+
+    __slots__ = ("ctxs", "loss_state")
+
+    def __init__(self, ctxs, loss_state):
+        self.ctxs = ctxs
+        self.loss_state = loss_state

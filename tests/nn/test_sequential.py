@@ -78,13 +78,26 @@ def test_layer_arguments_are_checked():
 
 
 def test_installed_modules_are_all_present():
-    """Every module must be listed in meson.build, or the wheel silently lacks it."""
-    import importlib
+    """Every module must be listed in meson.build, or the wheel silently lacks it.
 
-    for name in ("_base", "_blas", "_config", "_data", "_engine", "_kernels", "_validation",
-                 "demo", "functional", "ggn", "hessian", "jacobian", "layers", "losses",
-                 "model", "testing"):
-        importlib.import_module(f"ghess.{name}")
+    Imports every module of the source tree from the installed package, and
+    checks the typing marker and the version are installed too.
+    """
+    import importlib.metadata
+    from pathlib import Path
+
+    source = Path(__file__).resolve().parents[1] / "src" / "ghess"
+    names = sorted(
+        ".".join(("ghess",) + path.relative_to(source).with_suffix("").parts)
+        .removesuffix(".__init__")
+        for path in source.rglob("*.py"))
+    assert "ghess.nn.base" in names and "ghess._engine.plan" in names
+    for name in names + ["ghess._version", "ghess._kernels.dense", "ghess._kernels.conv",
+                         "ghess._kernels.blas", "ghess._kernels.alloc"]:
+        importlib.import_module(name)
+    installed = Path(ghess.__file__).parent
+    assert (installed / "py.typed").is_file()
+    assert ghess.__version__ == importlib.metadata.version("ghess")
 
 
 def test_show_config_reports_openmp_and_threads(capsys):

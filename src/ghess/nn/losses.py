@@ -6,17 +6,25 @@ all batches, so a result over several batches equals the result on their
 concatenation.
 """
 
-import numpy as np
+from __future__ import annotations
 
-from . import _kernels
+import abc
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from .._kernels import dense
+from .._kernels.dense import OutputHessianKind
+from .._validation import as_float_array
 
 __all__ = ["Loss", "MSELoss", "CrossEntropyLoss", "BCEWithLogitsLoss"]
 
 
-class Loss:
+class Loss(abc.ABC):
     """Base class: ``reduction`` is ``"mean"`` (default) or ``"sum"``."""
 
-    def __init__(self, reduction="mean"):
+    def __init__(self, reduction: Literal["mean", "sum"] = "mean") -> None:
         if reduction not in ("mean", "sum"):
             raise ValueError(
                 f"{type(self).__name__}: reduction must be 'mean' or 'sum', got {reduction!r}")
@@ -25,26 +33,26 @@ class Loss:
     def __repr__(self):
         return f"{type(self).__name__}(reduction={self.reduction!r})"
 
-    def scale(self, n_samples, n_outputs):
+    def scale(self, n_samples: int, n_outputs: int) -> float:
         """Factor applied to the summed per-sample losses (1 for ``"sum"``)."""
         return 1.0
 
+    @abc.abstractmethod
     def check_targets(self, y, n_samples, n_outputs, dtype):
         """Validate targets and return them converted for the kernels."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def value_grad(self, z, y, scale, n_threads):
         """Return ``(sum of per-sample losses, scale * dl/dz, state for B)``."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def hessian_form(self, state, scale):
         """Return ``(kind, array, factor)``: ``scale * B_i`` is ``factor`` times B of ``kind``.
 
-        ``kind`` is ``_kernels.B_IDENTITY`` (``array`` None), ``B_SOFTMAX``
-        (``array``: the softmax p, (n, K)) or ``B_DIAGONAL`` (``array``: the
-        diagonal, (n, K)); ``state`` is what ``value_grad`` returned.
+        ``kind`` is an ``OutputHessianKind``: ``IDENTITY`` (``array`` None),
+        ``SOFTMAX`` (``array``: the softmax p, (n, K)) or ``DIAGONAL``
+        (``array``: the diagonal, (n, K)); ``state`` is what ``value_grad`` returned.
         """
-        raise NotImplementedError
 
     def hessian_kernel_args(self, state, scale, dtype):
         """``hessian_form`` as the kernels take it: ``(kind, (n, K) or (0, 0) array, factor)``."""
@@ -54,12 +62,10 @@ class Loss:
     def hessian_apply(self, state, x, scale, out, n_threads):
         """``out[i, j] = scale * B_i x[i, j]`` for x of shape (n, k, K)."""
         kind, array, factor = self.hessian_kernel_args(state, scale, x.dtype)
-        _kernels.output_hessian_apply(kind, array, factor, x, out, n_threads)
+        dense.output_hessian_apply(kind, array, factor, x, out, n_threads)
 
-    def __call__(self, outputs, targets):
+    def __call__(self, outputs: npt.ArrayLike, targets: npt.ArrayLike) -> float:
         """Loss of network outputs (N, K) against targets, as a float."""
-        from ._validation import as_float_array
-
         z = as_float_array(outputs, "outputs", ndim=2)
         if z.shape[0] == 0:
             raise ValueError("outputs is empty: got 0 samples")
@@ -69,9 +75,19 @@ class Loss:
         return float(scale * total)
 
 
-def _float_targets(y, n_samples, n_outputs, dtype, owner):
-    from ._validation import as_float_array
+def _value_grad(kernel, z, y, scale, n_threads, with_state=True):
+    """Run a loss kernel: (sum of per-sample losses, scale * dl/dz, its state for B or None).
 
+    The state is the softmax (cross-entropy) or sigma' (BCE) the kernel writes.
+    """
+    losses = np.empty(z.shape[0])
+    r = np.empty_like(z)
+    state = np.empty_like(z) if with_state else None
+    kernel(z, y, scale, losses, r, *(() if state is None else (state,)), n_threads)
+    return float(losses.sum()), r, state
+
+
+def _float_targets(y, n_samples, n_outputs, dtype, owner):
     y = as_float_array(y, "targets", dtype=dtype)
     if y.shape != (n_samples, n_outputs):
         raise ValueError(
@@ -87,20 +103,17 @@ class MSELoss(Loss):
     ``reduction="mean"``. Output-space Hessian :math:`B_n = 2 I` (times the scale).
     """
 
-    def scale(self, n_samples, n_outputs):  # noqa: D102
+    def scale(self, n_samples, n_outputs):
         return 1.0 / (n_samples * n_outputs) if self.reduction == "mean" else 1.0
 
-    def check_targets(self, y, n_samples, n_outputs, dtype):  # noqa: D102
+    def check_targets(self, y, n_samples, n_outputs, dtype):
         return _float_targets(y, n_samples, n_outputs, dtype, "MSELoss")
 
-    def value_grad(self, z, y, scale, n_threads):  # noqa: D102
-        losses = np.empty(z.shape[0])
-        r = np.empty_like(z)
-        _kernels.mse_value_grad(z, y, scale, losses, r, n_threads)
-        return float(losses.sum()), r, None
+    def value_grad(self, z, y, scale, n_threads):
+        return _value_grad(dense.mse_value_grad, z, y, scale, n_threads, with_state=False)
 
-    def hessian_form(self, state, scale):  # noqa: D102
-        return _kernels.B_IDENTITY, None, 2.0 * scale
+    def hessian_form(self, state, scale):
+        return OutputHessianKind.IDENTITY, None, 2.0 * scale
 
 
 class CrossEntropyLoss(Loss):
@@ -111,10 +124,10 @@ class CrossEntropyLoss(Loss):
     with :math:`p_n = \mathrm{softmax}(z_n)`.
     """
 
-    def scale(self, n_samples, n_outputs):  # noqa: D102
+    def scale(self, n_samples, n_outputs):
         return 1.0 / n_samples if self.reduction == "mean" else 1.0
 
-    def check_targets(self, y, n_samples, n_outputs, dtype):  # noqa: D102
+    def check_targets(self, y, n_samples, n_outputs, dtype):
         y = np.asarray(y)
         if y.dtype.kind not in "iu":
             raise TypeError(
@@ -130,15 +143,11 @@ class CrossEntropyLoss(Loss):
                 f"{n_outputs} outputs, got label {bad}")
         return np.ascontiguousarray(y, dtype=np.intp)
 
-    def value_grad(self, z, y, scale, n_threads):  # noqa: D102
-        losses = np.empty(z.shape[0])
-        r = np.empty_like(z)
-        p = np.empty_like(z)
-        _kernels.cross_entropy_value_grad(z, y, scale, losses, r, p, n_threads)
-        return float(losses.sum()), r, p
+    def value_grad(self, z, y, scale, n_threads):
+        return _value_grad(dense.cross_entropy_value_grad, z, y, scale, n_threads)
 
-    def hessian_form(self, state, scale):  # noqa: D102
-        return _kernels.B_SOFTMAX, state, scale
+    def hessian_form(self, state, scale):
+        return OutputHessianKind.SOFTMAX, state, scale
 
 
 class BCEWithLogitsLoss(Loss):
@@ -149,10 +158,10 @@ class BCEWithLogitsLoss(Loss):
     Output-space Hessian :math:`B_n = \mathrm{diag}(\sigma(z_n)(1 - \sigma(z_n)))`.
     """
 
-    def scale(self, n_samples, n_outputs):  # noqa: D102
+    def scale(self, n_samples, n_outputs):
         return 1.0 / (n_samples * n_outputs) if self.reduction == "mean" else 1.0
 
-    def check_targets(self, y, n_samples, n_outputs, dtype):  # noqa: D102
+    def check_targets(self, y, n_samples, n_outputs, dtype):
         y = _float_targets(y, n_samples, n_outputs, dtype, "BCEWithLogitsLoss")
         if y.size and (y.min() < 0 or y.max() > 1):
             raise ValueError(
@@ -160,12 +169,8 @@ class BCEWithLogitsLoss(Loss):
                 f"[{y.min()}, {y.max()}]")
         return y
 
-    def value_grad(self, z, y, scale, n_threads):  # noqa: D102
-        losses = np.empty(z.shape[0])
-        r = np.empty_like(z)
-        h = np.empty_like(z)
-        _kernels.bce_value_grad(z, y, scale, losses, r, h, n_threads)
-        return float(losses.sum()), r, h
+    def value_grad(self, z, y, scale, n_threads):
+        return _value_grad(dense.bce_value_grad, z, y, scale, n_threads)
 
-    def hessian_form(self, state, scale):  # noqa: D102
-        return _kernels.B_DIAGONAL, state, scale
+    def hessian_form(self, state, scale):
+        return OutputHessianKind.DIAGONAL, state, scale

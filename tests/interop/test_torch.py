@@ -55,7 +55,7 @@ CONV = ["conv-relu-maxpool-ce", "conv-odd-shapes-mse", "conv-stride-avgpool-bce"
 @pytest.fixture(params=DENSE + CONV, ids=lambda n: f"case={n}")
 def tcase(request):
     if request.param in CONV:
-        from test_conv import ConvCase
+        from conftest import ConvCase
 
         return ConvCase(request.param)
     return Case(request.param)

@@ -1,0 +1,152 @@
+"""One setup step for every entry point: model, loss, params, batches, scale, chunks, threads.
+
+``loss_and_grad``, ``per_sample_jacobians``, ``ggn_diagonal``, the operators
+and ``NewtonCG`` all check and resolve their arguments here, once, into a
+:class:`Problem` that the engine and the operators' chunk loop take.
+"""
+
+import numbers
+import os
+
+import numpy as np
+
+from ._config import resolve_n_threads
+from ._data import as_batches, as_input_batches
+from ._engine.plan import plan_for
+from ._validation import SUPPORTED_DTYPES, check_n_threads, check_params, check_positive_int
+from .nn.base import Layer
+from .nn.losses import Loss
+from .nn.sequential import Sequential
+
+__all__ = ["Problem", "check_model", "check_loss", "check_mode", "check_dtype",
+           "count_samples", "default_memory_budget", "format_bytes", "MODES"]
+
+MODES = ("auto", "stored", "recompute")
+
+
+def check_model(model) -> Sequential:
+    """Validate the model argument."""
+    if not isinstance(model, Sequential):
+        if isinstance(model, Layer):
+            raise TypeError("model must be a ghess.Sequential; wrap the layer: "
+                            "ghess.Sequential(layer, input_shape=...)")
+        raise TypeError(f"model must be a ghess.Sequential, got {type(model).__name__}")
+    if model.n_params == 0:
+        raise ValueError("model has no parameters: nothing to differentiate")
+    return model
+
+
+def check_loss(loss) -> Loss:
+    """Validate the loss argument."""
+    if isinstance(loss, type) and issubclass(loss, Loss):
+        raise TypeError(f"loss must be a loss instance, e.g. {loss.__name__}(), "
+                        f"got the class {loss.__name__}")
+    if not isinstance(loss, Loss):
+        raise TypeError(f"loss must be a ghess loss (MSELoss, CrossEntropyLoss, "
+                        f"BCEWithLogitsLoss), got {type(loss).__name__}")
+    return loss
+
+
+def check_mode(mode: str) -> str:
+    """One of ``MODES``."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    return mode
+
+
+def check_dtype(dtype) -> np.dtype:
+    """float32 or float64."""
+    dtype = np.dtype(dtype)
+    if dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+    return dtype
+
+
+def count_samples(data) -> int:
+    """Count the samples of an int, an array X, ``(X, y)`` or a list of batches."""
+    if isinstance(data, numbers.Integral) and not isinstance(data, bool):
+        if data < 1:
+            raise ValueError(f"n_samples must be >= 1, got {data}")
+        return int(data)
+    if isinstance(data, np.ndarray):
+        return int(data.shape[0])
+    if isinstance(data, tuple) and len(data) == 2 and not isinstance(data[0], tuple):
+        return int(np.shape(data[0])[0])
+    if isinstance(data, (list, tuple)):
+        return sum(int(np.shape(X)[0]) for X, _ in data)
+    raise TypeError("pass n_samples as an int, an array X, (X, y) or a list of (X, y) batches "
+                    f"(not a one-shot iterable), got {type(data).__name__}")
+
+
+def format_bytes(n: int) -> str:
+    """Bytes in a readable unit."""
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def default_memory_budget() -> int:
+    """Return a quarter of physical memory, at most 4 GiB."""
+    try:
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        physical = 8 << 30
+    return int(min(4 << 30, physical // 4))
+
+
+class Problem:
+    """Checked and resolved arguments of one computation.
+
+    Parameters
+    ----------
+    model : Sequential
+    loss : Loss or None
+        None for computations without targets (Jacobians); ``data`` is then the inputs X.
+    params : array_like of shape (n_params,)
+    data : (X, y), an iterable of (X, y), or X when ``loss`` is None
+    chunk_size : int, optional
+        Samples per chunk; by default the plan's rule for ``chunk_directions``
+        directions (``Plan.chunk_size``).
+    chunk_directions : int, default=1
+        Directions pushed through a chunk at once (K for dense per-sample Jacobians).
+    min_chunk : int, default=16
+    n_threads : int, optional
+    private : bool, default=False
+        Keep private read-only copies of params and data: an operator's stored
+        factors belong to THIS theta and data, whatever the caller later writes.
+
+    Attributes
+    ----------
+    params, dtype, lparams (per-layer views of params), batches, n_samples,
+    scale (the loss's reduction factor, 1 without a loss), chunk_size,
+    n_threads (as given), omp_threads (resolved), plan.
+    """
+
+    def __init__(self, model, loss, params, data, *, chunk_size=None, chunk_directions=1,
+                 min_chunk=16, n_threads=None, private=False):
+        self.model = check_model(model)
+        self.loss = None if loss is None else check_loss(loss)
+        params = check_params(params, model.n_params)
+        if private:
+            params = params.copy()
+            params.flags.writeable = False
+        self.params = params
+        self.dtype = params.dtype
+        self.n_threads = check_n_threads(n_threads)
+        self.omp_threads = resolve_n_threads(self.n_threads)
+        chunk_size = check_positive_int(chunk_size, "chunk_size", allow_none=True)
+        self.plan = plan_for(model, self.dtype.itemsize)
+        if loss is None:
+            self.batches = as_input_batches(model, data, self.dtype, copy=private)
+        else:
+            self.batches = as_batches(model, loss, data, self.dtype, copy=private)
+        self.n_samples = self.batches.n_samples
+        self.scale = 1.0 if loss is None else loss.scale(self.n_samples, model.n_outputs)
+        self.lparams = model.layer_params(self.params)
+        self.chunk_size = (self.plan.chunk_size(chunk_directions, min_chunk)
+                           if chunk_size is None else chunk_size)
+
+    def chunks(self):
+        """Yield ``(X, y)`` chunks of at most ``chunk_size`` samples, in order."""
+        return self.batches.chunks(self.chunk_size)

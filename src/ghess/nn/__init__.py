@@ -1,0 +1,40 @@
+"""Networks: the layer contract, the layers, the losses and ``Sequential``.
+
+- ``base``: :class:`Layer` and :class:`ParametricLayer`, the contract every layer
+  fulfils (spec, planner properties, forward/JVP/VJP/R-operator rules, memory);
+- ``linear``, ``activation``, ``conv``, ``pooling``, ``reshape``: the layers;
+- ``losses``: losses with PyTorch's semantics and their output-space Hessians;
+- ``sequential``: the container and the flat parameter layout.
+"""
+
+from .activation import Activation, Identity, LeakyReLU, ReLU, Sigmoid, Softplus, Tanh
+from .base import Layer, ParametricLayer
+from .conv import Conv2d
+from .linear import Linear
+from .losses import BCEWithLogitsLoss, CrossEntropyLoss, Loss, MSELoss
+from .pooling import AvgPool2d, MaxPool2d
+from .reshape import Flatten
+from .sequential import ParamSlot, Sequential
+
+__all__ = [
+    "Layer",
+    "ParametricLayer",
+    "Activation",
+    "Identity",
+    "LeakyReLU",
+    "ReLU",
+    "Sigmoid",
+    "Softplus",
+    "Tanh",
+    "Linear",
+    "Conv2d",
+    "MaxPool2d",
+    "AvgPool2d",
+    "Flatten",
+    "Loss",
+    "MSELoss",
+    "CrossEntropyLoss",
+    "BCEWithLogitsLoss",
+    "Sequential",
+    "ParamSlot",
+]

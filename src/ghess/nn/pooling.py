@@ -1,0 +1,130 @@
+"""Max- and average pooling over NCHW activations (no parameters)."""
+
+import numpy as np
+
+from .._kernels import conv as kernels
+from ._window import Windowed, pair, spatial_input
+from .base import Layer
+
+__all__ = ["MaxPool2d", "AvgPool2d"]
+
+#: the ``gain`` argument of the gather/scatter kernels that stands for all ones
+NO_GAIN = {np.dtype(t).char: np.empty((0, 0), dtype=t) for t in (np.float32, np.float64)}
+
+
+class _Pool2d(Windowed, Layer):
+    """Shared spec of the pooling layers (no parameters)."""
+
+    dilation = (1, 1)
+    uses_output_grad = False  # linear given the argmax: rvjp is the vjp of R{dL/dy}
+
+    def __init__(self, kernel_size: int | tuple[int, int],
+                 stride: int | tuple[int, int] | None = None,
+                 padding: int | tuple[int, int] = 0) -> None:
+        owner = type(self).__name__
+        self.kernel_size = pair(kernel_size, "kernel_size", owner, 1)
+        self.stride = (self.kernel_size if stride is None
+                       else pair(stride, "stride", owner, 1))
+        self.padding = pair(padding, "padding", owner, 0)
+        if any(2 * p > k for p, k in zip(self.padding, self.kernel_size)):
+            raise ValueError(f"{owner}: padding must be at most half the kernel size "
+                             f"(as in PyTorch), got padding={self.padding} for "
+                             f"kernel_size={self.kernel_size}")
+        self._geom = None
+
+    def __repr__(self):
+        return (f"{type(self).__name__}(kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding})")
+
+    def output_shape(self, input_shape):
+        """(channels, out_h, out_w); records the geometry."""
+        C, _, _ = spatial_input(self, input_shape)
+        self._geom = self._geometry(input_shape)
+        self._input_shape = tuple(input_shape)
+        return (C, self._geom[11], self._geom[12])
+
+    @property
+    def in_width(self):
+        """Scalars per sample of the input."""
+        return int(np.prod(self._input_shape))
+
+    @property
+    def out_width(self):
+        """Scalars per sample of the output."""
+        return self._geom[0] * self._geom[11] * self._geom[12]
+
+    def rvjp(self, params, tangent, ctx, g, rx, rgy, acc, need_input_grad, n_threads,
+             rctx=None):
+        """Linear (given the argmax): R{dL/dx} is the VJP of R{dL/dy}."""
+        return self.vjp(params, ctx, rgy, acc, need_input_grad, n_threads)
+
+
+class MaxPool2d(_Pool2d):
+    """Max-pooling, as ``torch.nn.MaxPool2d`` (padding counts as -inf).
+
+    Derivatives go to the FIRST maximum of each window in row-major order, as
+    in PyTorch; that matters after ReLU, where windows of zeros are common.
+    """
+
+    selects_argmax = True
+
+    def forward(self, params, x, ctx, need, n_threads):
+        """Window maxima; keeps the index of each maximum."""
+        n = x.shape[0]
+        y = np.empty((n, self.out_width), dtype=x.dtype)
+        argmax = np.empty((n, self.out_width), dtype=np.intp)
+        kernels.maxpool_forward(x, y, argmax, self._geom, n_threads)
+        ctx["argmax"] = argmax
+        return y
+
+    def jvp(self, params, tangent, ctx, rx, n_threads, rctx=None):
+        """R{y} = R{x} at each window's argmax."""
+        if rx is None:
+            return None
+        ry = np.empty((rx.shape[0], rx.shape[1], self.out_width), dtype=rx.dtype)
+        kernels.gather(rx, ctx["argmax"], NO_GAIN[rx.dtype.char], ry, n_threads)
+        return ry
+
+    def vjp(self, params, ctx, gy, acc, need_input_grad, n_threads):
+        """dL/dx: each output's gradient goes to its window's argmax."""
+        if not need_input_grad:
+            return None
+        gx = np.empty((gy.shape[0], gy.shape[1], self.in_width), dtype=gy.dtype)
+        kernels.scatter_add(gy, ctx["argmax"], NO_GAIN[gy.dtype.char], gx, n_threads)
+        return gx
+
+    def kept_bytes(self, input_shape, itemsize, input_is_data):
+        """Bytes per sample its forward context keeps: the argmax indices."""
+        return self.out_width * np.dtype(np.intp).itemsize
+
+    factor_bytes = kept_bytes
+
+
+class AvgPool2d(_Pool2d):
+    """Average pooling, as ``torch.nn.AvgPool2d`` (padded zeros count in the mean)."""
+
+    def forward(self, params, x, ctx, need, n_threads):
+        """Window means (a linear map: nothing to keep)."""
+        y = np.empty((x.shape[0], self.out_width), dtype=x.dtype)
+        kernels.avgpool_forward(x, y, self._geom, n_threads)
+        return y
+
+    def jvp(self, params, tangent, ctx, rx, n_threads, rctx=None):
+        """R{y} = avgpool(R{x})."""
+        if rx is None:
+            return None
+        n, k = rx.shape[0], rx.shape[1]
+        ry = np.empty((n, k, self.out_width), dtype=rx.dtype)
+        kernels.avgpool_forward(rx.reshape(n * k, -1), ry.reshape(n * k, -1), self._geom,
+                                n_threads)
+        return ry
+
+    def vjp(self, params, ctx, gy, acc, need_input_grad, n_threads):
+        """dL/dx: each output's gradient spread evenly over its window."""
+        if not need_input_grad:
+            return None
+        n, k = gy.shape[0], gy.shape[1]
+        gx = np.empty((n, k, self.in_width), dtype=gy.dtype)
+        kernels.avgpool_backward(gy.reshape(n * k, -1), gx.reshape(n * k, -1), self._geom,
+                                 n_threads)
+        return gx

@@ -1,0 +1,20 @@
+"""Curvature and Jacobian operators as ``scipy.sparse.linalg.LinearOperator`` objects.
+
+- ``base``: the loop over chunks and its reduction, mode and memory planning,
+  damping, ``block`` and ``todense``;
+- ``ggn``: :class:`GGNLinearOperator`; ``hessian``: :class:`HessianLinearOperator`;
+  ``jacobian``: :class:`JacobianLinearOperator`.
+"""
+
+from .base import ChunkedOperator, CurvatureOperator
+from .ggn import GGNLinearOperator
+from .hessian import HessianLinearOperator
+from .jacobian import JacobianLinearOperator
+
+__all__ = [
+    "ChunkedOperator",
+    "CurvatureOperator",
+    "GGNLinearOperator",
+    "HessianLinearOperator",
+    "JacobianLinearOperator",
+]

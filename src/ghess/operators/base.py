@@ -1,0 +1,305 @@
+"""The base of the ghess ``LinearOperator`` classes: the loop over chunks and its reduction.
+
+:class:`ChunkedOperator` holds a :class:`ghess._problem.Problem`, chooses the
+mode (``"stored"``: per-chunk states kept for every product; ``"recompute"``:
+rebuilt for each), and owns the one loop over chunks and the reduction of
+their contributions into the flat result (:meth:`ChunkedOperator._reduce`).
+Each operator supplies what a chunk keeps (``_chunk_state``) and its
+per-chunk product. :class:`CurvatureOperator` adds the symmetric
+n_params x n_params operators' damping, ``block`` and ``todense``.
+
+SciPy's ``LinearOperator`` does the rest from ``_matmat`` and ``_adjoint``;
+ghess adds batched ``matvec`` on ``(..., n)`` where the installed SciPy
+(< 1.18) lacks it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import numpy.typing as npt
+import scipy
+from scipy.sparse.linalg import LinearOperator
+
+from .. import _engine
+from .._config import computing
+from .._problem import (
+    Problem,
+    check_dtype,
+    check_mode,
+    check_model,
+    count_samples,
+    default_memory_budget,
+    format_bytes,
+)
+from .._typing import Batch, Data, Mode
+from .._validation import all_finite, check_nonnegative, check_positive_int
+
+if TYPE_CHECKING:
+    from ..nn.losses import Loss
+    from ..nn.sequential import Sequential
+
+__all__ = ["ChunkedOperator", "CurvatureOperator", "BLOCK_COLUMNS"]
+
+#: directions per pass: the per-chunk temporaries grow with their number, and
+#: past ~16 the GEMMs gain nothing more (docs/design.md, "Measurements")
+BLOCK_COLUMNS = 16
+
+_SCIPY_BATCHES_MATVEC = tuple(int(p) for p in scipy.__version__.split(".")[:2]) >= (1, 18)
+
+
+class _BatchedMatvec:
+    """``matvec``/``rmatvec`` on batched ``(..., n)`` input, for SciPy < 1.18."""
+
+    def matvec(self, x):
+        """Apply the operator to ``x`` of shape (n,), (n, 1), or batched (..., n)."""
+        return _vector_product(x, self.shape[1], self.shape[0], self.matmat,
+                               super().matvec)
+
+    def rmatvec(self, x):
+        """Apply the adjoint to ``x`` of shape (m,), (m, 1), or batched (..., m)."""
+        return _vector_product(x, self.shape[0], self.shape[1], self.rmatmat,
+                               super().rmatvec)
+
+
+def _vector_product(x, n, m, matmat, single):
+    x = np.asanyarray(x)
+    if x.ndim >= 2 and x.shape[-1] == n and not (x.ndim == 2 and x.shape == (n, 1)):
+        y = matmat(x.reshape(-1, n).T).T
+        return y.reshape(x.shape[:-1] + (m,))
+    if x.shape not in ((n,), (n, 1)):
+        raise ValueError(f"vector must have shape ({n},), ({n}, 1) or (k, {n}), "
+                         f"got {x.shape}")
+    return single(x)
+
+
+class _NoBackport:
+    pass
+
+
+#: mixin of every ghess operator: SciPy's own batched matvec from 1.18 on
+BatchedMatvec = _NoBackport if _SCIPY_BATCHES_MATVEC else _BatchedMatvec
+
+
+def check_vectors(X, n, dtype, name="vector"):
+    """Validate X of shape (n, k); return contiguous directions (k, n) in ``dtype``."""
+    X = np.asarray(X)
+    if X.dtype.kind not in "iuf":
+        raise TypeError(f"{name} must be real (the operator's dtype is {dtype}), "
+                        f"got dtype {X.dtype}")
+    if X.ndim != 2 or X.shape[0] != n:
+        raise ValueError(f"{name} must have {n} rows, got shape {X.shape}")
+    V = np.ascontiguousarray(X.T, dtype=dtype)
+    if not all_finite(V):
+        raise ValueError(f"{name} contains NaN or Inf")
+    return V
+
+
+class ChunkedOperator(BatchedMatvec, LinearOperator):
+    """A ``LinearOperator`` over a data set, computed chunk by chunk.
+
+    Subclasses set ``_stored_bytes_per_sample(plan)`` (bytes a stored chunk
+    keeps per sample) and ``_chunk_state(X, y)`` (what a chunk keeps), and use
+    :meth:`_chunk_states` and :meth:`_reduce` in their products.
+    """
+
+    def _setup(self, problem, mode, memory_budget, shape):
+        """Decide the mode under the memory budget and build the stored chunk states."""
+        self.problem = problem
+        self.model = problem.model
+        self.params = problem.params
+        self.n_threads = problem.n_threads
+        self.n_samples = problem.n_samples
+        self.chunk_size = problem.chunk_size
+        self.memory_budget = (default_memory_budget() if memory_budget is None
+                              else check_positive_int(memory_budget, "memory_budget"))
+        self.stored_bytes = self.n_samples * self._stored_bytes_per_sample(problem.plan)
+        mode = check_mode(mode)
+        if mode == "auto":
+            mode = "stored" if self.stored_bytes <= self.memory_budget else "recompute"
+        elif mode == "stored" and self.stored_bytes > self.memory_budget:
+            raise ValueError(
+                f"mode='stored' needs {format_bytes(self.stored_bytes)} for {self.n_samples} "
+                f"samples, over the memory_budget of {format_bytes(self.memory_budget)}: "
+                "raise memory_budget or use mode='recompute'")
+        self.mode = mode
+        LinearOperator.__init__(self, dtype=problem.dtype, shape=shape)
+        self._stored = None
+        if mode == "stored":
+            with computing():
+                self._stored = [self._chunk_state(X, y) for X, y in problem.chunks()]
+
+    @staticmethod
+    def _stored_bytes_per_sample(plan):
+        raise NotImplementedError
+
+    def _chunk_state(self, X, y):
+        raise NotImplementedError
+
+    def _recompute_state(self, X, y):
+        """What a product needs of a chunk in recompute mode (by default the stored state)."""
+        return self._chunk_state(X, y)
+
+    def _jacobian_factors(self, X, ctxs=None, loss_state=None):
+        """The chunk's per-sample Jacobian factors; runs its forward pass unless ``ctxs``."""
+        p = self.problem
+        if ctxs is None:
+            ctxs, _ = self.model.forward_chunk(p.lparams, X, 1, p.omp_threads)
+        return _engine.jacobian_factors(self.model, p.lparams, ctxs, X.shape[0], p.dtype,
+                                        p.omp_threads, loss_state=loss_state)
+
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes held by the stored chunk states (0 in recompute mode).
+
+        Not counted: the operator's private copy of the data, the size of the data.
+        """
+        return 0 if self.mode == "recompute" else self.stored_bytes
+
+    def _chunk_states(self):
+        """The chunks' states in order: the stored ones, or each rebuilt in turn."""
+        if self._stored is not None:
+            return iter(self._stored)
+        return (self._recompute_state(X, y) for X, y in self.problem.chunks())
+
+    def _reduce(self, k, chunk_product):
+        """Sum ``chunk_product(state, accumulators)`` over the chunks into (k, n_params).
+
+        The accumulators are per-layer (``_engine.new_accumulators``); the sum
+        over chunks runs in chunk order, so results do not depend on threads.
+        """
+        model = self.model
+        out = np.zeros((k, model.n_params), dtype=self.dtype)
+        accs = _engine.new_accumulators(model, k, self.dtype, out)
+        for state in self._chunk_states():
+            chunk_product(state, accs)
+        _engine.accumulators_to_flat(model, accs, out)
+        return out
+
+    def _check_vectors(self, X, n, name="vector"):
+        return check_vectors(X, n, self.dtype, name)
+
+
+class CurvatureOperator(ChunkedOperator):
+    """Base of the symmetric n_params x n_params curvature operators.
+
+    Subclasses implement ``_chunk_product(state, tangents, accs, k)``: the
+    undamped product's contribution of one chunk for k directions.
+    """
+
+    def __init__(self, model: Sequential, loss: Loss, params: npt.ArrayLike, data: Data, *,
+                 damping: float = 0.0, mode: Mode = "auto", chunk_size: int | None = None,
+                 memory_budget: int | None = None, n_threads: int | None = None) -> None:
+        problem = Problem(model, loss, params, data, chunk_size=chunk_size,
+                          n_threads=n_threads, private=True)
+        self.damping = check_nonnegative(damping, "damping")
+        self.loss = problem.loss
+        self.data = problem.batches
+        self._setup(problem, mode, memory_budget, (model.n_params, model.n_params))
+
+    @classmethod
+    def memory_required(cls, model: Sequential, data: int | Batch | Sequence[Batch],
+                        mode: Literal["stored", "recompute"] = "stored", *,
+                        dtype: npt.DTypeLike = np.float64, chunk_size: int | None = None,
+                        n_directions: int = 1) -> int:
+        """Bytes a mode needs for ``data`` (or ``n_samples``), before anything is allocated.
+
+        ``"stored"``: the per-sample states kept for all samples.
+        ``"recompute"``: the temporaries of one pass over a chunk (``chunk_size``
+        samples, by default the operator's own choice) for ``n_directions``
+        directions at once (``matmat``, ``block`` and ``todense`` push up to
+        16 through together).
+        """
+        check_model(model)
+        mode = check_mode(mode)
+        n = count_samples(data)
+        plan = _engine.plan_for(model, check_dtype(dtype).itemsize)
+        if mode == "recompute":
+            chunk = min(n, plan.chunk_size() if chunk_size is None
+                        else check_positive_int(chunk_size, "chunk_size"))
+            k = check_positive_int(n_directions, "n_directions")
+            return chunk * plan.working_bytes(k)
+        if mode == "auto":
+            raise ValueError("memory_required needs mode 'stored' or 'recompute'")
+        return n * cls._stored_bytes_per_sample(plan)
+
+    # -- products -----------------------------------------------------------
+    def _matmat(self, X):
+        V = self._check_vectors(X, self.shape[1])
+        return self._apply_rows_damped(V).T
+
+    def _adjoint(self):
+        return self
+
+    def _transpose(self):
+        return self
+
+    def _apply_rows(self, V):
+        """The undamped operator applied to the rows of V (k, n_params)."""
+        k = V.shape[0]
+        tangents = _engine.prepare_tangents(self.model, V)
+        return self._reduce(
+            k, lambda state, accs: self._chunk_product(state, tangents, accs, k))
+
+    def _apply_rows_damped(self, V):
+        """Operator applied to the rows of V (k, n), BLOCK_COLUMNS rows per pass."""
+        with computing():
+            if V.shape[0] <= BLOCK_COLUMNS:
+                out = self._apply_rows(V)
+            else:
+                out = np.empty_like(V)
+                for start in range(0, V.shape[0], BLOCK_COLUMNS):
+                    out[start:start + BLOCK_COLUMNS] = self._apply_rows(
+                        V[start:start + BLOCK_COLUMNS])
+        if self.damping:
+            out += self.damping * V
+        return out
+
+    def block(self, name_a: str, name_b: str | None = None) -> np.ndarray:
+        """Dense block of the operator for two named parameters.
+
+        Parameters
+        ----------
+        name_a, name_b : str
+            Keys of ``model.param_slots`` such as ``"0.weight"``; ``name_b``
+            defaults to ``name_a``.
+
+        Returns
+        -------
+        ndarray of shape (size_a, size_b)
+            Rows index ``name_a``'s entries, columns ``name_b``'s, each in C order
+            of the parameter's shape; damping is included on the diagonal.
+        """
+        slot_a = self._slot(name_a)
+        slot_b = self._slot(name_a if name_b is None else name_b)
+        out = np.empty((slot_a.size, slot_b.size), dtype=self.dtype)
+        for start in range(0, slot_b.size, BLOCK_COLUMNS):
+            stop = min(start + BLOCK_COLUMNS, slot_b.size)
+            E = np.zeros((stop - start, self.shape[1]), dtype=self.dtype)
+            E[np.arange(stop - start), slot_b.start + np.arange(start, stop)] = 1
+            rows = self._apply_rows_damped(E)
+            out[:, start:stop] = rows[:, slot_a.start:slot_a.stop].T
+        return out
+
+    def todense(self) -> np.ndarray:
+        """Return the full matrix (n_params x n_params); refuse above ``memory_budget``."""
+        n = self.shape[0]
+        if n * n * self.dtype.itemsize > self.memory_budget:
+            raise ValueError(f"todense needs {format_bytes(n * n * self.dtype.itemsize)}, "
+                             f"over the memory_budget of {format_bytes(self.memory_budget)}")
+        out = np.empty((n, n), dtype=self.dtype)
+        for start in range(0, n, BLOCK_COLUMNS):
+            stop = min(start + BLOCK_COLUMNS, n)
+            E = np.zeros((stop - start, n), dtype=self.dtype)
+            E[np.arange(stop - start), np.arange(start, stop)] = 1
+            out[:, start:stop] = self._apply_rows_damped(E).T
+        return out
+
+    def _slot(self, name):
+        try:
+            return self.model.param_slots[name]
+        except (KeyError, TypeError):
+            raise ValueError(f"unknown parameter {name!r}; the model's parameters are "
+                             f"{list(self.model.param_slots)}") from None

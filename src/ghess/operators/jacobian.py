@@ -1,0 +1,140 @@
+"""The Jacobian of the network outputs with respect to the parameters."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import numpy.typing as npt
+from scipy.sparse.linalg import LinearOperator
+
+from .. import _engine
+from .._config import computing
+from .._problem import Problem, check_dtype, check_mode, check_model, count_samples, format_bytes
+from .._typing import Mode
+from .base import BatchedMatvec, ChunkedOperator
+
+if TYPE_CHECKING:
+    from ..nn.sequential import Sequential
+
+__all__ = ["JacobianLinearOperator"]
+
+
+class JacobianLinearOperator(ChunkedOperator):
+    r"""Stacked per-sample Jacobians :math:`J = [J_1; \dots; J_N]` as a ``LinearOperator``.
+
+    Shape ``(N * K, n_params)``: row ``n * K + c`` is :math:`\partial z_{nc} / \partial\theta`,
+    rows ordered sample by sample. ``J @ v`` is a forward-mode product (JVP) and
+    ``J.T @ w`` (also ``.H``, ``rmatvec``, ``rmatmat``) a reverse-mode one (VJP).
+
+    Parameters
+    ----------
+    model : Sequential
+    params : ndarray of shape (n_params,)
+    X : ndarray of shape (N, *input_shape)
+    mode : {"auto", "stored", "recompute"}, default="auto"
+        As for :class:`ghess.GGNLinearOperator`: ``"stored"`` keeps the per-sample
+        factors, ``"recompute"`` passes through the network for every product.
+    chunk_size, memory_budget, n_threads
+        As for :class:`ghess.GGNLinearOperator`.
+
+    Examples
+    --------
+    >>> import numpy as np, ghess
+    >>> model = ghess.Sequential(ghess.Linear(3, 2), input_shape=(3,))
+    >>> J = ghess.JacobianLinearOperator(model, model.init_params(), np.eye(3))
+    >>> J.shape
+    (6, 8)
+    """
+
+    def __init__(self, model: Sequential, params: npt.ArrayLike, X: npt.ArrayLike, *,
+                 mode: Mode = "auto", chunk_size: int | None = None,
+                 memory_budget: int | None = None, n_threads: int | None = None) -> None:
+        problem = Problem(model, None, params, X, chunk_size=chunk_size, n_threads=n_threads,
+                          private=True)
+        self.data = problem.batches
+        K = model.n_outputs
+        self._setup(problem, mode, memory_budget, (problem.n_samples * K, model.n_params))
+
+    @staticmethod
+    def _stored_bytes_per_sample(plan):
+        return plan.stored_factor_bytes
+
+    def _chunk_state(self, X, y):
+        """The chunk's stored Jacobian factors."""
+        return self._jacobian_factors(X)
+
+    def _matmat(self, X):
+        """J V: each chunk's rows of the stacked Jacobian, in sample order."""
+        V = self._check_vectors(X, self.shape[1])
+        p, k, K = self.problem, V.shape[0], self.model.n_outputs
+        out = np.empty((k, self.shape[0]), dtype=self.dtype)
+        start = 0
+        with computing():
+            tangents = _engine.prepare_tangents(self.model, V)
+            for factors in self._chunk_states():
+                Jv = _engine.factor_jvp(self.model, p.lparams, tangents, factors, k,
+                                        p.omp_threads)
+                stop = start + factors.n * K
+                out[:, start:stop] = Jv.transpose(1, 0, 2).reshape(k, -1)
+                start = stop
+        return out.T
+
+    def _rmatmat(self, X):
+        """J^T W: a sum over chunks, each pulling back its rows of W."""
+        W = self._check_vectors(X, self.shape[0])
+        p, k, K = self.problem, W.shape[0], self.model.n_outputs
+        start = 0
+
+        def pull_back(factors, accs):
+            nonlocal start
+            stop = start + factors.n * K
+            u = np.ascontiguousarray(
+                W[:, start:stop].reshape(k, factors.n, K).transpose(1, 0, 2))
+            _engine.factor_vjp(self.model, factors, u, accs, p.omp_threads)
+            start = stop
+
+        with computing():
+            return self._reduce(k, pull_back).T
+
+    @staticmethod
+    def memory_required(model: Sequential, X: np.ndarray | int, mode: Mode = "stored", *,
+                        dtype: npt.DTypeLike = np.float64) -> int:
+        """Bytes the stored factors take for inputs ``X`` (or ``n_samples``); 0 to recompute."""
+        check_model(model)
+        if check_mode(mode) == "recompute":
+            return 0
+        plan = _engine.plan_for(model, check_dtype(dtype).itemsize)
+        return count_samples(X) * plan.stored_factor_bytes
+
+    def todense(self) -> np.ndarray:
+        """Return the full (N*K, n_params) matrix; refuse above ``memory_budget``."""
+        size = self.shape[0] * self.shape[1] * self.dtype.itemsize
+        if size > self.memory_budget:
+            raise ValueError(f"todense needs {format_bytes(size)}, over the memory_budget of "
+                             f"{format_bytes(self.memory_budget)}")
+        return self.matmat(np.eye(self.shape[1], dtype=self.dtype))
+
+    def _adjoint(self):
+        return _JacobianAdjoint(self)
+
+    _transpose = _adjoint
+
+
+class _JacobianAdjoint(BatchedMatvec, LinearOperator):
+    """J^T, with J's input checks (and batched matvec on SciPy < 1.18)."""
+
+    def __init__(self, J):
+        self.J = J
+        super().__init__(dtype=J.dtype, shape=(J.shape[1], J.shape[0]))
+
+    def _matmat(self, X):
+        return self.J._rmatmat(X)
+
+    def _rmatmat(self, X):
+        return self.J._matmat(X)
+
+    def _adjoint(self):
+        return self.J
+
+    _transpose = _adjoint
