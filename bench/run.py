@@ -694,7 +694,7 @@ def blas_rates(dtype):
     """
     import numpy as np
 
-    from ghess import _kernels
+    from ghess._kernels import dense as _kernels
 
     try:
         torch = _import_torch()

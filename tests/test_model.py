@@ -81,7 +81,8 @@ def test_installed_modules_are_all_present():
     """Every module must be listed in meson.build, or the wheel silently lacks it."""
     import importlib
 
-    for name in ("_base", "_blas", "_config", "_data", "_engine", "_kernels", "_validation",
+    for name in ("_base", "_config", "_data", "_engine", "_kernels", "_kernels.alloc",
+                 "_kernels.blas", "_kernels.conv", "_kernels.dense", "_validation",
                  "demo", "functional", "ggn", "hessian", "jacobian", "layers", "losses",
                  "model", "testing"):
         importlib.import_module(f"ghess.{name}")

@@ -9,7 +9,7 @@ import threading
 import numpy as np
 import scipy
 
-from . import _alloc, _kernels
+from ._kernels import alloc, dense
 
 _controller = None
 
@@ -17,7 +17,7 @@ _controller = None
 def resolve_n_threads(n_threads):
     """Threads for the OpenMP kernels: ``None`` means OpenMP's default."""
     if n_threads is None:
-        return max(1, _kernels.openmp_max_threads())
+        return max(1, dense.openmp_max_threads())
     return n_threads
 
 
@@ -35,7 +35,7 @@ _blas_depth = 0
 _blas_saved = ()  # (library, its thread count) for each BLAS that single_threaded_blas changed
 _blas_libraries = None
 
-#: cap of the pool of freed temporaries (see _alloc.h): a few chunks' worth, as
+#: cap of the pool of freed temporaries (see _kernels/include/alloc.h): a few chunks' worth, as
 #: a chunk's temporaries are 64-128 MiB by default (ghess._base.default_chunk_size)
 DEFAULT_POOL_MB = 256
 
@@ -53,7 +53,7 @@ def _pool_limit_from_environment():
     return int(mb * (1 << 20))
 
 
-_alloc.set_limit(_pool_limit_from_environment())
+alloc.set_limit(_pool_limit_from_environment())
 
 
 def release_memory():
@@ -67,18 +67,18 @@ def release_memory():
     variable read at import; default 256, 0 keeps none). Arrays you create
     outside ghess never use this pool.
     """
-    return _alloc.release()
+    return alloc.release()
 
 
 @contextlib.contextmanager
 def computing():
     """Run a ghess computation: BLAS held at one thread, temporaries from the pool."""
-    previous = _alloc.use_pool()
+    previous = alloc.use_pool()
     try:
         with single_threaded_blas():
             yield
     finally:
-        _alloc.restore(previous)
+        alloc.restore(previous)
 
 
 @contextlib.contextmanager
@@ -86,7 +86,7 @@ def single_threaded_blas():
     """Hold every BLAS library at one thread inside the block.
 
     ghess parallelises with OpenMP only, splitting GEMMs itself
-    (``_kernels.gemm_rowmajor``): a second pool of spinning BLAS threads would
+    (``dense.gemm_rowmajor``): a second pool of spinning BLAS threads would
     compete with OpenMP's for the same cores. Re-entrant and thread-safe: the
     first block to enter sets the limit, the last to leave restores it, so
     products running in several Python threads never see BLAS threads change.
@@ -137,7 +137,7 @@ def show_config(file=None):
         f"python:    {sys.version.split()[0]} ({platform.platform()})",
         f"numpy:     {np.__version__}",
         f"scipy:     {scipy.__version__}",
-        f"OpenMP:    {'on' if _kernels.openmp_enabled() else 'off'}",
+        f"OpenMP:    {'on' if dense.openmp_enabled() else 'off'}",
         f"threads:   {resolve_n_threads(None)} (OpenMP default; n_threads= overrides)",
     ]
     try:
@@ -147,7 +147,7 @@ def show_config(file=None):
                          f"{info.get('filepath')})")
     except Exception as exc:  # threadpoolctl is informative only here
         lines.append(f"threadpool: unavailable ({exc})")
-    pool = _alloc.stats()
+    pool = alloc.stats()
     lines.append(f"pool:      {pool['bytes'] >> 20} of {pool['limit'] >> 20} MiB held in "
                  f"{pool['blocks']} freed blocks ({pool['hits']} reused, {pool['misses']} new; "
                  "GHESS_POOL_MB, ghess.release_memory)")

@@ -19,7 +19,7 @@ import math
 
 import numpy as np
 
-from . import _kernels
+from ._kernels import dense
 from .conv import ActivationMaxPool
 
 
@@ -336,8 +336,8 @@ def _add_shared_jvp(f, U, Jv, n_threads):
     if f.D is None:
         Jv += U
     else:  # one GEMM
-        _kernels.gemm_rowmajor(False, True, 1.0, U.reshape(-1, U.shape[2]), f.D, 1.0,
-                               Jv.reshape(-1, Jv.shape[2]), n_threads)
+        dense.gemm_rowmajor(False, True, 1.0, U.reshape(-1, U.shape[2]), f.D, 1.0,
+                            Jv.reshape(-1, Jv.shape[2]), n_threads)
 
 
 def _shared_vjp(f, u, n_threads):
@@ -346,8 +346,8 @@ def _shared_vjp(f, u, n_threads):
         return u
     n, k = u.shape[0], u.shape[1]
     S = np.empty((n, k, f.D.shape[1]), dtype=u.dtype)
-    _kernels.gemm_rowmajor(False, False, 1.0, u.reshape(n * k, -1), f.D, 0.0,
-                           S.reshape(n * k, -1), n_threads)
+    dense.gemm_rowmajor(False, False, 1.0, u.reshape(n * k, -1), f.D, 0.0,
+                        S.reshape(n * k, -1), n_threads)
     return S
 
 
@@ -362,7 +362,7 @@ def factor_jvp(model, lparams, tangents, factors, k, n_threads):
     for f in factors.layers:
         U = _factor_tangent(model, lparams, tangents, f, n_threads)
         if _per_sample(f):
-            _kernels.contract_factor(f.D, U, Jv, True, n_threads)
+            dense.contract_factor(f.D, U, Jv, True, n_threads)
         else:
             _add_shared_jvp(f, U, Jv, n_threads)
     return Jv
@@ -374,7 +374,7 @@ def factor_vjp(model, factors, u, accs, n_threads):
     for f in factors.layers:
         if _per_sample(f):
             S = np.empty((n, k, f.D.shape[2]), dtype=u.dtype)
-            _kernels.contract_factor_t(f.D, u, S, n_threads)
+            dense.contract_factor_t(f.D, u, S, n_threads)
         else:
             S = _shared_vjp(f, u, n_threads)
         S = _path_vjp(f.path, S, n_threads)
@@ -386,7 +386,7 @@ def factor_ggn(model, lparams, loss, scale, tangents, factors, accs, k, n_thread
 
     As ``factor_jvp``, ``loss.hessian_apply`` and ``factor_vjp``, but the
     per-sample factors meet J v, B and J^T in one pass over the samples
-    (``_kernels.ggn_factor_core``): each sample's D is read from memory once.
+    (``dense.ggn_factor_core``): each sample's D is read from memory once.
     """
     Jv = np.zeros((factors.n, k, model.n_outputs), dtype=factors.dtype)
     tangent_at = [_factor_tangent(model, lparams, tangents, f, n_threads)
@@ -398,10 +398,10 @@ def factor_ggn(model, lparams, loss, scale, tangents, factors, accs, k, n_thread
     cotangent_at = {j: np.empty_like(tangent_at[j]) for j in own}
     u = np.empty_like(Jv)
     kind, state, factor = loss.hessian_kernel_args(factors.loss_state, scale, factors.dtype)
-    _kernels.ggn_factor_core(tuple(factors.layers[j].D for j in own),
-                             tuple(tangent_at[j] for j in own),
-                             tuple(cotangent_at[j] for j in own),
-                             Jv, u, kind, state, factor, n_threads)
+    dense.ggn_factor_core(tuple(factors.layers[j].D for j in own),
+                          tuple(tangent_at[j] for j in own),
+                          tuple(cotangent_at[j] for j in own),
+                          Jv, u, kind, state, factor, n_threads)
     del tangent_at  # free before the backward's temporaries
     for j, f in enumerate(factors.layers):
         S = cotangent_at.pop(j) if j in cotangent_at else _shared_vjp(f, u, n_threads)

@@ -4,7 +4,7 @@ Activations of a convolutional network are kept per sample in NCHW order,
 flattened: ``(n, C * H * W)``, and ``(n, k, C * H * W)`` for k directions, so
 the engine and the elementwise layers treat them like dense activations and
 ``Flatten`` costs nothing. Each layer carries its geometry as a tuple of 13 ints
-for the kernels of ``ghess._conv``:
+for the kernels of ``ghess._kernels.conv``:
 ``(in_channels, height, width, kernel_h, kernel_w, stride_h, stride_w,
 pad_h, pad_w, dilation_h, dilation_w, out_h, out_w)``.
 
@@ -12,7 +12,7 @@ A convolution ``s = W * x + b`` is, per sample, the GEMM ``s_n = W phi(x_n) + b`
 with ``phi(x_n)`` the unfolded input (im2col) of shape
 ``(in_channels * kh * kw, out_h * out_w)``; its transpose (col2im) scatters back.
 With stride 1 along the width (and AVX2/FMA), the direct kernels of
-``ghess._conv`` compute those GEMMs from ``x_n`` itself, for the forward pass,
+``ghess._kernels.conv`` compute those GEMMs from ``x_n`` itself, for the forward pass,
 ``V phi(x)``, the weight gradient and (stride 1 both ways) the input gradient;
 such a layer then keeps ``x`` instead of ``phi(x)``.
 """
@@ -21,7 +21,7 @@ import numbers
 
 import numpy as np
 
-from . import _conv
+from ._kernels import conv as _conv
 from .layers import Activation, Layer, _positive_int
 
 __all__ = ["Conv2d", "MaxPool2d", "AvgPool2d", "Flatten"]

@@ -19,7 +19,7 @@ import numbers
 import numpy as np
 import scipy.special
 
-from . import _kernels
+from ._kernels import dense
 
 __all__ = [
     "Layer",
@@ -151,9 +151,9 @@ class Linear(Layer):
         """Y = x W^T + b; keeps ``x`` for the parameter derivatives."""
         W = params["weight"]
         y = np.empty((x.shape[0], self.out_features), dtype=x.dtype)
-        _kernels.gemm_rowmajor(False, True, 1.0, x, W, 0.0, y, n_threads)
+        dense.gemm_rowmajor(False, True, 1.0, x, W, 0.0, y, n_threads)
         if self.bias:
-            _kernels.add_grouped_rows(y[:, None, :], params["bias"][None, :], n_threads)
+            dense.add_grouped_rows(y[:, None, :], params["bias"][None, :], n_threads)
         ctx["x"] = x
         return y
 
@@ -189,12 +189,12 @@ class Linear(Layer):
         k = Vw.shape[0] // self.out_features
         ry = np.empty((n, k, self.out_features), dtype=x.dtype)
         # (n, in) @ (in, k*out): all k directions in one GEMM
-        _kernels.gemm_rowmajor(False, True, 1.0, x, Vw, 0.0, ry.reshape(n, -1), n_threads)
+        dense.gemm_rowmajor(False, True, 1.0, x, Vw, 0.0, ry.reshape(n, -1), n_threads)
         if rx is not None:
-            _kernels.gemm_rowmajor(False, True, 1.0, rx.reshape(n * k, -1), params["weight"],
-                                   1.0, ry.reshape(n * k, -1), n_threads)
+            dense.gemm_rowmajor(False, True, 1.0, rx.reshape(n * k, -1), params["weight"],
+                                1.0, ry.reshape(n * k, -1), n_threads)
         if self.bias:
-            _kernels.add_grouped_rows(ry, tangent["bias"], n_threads)
+            dense.add_grouped_rows(ry, tangent["bias"], n_threads)
         return ry
 
     def new_accumulator(self, k, dtype, into=None):
@@ -227,9 +227,9 @@ class Linear(Layer):
         x = ctx["x"]
         n = x.shape[0]
         g2 = gy.reshape(n, -1)
-        _kernels.gemm_rowmajor(True, False, 1.0, g2, x, 1.0, acc["weight"], n_threads)
+        dense.gemm_rowmajor(True, False, 1.0, g2, x, 1.0, acc["weight"], n_threads)
         if self.bias:
-            _kernels.sum_rows_into(g2, acc["bias"], n_threads)
+            dense.sum_rows_into(g2, acc["bias"], n_threads)
 
     def vjp(self, params, ctx, gy, acc, need_input_grad, n_threads):
         """Accumulate parameter gradients; return dL/dx = gy W (or None)."""
@@ -239,8 +239,8 @@ class Linear(Layer):
             return None
         n, k = gy.shape[0], gy.shape[1]
         gx = np.empty((n, k, self.in_features), dtype=gy.dtype)
-        _kernels.gemm_rowmajor(False, False, 1.0, gy.reshape(n * k, -1), params["weight"],
-                               0.0, gx.reshape(n * k, -1), n_threads)
+        dense.gemm_rowmajor(False, False, 1.0, gy.reshape(n * k, -1), params["weight"],
+                            0.0, gx.reshape(n * k, -1), n_threads)
         return gx
 
     def rvjp(self, params, tangent, ctx, g, rx, rgy, acc, need_input_grad, n_threads):
@@ -253,19 +253,19 @@ class Linear(Layer):
         n, k = rgy.shape[0], rgy.shape[1]
         self.param_vjp(ctx, rgy, acc, n_threads)
         if rx is not None and k == 1:  # g^T R{x} straight into the accumulator
-            _kernels.gemm_rowmajor(True, False, 1.0, g, rx.reshape(n, -1), 1.0, acc["weight"],
-                                   n_threads)
+            dense.gemm_rowmajor(True, False, 1.0, g, rx.reshape(n, -1), 1.0, acc["weight"],
+                                n_threads)
         elif rx is not None:
             # g^T R{x}: (out, n) @ (n, k*in), then reorder to (k, out, in)
             cross = np.empty((self.out_features, k * self.in_features), dtype=x.dtype)
-            _kernels.gemm_rowmajor(True, False, 1.0, g, rx.reshape(n, -1), 0.0, cross, n_threads)
+            dense.gemm_rowmajor(True, False, 1.0, g, rx.reshape(n, -1), 0.0, cross, n_threads)
             acc["weight"].reshape(k, self.out_features, self.in_features)[...] += (
                 cross.reshape(self.out_features, k, self.in_features).transpose(1, 0, 2))
         if not need_input_grad:
             return None
         rgx = np.empty((n, k, self.in_features), dtype=x.dtype)
-        _kernels.gemm_rowmajor(False, False, 1.0, rgy.reshape(n * k, -1), params["weight"],
-                               0.0, rgx.reshape(n * k, -1), n_threads)
+        dense.gemm_rowmajor(False, False, 1.0, rgy.reshape(n * k, -1), params["weight"],
+                            0.0, rgx.reshape(n * k, -1), n_threads)
         # g V_W for all k at once: V_W rearranged as (out, k*in)
         v_cat = tangent.get("weight_by_output")
         if v_cat is None:
@@ -273,18 +273,18 @@ class Linear(Layer):
                 tangent["weight"].reshape(k, self.out_features, self.in_features)
                 .transpose(1, 0, 2)).reshape(self.out_features, k * self.in_features)
             tangent["weight_by_output"] = v_cat
-        _kernels.gemm_rowmajor(False, False, 1.0, g, v_cat, 1.0, rgx.reshape(n, -1), n_threads)
+        dense.gemm_rowmajor(False, False, 1.0, g, v_cat, 1.0, rgx.reshape(n, -1), n_threads)
         return rgx
 
     def input_grad(self, params, gy, ctx, n_threads):
         """dL/dx = gy W for direction-free gy (n, out)."""
         gx = np.empty((gy.shape[0], self.in_features), dtype=gy.dtype)
-        _kernels.gemm_rowmajor(False, False, 1.0, gy, params["weight"], 0.0, gx, n_threads)
+        dense.gemm_rowmajor(False, False, 1.0, gy, params["weight"], 0.0, gx, n_threads)
         return gx
 
     def sample_jacobian(self, ctx, D, offset, J_out, n_threads):
         """Write this layer's columns of the per-sample Jacobians ``J_out``."""
-        _kernels.linear_sample_jacobian(D, ctx["x"], self.bias, offset, J_out, n_threads)
+        dense.linear_sample_jacobian(D, ctx["x"], self.bias, offset, J_out, n_threads)
 
 
 class Activation(Layer):
@@ -326,11 +326,11 @@ class Activation(Layer):
         ufunc = _FLOAT32_UFUNCS.get(self._kind) if x.dtype == np.float32 else None
         if ufunc is not None:
             ufunc(x, out=y)
-            _kernels.activation_derivatives_from_output(self._kind, y.reshape(-1), d1_flat,
-                                                        d2_flat, n_threads)
+            dense.activation_derivatives_from_output(self._kind, y.reshape(-1), d1_flat,
+                                                     d2_flat, n_threads)
         else:
-            _kernels.activation_forward(self._kind, self._p0, self._p1, flat, y.reshape(-1),
-                                        d1_flat, d2_flat, n_threads)
+            dense.activation_forward(self._kind, self._p0, self._p1, flat, y.reshape(-1),
+                                     d1_flat, d2_flat, n_threads)
         ctx["d1"] = d1
         ctx["d2"] = d2
         return y
@@ -340,7 +340,7 @@ class Activation(Layer):
         if rx is None or self._kind == 0:
             return rx
         ry = np.empty_like(rx)
-        _kernels.scale_grouped(ctx["d1"], rx, ry, n_threads)
+        dense.scale_grouped(ctx["d1"], rx, ry, n_threads)
         return ry
 
     def vjp(self, params, ctx, gy, acc, need_input_grad, n_threads):
@@ -348,7 +348,7 @@ class Activation(Layer):
         if not need_input_grad or self._kind == 0:
             return gy
         gx = np.empty_like(gy)
-        _kernels.scale_grouped(ctx["d1"], gy, gx, n_threads)
+        dense.scale_grouped(ctx["d1"], gy, gx, n_threads)
         return gx
 
     def rvjp(self, params, tangent, ctx, g, rx, rgy, acc, need_input_grad, n_threads):
@@ -357,9 +357,9 @@ class Activation(Layer):
             return rgy
         out = np.empty_like(rgy)
         if rx is None or ctx["d2"] is None:
-            _kernels.scale_grouped(ctx["d1"], rgy, out, n_threads)
+            dense.scale_grouped(ctx["d1"], rgy, out, n_threads)
         else:
-            _kernels.activation_rbackward(ctx["d1"], ctx["d2"], g, rx, rgy, out, n_threads)
+            dense.activation_rbackward(ctx["d1"], ctx["d2"], g, rx, rgy, out, n_threads)
         return out
 
     def input_grad(self, params, gy, ctx, n_threads):

@@ -8,7 +8,7 @@ concatenation.
 
 import numpy as np
 
-from . import _kernels
+from ._kernels import dense
 
 __all__ = ["Loss", "MSELoss", "CrossEntropyLoss", "BCEWithLogitsLoss"]
 
@@ -40,7 +40,7 @@ class Loss:
     def hessian_form(self, state, scale):
         """Return ``(kind, array, factor)``: ``scale * B_i`` is ``factor`` times B of ``kind``.
 
-        ``kind`` is ``_kernels.B_IDENTITY`` (``array`` None), ``B_SOFTMAX``
+        ``kind`` is ``dense.B_IDENTITY`` (``array`` None), ``B_SOFTMAX``
         (``array``: the softmax p, (n, K)) or ``B_DIAGONAL`` (``array``: the
         diagonal, (n, K)); ``state`` is what ``value_grad`` returned.
         """
@@ -54,7 +54,7 @@ class Loss:
     def hessian_apply(self, state, x, scale, out, n_threads):
         """``out[i, j] = scale * B_i x[i, j]`` for x of shape (n, k, K)."""
         kind, array, factor = self.hessian_kernel_args(state, scale, x.dtype)
-        _kernels.output_hessian_apply(kind, array, factor, x, out, n_threads)
+        dense.output_hessian_apply(kind, array, factor, x, out, n_threads)
 
     def __call__(self, outputs, targets):
         """Loss of network outputs (N, K) against targets, as a float."""
@@ -96,11 +96,11 @@ class MSELoss(Loss):
     def value_grad(self, z, y, scale, n_threads):  # noqa: D102
         losses = np.empty(z.shape[0])
         r = np.empty_like(z)
-        _kernels.mse_value_grad(z, y, scale, losses, r, n_threads)
+        dense.mse_value_grad(z, y, scale, losses, r, n_threads)
         return float(losses.sum()), r, None
 
     def hessian_form(self, state, scale):  # noqa: D102
-        return _kernels.B_IDENTITY, None, 2.0 * scale
+        return dense.B_IDENTITY, None, 2.0 * scale
 
 
 class CrossEntropyLoss(Loss):
@@ -134,11 +134,11 @@ class CrossEntropyLoss(Loss):
         losses = np.empty(z.shape[0])
         r = np.empty_like(z)
         p = np.empty_like(z)
-        _kernels.cross_entropy_value_grad(z, y, scale, losses, r, p, n_threads)
+        dense.cross_entropy_value_grad(z, y, scale, losses, r, p, n_threads)
         return float(losses.sum()), r, p
 
     def hessian_form(self, state, scale):  # noqa: D102
-        return _kernels.B_SOFTMAX, state, scale
+        return dense.B_SOFTMAX, state, scale
 
 
 class BCEWithLogitsLoss(Loss):
@@ -164,8 +164,8 @@ class BCEWithLogitsLoss(Loss):
         losses = np.empty(z.shape[0])
         r = np.empty_like(z)
         h = np.empty_like(z)
-        _kernels.bce_value_grad(z, y, scale, losses, r, h, n_threads)
+        dense.bce_value_grad(z, y, scale, losses, r, h, n_threads)
         return float(losses.sum()), r, h
 
     def hessian_form(self, state, scale):  # noqa: D102
-        return _kernels.B_DIAGONAL, state, scale
+        return dense.B_DIAGONAL, state, scale

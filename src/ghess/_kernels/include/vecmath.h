@@ -7,8 +7,8 @@
  *
  * Accuracy: exp(r) and expm1(u) are Taylor polynomials on ranges where the
  * truncation error is below 1e-17 relative; the result is within 3 ulp of libm
- * on a dense grid (tests/test_vecmath.py allows 4 over grids and random points),
- * and the derivatives' formulas are those of the scalar kernel.
+ * on a dense grid (tests/_kernels/test_vecmath.py allows 4 over grids and random
+ * points), and the derivatives' formulas are those of the scalar kernel.
  */
 #ifndef GHESS_VECMATH_H
 #define GHESS_VECMATH_H
@@ -116,7 +116,7 @@ static inline double ghess_tanh(double x)
  * MLP-M-tanh's float32 loss+grad. Polynomials: exp(r) of degree 7 on |r| <= ln2/2
  * (remainder < 6e-9 relative) and expm1(u) of degree 10 on (-0.7, 0] (< 2e-9);
  * tanh rounds to 1 in float32 from |x| = 9.02, so |x| is clamped at 10. Within
- * 4 float32 ulp of the correctly rounded tanh (tests/test_vecmath.py). */
+ * 4 float32 ulp of the correctly rounded tanh (tests/_kernels/test_vecmath.py). */
 static inline float ghess_tanhf(float x)
 {
     const float log2e = 1.44269504f;

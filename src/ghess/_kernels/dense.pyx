@@ -30,10 +30,10 @@ from cython.parallel cimport prange
 from libc.math cimport exp, fabs, log, log1p, tanh
 from libc.stdlib cimport free, malloc
 
-from ._blas cimport gemm
+from .blas cimport gemm
 
 
-cdef extern from "_contract.h" nogil:
+cdef extern from "contract.h" nogil:
     void ghess_contract_f64(const double* D, const double* u, double* out, Py_ssize_t K,
                             Py_ssize_t m, Py_ssize_t k, int accumulate)
     void ghess_contract_f32(const float* D, const float* u, float* out, Py_ssize_t K,
@@ -43,7 +43,7 @@ cdef extern from "_contract.h" nogil:
     void ghess_contract_t_f32(const float* D, const float* w, float* out, Py_ssize_t K,
                               Py_ssize_t m, Py_ssize_t k, int accumulate)
 
-cdef extern from "_skinny.h" nogil:
+cdef extern from "skinny.h" nogil:
     int GHESS_SKINNY_MAX
     void ghess_skinny_tn_f64(const double* a, Py_ssize_t lda, const double* b, Py_ssize_t ldb,
                              double* out, Py_ssize_t ldo, Py_ssize_t m, Py_ssize_t k,
@@ -52,7 +52,7 @@ cdef extern from "_skinny.h" nogil:
                              float* out, Py_ssize_t ldo, Py_ssize_t m, Py_ssize_t k,
                              Py_ssize_t n, int accumulate)
 
-cdef extern from "_vecmath.h" nogil:
+cdef extern from "vecmath.h" nogil:
     # vectorisable float64 tanh and its derivatives (see the header)
     void ghess_tanh_block(const double* x, double* y, double* d1, double* d2, Py_ssize_t n)
     void ghess_tanhf_block(const float* x, float* y, float* d1, float* d2, Py_ssize_t n)
@@ -94,7 +94,7 @@ def openmp_max_threads():
 
 cdef inline void _check(bint ok, str what) except *:
     if not ok:
-        raise ValueError(f"internal shape mismatch in ghess._kernels: {what}")
+        raise ValueError(f"internal shape mismatch in ghess._kernels.dense: {what}")
 
 
 # ---------------------------------------------------------------------------
@@ -173,7 +173,7 @@ def gemm_rowmajor(bint trans_a, bint trans_b, double alpha,
 
 cdef void _skinny_tn(const floating[:, ::1] a, const floating[:, ::1] b, bint accumulate,
                      floating[:, ::1] c, int n_blocks) noexcept nogil:
-    """c (+)= a^T b with a (k, m), m small, without BLAS (see _skinny.h).
+    """c (+)= a^T b with a (k, m), m small, without BLAS (see include/skinny.h).
 
     The weight gradient gy^T x of a dense layer with few outputs. Threads take
     blocks of c's columns, so each sum over the k rows runs in one order.
@@ -357,7 +357,8 @@ def activation_forward(int kind, double p0, double p1,
         if kind == RELU:
             slope = 0
         # piecewise linear: plain loops that GCC vectorises (with -fno-trapping-math, see
-        # meson.build); through _activation below they took 5 ns per element, 15x slower
+        # the top-level meson.build); through _activation below they took 5 ns per element,
+        # 15x slower
         if want_d1:  # one pass over x for both
             for i in prange(size, nogil=True, schedule='static', num_threads=n_threads):
                 y[i] = x[i] if x[i] > 0 else slope * x[i]

@@ -19,9 +19,9 @@ Design notes
    threads, equal across thread counts up to rounding.
 5. Where the CPU has AVX2 and FMA, a layer with stride 1 along the width runs
    its forward GEMM (and ``V phi(x)``) and its weight gradient as direct
-   convolutions (``_direct_conv.h``): the unfolded operand is read straight
-   from a zero-padded copy of the input, 1.5-2x faster than im2col + BLAS on
-   CNN-C's layers. Its input gradient is a direct convolution too (stride 1
+   convolutions (``include/direct_conv.h``): the unfolded operand is read
+   straight from a zero-padded copy of the input, 1.5-2x faster than im2col +
+   BLAS on CNN-C's layers. Its input gradient is a direct convolution too (stride 1
    both ways). ``ghess.conv.Conv2d`` then keeps x instead of phi(x). Hessian
    products use the same kernels for ``W phi(R{x})`` (the n*k tangent inputs as
    samples, added into the output: ``accumulate``), ``g phi(R{x})^T`` and
@@ -33,10 +33,10 @@ from cython cimport floating
 from cython.parallel cimport prange, threadid
 from libc.string cimport memcpy, memset
 
-from ._blas cimport gemm
+from .blas cimport gemm
 
 
-cdef extern from "_direct_conv.h" nogil:
+cdef extern from "direct_conv.h" nogil:
     ctypedef struct ghess_dc_geom:
         int C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, out_h, out_w
     int ghess_direct_conv_available()
@@ -62,7 +62,7 @@ cdef extern from "_direct_conv.h" nogil:
     int GHESS_DC_MR
 
 
-# one geometry struct for the Cython kernels and the C ones of _direct_conv.h
+# one geometry struct for the Cython kernels and the C ones of include/direct_conv.h
 ctypedef ghess_dc_geom Geometry
 
 
@@ -77,7 +77,7 @@ cdef Geometry _geometry(tuple geom) except *:
 
 cdef inline void _check(bint ok, str what) except *:
     if not ok:
-        raise ValueError(f"internal shape mismatch in ghess._conv: {what}")
+        raise ValueError(f"internal shape mismatch in ghess._kernels.conv: {what}")
 
 
 # ---------------------------------------------------------------------------

@@ -10,7 +10,7 @@
  * take four rows of D per pass (eight in the transpose), so u (or out) is read
  * once per pass, and
  * `omp simd` lets the compiler reassociate the sums into vector lanes. On
- * x86-64 glibc an AVX2 clone is built beside the baseline one (see _vecmath.h).
+ * x86-64 glibc an AVX2 clone is built beside the baseline one (see vecmath.h).
  * Results depend only on the sample, not on the thread count.
  */
 #ifndef GHESS_CONTRACT_H

@@ -9,7 +9,7 @@ Design notes
    Fortran-style BLAS prototypes are not const-correct; BLAS never writes to
    ``a`` or ``b``.
 3. The functions are fused over float32/float64 and run without the GIL; they
-   are called from the nogil kernels of ``_kernels.pyx``.
+   are called from the nogil kernels of ``dense.pyx`` and ``conv.pyx``.
 """
 from cython cimport floating
 from scipy.linalg.cython_blas cimport dgemm, sgemm, ddot, sdot

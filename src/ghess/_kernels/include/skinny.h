@@ -12,14 +12,14 @@
  * results do not depend on the number of threads.
  *
  * (For x W^T and g W with few rows in W, BLAS stayed faster than the contractions of
- * _contract.h with one shared D: 0.6-0.9x in warm cache.)
+ * contract.h with one shared D: 0.6-0.9x in warm cache.)
  */
 #ifndef GHESS_SKINNY_H
 #define GHESS_SKINNY_H
 
 #include <stddef.h>
 
-#include "_contract.h" /* GHESS_CLONES, GHESS_SIMD */
+#include "contract.h" /* GHESS_CLONES, GHESS_SIMD */
 
 /* Largest m taken here: at m = 16 BLAS's packing pays off in float64 (0.81x its rate). */
 #define GHESS_SKINNY_MAX 12

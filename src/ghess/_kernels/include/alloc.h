@@ -13,7 +13,7 @@
  * 1/4 larger. Smaller blocks go straight to malloc/free. Every block carries a
  * header with its capacity, so freeing never relies on the size NumPy passes.
  * NumPy uses the handler only for arrays created while ghess has it set (see
- * ghess._alloc); an array keeps its handler for life, so it may be freed later
+ * ghess._kernels.alloc); an array keeps its handler for life, so it may be freed later
  * from any thread: the pool is guarded by a lock that does not need the GIL.
  */
 #ifndef GHESS_ALLOC_H
