@@ -57,17 +57,7 @@ cdef extern from "vecmath.h" nogil:
     void ghess_tanh_block(const double* x, double* y, double* d1, double* d2, Py_ssize_t n)
     void ghess_tanhf_block(const float* x, float* y, float* d1, float* d2, Py_ssize_t n)
 
-cdef extern from *:
-    """
-    #ifdef _OPENMP
-    #include <omp.h>
-    #define GHESS_OPENMP 1
-    static int ghess_omp_max_threads(void) { return omp_get_max_threads(); }
-    #else
-    #define GHESS_OPENMP 0
-    static int ghess_omp_max_threads(void) { return 1; }
-    #endif
-    """
+cdef extern from "portability.h":
     int GHESS_OPENMP
     int ghess_omp_max_threads() nogil
 

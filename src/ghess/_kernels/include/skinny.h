@@ -19,7 +19,7 @@
 
 #include <stddef.h>
 
-#include "contract.h" /* GHESS_CLONES, GHESS_SIMD */
+#include "portability.h" /* GHESS_CLONES, GHESS_SIMD */
 
 /* Largest m taken here: at m = 16 BLAS's packing pays off in float64 (0.81x its rate). */
 #define GHESS_SKINNY_MAX 12

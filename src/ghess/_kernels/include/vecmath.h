@@ -18,6 +18,8 @@
 #include <string.h>
 #include <stddef.h>
 
+#include "portability.h" /* GHESS_CLONES */
+
 /* 1/k! for k = 2..18, each rounded once */
 #define GHESS_INV_FACT_2 0.5
 #define GHESS_INV_FACT_3 (1.0 / 6.0)
@@ -162,18 +164,11 @@ static inline float ghess_tanhf(float x)
 }
 
 /* y = tanh(x); d1 = 1 - y^2 and d2 = -2 y (1 - y^2) where non-NULL, for float64
- * (ghess_tanh_block) and float32 (ghess_tanhf_block). On x86-64 glibc with GCC or
- * clang >= 14 an AVX2 clone is built beside the baseline (SSE2) one and picked at load
- * time (an ifunc: glibc only); FMA is left out so that both clones round alike. */
-#if defined(__x86_64__) && defined(__GLIBC__) && \
-    ((defined(__GNUC__) && !defined(__clang__)) || (defined(__clang__) && __clang_major__ >= 14))
-#define GHESS_TANH_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define GHESS_TANH_CLONES
-#endif
-
+ * (ghess_tanh_block) and float32 (ghess_tanhf_block). Where the platform allows it, an
+ * AVX2 clone is built beside the baseline (SSE2) one and picked at load time, without
+ * FMA so that both clones round alike (GHESS_CLONES, portability.h). */
 #define GHESS_DEFINE_TANH_BLOCK(T, NAME, TANH)                                              \
-GHESS_TANH_CLONES                                                                           \
+GHESS_CLONES                                                                                \
 static void NAME(const T *restrict x, T *restrict y, T *restrict d1, T *restrict d2,        \
                  ptrdiff_t n)                                                               \
 {                                                                                           \
