@@ -31,35 +31,12 @@ from libc.math cimport exp, fabs, log, log1p, tanh
 from libc.stdlib cimport free, malloc
 
 from .blas cimport gemm
+from .headers cimport (
+    GHESS_OPENMP, GHESS_SKINNY_MAX, ghess_contract_f32, ghess_contract_f64, ghess_contract_t_f32,
+    ghess_contract_t_f64, ghess_omp_max_threads, ghess_skinny_tn_f32, ghess_skinny_tn_f64,
+    ghess_tanh_block, ghess_tanhf_block,
+)
 
-
-cdef extern from "contract.h" nogil:
-    void ghess_contract_f64(const double* D, const double* u, double* out, Py_ssize_t K,
-                            Py_ssize_t m, Py_ssize_t k, int accumulate)
-    void ghess_contract_f32(const float* D, const float* u, float* out, Py_ssize_t K,
-                            Py_ssize_t m, Py_ssize_t k, int accumulate)
-    void ghess_contract_t_f64(const double* D, const double* w, double* out, Py_ssize_t K,
-                              Py_ssize_t m, Py_ssize_t k, int accumulate)
-    void ghess_contract_t_f32(const float* D, const float* w, float* out, Py_ssize_t K,
-                              Py_ssize_t m, Py_ssize_t k, int accumulate)
-
-cdef extern from "skinny.h" nogil:
-    int GHESS_SKINNY_MAX
-    void ghess_skinny_tn_f64(const double* a, Py_ssize_t lda, const double* b, Py_ssize_t ldb,
-                             double* out, Py_ssize_t ldo, Py_ssize_t m, Py_ssize_t k,
-                             Py_ssize_t n, int accumulate)
-    void ghess_skinny_tn_f32(const float* a, Py_ssize_t lda, const float* b, Py_ssize_t ldb,
-                             float* out, Py_ssize_t ldo, Py_ssize_t m, Py_ssize_t k,
-                             Py_ssize_t n, int accumulate)
-
-cdef extern from "vecmath.h" nogil:
-    # vectorisable float64 tanh and its derivatives (see the header)
-    void ghess_tanh_block(const double* x, double* y, double* d1, double* d2, Py_ssize_t n)
-    void ghess_tanhf_block(const float* x, float* y, float* d1, float* d2, Py_ssize_t n)
-
-cdef extern from "portability.h":
-    int GHESS_OPENMP
-    int ghess_omp_max_threads() nogil
 
 
 # Activation kinds; keep in sync with ghess.layers.
