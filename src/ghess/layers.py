@@ -20,6 +20,7 @@ import numpy as np
 import scipy.special
 
 from ._kernels import dense
+from ._kernels.dense import ActivationKind
 
 __all__ = [
     "Layer",
@@ -290,13 +291,13 @@ class Linear(Layer):
 class Activation(Layer):
     """Elementwise activation ``y = f(x)`` (no parameters)."""
 
-    _kind = 0
+    _kind = ActivationKind.IDENTITY
     _p0 = 0.0
     _p1 = 0.0
 
     @property
     def is_identity(self):  # noqa: D102
-        return self._kind == 0
+        return self._kind == ActivationKind.IDENTITY
 
     @property
     def uses_output_grad(self):  # noqa: D102  (only the f'' term reads g)
@@ -314,7 +315,7 @@ class Activation(Layer):
 
     def forward(self, params, x, ctx, need, n_threads):
         """Y = f(x); keeps f'(x) when ``need`` asks for it, and f''(x) for Hessians."""
-        if self._kind == 0:
+        if self._kind == ActivationKind.IDENTITY:
             return x
         flat = x.reshape(-1)
         y = np.empty_like(x)
@@ -337,7 +338,7 @@ class Activation(Layer):
 
     def jvp(self, params, tangent, ctx, rx, n_threads):
         """R{y} = f'(x) R{x}."""
-        if rx is None or self._kind == 0:
+        if rx is None or self._kind == ActivationKind.IDENTITY:
             return rx
         ry = np.empty_like(rx)
         dense.scale_grouped(ctx["d1"], rx, ry, n_threads)
@@ -345,7 +346,7 @@ class Activation(Layer):
 
     def vjp(self, params, ctx, gy, acc, need_input_grad, n_threads):
         """dL/dx = f'(x) dL/dy."""
-        if not need_input_grad or self._kind == 0:
+        if not need_input_grad or self._kind == ActivationKind.IDENTITY:
             return gy
         gx = np.empty_like(gy)
         dense.scale_grouped(ctx["d1"], gy, gx, n_threads)
@@ -353,7 +354,7 @@ class Activation(Layer):
 
     def rvjp(self, params, tangent, ctx, g, rx, rgy, acc, need_input_grad, n_threads):
         """R{dL/dx} = f'(x) R{dL/dy} + f''(x) (dL/dy) R{x}."""
-        if self._kind == 0:
+        if self._kind == ActivationKind.IDENTITY:
             return rgy
         out = np.empty_like(rgy)
         if rx is None or ctx["d2"] is None:
@@ -364,7 +365,7 @@ class Activation(Layer):
 
     def input_grad(self, params, gy, ctx, n_threads):
         """dL/dx = f'(x) dL/dy for direction-free gy (n, width)."""
-        if self._kind == 0:
+        if self._kind == ActivationKind.IDENTITY:
             return gy
         return ctx["d1"] * gy
 
@@ -372,19 +373,19 @@ class Activation(Layer):
 class Identity(Activation):
     """``y = x``, as ``torch.nn.Identity``."""
 
-    _kind = 0
+    _kind = ActivationKind.IDENTITY
 
 
 class ReLU(Activation):
     """``max(x, 0)`` with ReLU'(0) = 0, as ``torch.nn.ReLU``."""
 
-    _kind = 1
+    _kind = ActivationKind.RELU
 
 
 class LeakyReLU(Activation):
     """``x`` for x > 0, ``negative_slope * x`` otherwise, as ``torch.nn.LeakyReLU``."""
 
-    _kind = 2
+    _kind = ActivationKind.LEAKY_RELU
 
     def __init__(self, negative_slope=0.01):
         self.negative_slope = _finite_real(negative_slope, "negative_slope", "LeakyReLU")
@@ -397,14 +398,14 @@ class LeakyReLU(Activation):
 class Tanh(Activation):
     """Hyperbolic tangent, as ``torch.nn.Tanh``."""
 
-    _kind = 3
+    _kind = ActivationKind.TANH
     has_curvature = True
 
 
 class Sigmoid(Activation):
     """Logistic sigmoid, as ``torch.nn.Sigmoid``."""
 
-    _kind = 4
+    _kind = ActivationKind.SIGMOID
     has_curvature = True
 
 
@@ -414,7 +415,7 @@ class Softplus(Activation):
     As ``torch.nn.Softplus(beta=1.0, threshold=20.0)``.
     """
 
-    _kind = 5
+    _kind = ActivationKind.SOFTPLUS
     has_curvature = True
 
     def __init__(self, beta=1.0, threshold=20.0):

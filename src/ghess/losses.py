@@ -9,6 +9,7 @@ concatenation.
 import numpy as np
 
 from ._kernels import dense
+from ._kernels.dense import OutputHessianKind
 
 __all__ = ["Loss", "MSELoss", "CrossEntropyLoss", "BCEWithLogitsLoss"]
 
@@ -40,8 +41,8 @@ class Loss:
     def hessian_form(self, state, scale):
         """Return ``(kind, array, factor)``: ``scale * B_i`` is ``factor`` times B of ``kind``.
 
-        ``kind`` is ``dense.B_IDENTITY`` (``array`` None), ``B_SOFTMAX``
-        (``array``: the softmax p, (n, K)) or ``B_DIAGONAL`` (``array``: the
+        ``kind`` is an ``OutputHessianKind``: ``IDENTITY`` (``array`` None), ``SOFTMAX``
+        (``array``: the softmax p, (n, K)) or ``DIAGONAL`` (``array``: the
         diagonal, (n, K)); ``state`` is what ``value_grad`` returned.
         """
         raise NotImplementedError
@@ -100,7 +101,7 @@ class MSELoss(Loss):
         return float(losses.sum()), r, None
 
     def hessian_form(self, state, scale):  # noqa: D102
-        return dense.B_IDENTITY, None, 2.0 * scale
+        return OutputHessianKind.IDENTITY, None, 2.0 * scale
 
 
 class CrossEntropyLoss(Loss):
@@ -138,7 +139,7 @@ class CrossEntropyLoss(Loss):
         return float(losses.sum()), r, p
 
     def hessian_form(self, state, scale):  # noqa: D102
-        return dense.B_SOFTMAX, state, scale
+        return OutputHessianKind.SOFTMAX, state, scale
 
 
 class BCEWithLogitsLoss(Loss):
@@ -168,4 +169,4 @@ class BCEWithLogitsLoss(Loss):
         return float(losses.sum()), r, h
 
     def hessian_form(self, state, scale):  # noqa: D102
-        return dense.B_DIAGONAL, state, scale
+        return OutputHessianKind.DIAGONAL, state, scale

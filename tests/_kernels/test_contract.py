@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from ghess._kernels import dense
+from ghess._kernels.dense import OutputHessianKind
 from ghess.testing import assert_allclose_rel
 
 
@@ -57,9 +58,9 @@ def test_contractions_are_the_same_on_any_thread_count():
 
 def _output_hessians(kind, state, scale, n, K):
     """Return scale * B_i as dense (n, K, K) matrices, from their definitions."""
-    if kind == dense.B_IDENTITY:
+    if kind == OutputHessianKind.IDENTITY:
         return scale * np.broadcast_to(np.eye(K), (n, K, K))
-    if kind == dense.B_SOFTMAX:
+    if kind == OutputHessianKind.SOFTMAX:
         return scale * np.stack([np.diag(p) - np.outer(p, p) for p in state])
     return scale * np.stack([np.diag(h) for h in state])
 
@@ -76,7 +77,8 @@ def test_ggn_factor_core_against_einsum(dtype, kind, widths):
     S = tuple(np.full((n, k, m), np.nan, dtype=dtype) for m in widths)
     p = rng.random((n, K))
     p /= p.sum(axis=1, keepdims=True)
-    state = np.empty((0, 0), dtype=dtype) if kind == dense.B_IDENTITY else p.astype(dtype)
+    state = (np.empty((0, 0), dtype=dtype) if kind == OutputHessianKind.IDENTITY
+             else p.astype(dtype))
     base = rng.normal(size=(n, k, K)).astype(dtype)
     Jv, u = base.copy(), np.full((n, k, K), np.nan, dtype=dtype)
     dense.ggn_factor_core(D, U, S, Jv, u, kind, state, scale, 2)

@@ -24,6 +24,8 @@ Design notes
 5. Elementwise math is done in double precision and rounded to the array's
    dtype: cheap next to the GEMMs, and it keeps float32 activations accurate.
 """
+from enum import IntEnum
+
 from cython cimport floating
 import numpy as np
 from cython.parallel cimport prange
@@ -36,17 +38,6 @@ from .headers cimport (
     ghess_contract_t_f64, ghess_omp_max_threads, ghess_skinny_tn_f32, ghess_skinny_tn_f64,
     ghess_tanh_block, ghess_tanhf_block,
 )
-
-
-
-# Activation kinds; keep in sync with ghess.layers.
-cdef enum:
-    IDENTITY = 0
-    RELU = 1
-    LEAKY_RELU = 2
-    TANH = 3
-    SIGMOID = 4
-    SOFTPLUS = 5
 
 
 def openmp_enabled():
@@ -650,12 +641,18 @@ def bce_value_grad(const floating[:, ::1] z,    # IN  (n, K) logits
         loss_out[i] = acc
 
 
-# Kinds of output-space Hessian B_i, with the per-sample state they read (see
-# losses.Loss.hessian_form); multiplied by a scale.
-cpdef enum:
-    B_IDENTITY = 0   # I (the squared error: scale = 2 * its reduction's)
-    B_SOFTMAX = 1    # diag(p_i) - p_i p_i^T (softmax cross-entropy)
-    B_DIAGONAL = 2   # diag(h_i) (BCE with logits: h = sigma')
+# The kinds B_IDENTITY, B_SOFTMAX, B_DIAGONAL of dense.pxd as a Python enum (dense.pxd says
+# why it is not a cpdef enum like ActivationKind).
+OutputHessianKind = IntEnum(
+    "OutputHessianKind",
+    [("IDENTITY", B_IDENTITY), ("SOFTMAX", B_SOFTMAX), ("DIAGONAL", B_DIAGONAL)],
+    module=__name__,
+)
+OutputHessianKind.__doc__ = """The output-space Hessian B_i of ``output_hessian_apply``.
+
+IDENTITY: I (state unused); SOFTMAX: diag(p_i) - p_i p_i^T, state p (n, K);
+DIAGONAL: diag(h_i), state h (n, K).
+"""
 
 
 cdef inline void _apply_output_hessian(int kind, const floating* state, double scale,
@@ -693,7 +690,7 @@ def output_hessian_apply(int kind,
                          const floating[:, :, ::1] x,   # IN  (n, k, K)
                          floating[:, :, ::1] out,       # OUT (n, k, K)
                          int n_threads):
-    """out[i, j] = scale * B_i x[i, j] (B_i of the given kind, see B_IDENTITY...)."""
+    """out[i, j] = scale * B_i x[i, j] (B_i of the given kind: an OutputHessianKind)."""
     cdef Py_ssize_t n = x.shape[0], k = x.shape[1], K = x.shape[2], i
     _check_output_hessian(kind, state, n, K)
     _check(out.shape[0] == n and out.shape[1] == k and out.shape[2] == K,
