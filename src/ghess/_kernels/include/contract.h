@@ -6,9 +6,8 @@
  *
  * K (network outputs) is small and m (a layer's width) large. A BLAS call per
  * (j, c) dot, or per sample with k = 1, is dominated by call and packing
- * overhead (16 GB/s and 3 GB/s on 512-wide rows even in cache); these loops
- * take four rows of D per pass (eight in the transpose), so u (or out) is read
- * once per pass, and
+ * overhead, even with the rows in cache; these loops take four rows of D per
+ * pass (eight in the transpose), so u (or out) is read once per pass, and
  * `omp simd` lets the compiler reassociate the sums into vector lanes. On
  * x86-64 glibc an AVX2 clone is built beside the baseline one (see portability.h).
  * Results depend only on the sample, not on the thread count.
