@@ -1,9 +1,9 @@
 """The GEMM and bias sum of every dense layer against float64 NumPy.
 
-In ``_kernels.gemm_rowmajor``, ``a^T b`` with at most 12 columns in ``a`` (the
+In ``dense.gemm_rowmajor``, ``a^T b`` with at most 12 columns in ``a`` (the
 weight gradient of a layer with few outputs) skips BLAS for the kernel of
-_skinny.h; the sizes here straddle that bound, its four-row blocks and its column
-blocks, for every transposition, both dtypes, beta 0 and 1, and one and two
+include/skinny.h; the sizes here straddle that bound, its four-row blocks and its
+column blocks, for every transposition, both dtypes, beta 0 and 1, and one and two
 threads. ``sum_rows_into`` takes four rows per pass, then the remainder, and splits
 columns over threads.
 """
@@ -11,7 +11,7 @@ columns over threads.
 import numpy as np
 import pytest
 
-from ghess import _kernels
+from ghess._kernels import dense
 
 
 def _operands(rng, trans_a, trans_b, m, k, n, dtype):
@@ -47,7 +47,7 @@ def test_gemm_rowmajor_matches_numpy(dtype, trans_a, trans_b, m, k, n):
         expected = _expected(a, b, trans_a, trans_b, alpha, beta, c0)
         for threads in (1, 2):
             c = c0.copy() if beta else np.full((m, n), np.nan, dtype=dtype)
-            _kernels.gemm_rowmajor(trans_a, trans_b, alpha, a, b, beta, c, threads)
+            dense.gemm_rowmajor(trans_a, trans_b, alpha, a, b, beta, c, threads)
             np.testing.assert_allclose(c, expected, rtol=rtol, atol=rtol * scale * (1 + beta))
     np.testing.assert_array_equal(a, a0)  # inputs untouched
     np.testing.assert_array_equal(b, b0)
@@ -61,7 +61,7 @@ def test_skinny_weight_gradient_is_the_same_on_any_thread_count(dtype):
     results = []
     for threads in (1, 2, 3):
         c = np.zeros((10, 513), dtype)
-        _kernels.gemm_rowmajor(True, False, 1.0, a, b, 0.0, c, threads)
+        dense.gemm_rowmajor(True, False, 1.0, a, b, 0.0, c, threads)
         results.append(c)
     for c in results[1:]:
         np.testing.assert_array_equal(c, results[0])
@@ -73,10 +73,10 @@ def test_skinny_weight_gradient_is_the_same_on_any_thread_count(dtype):
 def test_gemm_rowmajor_empty_dimensions():
     a = np.ones((0, 3))
     c = np.full((3, 4), 2.0)
-    _kernels.gemm_rowmajor(True, False, 1.0, a, np.ones((0, 4)), 0.5, c, 2)
+    dense.gemm_rowmajor(True, False, 1.0, a, np.ones((0, 4)), 0.5, c, 2)
     np.testing.assert_array_equal(c, 1.0)  # k = 0: c := beta c
-    _kernels.gemm_rowmajor(False, False, 1.0, np.ones((0, 5)), np.ones((5, 4)), 0.0,
-                           np.ones((0, 4)), 2)
+    dense.gemm_rowmajor(False, False, 1.0, np.ones((0, 5)), np.ones((5, 4)), 0.0,
+                        np.ones((0, 4)), 2)
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
@@ -93,7 +93,7 @@ def test_sum_rows_into_adds_the_column_sums(dtype, n, m):
     results = []
     for threads in (1, 2, 3):
         out = start.copy()
-        _kernels.sum_rows_into(x, out, threads)
+        dense.sum_rows_into(x, out, threads)
         np.testing.assert_allclose(out, expected, rtol=rtol, atol=rtol * 10 * np.sqrt(n + 1))
         results.append(out)
     for out in results[1:]:

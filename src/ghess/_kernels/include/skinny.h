@@ -3,25 +3,24 @@
  *
  *   ghess_skinny_tn:  out[r, o] (+)= sum_i a[i, r] b[i, o]    r < m small
  *
- * OpenBLAS packs both operands of a product whose output is only m rows tall: it ran
- * this at 13-23 GFLOP/s (float32, 1024 x 512 inputs, one core, GEMM peak 90). This
- * reads b once, in column blocks small enough that the m output rows of a block stay
- * in L1 across all of b's rows: 1.6-2.4x BLAS's rate in float32 and 1.2-1.9x in
- * float64 (m = 10; 64-1024 rows of 256-1024 columns; warm and cold caches).
- * The sum over i runs in one order whatever block of columns a thread takes, so
- * results do not depend on the number of threads.
+ * OpenBLAS packs both operands even of a product whose output is only m rows tall,
+ * and the packing then costs more than the arithmetic: such a product runs far below
+ * the GEMM's peak. This reads b once, in column blocks small enough that the m output
+ * rows of a block stay in L1 across all of b's rows, and is faster than BLAS in both
+ * dtypes, in warm and cold caches. The sum over i runs in one order whatever block of
+ * columns a thread takes, so results do not depend on the number of threads.
  *
- * (For x W^T and g W with few rows in W, BLAS stayed faster than the contractions of
- * _contract.h with one shared D: 0.6-0.9x in warm cache.)
+ * (x W^T and g W with few rows in W stay with BLAS: there it is faster than the
+ * contractions of contract.h with one shared D.)
  */
 #ifndef GHESS_SKINNY_H
 #define GHESS_SKINNY_H
 
 #include <stddef.h>
 
-#include "_contract.h" /* GHESS_CLONES, GHESS_SIMD */
+#include "portability.h" /* GHESS_CLONES, GHESS_SIMD */
 
-/* Largest m taken here: at m = 16 BLAS's packing pays off in float64 (0.81x its rate). */
+/* Largest m taken here: by m = 16, BLAS's packing pays off (in float64 first). */
 #define GHESS_SKINNY_MAX 12
 
 /* Bytes of one output row per column block: m rows of it plus four rows of b stay in L1. */

@@ -6,11 +6,10 @@
  *
  * K (network outputs) is small and m (a layer's width) large. A BLAS call per
  * (j, c) dot, or per sample with k = 1, is dominated by call and packing
- * overhead (16 GB/s and 3 GB/s on 512-wide rows even in cache); these loops
- * take four rows of D per pass (eight in the transpose), so u (or out) is read
- * once per pass, and
+ * overhead, even with the rows in cache; these loops take four rows of D per
+ * pass (eight in the transpose), so u (or out) is read once per pass, and
  * `omp simd` lets the compiler reassociate the sums into vector lanes. On
- * x86-64 glibc an AVX2 clone is built beside the baseline one (see _vecmath.h).
+ * x86-64 glibc an AVX2 clone is built beside the baseline one (see portability.h).
  * Results depend only on the sample, not on the thread count.
  */
 #ifndef GHESS_CONTRACT_H
@@ -18,22 +17,7 @@
 
 #include <stddef.h>
 
-#if defined(__x86_64__) && defined(__GLIBC__) && \
-    ((defined(__GNUC__) && !defined(__clang__)) || (defined(__clang__) && __clang_major__ >= 14))
-#define GHESS_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define GHESS_CLONES
-#endif
-
-#if defined(_OPENMP)
-#define GHESS_SIMD_SUM4 _Pragma("omp simd reduction(+:s0, s1, s2, s3)")
-#define GHESS_SIMD_SUM1 _Pragma("omp simd reduction(+:s0)")
-#define GHESS_SIMD _Pragma("omp simd")
-#else
-#define GHESS_SIMD_SUM4
-#define GHESS_SIMD_SUM1
-#define GHESS_SIMD
-#endif
+#include "portability.h" /* GHESS_CLONES, GHESS_SIMD, GHESS_SIMD_SUM1, GHESS_SIMD_SUM4 */
 
 /* One pass of the transpose over rows c.. of D: dst = (or +=) the weighted sum EXPR of
  * those rows at column o. Up to eight rows per pass: dst is read and written once per

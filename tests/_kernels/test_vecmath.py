@@ -1,4 +1,4 @@
-"""The vectorised float64 and float32 tanh (_vecmath.h) against libm, element by element."""
+"""The vectorised float64 and float32 tanh (include/vecmath.h) against libm, element by element."""
 
 import numpy as np
 import pytest

@@ -19,9 +19,9 @@ Design notes
    threads, equal across thread counts up to rounding.
 5. Where the CPU has AVX2 and FMA, a layer with stride 1 along the width runs
    its forward GEMM (and ``V phi(x)``) and its weight gradient as direct
-   convolutions (``_direct_conv.h``): the unfolded operand is read straight
-   from a zero-padded copy of the input, 1.5-2x faster than im2col + BLAS on
-   CNN-C's layers. Its input gradient is a direct convolution too (stride 1
+   convolutions (``include/direct_conv.h``): the unfolded operand is read
+   straight from a zero-padded copy of the input, 1.5-2x faster than im2col +
+   BLAS on CNN-C's layers. Its input gradient is a direct convolution too (stride 1
    both ways). ``ghess.conv.Conv2d`` then keeps x instead of phi(x). Hessian
    products use the same kernels for ``W phi(R{x})`` (the n*k tangent inputs as
    samples, added into the output: ``accumulate``), ``g phi(R{x})^T`` and
@@ -33,36 +33,17 @@ from cython cimport floating
 from cython.parallel cimport prange, threadid
 from libc.string cimport memcpy, memset
 
-from ._blas cimport gemm
+from .blas cimport gemm
+from .headers cimport (
+    GHESS_DC_MR, ghess_dc_forward_f32, ghess_dc_forward_f64, ghess_dc_geom,
+    ghess_dc_grad_panels_size, ghess_dc_offsets, ghess_dc_pack_grad_f32, ghess_dc_pack_grad_f64,
+    ghess_dc_pack_weights_f32, ghess_dc_pack_weights_f64, ghess_dc_pad_f32, ghess_dc_pad_f64,
+    ghess_dc_padded_size, ghess_dc_weight_grad_f32, ghess_dc_weight_grad_f64,
+    ghess_direct_conv_available,
+)
 
 
-cdef extern from "_direct_conv.h" nogil:
-    ctypedef struct ghess_dc_geom:
-        int C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, out_h, out_w
-    int ghess_direct_conv_available()
-    Py_ssize_t ghess_dc_padded_size(const ghess_dc_geom* g)
-    void ghess_dc_offsets(const ghess_dc_geom* g, int* off)
-    void ghess_dc_pack_weights_f64(const double* w, int M, int K, double* Ap)
-    void ghess_dc_pack_weights_f32(const float* w, int M, int K, float* Ap)
-    void ghess_dc_pad_f64(const double* x, const ghess_dc_geom* g, double* xp)
-    void ghess_dc_pad_f32(const float* x, const ghess_dc_geom* g, float* xp)
-    void ghess_dc_forward_f64(const double* Ap, const double* bias, int M, const double* xp,
-                              const int* off, const ghess_dc_geom* g, double* out,
-                              int accumulate)
-    void ghess_dc_forward_f32(const float* Ap, const float* bias, int M, const float* xp,
-                              const int* off, const ghess_dc_geom* g, float* out,
-                              int accumulate)
-    Py_ssize_t ghess_dc_grad_panels_size(int M, int P, int vector_length)
-    void ghess_dc_pack_grad_f64(const double* g, int M, int P, double* gT)
-    void ghess_dc_pack_grad_f32(const float* g, int M, int P, float* gT)
-    void ghess_dc_weight_grad_f64(const double* gT, int M, const double* xp, const int* off,
-                                  const ghess_dc_geom* g, double* work)
-    void ghess_dc_weight_grad_f32(const float* gT, int M, const float* xp, const int* off,
-                                  const ghess_dc_geom* g, float* work)
-    int GHESS_DC_MR
-
-
-# one geometry struct for the Cython kernels and the C ones of _direct_conv.h
+# one geometry struct for the Cython kernels and the C ones of include/direct_conv.h
 ctypedef ghess_dc_geom Geometry
 
 
@@ -77,7 +58,7 @@ cdef Geometry _geometry(tuple geom) except *:
 
 cdef inline void _check(bint ok, str what) except *:
     if not ok:
-        raise ValueError(f"internal shape mismatch in ghess._conv: {what}")
+        raise ValueError(f"internal shape mismatch in ghess._kernels.conv: {what}")
 
 
 # ---------------------------------------------------------------------------

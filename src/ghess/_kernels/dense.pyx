@@ -24,62 +24,20 @@ Design notes
 5. Elementwise math is done in double precision and rounded to the array's
    dtype: cheap next to the GEMMs, and it keeps float32 activations accurate.
 """
+from enum import IntEnum
+
 from cython cimport floating
 import numpy as np
 from cython.parallel cimport prange
 from libc.math cimport exp, fabs, log, log1p, tanh
 from libc.stdlib cimport free, malloc
 
-from ._blas cimport gemm
-
-
-cdef extern from "_contract.h" nogil:
-    void ghess_contract_f64(const double* D, const double* u, double* out, Py_ssize_t K,
-                            Py_ssize_t m, Py_ssize_t k, int accumulate)
-    void ghess_contract_f32(const float* D, const float* u, float* out, Py_ssize_t K,
-                            Py_ssize_t m, Py_ssize_t k, int accumulate)
-    void ghess_contract_t_f64(const double* D, const double* w, double* out, Py_ssize_t K,
-                              Py_ssize_t m, Py_ssize_t k, int accumulate)
-    void ghess_contract_t_f32(const float* D, const float* w, float* out, Py_ssize_t K,
-                              Py_ssize_t m, Py_ssize_t k, int accumulate)
-
-cdef extern from "_skinny.h" nogil:
-    int GHESS_SKINNY_MAX
-    void ghess_skinny_tn_f64(const double* a, Py_ssize_t lda, const double* b, Py_ssize_t ldb,
-                             double* out, Py_ssize_t ldo, Py_ssize_t m, Py_ssize_t k,
-                             Py_ssize_t n, int accumulate)
-    void ghess_skinny_tn_f32(const float* a, Py_ssize_t lda, const float* b, Py_ssize_t ldb,
-                             float* out, Py_ssize_t ldo, Py_ssize_t m, Py_ssize_t k,
-                             Py_ssize_t n, int accumulate)
-
-cdef extern from "_vecmath.h" nogil:
-    # vectorisable float64 tanh and its derivatives (see the header)
-    void ghess_tanh_block(const double* x, double* y, double* d1, double* d2, Py_ssize_t n)
-    void ghess_tanhf_block(const float* x, float* y, float* d1, float* d2, Py_ssize_t n)
-
-cdef extern from *:
-    """
-    #ifdef _OPENMP
-    #include <omp.h>
-    #define GHESS_OPENMP 1
-    static int ghess_omp_max_threads(void) { return omp_get_max_threads(); }
-    #else
-    #define GHESS_OPENMP 0
-    static int ghess_omp_max_threads(void) { return 1; }
-    #endif
-    """
-    int GHESS_OPENMP
-    int ghess_omp_max_threads() nogil
-
-
-# Activation kinds; keep in sync with ghess.layers.
-cdef enum:
-    IDENTITY = 0
-    RELU = 1
-    LEAKY_RELU = 2
-    TANH = 3
-    SIGMOID = 4
-    SOFTPLUS = 5
+from .blas cimport gemm
+from .headers cimport (
+    GHESS_OPENMP, GHESS_SKINNY_MAX, ghess_contract_f32, ghess_contract_f64, ghess_contract_t_f32,
+    ghess_contract_t_f64, ghess_omp_max_threads, ghess_skinny_tn_f32, ghess_skinny_tn_f64,
+    ghess_tanh_block, ghess_tanhf_block,
+)
 
 
 def openmp_enabled():
@@ -94,7 +52,7 @@ def openmp_max_threads():
 
 cdef inline void _check(bint ok, str what) except *:
     if not ok:
-        raise ValueError(f"internal shape mismatch in ghess._kernels: {what}")
+        raise ValueError(f"internal shape mismatch in ghess._kernels.dense: {what}")
 
 
 # ---------------------------------------------------------------------------
@@ -173,7 +131,7 @@ def gemm_rowmajor(bint trans_a, bint trans_b, double alpha,
 
 cdef void _skinny_tn(const floating[:, ::1] a, const floating[:, ::1] b, bint accumulate,
                      floating[:, ::1] c, int n_blocks) noexcept nogil:
-    """c (+)= a^T b with a (k, m), m small, without BLAS (see _skinny.h).
+    """c (+)= a^T b with a (k, m), m small, without BLAS (see include/skinny.h).
 
     The weight gradient gy^T x of a dense layer with few outputs. Threads take
     blocks of c's columns, so each sum over the k rows runs in one order.
@@ -357,7 +315,8 @@ def activation_forward(int kind, double p0, double p1,
         if kind == RELU:
             slope = 0
         # piecewise linear: plain loops that GCC vectorises (with -fno-trapping-math, see
-        # meson.build); through _activation below they took 5 ns per element, 15x slower
+        # the top-level meson.build); through _activation below they took 5 ns per element,
+        # 15x slower
         if want_d1:  # one pass over x for both
             for i in prange(size, nogil=True, schedule='static', num_threads=n_threads):
                 y[i] = x[i] if x[i] > 0 else slope * x[i]
@@ -682,12 +641,18 @@ def bce_value_grad(const floating[:, ::1] z,    # IN  (n, K) logits
         loss_out[i] = acc
 
 
-# Kinds of output-space Hessian B_i, with the per-sample state they read (see
-# losses.Loss.hessian_form); multiplied by a scale.
-cpdef enum:
-    B_IDENTITY = 0   # I (the squared error: scale = 2 * its reduction's)
-    B_SOFTMAX = 1    # diag(p_i) - p_i p_i^T (softmax cross-entropy)
-    B_DIAGONAL = 2   # diag(h_i) (BCE with logits: h = sigma')
+# The kinds B_IDENTITY, B_SOFTMAX, B_DIAGONAL of dense.pxd as a Python enum (dense.pxd says
+# why it is not a cpdef enum like ActivationKind).
+OutputHessianKind = IntEnum(
+    "OutputHessianKind",
+    [("IDENTITY", B_IDENTITY), ("SOFTMAX", B_SOFTMAX), ("DIAGONAL", B_DIAGONAL)],
+    module=__name__,
+)
+OutputHessianKind.__doc__ = """The output-space Hessian B_i of ``output_hessian_apply``.
+
+IDENTITY: I (state unused); SOFTMAX: diag(p_i) - p_i p_i^T, state p (n, K);
+DIAGONAL: diag(h_i), state h (n, K).
+"""
 
 
 cdef inline void _apply_output_hessian(int kind, const floating* state, double scale,
@@ -725,7 +690,7 @@ def output_hessian_apply(int kind,
                          const floating[:, :, ::1] x,   # IN  (n, k, K)
                          floating[:, :, ::1] out,       # OUT (n, k, K)
                          int n_threads):
-    """out[i, j] = scale * B_i x[i, j] (B_i of the given kind, see B_IDENTITY...)."""
+    """out[i, j] = scale * B_i x[i, j] (B_i of the given kind: an OutputHessianKind)."""
     cdef Py_ssize_t n = x.shape[0], k = x.shape[1], K = x.shape[2], i
     _check_output_hessian(kind, state, n, K)
     _check(out.shape[0] == n and out.shape[1] == k and out.shape[2] == K,

@@ -10,7 +10,7 @@ import itertools
 import numpy as np
 import pytest
 
-from ghess import _conv
+from ghess._kernels import conv as _conv
 
 
 def _naive_cols(x, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, out_h, out_w):

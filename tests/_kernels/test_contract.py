@@ -8,7 +8,8 @@ directly, in both dtypes, with and without accumulation.
 import numpy as np
 import pytest
 
-from ghess import _kernels
+from ghess._kernels import dense
+from ghess._kernels.dense import OutputHessianKind
 from ghess.testing import assert_allclose_rel
 
 
@@ -27,15 +28,15 @@ def test_contractions_match_einsum(dtype, K, m, k):
 
     start = rng.normal(size=(n, k, K)).astype(dtype)
     out = start.copy()
-    _kernels.contract_factor(D, u, out, True, 2)
+    dense.contract_factor(D, u, out, True, 2)
     expected = start + np.einsum("ncm,njm->njc", D64, u64)
     np.testing.assert_allclose(out, expected, rtol=rtol, atol=rtol * (1 + np.sqrt(m)))
     out = np.full((n, k, K), np.nan, dtype=dtype)
-    _kernels.contract_factor(D, u, out, False, 1)
+    dense.contract_factor(D, u, out, False, 1)
     np.testing.assert_allclose(out, expected - start, rtol=rtol, atol=rtol * (1 + np.sqrt(m)))
 
     out_t = np.full((n, k, m), np.nan, dtype=dtype)
-    _kernels.contract_factor_t(D, w, out_t, 2)
+    dense.contract_factor_t(D, w, out_t, 2)
     np.testing.assert_allclose(out_t, np.einsum("ncm,njc->njm", D64, w64), rtol=rtol,
                                atol=rtol * (1 + np.sqrt(K)))
 
@@ -48,8 +49,8 @@ def test_contractions_are_the_same_on_any_thread_count():
     results = []
     for threads in (1, 2):
         out, out_t = np.zeros((9, 2, 10)), np.empty((9, 2, 600))
-        _kernels.contract_factor(D, u, out, False, threads)
-        _kernels.contract_factor_t(D, w, out_t, threads)
+        dense.contract_factor(D, u, out, False, threads)
+        dense.contract_factor_t(D, w, out_t, threads)
         results.append((out, out_t))
     np.testing.assert_array_equal(results[0][0], results[1][0])
     np.testing.assert_array_equal(results[0][1], results[1][1])
@@ -57,9 +58,9 @@ def test_contractions_are_the_same_on_any_thread_count():
 
 def _output_hessians(kind, state, scale, n, K):
     """Return scale * B_i as dense (n, K, K) matrices, from their definitions."""
-    if kind == _kernels.B_IDENTITY:
+    if kind == OutputHessianKind.IDENTITY:
         return scale * np.broadcast_to(np.eye(K), (n, K, K))
-    if kind == _kernels.B_SOFTMAX:
+    if kind == OutputHessianKind.SOFTMAX:
         return scale * np.stack([np.diag(p) - np.outer(p, p) for p in state])
     return scale * np.stack([np.diag(h) for h in state])
 
@@ -76,10 +77,11 @@ def test_ggn_factor_core_against_einsum(dtype, kind, widths):
     S = tuple(np.full((n, k, m), np.nan, dtype=dtype) for m in widths)
     p = rng.random((n, K))
     p /= p.sum(axis=1, keepdims=True)
-    state = np.empty((0, 0), dtype=dtype) if kind == _kernels.B_IDENTITY else p.astype(dtype)
+    state = (np.empty((0, 0), dtype=dtype) if kind == OutputHessianKind.IDENTITY
+             else p.astype(dtype))
     base = rng.normal(size=(n, k, K)).astype(dtype)
     Jv, u = base.copy(), np.full((n, k, K), np.nan, dtype=dtype)
-    _kernels.ggn_factor_core(D, U, S, Jv, u, kind, state, scale, 2)
+    dense.ggn_factor_core(D, U, S, Jv, u, kind, state, scale, 2)
 
     expected_Jv = base.astype(np.float64)
     for d, a in zip(D, U):
@@ -93,7 +95,7 @@ def test_ggn_factor_core_against_einsum(dtype, kind, widths):
         assert_allclose_rel(s, np.einsum("ncm,njc->njm", d, expected_u, dtype=np.float64), rtol)
     # output_hessian_apply is the same B
     out = np.full_like(u, np.nan)
-    _kernels.output_hessian_apply(kind, state, scale, Jv, out, 1)
+    dense.output_hessian_apply(kind, state, scale, Jv, out, 1)
     np.testing.assert_array_equal(out, u)
 
 
@@ -102,10 +104,10 @@ def test_ggn_factor_core_checks_shapes():
     D, U = np.zeros((n, K, 4)), np.zeros((n, k, 4))
     Jv, u, p = np.zeros((n, k, K)), np.zeros((n, k, K)), np.full((n, K), 1 / K)
     with pytest.raises(ValueError, match="ggn_factor_core U"):
-        _kernels.ggn_factor_core((D,), (np.zeros((n, k, 5)),), (U.copy(),), Jv, u, 1, p, 1.0, 1)
+        dense.ggn_factor_core((D,), (np.zeros((n, k, 5)),), (U.copy(),), Jv, u, 1, p, 1.0, 1)
     with pytest.raises(ValueError, match="layer count"):
-        _kernels.ggn_factor_core((D,), (U,), (), Jv, u, 1, p, 1.0, 1)
+        dense.ggn_factor_core((D,), (U,), (), Jv, u, 1, p, 1.0, 1)
     with pytest.raises(ValueError, match="output Hessian state"):
-        _kernels.ggn_factor_core((D,), (U,), (U.copy(),), Jv, u, 1, p[:1], 1.0, 1)
+        dense.ggn_factor_core((D,), (U,), (U.copy(),), Jv, u, 1, p[:1], 1.0, 1)
     with pytest.raises(ValueError, match="output Hessian kind"):
-        _kernels.output_hessian_apply(7, p, 1.0, Jv, u, 1)
+        dense.output_hessian_apply(7, p, 1.0, Jv, u, 1)

@@ -8,11 +8,11 @@ Design notes
 2. Pointers into const memoryviews are cast to non-const here, because the
    Fortran-style BLAS prototypes are not const-correct; BLAS never writes to
    ``a`` or ``b``.
-3. The functions are fused over float32/float64 and run without the GIL; they
-   are called from the nogil kernels of ``_kernels.pyx``.
+3. ``gemm`` is fused over float32/float64 and runs without the GIL; it is
+   called from the nogil kernels of ``dense.pyx`` and ``conv.pyx``.
 """
 from cython cimport floating
-from scipy.linalg.cython_blas cimport dgemm, sgemm, ddot, sdot
+from scipy.linalg.cython_blas cimport dgemm, sgemm
 
 
 cdef void gemm(bint trans_a, bint trans_b, int m, int n, int k,
@@ -35,12 +35,3 @@ cdef void gemm(bint trans_a, bint trans_b, int m, int n, int k,
     else:
         sgemm(&tb, &ta, &n, &m, &k, &alpha, <float*> b, &ldb,
               <float*> a, &lda, &beta, c, &ldc)
-
-
-cdef floating dot(int n, const floating* x, const floating* y) noexcept nogil:
-    # sum_i x[i] * y[i]
-    cdef int one = 1
-    if floating is double:
-        return ddot(&n, <double*> x, &one, <double*> y, &one)
-    else:
-        return sdot(&n, <float*> x, &one, <float*> y, &one)

@@ -1,4 +1,4 @@
-"""A NumPy memory handler that reuses ghess's large temporaries (see _alloc.h).
+"""A NumPy memory handler that reuses ghess's large temporaries (see include/alloc.h).
 
 Design notes
 ------------
@@ -17,7 +17,7 @@ cdef extern from *:
     #define NPY_NO_DEPRECATED_API NPY_1_22_API_VERSION
     #define NPY_TARGET_VERSION NPY_1_22_API_VERSION
     #include <numpy/arrayobject.h>
-    #include "_alloc.h"
+    #include "alloc.h"
 
     static PyObject *ghess_pool_capsule(void)
     {
@@ -35,7 +35,7 @@ cdef extern from *:
 
 _import_array()
 if ghess_pool_init(0) != 0:
-    raise MemoryError("ghess._alloc: could not create the pool's lock")
+    raise MemoryError("ghess._kernels.alloc: could not create the pool's lock")
 
 #: the handler as NumPy wants it: a "mem_handler" capsule
 _capsule = ghess_pool_capsule()

@@ -1,4 +1,4 @@
-"""The pool of freed temporaries (ghess._alloc, ghess._config.computing)."""
+"""The pool of freed temporaries (ghess._kernels.alloc, ghess._config.computing)."""
 
 import os
 import platform
@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 import ghess
-from ghess import _alloc, _config
+from ghess import _config
+from ghess._kernels import alloc
 
 try:  # NumPy >= 2
     from numpy._core.multiarray import get_handler_name
@@ -24,14 +25,14 @@ MiB = 1 << 20
 @pytest.fixture
 def pool():
     """Give each test a known, empty pool capped at 64 MiB; restore the cap after."""
-    limit = _alloc.stats()["limit"]
-    _alloc.set_limit(64 * MiB)
+    limit = alloc.stats()["limit"]
+    alloc.set_limit(64 * MiB)
     yield
-    _alloc.set_limit(limit)
+    alloc.set_limit(limit)
 
 
 def _stats_delta(before):
-    after = _alloc.stats()
+    after = alloc.stats()
     return {key: after[key] - before[key] for key in ("hits", "misses")}
 
 
@@ -46,12 +47,12 @@ def test_only_arrays_created_while_computing_use_the_pool(pool):
 
 
 def test_a_freed_large_block_is_reused_and_only_when_it_fits(pool):
-    before = _alloc.stats()
+    before = alloc.stats()
     with _config.computing():
         a = np.empty(4 * MiB, dtype=np.uint8)
         address = a.ctypes.data
         del a
-        assert _alloc.stats()["bytes"] == 4 * MiB
+        assert alloc.stats()["bytes"] == 4 * MiB
         b = np.empty(4 * MiB - 1000, dtype=np.uint8)      # fits: reused
         assert b.ctypes.data == address
         del b
@@ -63,34 +64,34 @@ def test_a_freed_large_block_is_reused_and_only_when_it_fits(pool):
         del tiny
     assert _stats_delta(before) == {"hits": 1, "misses": 3}
     del c, d
-    assert _alloc.stats()["blocks"] == 3
+    assert alloc.stats()["blocks"] == 3
 
 
 def test_the_cap_keeps_the_newest_blocks_and_release_frees_them(pool):
-    _alloc.set_limit(10 * MiB)
+    alloc.set_limit(10 * MiB)
     with _config.computing():
         blocks = [np.empty(4 * MiB, dtype=np.uint8) for _ in range(3)]
         addresses = [b.ctypes.data for b in blocks]
         for i in range(3):      # freed oldest first
             blocks[i] = None
         # three 4 MiB blocks under a 10 MiB cap: the oldest is released
-        assert _alloc.stats()["bytes"] == 8 * MiB
+        assert alloc.stats()["bytes"] == 8 * MiB
         again = [np.empty(4 * MiB, dtype=np.uint8) for _ in range(2)]
         assert sorted(a.ctypes.data for a in again) == sorted(addresses[1:])
         big = np.empty(11 * MiB, dtype=np.uint8)
     del big                                      # larger than the cap: freed at once
-    assert _alloc.stats()["bytes"] == 0
+    assert alloc.stats()["bytes"] == 0
     del again
     assert ghess.release_memory() == 8 * MiB
-    assert _alloc.stats()["blocks"] == 0 and ghess.release_memory() == 0
+    assert alloc.stats()["blocks"] == 0 and ghess.release_memory() == 0
 
 
 def test_zero_cap_keeps_nothing(pool):
-    _alloc.set_limit(0)
+    alloc.set_limit(0)
     with _config.computing():
         a = np.empty(4 * MiB, dtype=np.uint8)
         del a
-    assert _alloc.stats()["bytes"] == 0
+    assert alloc.stats()["bytes"] == 0
 
 
 def test_reused_memory_is_zeroed_resized_and_freed_correctly(pool):
@@ -104,7 +105,7 @@ def test_reused_memory_is_zeroed_resized_and_freed_correctly(pool):
         assert np.array_equal(r[:3 * MiB // 8], np.arange(3 * MiB // 8))
     # freed outside the computation, through the pool's handler
     del z, r
-    assert _alloc.stats()["blocks"] >= 1
+    assert alloc.stats()["blocks"] >= 1
 
 
 def test_threads_allocating_at_once_get_distinct_intact_blocks(pool):
@@ -128,7 +129,7 @@ def test_threads_allocating_at_once_get_distinct_intact_blocks(pool):
     for t in threads:
         t.join()
     assert errors == []
-    stats = _alloc.stats()
+    stats = alloc.stats()
     assert stats["bytes"] <= stats["limit"]
 
 
@@ -139,9 +140,9 @@ def test_results_do_not_depend_on_the_pool(pool):
     X, y = rng.standard_normal((40, 1, 16, 16)), rng.integers(0, 3, 40)
     theta = model.init_params(seed=1)
     loss = ghess.CrossEntropyLoss()
-    _alloc.set_limit(0)
+    alloc.set_limit(0)
     expected = ghess.loss_and_grad(model, loss, theta, (X, y), chunk_size=7, n_threads=1)
-    _alloc.set_limit(64 * MiB)
+    alloc.set_limit(64 * MiB)
     for _ in range(3):  # later calls run on recycled (dirty) blocks
         value, grad = ghess.loss_and_grad(model, loss, theta, (X, y), chunk_size=7, n_threads=1)
         assert value == expected[0] and np.array_equal(grad, expected[1])

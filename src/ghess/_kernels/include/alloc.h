@@ -3,9 +3,9 @@
  * Why: every chunk of a product or a loss+gradient allocates and frees megabytes
  * of temporaries. The C library hands such memory back to the OS (glibc trims
  * the top of its heap and unmaps mmap-ed blocks; other allocators do the same),
- * so the next chunk pays the kernel's page faults again: measured 17-23 ms of
- * 105 ms per CNN-C loss+gradient (7000 faults per call) and 8-12 ms of 54 ms on
- * MLP-M, in processes that had not allocated much else before.
+ * so the next chunk pays the kernel's page faults again: thousands per call, a
+ * sizeable part of a loss+gradient's time in a process that has not allocated
+ * much else before.
  *
  * What: blocks of at least GHESS_CACHE_MIN_BYTES go back into a small pool when
  * NumPy frees them, up to a byte limit (the oldest are released first); an
@@ -13,8 +13,8 @@
  * 1/4 larger. Smaller blocks go straight to malloc/free. Every block carries a
  * header with its capacity, so freeing never relies on the size NumPy passes.
  * NumPy uses the handler only for arrays created while ghess has it set (see
- * ghess._alloc); an array keeps its handler for life, so it may be freed later
- * from any thread: the pool is guarded by a lock that does not need the GIL.
+ * ghess._kernels.alloc); an array keeps its handler for life, so it may be freed
+ * later from any thread: the pool is guarded by a lock that does not need the GIL.
  */
 #ifndef GHESS_ALLOC_H
 #define GHESS_ALLOC_H

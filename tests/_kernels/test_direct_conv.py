@@ -1,4 +1,4 @@
-"""The direct convolution kernels (_direct_conv.h) against im2col + einsum.
+"""The direct convolution kernels (include/direct_conv.h) against im2col + einsum.
 
 Also the layer paths that use them against the im2col paths they replace.
 """
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import ghess
-from ghess import _conv
+from ghess._kernels import conv as _conv
 
 needs_direct = pytest.mark.skipif(not _conv._DIRECT_CONV, reason="needs AVX2 and FMA")
 

@@ -1,0 +1,60 @@
+# The C kernels of include/ as dense.pyx and conv.pyx cimport them: one declaration of each.
+# (alloc.h is alloc.pyx's alone: it needs NumPy's headers first, see alloc.pyx.)
+# Every header listed here is #included by every module that cimports this file; the
+# static functions a module does not call are not compiled into it.
+
+cdef extern from "portability.h":
+    int GHESS_OPENMP  # 1 when built with OpenMP
+    int ghess_omp_max_threads() nogil  # OpenMP's default number of threads, 1 without
+
+cdef extern from "contract.h" nogil:
+    # per-sample products with a Jacobian factor D (K, m): J v and J^T w
+    void ghess_contract_f64(const double* D, const double* u, double* out, Py_ssize_t K,
+                            Py_ssize_t m, Py_ssize_t k, int accumulate)
+    void ghess_contract_f32(const float* D, const float* u, float* out, Py_ssize_t K,
+                            Py_ssize_t m, Py_ssize_t k, int accumulate)
+    void ghess_contract_t_f64(const double* D, const double* w, double* out, Py_ssize_t K,
+                              Py_ssize_t m, Py_ssize_t k, int accumulate)
+    void ghess_contract_t_f32(const float* D, const float* w, float* out, Py_ssize_t K,
+                              Py_ssize_t m, Py_ssize_t k, int accumulate)
+
+cdef extern from "skinny.h" nogil:
+    # a^T b for a with at most GHESS_SKINNY_MAX columns, without BLAS
+    int GHESS_SKINNY_MAX
+    void ghess_skinny_tn_f64(const double* a, Py_ssize_t lda, const double* b, Py_ssize_t ldb,
+                             double* out, Py_ssize_t ldo, Py_ssize_t m, Py_ssize_t k,
+                             Py_ssize_t n, int accumulate)
+    void ghess_skinny_tn_f32(const float* a, Py_ssize_t lda, const float* b, Py_ssize_t ldb,
+                             float* out, Py_ssize_t ldo, Py_ssize_t m, Py_ssize_t k,
+                             Py_ssize_t n, int accumulate)
+
+cdef extern from "vecmath.h" nogil:
+    # vectorisable float64 tanh and its derivatives (see the header)
+    void ghess_tanh_block(const double* x, double* y, double* d1, double* d2, Py_ssize_t n)
+    void ghess_tanhf_block(const float* x, float* y, float* d1, float* d2, Py_ssize_t n)
+
+cdef extern from "direct_conv.h" nogil:
+    # stride-1 (in width) convolutions without im2col, AVX2 + FMA (checked at run time)
+    ctypedef struct ghess_dc_geom:
+        int C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, out_h, out_w
+    int ghess_direct_conv_available()
+    Py_ssize_t ghess_dc_padded_size(const ghess_dc_geom* g)
+    void ghess_dc_offsets(const ghess_dc_geom* g, int* off)
+    void ghess_dc_pack_weights_f64(const double* w, int M, int K, double* Ap)
+    void ghess_dc_pack_weights_f32(const float* w, int M, int K, float* Ap)
+    void ghess_dc_pad_f64(const double* x, const ghess_dc_geom* g, double* xp)
+    void ghess_dc_pad_f32(const float* x, const ghess_dc_geom* g, float* xp)
+    void ghess_dc_forward_f64(const double* Ap, const double* bias, int M, const double* xp,
+                              const int* off, const ghess_dc_geom* g, double* out,
+                              int accumulate)
+    void ghess_dc_forward_f32(const float* Ap, const float* bias, int M, const float* xp,
+                              const int* off, const ghess_dc_geom* g, float* out,
+                              int accumulate)
+    Py_ssize_t ghess_dc_grad_panels_size(int M, int P, int vector_length)
+    void ghess_dc_pack_grad_f64(const double* g, int M, int P, double* gT)
+    void ghess_dc_pack_grad_f32(const float* g, int M, int P, float* gT)
+    void ghess_dc_weight_grad_f64(const double* gT, int M, const double* xp, const int* off,
+                                  const ghess_dc_geom* g, double* work)
+    void ghess_dc_weight_grad_f32(const float* gT, int M, const float* xp, const int* off,
+                                  const ghess_dc_geom* g, float* work)
+    int GHESS_DC_MR
