@@ -15,6 +15,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 import ghess
 from ghess import testing
+from ghess.testing import reference
 
 # 4th-order central differences in float64, as in test_testing.py
 FD_EPS = 1e-3
@@ -237,7 +238,7 @@ def test_maxpool_after_relu_zero_window_routes_to_top_left():
                                      [-3.0, -0.5, 3.0, 1.0],
                                      [0.0, -1.0, -2.0, -4.0],
                                      [-1.0, 0.0, -3.0, -2.0]]]), 0.0)
-    argmax = testing._maxpool_argmax(relu_out, pool)
+    argmax = reference._maxpool_argmax(relu_out, pool)
     # flat indices into 4x4: zero windows -> top-left (0, 8, 10); tie of 3s -> index 2
     np.testing.assert_array_equal(argmax, [[[0, 2], [8, 10]]])
 
