@@ -74,7 +74,7 @@ def gemm_rowmajor(bint trans_a, bint trans_b, double alpha,
 
     With n_threads > 1 the OUTPUT is split into blocks of rows (or columns, if
     it has more of them), one single-threaded BLAS call per OpenMP thread. BLAS
-    itself must then run single-threaded (``ghess._config.blas_threads``): one
+    itself must then run single-threaded (``ghess._config.single_threaded_blas``): one
     thread pool instead of two competing for the cores, and no sums across
     threads, so the result does not depend on the number of threads beyond the
     blocking inside BLAS.
