@@ -89,6 +89,21 @@ def test_hardtanh_then_max_pooling_is_one_fused_step():
     assert plan.factors[0].layers == (1, 2, 3)
 
 
+@pytest.mark.parametrize("operator", [ghess.GGNLinearOperator, ghess.HessianLinearOperator])
+@pytest.mark.parametrize("mode", ["stored", "recompute"])
+def test_hardtanh_float32_close_to_float64_and_threads_agree(operator, mode):
+    v = np.random.default_rng(1).normal(size=Case("hardtanh-ce").model.n_params)
+    c64, c32 = Case("hardtanh-ce"), Case("hardtanh-ce", dtype=np.float32)
+    out64 = operator(c64.model, c64.loss, c64.theta, c64.data, mode=mode) @ v
+    out32 = operator(c32.model, c32.loss, c32.theta, c32.data, mode=mode) @ v.astype(np.float32)
+    assert out32.dtype == np.float32
+    assert_allclose_rel(out32, out64, RTOL[np.float32])
+    model, loss, theta, data = conv_case()
+    w = np.random.default_rng(2).normal(size=model.n_params)
+    one, two = (operator(model, loss, theta, data, mode=mode, n_threads=t) @ w for t in (1, 2))
+    assert_allclose_rel(two, one, 1e-13)
+
+
 def test_dense_hardtanh_analysis_helpers():
     c = Case("hardtanh-ce", n_samples=12)
     G_ref = reference_ggn(c.model, c.loss, c.theta, c.data)

@@ -4,7 +4,7 @@ Design notes
 ------------
 1. Geometry. Every kernel takes the layer geometry as a tuple of 13 ints
    ``(C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, out_h, out_w)`` (see
-   ``ghess.conv``), unpacked into a ``Geometry`` struct. Inputs are per sample
+   ``ghess.nn._window``), unpacked into a ``Geometry`` struct. Inputs are per sample
    ``(C * H * W)`` in C order; unfolded inputs ``(C * kh * kw, P)`` with
    ``P = out_h * out_w``; outputs ``(M, P)`` for ``M`` output channels.
 2. A convolution is ``s_n = W phi(x_n)`` per sample (``phi`` = im2col), one
@@ -20,9 +20,9 @@ Design notes
 5. Where the CPU has AVX2 and FMA, a layer with stride 1 along the width runs
    its forward GEMM (and ``V phi(x)``) and its weight gradient as direct
    convolutions (``include/direct_conv.h``): the unfolded operand is read
-   straight from a zero-padded copy of the input, 1.5-2x faster than im2col +
-   BLAS on CNN-C's layers. Its input gradient is a direct convolution too (stride 1
-   both ways). ``ghess.conv.Conv2d`` then keeps x instead of phi(x). Hessian
+   straight from a zero-padded copy of the input, faster than im2col + BLAS
+   (``docs/design.md``, "Measurements"). Its input gradient is a direct convolution
+   too (stride 1 both ways). ``ghess.nn.conv.Conv2d`` then keeps x instead of phi(x). Hessian
    products use the same kernels for ``W phi(R{x})`` (the n*k tangent inputs as
    samples, added into the output: ``accumulate``), ``g phi(R{x})^T`` and
    ``W^T R{g} + V^T g``.
@@ -90,7 +90,7 @@ cdef void _im2col_shifted(const floating* x, floating* cols, Geometry* g) noexce
     # x[c] at the constant offset (a*dh - ph) * W + (b*dw - pw) from i * W + j, so
     # the valid rows are ONE contiguous copy; only the wrapped-around columns
     # (j < lo or j >= hi) and the rows outside [i0, i1) are zeroed afterwards.
-    # Short out_w made the row-by-row copy loop-overhead bound (8 wide: 1.5 ns/element).
+    # A row-by-row copy is loop-overhead bound for short out_w.
     cdef int P = g.out_h * g.out_w, W = g.W
     cdef int c, a, b, i, j, row, lo, hi, i0, i1
     cdef Py_ssize_t first, last, shift
@@ -123,7 +123,7 @@ cdef void _im2col_shifted(const floating* x, floating* cols, Geometry* g) noexce
 cdef void _im2col(const floating* x, floating* cols, Geometry* g) noexcept nogil:
     # cols[(c, a, b), (i, j)] = x[c, i*sh - ph + a*dh, j*sw - pw + b*dw], 0 outside.
     # The valid column range is computed once per (a, b), so the inner loop is a
-    # branch-free (strided) copy that GCC vectorises; 4x faster than a test per element.
+    # branch-free (strided) copy that GCC vectorises, with no test per element.
     cdef int P = g.out_h * g.out_w
     cdef int c, a, b, i, j, ih, row, lo, hi, off
     cdef floating* out

@@ -17,10 +17,10 @@ Design notes
    elements) with a static schedule, and GEMMs split into blocks of the output,
    one single-threaded BLAS call per thread (BLAS is held at one thread during
    products). Two pools, OpenMP's spinning workers and OpenBLAS's, fight over
-   the cores: measured 3.5x SLOWER at 2 threads than at 1 on MLP-S before this
-   design. No kernel sums across threads, so results do not depend on the
-   number of threads beyond rounding; sums over samples are GEMMs or the
-   sequential ``sum_rows_into``.
+   the same cores (``docs/design.md``, "Threads and determinism"). No kernel
+   sums across threads, so results do not depend on the number of threads
+   beyond rounding; sums over samples are GEMMs or the sequential
+   ``sum_rows_into``.
 5. Elementwise math is done in double precision and rounded to the array's
    dtype: cheap next to the GEMMs, and it keeps float32 activations accurate.
 """
@@ -315,8 +315,7 @@ def activation_forward(int kind, double p0, double p1,
         if kind == RELU:
             slope = 0
         # piecewise linear: plain loops that GCC vectorises (with -fno-trapping-math, see
-        # the top-level meson.build); through _activation below they took 5 ns per element,
-        # 15x slower
+        # the top-level meson.build); the per-element _activation below does not vectorise
         if want_d1:  # one pass over x for both
             for i in prange(size, nogil=True, schedule='static', num_threads=n_threads):
                 y[i] = x[i] if x[i] > 0 else slope * x[i]
@@ -352,9 +351,9 @@ def activation_derivatives_from_output(int kind,
                                        int n_threads):
     """f'(x) and f''(x) of tanh or sigmoid from their output y = f(x).
 
-    Lets float32 take y from NumPy's SIMD tanh/expit (3-6 ns per element, against
-    ~20 ns through double libm in ``activation_forward``); the derivatives are
-    polynomials in y, which GCC vectorises.
+    Lets float32 take y from NumPy's SIMD tanh/expit, several times faster than
+    double libm in ``activation_forward`` (``docs/design.md``, "Measurements"); the
+    derivatives are polynomials in y, which GCC vectorises.
     """
     cdef Py_ssize_t size = y.shape[0], i
     cdef bint want_d1 = d1.shape[0] > 0, want_d2 = d2.shape[0] > 0
@@ -479,7 +478,7 @@ def ggn_factor_core(tuple D,                      # IN  per layer (n, K, m_l)
     the layers without a per-sample factor), u[i] = scale * B_i Jv[i], and
     S_l[i] = D_l[i]^T u[i]. Taking a sample's three steps together reads its
     factors from memory once and then from cache, where one pass per step read
-    them from memory twice (CNN-C: about 1 MB of factors per sample in float64).
+    them from memory twice (a conv net's factors take about 1 MB per sample).
     """
     cdef Py_ssize_t n = Jv.shape[0], k = Jv.shape[1], K = Jv.shape[2], i
     cdef Py_ssize_t L = len(D), l

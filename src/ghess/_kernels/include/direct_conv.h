@@ -45,7 +45,7 @@ static int ghess_direct_conv_available(void)
 #endif
 }
 
-/* Geometry: (C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, out_h, out_w), as ghess.conv */
+/* Geometry: (C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, out_h, out_w), as ghess.nn._window */
 typedef struct {
     int C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, out_h, out_w;
 } ghess_dc_geom;
