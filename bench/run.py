@@ -79,8 +79,6 @@ ROOT = os.path.dirname(HERE)
 # would otherwise stand first on the path, its modules shadowing top-level ones
 if sys.path and os.path.abspath(sys.path[0] or os.curdir) == HERE:
     sys.path[0] = ROOT
-
-
 elif ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
