@@ -5,6 +5,7 @@ import os
 import platform
 import sys
 import threading
+import warnings
 
 import numpy as np
 import scipy
@@ -18,7 +19,47 @@ _controller = None
 def resolve_n_threads(n_threads: int | None) -> int:
     """Threads for the OpenMP kernels: ``None`` means OpenMP's default."""
     if n_threads is None:
-        return max(1, dense.openmp_max_threads())
+        n_threads = max(1, dense.openmp_max_threads())
+    return effective_threads(n_threads)
+
+
+# Fork safety. GNU OpenMP's thread pool does not survive fork(): a child forked after
+# the parent ran a parallel region with 2 or more threads hangs in its first parallel
+# region of 2 or more. So the parent notes when it hands ghess's kernels 2 or more
+# threads, and a child forked after that runs them on one thread (a one-time warning
+# says so). Processes started with multiprocessing's "spawn" or "forkserver" method
+# are not forked from a used runtime and keep their threads.
+_threads_used = False
+_forked_after_threads = False
+_fork_warned = False
+
+
+def _after_fork_in_child():
+    global _forked_after_threads, _fork_warned
+    if _threads_used:
+        _forked_after_threads = True
+        _fork_warned = False
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def effective_threads(n_threads: int) -> int:
+    """The threads the kernels may use now: ``n_threads``, or 1 in an unsafe forked child."""
+    global _threads_used, _fork_warned
+    if n_threads > 1:
+        if _forked_after_threads:
+            if not _fork_warned:
+                _fork_warned = True
+                warnings.warn(
+                    "ghess runs its kernels on one thread in this process: it was forked "
+                    "after its parent ran them on several, and OpenMP's threads do not "
+                    "survive fork (start worker processes with multiprocessing's 'spawn' "
+                    "or 'forkserver' method to keep them parallel)", RuntimeWarning,
+                    stacklevel=3)
+            return 1
+        _threads_used = True
     return n_threads
 
 

@@ -56,6 +56,10 @@ def as_batches(model, loss, data, dtype, copy=False):
         items = list(data)
     if not items:
         raise ValueError("data is empty: got no batches")
+    if (isinstance(data, list) and len(items) == 2
+            and not any(isinstance(item, (tuple, list)) for item in items)):
+        raise TypeError("data is a list of 2 items that are not (X, y) pairs: pass one batch "
+                        "as a tuple (X, y), or batches as [(X1, y1), (X2, y2), ...]")
     batches = []
     n_samples = 0
     for i, item in enumerate(items):
@@ -64,6 +68,9 @@ def as_batches(model, loss, data, dtype, copy=False):
             raise TypeError(f"each batch must be a pair (X, y){where}, got "
                             f"{type(item).__name__}")
         X, y = item
+        if y is None:
+            raise TypeError(f"y is None{where}: {type(loss).__name__} needs targets for "
+                            f"the {model.n_outputs} outputs")
         try:
             X = model.check_inputs(X, dtype)
             y = loss.check_targets(y, X.shape[0], model.n_outputs, dtype)

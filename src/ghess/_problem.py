@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 
-from ._config import resolve_n_threads
+from ._config import effective_threads, resolve_n_threads
 from ._data import as_batches, as_input_batches
 from ._engine.plan import plan_for
 from ._validation import SUPPORTED_DTYPES, check_n_threads, check_params, check_positive_int
@@ -134,7 +134,7 @@ class Problem:
         self.params = params
         self.dtype = params.dtype
         self.n_threads = check_n_threads(n_threads)
-        self.omp_threads = resolve_n_threads(self.n_threads)
+        self._omp_threads = resolve_n_threads(self.n_threads)
         chunk_size = check_positive_int(chunk_size, "chunk_size", allow_none=True)
         self.plan = plan_for(model, self.dtype.itemsize)
         if loss is None:
@@ -146,6 +146,11 @@ class Problem:
         self.lparams = model.layer_params(self.params)
         self.chunk_size = (self.plan.chunk_size(chunk_directions, min_chunk)
                            if chunk_size is None else chunk_size)
+
+    @property
+    def omp_threads(self) -> int:
+        """Threads for the kernels, resolved; 1 in a child forked after threaded use."""
+        return effective_threads(self._omp_threads)
 
     def chunks(self):
         """Yield ``(X, y)`` chunks of at most ``chunk_size`` samples, in order."""

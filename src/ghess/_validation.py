@@ -6,6 +6,7 @@ only when the dtype or memory layout requires one.
 """
 
 import numbers
+import os
 
 import numpy as np
 
@@ -59,10 +60,15 @@ def as_float_array(x, name, *, dtype=None, ndim=None, allow_empty=True) -> np.nd
     if not allow_empty and arr.size == 0:
         raise ValueError(f"{name} is empty (shape {arr.shape})")
     target = compute_dtype(arr.dtype) if dtype is None else np.dtype(dtype)
-    out = np.ascontiguousarray(arr, dtype=target)
+    with np.errstate(over="ignore"):  # an overflow in the cast is reported below, by name
+        out = np.ascontiguousarray(arr, dtype=target)
     if out.dtype.kind == "f" and not all_finite(out):
         bad = np.argwhere(~np.isfinite(out))[0]
         where = tuple(int(i) for i in bad)
+        value = arr[where]
+        if np.isfinite(value):  # finite before the cast: it overflowed the target dtype
+            raise ValueError(f"{name} overflows {target}: {value} at index {where} exceeds "
+                             f"its largest value {np.finfo(target).max:.4g}")
         raise ValueError(f"{name} contains NaN or Inf (first at index {where})")
     return out
 
@@ -81,14 +87,26 @@ def check_params(theta, n_params) -> np.ndarray:
     return as_float_array(arr, "params")
 
 
+def max_threads():
+    """The most ``n_threads`` accepted: 4 threads per CPU of the machine.
+
+    More would only oversubscribe the cores; far more exhausts the OpenMP
+    runtime's thread creation, which ends the process.
+    """
+    return 4 * (os.cpu_count() or 1)
+
+
 def check_n_threads(n_threads):
-    """None means every core OpenMP sees; otherwise a positive int."""
+    """None means every core OpenMP sees; otherwise an int in [1, ``max_threads()``]."""
     if n_threads is None:
         return None
     if isinstance(n_threads, (bool, np.bool_)) or not isinstance(n_threads, numbers.Integral):
         raise TypeError(f"n_threads must be a positive int or None, got {n_threads!r}")
     if n_threads < 1:
         raise ValueError(f"n_threads must be >= 1, got {n_threads}")
+    if n_threads > max_threads():
+        raise ValueError(f"n_threads must be at most {max_threads()} (4 per CPU of this "
+                         f"machine), got {n_threads}")
     return int(n_threads)
 
 

@@ -19,7 +19,7 @@ from ._config import computing
 from ._engine.plan import chunk_size_for
 from ._problem import Problem
 from ._typing import Data
-from ._validation import check_positive_int
+from ._validation import check_nonnegative, check_positive_int
 
 if TYPE_CHECKING:
     import os
@@ -89,6 +89,7 @@ def bottom_eigenvalues(op: LinearOperator, k: int = 5, *, return_eigenvectors: b
 def _extreme(op, k, which, return_eigenvectors, tol, seed, maxiter, ncv):
     n = _check_operator(op)
     k = check_positive_int(k, "k")
+    check_nonnegative(tol, "tol")
     if k >= n:
         raise ValueError(f"k must be smaller than the operator size {n}, got {k}")
     v0 = _rng(seed).normal(size=n).astype(op.dtype)
@@ -180,6 +181,8 @@ def ggn_diagonal(model: Sequential, loss: Loss, params: npt.ArrayLike, data: Dat
     ``memory_budget`` bytes.
     """
     p = Problem(model, loss, params, data, chunk_size=chunk_size, n_threads=n_threads)
+    if not check_nonnegative(memory_budget, "memory_budget") > 0:
+        raise ValueError(f"memory_budget must be > 0 bytes, got {memory_budget}")
     K, P = model.n_outputs, model.n_params
     if chunk_size is None:  # dense per-sample J and B J: 3 K P numbers per sample
         p.chunk_size = int(chunk_size_for(3 * K * P * p.dtype.itemsize, memory_budget,
@@ -189,8 +192,8 @@ def ggn_diagonal(model: Sequential, loss: Loss, params: npt.ArrayLike, data: Dat
     with computing():
         for X, y in p.chunks():
             n = X.shape[0]
-            ctxs, z = model.forward_chunk(p.lparams, X, 1, omp)
-            _, _, state = loss.value_grad(z, y, p.scale, omp)
+            ctxs, z = _engine.checked_forward(model, p.lparams, X, 1, omp)
+            _, _, state = _engine.checked_loss(loss, z, y, p.scale, omp)
             factors = _engine.jacobian_factors(model, p.lparams, ctxs, n, p.dtype, omp,
                                                paths=False)
             J = np.zeros((n, K, P), dtype=p.dtype)
@@ -199,6 +202,7 @@ def ggn_diagonal(model: Sequential, loss: Loss, params: npt.ArrayLike, data: Dat
             BJt = np.empty_like(Jt)
             loss.hessian_apply(state, Jt, p.scale, BJt, omp)
             diag += np.einsum("npk,npk->p", Jt, BJt)
+    _engine.check_finite_result(diag, "the GGN diagonal")
     return diag.astype(p.dtype)
 
 

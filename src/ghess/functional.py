@@ -48,11 +48,14 @@ def loss_and_grad(model: Sequential, loss: Loss, params: npt.ArrayLike, data: Da
     total = 0.0
     with computing():
         for X, y in p.chunks():
-            ctxs, z = model.forward_chunk(p.lparams, X, 1, p.omp_threads)
-            value, r, _ = loss.value_grad(z, y, p.scale, p.omp_threads)
+            ctxs, z = _engine.checked_forward(model, p.lparams, X, 1, p.omp_threads)
+            value, r, _ = _engine.checked_loss(loss, z, y, p.scale, p.omp_threads)
             total += value
             _engine.vjp_chunk(model, p.lparams, ctxs, r[:, None, :], accs, p.omp_threads)
     _engine.accumulators_to_flat(model, accs, grad)
+    _engine.check_finite_result(grad, "the gradient (backward pass)")
+    if not np.isfinite(p.scale * total):
+        raise FloatingPointError(f"the loss summed over {p.n_samples} samples overflows")
     return float(p.scale * total), grad[0]
 
 
@@ -96,9 +99,10 @@ def per_sample_jacobians(model: Sequential, params: npt.ArrayLike, X: npt.ArrayL
     with computing():
         for Xc, _ in p.chunks():
             n = Xc.shape[0]
-            ctxs, _ = model.forward_chunk(p.lparams, Xc, 1, p.omp_threads)
+            ctxs, _ = _engine.checked_forward(model, p.lparams, Xc, 1, p.omp_threads)
             factors = _engine.jacobian_factors(model, p.lparams, ctxs, n, p.dtype,
                                                p.omp_threads, paths=False)
             _engine.factor_sample_jacobians(model, factors, J[start:start + n], p.omp_threads)
+            _engine.check_finite_result(J[start:start + n], "the per-sample Jacobians")
             start += n
     return J

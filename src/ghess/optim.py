@@ -28,6 +28,7 @@ from __future__ import annotations
 import numbers
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TextIO
 
@@ -63,7 +64,17 @@ class StepRecord(dict):
     ``ratio`` (actual / predicted reduction), ``time`` (seconds).
     """
 
-    __getattr__ = dict.__getitem__
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:  # hasattr, copy and pickle expect AttributeError
+            raise AttributeError(name) from None
+
+
+def _add_note(exc, note):
+    """Say where ``exc`` arose (PEP 678 notes, Python >= 3.11; unchanged before)."""
+    if hasattr(exc, "add_note"):
+        exc.add_note(note)
 
 
 def _check_real(value, name):
@@ -123,6 +134,9 @@ class NewtonCG:
         Step-size factor per backtracking step.
     max_backtracks : int, default=30
         After this many, the step is rejected and theta kept.
+    max_rejections : int, default=10
+        ``fit`` stops, with a warning, after this many rejected iterations in a row
+        away from a minimiser (a gradient above sqrt(eps) times the objective).
     ratio_low, ratio_high : float, default=0.25, 0.75
     increase, decrease : float, default=1.5, 2/3
         Damping factors applied below ``ratio_low`` / above ``ratio_high``.
@@ -134,6 +148,16 @@ class NewtonCG:
     n_threads : int, optional
     seed : int or numpy Generator, optional
         For the subsamples.
+
+    Attributes
+    ----------
+    theta_ : ndarray
+        After :meth:`fit`, also one ended by an exception (a callback's included):
+        the last accepted parameters.
+    history_ : list of StepRecord
+        The iterations of the last :meth:`fit`. After an exception, the random
+        state and damping are those after the last complete iteration, so
+        ``fit(opt.theta_, ...)`` continues the same trajectory.
 
     Examples
     --------
@@ -150,7 +174,8 @@ class NewtonCG:
     def __init__(self, model: Sequential, loss: Loss, *, C: float = 1.0,
                  subsample: float | numbers.Real = 0.1, cg_rtol: float = 0.1,
                  cg_maxiter: int = 250, damping: float = 1.0, armijo: float = 1e-4,
-                 backtrack: float = 0.5, max_backtracks: int = 30, ratio_low: float = 0.25,
+                 backtrack: float = 0.5, max_backtracks: int = 30, max_rejections: int = 10,
+                 ratio_low: float = 0.25,
                  ratio_high: float = 0.75, increase: float = 1.5, decrease: float = 2 / 3,
                  chunk_size: int | None = None, mode: Mode = "auto",
                  n_threads: int | None = None,
@@ -176,6 +201,7 @@ class NewtonCG:
         if not (self.armijo < 1 and self.backtrack < 1):
             raise ValueError("armijo and backtrack must lie in (0, 1)")
         self.max_backtracks = check_positive_int(max_backtracks, "max_backtracks")
+        self.max_rejections = check_positive_int(max_rejections, "max_rejections")
         self.ratio_low = _check_real(ratio_low, "ratio_low")
         self.ratio_high = _check_real(ratio_high, "ratio_high")
         if not self.ratio_low < self.ratio_high:
@@ -231,6 +257,15 @@ class NewtonCG:
             or a copy of ``theta`` when no step was accepted.
         record : StepRecord
         """
+        self._stage = "the objective at theta"
+        try:
+            return self._step(theta, data, _state)
+        except Exception as exc:
+            _add_note(exc, f"(Newton-CG, stage: {self._stage})")
+            raise
+
+    def _step(self, theta, data, _state):
+        """The body of :meth:`step`; ``self._stage`` names the stage being run."""
         start = time.perf_counter()
         if _state is None:
             theta, batches, size = self._prepare(theta, data)
@@ -238,6 +273,7 @@ class NewtonCG:
         else:
             theta, batches, size, value, grad = _state
         lam = self.damping
+        self._stage = "the Gauss-Newton operator on the subsample"
         X_s, y_s = self._subsample(batches, size)
         G = GGNLinearOperator(self.model, self.loss, theta, (X_s, y_s), mode=self.mode,
                               n_threads=self.n_threads)
@@ -249,16 +285,21 @@ class NewtonCG:
         def count(_):
             iterations[0] += 1
 
+        self._stage = "the CG solve"
         direction, _ = cg(system, -grad, rtol=self.cg_rtol, maxiter=self.cg_maxiter,
                           callback=count)
         slope = float(grad @ direction)
         curvature = float(direction @ (scale * (G @ direction) + direction / self.C))
         alpha, accepted, backtracks = 1.0, False, 0
         new_theta, new_value, new_grad = theta, value, grad
+        self._stage = "the line search"
         if slope < 0:
             for backtracks in range(self.max_backtracks + 1):
                 candidate = theta + alpha * direction
-                cand_value, cand_grad = self.objective(candidate, batches)
+                try:
+                    cand_value, cand_grad = self.objective(candidate, batches)
+                except FloatingPointError:  # the step overflowed: reject it, step shorter
+                    cand_value, cand_grad = np.inf, None
                 if cand_value - value <= self.armijo * alpha * slope:
                     accepted = True
                     new_theta, new_value, new_grad = candidate, cand_value, cand_grad
@@ -296,9 +337,19 @@ class NewtonCG:
         if validation is not None:
             validation = as_batches(self.model, self.loss, validation, theta.dtype)
         out = sys.stdout if file is None else file
-        value, grad = self.objective(theta, batches)
+        try:
+            value, grad = self.objective(theta, batches)
+        except FloatingPointError as exc:
+            _add_note(exc, "(Newton-CG: the objective at the initial parameters)")
+            raise
         state = [theta, batches, size, value, grad]
         history = []
+        # what an interrupted fit leaves on the optimizer: the last accepted theta, the
+        # iterations done, and the random state and damping after the last complete one,
+        # so that fit(opt.theta_, ...) resumes on the uninterrupted trajectory
+        self.theta_, self.history_ = theta, history
+        saved = (self.rng.bit_generator.state, self.damping)
+        rejected = 0
         if verbose:
             print(f"{'iter':>4} {'objective':>12} {'|grad|':>9} {'CG':>4} {'lambda':>9} "
                   f"{'step':>6} {'time':>7}" + ("  validation" if validation else ""),
@@ -307,10 +358,11 @@ class NewtonCG:
             for it in range(n_iterations):
                 new_theta, record = self.step(theta, None, _state=state)
                 theta = new_theta
-                state[0] = theta
+                state[0] = self.theta_ = theta
+                history.append(record)
+                saved = (self.rng.bit_generator.state, self.damping)
                 if validation is not None:
                     record["validation"] = self.evaluate(theta, validation)
-                history.append(record)
                 if verbose:
                     print(f"{it:4d} {record.objective:12.6g} {record.grad_norm:9.3g} "
                           f"{record.cg_iterations:4d} {record.damping:9.3g} "
@@ -319,9 +371,27 @@ class NewtonCG:
                           file=out, flush=True)
                 if callback is not None and callback(theta, record):
                     break
+                rejected = 0 if record.accepted else rejected + 1
+                # at a minimiser no step decreases f either: only a large gradient is stuck
+                converged = record.grad_norm <= np.sqrt(np.finfo(theta.dtype).eps) * max(
+                    1.0, abs(record.objective))
+                if rejected >= self.max_rejections and not converged:
+                    warnings.warn(
+                        f"Newton-CG stopped after iteration {it}: {rejected} iterations in a "
+                        f"row found no step that decreases the objective (damping grew to "
+                        f"{self.damping:.3g}); theta is the last accepted one", RuntimeWarning,
+                        stacklevel=2)
+                    break
         except KeyboardInterrupt:
+            self.rng.bit_generator.state, self.damping = saved
             if verbose:
                 print("interrupted: returning the last accepted parameters", file=out)
+        except Exception as exc:
+            self.rng.bit_generator.state, self.damping = saved
+            _add_note(exc, f"(in Newton-CG iteration {len(history)}; opt.theta_ holds the last "
+                           f"accepted parameters and opt.history_ the {len(history)} iterations "
+                           "done: fit(opt.theta_, ...) resumes)")
+            raise
         return theta, history
 
     def evaluate(self, theta: npt.ArrayLike, data: Data) -> float:

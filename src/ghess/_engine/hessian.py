@@ -9,6 +9,7 @@ R-backward from it.
 import numpy as np
 
 from .factors import step_context
+from .passes import checked_forward, checked_loss
 from .plan import plan_for
 
 __all__ = ["GradientTrace", "gradient_trace", "hvp_chunk"]
@@ -39,8 +40,8 @@ def gradient_trace(model, lparams, loss, X, y, scale, n_threads):
     output where its R-backward needs it (see ``GradientTrace``).
     """
     plan = plan_for(model, X.dtype.itemsize)
-    ctxs, z = model.forward_chunk(lparams, X, 2, n_threads)
-    loss_sum, g, state = loss.value_grad(z, y, scale, n_threads)
+    ctxs, z = checked_forward(model, lparams, X, 2, n_threads)
+    loss_sum, g, state = checked_loss(loss, z, y, scale, n_threads)
     first = plan.first
     grads = [None] * len(model.layers)
     for i in range(len(model.layers) - 1, first - 1, -1):

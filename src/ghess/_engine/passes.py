@@ -5,9 +5,12 @@ to the layer (``ghess.nn``). The forward pass itself is the model's
 (``Sequential.forward_chunk``): it returns the outputs and each layer's context.
 """
 
+import numpy as np
+
+from .._validation import all_finite
 from .plan import plan_for
 
-__all__ = ["prepare_tangents", "Accumulators", "new_accumulators", "accumulators_to_flat",
+__all__ = ["checked_forward", "checked_loss", "check_finite_result", "prepare_tangents", "Accumulators", "new_accumulators", "accumulators_to_flat",
            "jvp_chunk", "vjp_chunk"]
 
 
@@ -72,3 +75,45 @@ def vjp_chunk(model, lparams, ctxs, gz, accs, n_threads):
     g = gz
     for i in range(len(model.layers) - 1, first - 1, -1):
         g = model.layers[i].vjp(lparams[i], ctxs[i], g, accs[i], i > first, n_threads)
+
+
+# -- non-finite results from finite inputs -------------------------------------
+# Inputs are checked for NaN/Inf on every call, so a non-finite number found here
+# arose inside the computation (an overflow, mostly in float32): each stage says so
+# instead of passing it on silently.
+
+def checked_forward(model, lparams, X, need, n_threads):
+    """``model.forward_chunk``, raising ``FloatingPointError`` on non-finite outputs."""
+    ctxs, z = model.forward_chunk(lparams, X, need, n_threads)
+    if not all_finite(z):
+        raise FloatingPointError(_forward_overflow(model, lparams, X, n_threads))
+    return ctxs, z
+
+
+def _forward_overflow(model, lparams, X, n_threads):
+    """Name the first layer whose outputs are not finite (run again, layer by layer)."""
+    x = X.reshape(X.shape[0], -1)
+    for i, (layer, params) in enumerate(zip(model.layers, lparams)):
+        x = layer.forward(params, x, {}, 0, n_threads)
+        if not all_finite(x):
+            return (f"the forward pass overflowed at layer {i} ({layer!r}): its outputs are "
+                    f"not finite in {X.dtype}, though the inputs and parameters are finite")
+    return "the forward pass gave non-finite outputs from finite inputs"
+
+
+def checked_loss(loss, z, y, scale, n_threads):
+    """``loss.value_grad``, raising ``FloatingPointError`` when it is not finite."""
+    value, r, state = loss.value_grad(z, y, scale, n_threads)
+    if not (np.isfinite(value) and all_finite(r)):
+        raise FloatingPointError(
+            f"{loss!r} overflowed: its value or gradient is not finite in {z.dtype}, though "
+            "the network outputs are finite")
+    return value, r, state
+
+
+def check_finite_result(result, what):
+    """Raise ``FloatingPointError`` if ``result`` (computed from finite inputs) is not finite."""
+    if not all_finite(result):
+        raise FloatingPointError(
+            f"{what} is not finite, though its inputs are: an overflow in {result.dtype} "
+            "(scale the parameters or inputs down, or compute in float64)")

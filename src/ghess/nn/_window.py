@@ -9,6 +9,8 @@ import numbers
 
 import numpy as np
 
+from .base import INT_MAX
+
 
 def pair(value, name, owner, minimum):
     """Check an int or a pair of ints >= ``minimum``; return the pair."""
@@ -24,6 +26,8 @@ def pair(value, name, owner, minimum):
             raise TypeError(f"{owner}: {name} must be an int or a pair of ints, got {value!r}")
         if v < minimum:
             raise ValueError(f"{owner}: {name} must be >= {minimum}, got {value!r}")
+        if v > INT_MAX:
+            raise ValueError(f"{owner}: {name} must be at most {INT_MAX}, got {value!r}")
         out.append(int(v))
     return tuple(out)
 

@@ -31,12 +31,18 @@ __all__ = ["Layer", "ParametricLayer", "WeightBiasLayer"]
 Shape = tuple[int, ...]
 
 
+#: the largest size or geometry value: the kernels index with C ints
+INT_MAX = 2**31 - 1
+
+
 def positive_int(value, name: str, owner: str) -> int:
-    """Check a constructor argument that must be a positive int."""
+    """Check a constructor argument that must be a positive int (at most ``INT_MAX``)."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{owner}: {name} must be an int, got {type(value).__name__} {value!r}")
     if value <= 0:
         raise ValueError(f"{owner}: {name} must be positive, got {value}")
+    if value > INT_MAX:
+        raise ValueError(f"{owner}: {name} must be at most {INT_MAX}, got {value}")
     return int(value)
 
 

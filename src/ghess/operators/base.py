@@ -66,6 +66,9 @@ class _BatchedMatvec:
 
 def _vector_product(x, n, m, matmat, single):
     x = np.asanyarray(x)
+    if x.dtype.kind not in "iuf":
+        raise TypeError(f"vector must be real numbers, got {type(x).__name__} of dtype "
+                        f"{x.dtype}")
     if x.ndim >= 2 and x.shape[-1] == n and not (x.ndim == 2 and x.shape == (n, 1)):
         y = matmat(x.reshape(-1, n).T).T
         return y.reshape(x.shape[:-1] + (m,))
@@ -146,7 +149,7 @@ class ChunkedOperator(BatchedMatvec, LinearOperator):
         """The chunk's per-sample Jacobian factors; runs its forward pass unless ``ctxs``."""
         p = self.problem
         if ctxs is None:
-            ctxs, _ = self.model.forward_chunk(p.lparams, X, 1, p.omp_threads)
+            ctxs, _ = _engine.checked_forward(self.model, p.lparams, X, 1, p.omp_threads)
         return _engine.jacobian_factors(self.model, p.lparams, ctxs, X.shape[0], p.dtype,
                                         p.omp_threads, loss_state=loss_state)
 
@@ -180,6 +183,28 @@ class ChunkedOperator(BatchedMatvec, LinearOperator):
 
     def _check_vectors(self, X, n, name="vector"):
         return check_vectors(X, n, self.dtype, name)
+
+    def _check_dense_fits(self):
+        size = self.shape[0] * self.shape[1] * self.dtype.itemsize
+        if size > self.memory_budget:
+            raise ValueError(f"todense needs {format_bytes(size)}, over the memory_budget of "
+                             f"{format_bytes(self.memory_budget)}")
+
+    def _unit_columns(self, columns, apply_rows, rows=slice(None)):
+        """``rows`` of the operator's ``columns``, BLOCK_COLUMNS unit vectors per pass.
+
+        ``apply_rows(E)`` applies the operator to the rows of E (k, n_cols); no
+        identity of the operator's size is ever built.
+        """
+        columns = np.asarray(columns, dtype=np.intp)
+        n_rows = len(range(*rows.indices(self.shape[0])))
+        out = np.empty((n_rows, len(columns)), dtype=self.dtype)
+        for start in range(0, len(columns), BLOCK_COLUMNS):
+            block = columns[start:start + BLOCK_COLUMNS]
+            E = np.zeros((len(block), self.shape[1]), dtype=self.dtype)
+            E[np.arange(len(block)), block] = 1
+            out[:, start:start + len(block)] = apply_rows(E)[:, rows].T
+        return out
 
 
 class CurvatureOperator(ChunkedOperator):
@@ -245,6 +270,8 @@ class CurvatureOperator(ChunkedOperator):
 
     def _apply_rows_damped(self, V):
         """Operator applied to the rows of V (k, n), BLOCK_COLUMNS rows per pass."""
+        if V.shape[0] == 0:
+            return np.zeros_like(V)
         with computing():
             if V.shape[0] <= BLOCK_COLUMNS:
                 out = self._apply_rows(V)
@@ -255,6 +282,7 @@ class CurvatureOperator(ChunkedOperator):
                         V[start:start + BLOCK_COLUMNS])
         if self.damping:
             out += self.damping * V
+        _engine.check_finite_result(out, f"the {type(self).__name__} product")
         return out
 
     def block(self, name_a: str, name_b: str | None = None) -> np.ndarray:
@@ -274,28 +302,13 @@ class CurvatureOperator(ChunkedOperator):
         """
         slot_a = self._slot(name_a)
         slot_b = self._slot(name_a if name_b is None else name_b)
-        out = np.empty((slot_a.size, slot_b.size), dtype=self.dtype)
-        for start in range(0, slot_b.size, BLOCK_COLUMNS):
-            stop = min(start + BLOCK_COLUMNS, slot_b.size)
-            E = np.zeros((stop - start, self.shape[1]), dtype=self.dtype)
-            E[np.arange(stop - start), slot_b.start + np.arange(start, stop)] = 1
-            rows = self._apply_rows_damped(E)
-            out[:, start:stop] = rows[:, slot_a.start:slot_a.stop].T
-        return out
+        return self._unit_columns(range(slot_b.start, slot_b.stop), self._apply_rows_damped,
+                                  slice(slot_a.start, slot_a.stop))
 
     def todense(self) -> np.ndarray:
         """Return the full matrix (n_params x n_params); refuse above ``memory_budget``."""
-        n = self.shape[0]
-        if n * n * self.dtype.itemsize > self.memory_budget:
-            raise ValueError(f"todense needs {format_bytes(n * n * self.dtype.itemsize)}, "
-                             f"over the memory_budget of {format_bytes(self.memory_budget)}")
-        out = np.empty((n, n), dtype=self.dtype)
-        for start in range(0, n, BLOCK_COLUMNS):
-            stop = min(start + BLOCK_COLUMNS, n)
-            E = np.zeros((stop - start, n), dtype=self.dtype)
-            E[np.arange(stop - start), np.arange(start, stop)] = 1
-            out[:, start:stop] = self._apply_rows_damped(E).T
-        return out
+        self._check_dense_fits()
+        return self._unit_columns(range(self.shape[1]), self._apply_rows_damped)
 
     def _slot(self, name):
         try:

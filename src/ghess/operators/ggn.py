@@ -80,8 +80,8 @@ class GGNLinearOperator(CurvatureOperator):
     def _recompute_state(self, X, y):
         """The chunk's forward contexts and loss state: the passes are cheaper than factors."""
         p = self.problem
-        ctxs, z = self.model.forward_chunk(p.lparams, X, 1, p.omp_threads)
-        _, _, state = self.loss.value_grad(z, y, p.scale, p.omp_threads)
+        ctxs, z = _engine.checked_forward(self.model, p.lparams, X, 1, p.omp_threads)
+        _, _, state = _engine.checked_loss(self.loss, z, y, p.scale, p.omp_threads)
         return _ForwardState(ctxs, state)
 
     def _chunk_product(self, state, tangents, accs, k):

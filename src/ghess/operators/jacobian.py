@@ -10,7 +10,7 @@ from scipy.sparse.linalg import LinearOperator
 
 from .. import _engine
 from .._config import computing
-from .._problem import Problem, check_dtype, check_mode, check_model, count_samples, format_bytes
+from .._problem import Problem, check_dtype, check_mode, check_model, count_samples
 from .._typing import Mode
 from .base import BatchedMatvec, ChunkedOperator
 
@@ -69,6 +69,8 @@ class JacobianLinearOperator(ChunkedOperator):
         V = self._check_vectors(X, self.shape[1])
         p, k, K = self.problem, V.shape[0], self.model.n_outputs
         out = np.empty((k, self.shape[0]), dtype=self.dtype)
+        if k == 0:
+            return out.T
         start = 0
         with computing():
             tangents = _engine.prepare_tangents(self.model, V)
@@ -78,12 +80,15 @@ class JacobianLinearOperator(ChunkedOperator):
                 stop = start + factors.n * K
                 out[:, start:stop] = Jv.transpose(1, 0, 2).reshape(k, -1)
                 start = stop
+        _engine.check_finite_result(out, "the Jacobian product J v")
         return out.T
 
     def _rmatmat(self, X):
         """J^T W: a sum over chunks, each pulling back its rows of W."""
         W = self._check_vectors(X, self.shape[0])
         p, k, K = self.problem, W.shape[0], self.model.n_outputs
+        if k == 0:
+            return np.zeros((self.shape[1], 0), dtype=self.dtype)
         start = 0
 
         def pull_back(factors, accs):
@@ -95,7 +100,9 @@ class JacobianLinearOperator(ChunkedOperator):
             start = stop
 
         with computing():
-            return self._reduce(k, pull_back).T
+            out = self._reduce(k, pull_back)
+        _engine.check_finite_result(out, "the Jacobian product J^T w")
+        return out.T
 
     @staticmethod
     def memory_required(model: Sequential, X: np.ndarray | int, mode: Mode = "stored", *,
@@ -109,11 +116,8 @@ class JacobianLinearOperator(ChunkedOperator):
 
     def todense(self) -> np.ndarray:
         """Return the full (N*K, n_params) matrix; refuse above ``memory_budget``."""
-        size = self.shape[0] * self.shape[1] * self.dtype.itemsize
-        if size > self.memory_budget:
-            raise ValueError(f"todense needs {format_bytes(size)}, over the memory_budget of "
-                             f"{format_bytes(self.memory_budget)}")
-        return self.matmat(np.eye(self.shape[1], dtype=self.dtype))
+        self._check_dense_fits()
+        return self._unit_columns(range(self.shape[1]), lambda E: self._matmat(E.T).T)
 
     def _adjoint(self):
         return _JacobianAdjoint(self)

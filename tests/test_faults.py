@@ -1,0 +1,230 @@
+"""Faults found by an audit of the public API: each test failed before its fix (issue 21)."""
+
+import copy
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from conftest import Case
+from numpy.testing import assert_allclose, assert_array_equal
+
+import ghess
+from ghess._validation import max_threads
+
+# -- thread counts ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n_threads", [max_threads() + 1, 40000, 2**31, 2**40])
+def test_n_threads_above_the_ceiling_is_refused_by_name(n_threads):
+    c = Case("tanh-ce")
+    with pytest.raises(ValueError, match=r"n_threads must be at most \d+"):
+        ghess.loss_and_grad(c.model, c.loss, c.theta, c.data, n_threads=n_threads)
+    with pytest.raises(ValueError, match="n_threads must be at most"):
+        ghess.GGNLinearOperator(c.model, c.loss, c.theta, c.data, n_threads=n_threads)
+    with pytest.raises(ValueError, match="n_threads must be at most"):
+        c.model.forward(c.theta, c.X, n_threads=n_threads)
+
+
+FORK_SCRIPT = textwrap.dedent("""
+    import os, sys, warnings
+    import numpy as np
+    import ghess
+    rng = np.random.default_rng(0)
+    model = ghess.Sequential(ghess.Linear(64, 256), ghess.Tanh(), ghess.Linear(256, 10),
+                             input_shape=(64,))
+    theta = model.init_params(seed=0)
+    X, y = rng.normal(size=(2048, 64)), rng.integers(0, 10, 2048)
+    loss = ghess.CrossEntropyLoss()
+    parent = ghess.loss_and_grad(model, loss, theta, (X, y), n_threads=2)[1]
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            child = ghess.loss_and_grad(model, loss, theta, (X, y), n_threads=2)[1]
+            G = ghess.GGNLinearOperator(model, loss, theta, (X, y))
+            child_ggn = G @ np.ones(model.n_params)
+        ok = (np.allclose(child, parent, rtol=1e-12, atol=0) and np.all(np.isfinite(child_ggn))
+              and sum("forked" in str(w.message) for w in caught) == 1)
+        os.write(write, b"ok" if ok else b"bad")
+        os._exit(0)
+    os.waitpid(pid, 0)
+    print(os.read(read, 2).decode())
+""")
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_forked_child_after_threaded_use_finishes_with_the_same_numbers():
+    done = subprocess.run([sys.executable, "-c", FORK_SCRIPT], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok", done.stdout + done.stderr
+
+
+# -- non-finite results from finite inputs ---------------------------------------
+
+
+def test_overflow_in_the_loss_is_reported_not_returned():
+    c = Case("sigmoid-mse")
+    model = ghess.Sequential(ghess.Linear(4, 3), input_shape=(4,))
+    theta = model.init_params() * 1e200
+    with pytest.raises(FloatingPointError, match="overflowed"):
+        ghess.loss_and_grad(model, ghess.MSELoss(), theta, (c.X, c.y))
+
+
+def test_float32_forward_overflow_names_the_layer():
+    c = Case("tanh-ce", dtype=np.float32)
+    theta = c.theta.copy()
+    params = c.model.unflatten(theta)  # views
+    params["2.bias"][:] = 100.0  # every tanh of layer 3 at 1
+    params["4.weight"][:] = 3e38  # the output layer sums five of 3e38: above float32's range
+    with pytest.raises(FloatingPointError, match=r"forward pass overflowed at layer 4 \(Linear"):
+        ghess.loss_and_grad(c.model, c.loss, theta, c.data)
+    with pytest.raises(FloatingPointError, match="forward pass overflowed at layer 4"):
+        ghess.HessianLinearOperator(c.model, c.loss, theta, c.data, mode="stored")
+
+
+def test_product_overflow_is_reported():
+    c = Case("sigmoid-mse", dtype=np.float32)
+    G = ghess.GGNLinearOperator(c.model, c.loss, c.theta, c.data)
+    with pytest.raises(FloatingPointError, match="GGNLinearOperator product is not finite"):
+        G @ np.full(G.shape[0], 3e38, dtype=np.float32)
+
+
+def test_input_that_overflows_the_cast_says_so():
+    c = Case("tanh-ce", dtype=np.float32)
+    X = c.X.astype(np.float64)
+    X[1, 2] = 1e39
+    with pytest.raises(ValueError, match=r"X overflows float32: 1e\+39 at index \(1, 2\)"):
+        ghess.loss_and_grad(c.model, c.loss, c.theta, (X, c.y))
+
+
+# -- Newton-CG keeps its progress ------------------------------------------------
+
+
+def _newton(**kwargs):
+    c = Case("tanh-ce", n_samples=60)
+    opt = ghess.NewtonCG(c.model, c.loss, C=10.0, subsample=0.5, seed=3, **kwargs)
+    return c, opt
+
+
+def test_newton_cg_exception_in_callback_keeps_progress_and_resumes_the_same_trajectory():
+    c, straight = _newton()
+    theta_straight, history = straight.fit(c.theta, c.data, n_iterations=5, verbose=False)
+
+    c, opt = _newton()
+
+    def fail_at_third(theta, record):
+        if len(opt.history_) == 3:
+            raise RuntimeError("callback failed")
+
+    with pytest.raises(RuntimeError, match="callback failed") as info:
+        opt.fit(c.theta, c.data, n_iterations=5, verbose=False, callback=fail_at_third)
+    if sys.version_info >= (3, 11):
+        assert any("Newton-CG iteration 3" in note for note in info.value.__notes__)
+    assert len(opt.history_) == 3
+    assert_array_equal(opt.theta_, _newton()[1].fit(c.theta, c.data, n_iterations=3,
+                                                    verbose=False)[0])
+    resumed, more = opt.fit(opt.theta_, c.data, n_iterations=2, verbose=False)
+    assert_allclose(resumed, theta_straight, rtol=1e-13, atol=1e-15)
+    assert [r.objective for r in more] == pytest.approx([r.objective for r in history[3:]],
+                                                        rel=1e-12)
+
+
+def test_newton_cg_rejects_an_overflowing_step_instead_of_failing():
+    c, opt = _newton()
+    objective, calls = opt.objective, []
+
+    def overflowing_first_candidate(theta, data):
+        calls.append(theta)
+        if len(calls) == 2:  # call 1 is the start, call 2 the line search's first candidate
+            raise FloatingPointError("the loss overflowed")
+        return objective(theta, data)
+
+    opt.objective = overflowing_first_candidate
+    theta, history = opt.fit(c.theta, c.data, n_iterations=1, verbose=False)
+    assert history[0].accepted and history[0].backtracks >= 1 and history[0].step_size < 1
+
+
+def test_newton_cg_stops_with_a_warning_when_every_step_is_rejected():
+    c, opt = _newton(max_backtracks=1, armijo=0.999999, max_rejections=3)
+    with pytest.warns(RuntimeWarning, match="3 iterations in a row found no step"):
+        theta, history = opt.fit(c.theta, c.data, n_iterations=20, verbose=False)
+    assert len(history) == 3 and not any(r.accepted for r in history)
+    assert_array_equal(theta, opt.theta_)
+
+
+def test_newton_cg_initial_objective_overflow_says_so():
+    model = ghess.Sequential(ghess.Linear(4, 3), input_shape=(4,))
+    c = Case("sigmoid-mse")
+    opt = ghess.NewtonCG(model, ghess.MSELoss())
+    with pytest.raises(FloatingPointError) as info:
+        opt.fit(model.init_params() * 1e200, (c.X, c.y), verbose=False)
+    if sys.version_info >= (3, 11):
+        assert any("initial parameters" in note for note in info.value.__notes__)
+
+
+def test_step_records_copy_and_answer_hasattr():
+    c, opt = _newton()
+    _, history = opt.fit(c.theta, c.data, n_iterations=1, verbose=False)
+    record = copy.deepcopy(history)[0]
+    assert record.objective == history[0].objective
+    assert not hasattr(record, "no_such_key") and hasattr(record, "accepted")
+
+
+# -- clear messages --------------------------------------------------------------
+
+
+def test_unclear_inputs_get_clear_messages():
+    c = Case("tanh-ce")
+    with pytest.raises(TypeError, match=r"list of 2 items .* as a tuple \(X, y\)"):
+        ghess.loss_and_grad(c.model, c.loss, c.theta, [c.X, c.y])
+    with pytest.raises(TypeError, match="y is None: CrossEntropyLoss needs targets"):
+        ghess.loss_and_grad(c.model, c.loss, c.theta, (c.X, None))
+    G = ghess.GGNLinearOperator(c.model, c.loss, c.theta, c.data)
+    with pytest.raises(TypeError, match="vector must be real numbers"):
+        G.matvec("abc")
+
+
+# -- small contract breaks -------------------------------------------------------
+
+
+def test_zero_columns_give_empty_results():
+    c = Case("tanh-ce")
+    n = c.model.n_params
+    for op in (ghess.GGNLinearOperator(c.model, c.loss, c.theta, c.data),
+               ghess.HessianLinearOperator(c.model, c.loss, c.theta, c.data)):
+        assert op.matmat(np.zeros((n, 0))).shape == (n, 0)
+    J = ghess.JacobianLinearOperator(c.model, c.theta, c.X)
+    assert J.matmat(np.zeros((n, 0))).shape == (J.shape[0], 0)
+    assert J.rmatmat(np.zeros((J.shape[0], 0))).shape == (n, 0)
+    G = ghess.GGNLinearOperator(c.model, c.loss, c.theta, c.data)
+    assert G.matvec(np.zeros((0, n))).shape == (0, n)
+
+
+@pytest.mark.parametrize("argument", ["stride", "padding", "kernel_size"])
+def test_huge_geometry_is_refused_by_name(argument):
+    kwargs = {"stride": 1, "padding": 0, "kernel_size": 3, argument: 2**40}
+    with pytest.raises(ValueError, match=f"Conv2d: {argument} must be at most 2147483647"):
+        ghess.Conv2d(1, 2, **kwargs)
+    with pytest.raises(ValueError, match="Linear: out_features must be at most"):
+        ghess.Linear(3, 2**40)
+
+
+def test_negative_tolerance_and_memory_budget_are_refused():
+    c = Case("tanh-ce")
+    G = ghess.GGNLinearOperator(c.model, c.loss, c.theta, c.data)
+    with pytest.raises(ValueError, match="tol must be finite and >= 0"):
+        ghess.top_eigenvalues(G, 2, tol=-1)
+    with pytest.raises(ValueError, match="memory_budget must be"):
+        ghess.ggn_diagonal(c.model, c.loss, c.theta, c.data, memory_budget=-1)
+
+
+def test_jacobian_todense_works_in_column_blocks():
+    c = Case("tanh-ce")
+    J = ghess.JacobianLinearOperator(c.model, c.theta, c.X)
+    dense = J.todense()
+    assert_allclose(dense, J @ np.eye(J.shape[1]), rtol=1e-14, atol=1e-15)
