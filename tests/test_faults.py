@@ -228,3 +228,68 @@ def test_jacobian_todense_works_in_column_blocks():
     J = ghess.JacobianLinearOperator(c.model, c.theta, c.X)
     dense = J.todense()
     assert_allclose(dense, J @ np.eye(J.shape[1]), rtol=1e-14, atol=1e-15)
+
+
+# -- memory budget ---------------------------------------------------------------
+
+
+def test_default_memory_budget_honours_rlimit_as():
+    resource = pytest.importorskip("resource")
+    script = ("import resource; resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30)); "
+              "from ghess._problem import default_memory_budget, memory_limit; "
+              "print(memory_limit(), default_memory_budget())")
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    if hard != resource.RLIM_INFINITY and hard < 6 << 30:
+        pytest.skip("the hard RLIMIT_AS is below the test's limit")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    limit, budget = map(int, done.stdout.split())
+    assert limit <= 6 << 30 and budget == min(4 << 30, limit // 4)
+
+
+def test_memory_budget_above_the_machine_warns():
+    from ghess._problem import memory_limit
+
+    c = Case("tanh-ce")
+    with pytest.warns(RuntimeWarning, match="exceeds the .* this process may use"):
+        G = ghess.GGNLinearOperator(c.model, c.loss, c.theta, c.data,
+                                    memory_budget=2 * memory_limit())
+    assert G.mode == "stored"
+
+
+SIGINT_SCRIPT = textwrap.dedent("""
+    import sys, time
+    import numpy as np
+    import ghess
+    rng = np.random.default_rng(0)
+    model = ghess.Sequential(ghess.Conv2d(3, 16, 3, padding=1), ghess.ReLU(), ghess.Flatten(),
+                             ghess.Linear(16 * 16 * 16, 10), input_shape=(3, 16, 16))
+    X, y = rng.normal(size=(512, 3, 16, 16)), rng.integers(0, 10, 512)
+    H = ghess.HessianLinearOperator(model, ghess.CrossEntropyLoss(), model.init_params(),
+                                    (X, y), mode="recompute")
+    v = np.ones(model.n_params)
+    print("ready", flush=True)
+    try:
+        while True:
+            H @ v
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+        sys.exit(3)
+""")
+
+
+def test_sigint_during_products_ends_them_promptly():
+    import signal
+    import time
+
+    child = subprocess.Popen([sys.executable, "-c", SIGINT_SCRIPT], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        time.sleep(0.5)
+        child.send_signal(signal.SIGINT)
+        out, err = child.communicate(timeout=30)
+    finally:
+        child.kill()
+    assert child.returncode == 3 and "interrupted" in out, err

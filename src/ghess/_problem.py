@@ -7,6 +7,7 @@ and ``NewtonCG`` all check and resolve their arguments here, once, into a
 
 import numbers
 import os
+import warnings
 
 import numpy as np
 
@@ -19,7 +20,8 @@ from .nn.losses import Loss
 from .nn.sequential import Sequential
 
 __all__ = ["Problem", "check_model", "check_loss", "check_mode", "check_dtype",
-           "count_samples", "default_memory_budget", "format_bytes", "MODES"]
+           "check_memory_budget", "count_samples", "default_memory_budget", "format_bytes",
+           "memory_limit", "MODES"]
 
 MODES = ("auto", "stored", "recompute")
 
@@ -86,13 +88,46 @@ def format_bytes(n: int) -> str:
     return f"{n} bytes"
 
 
-def default_memory_budget() -> int:
-    """Return a quarter of physical memory, at most 4 GiB."""
+def memory_limit() -> int:
+    """Bytes this process may use: physical memory, within its RLIMIT_AS and cgroup limit."""
     try:
-        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        limits = [os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")]
     except (ValueError, OSError, AttributeError):
-        physical = 8 << 30
-    return int(min(4 << 30, physical // 4))
+        limits = [8 << 30]
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+        if soft != resource.RLIM_INFINITY and soft > 0:
+            limits.append(soft)
+    except (ImportError, OSError, ValueError):  # not on this platform
+        pass
+    for path in ("/sys/fs/cgroup/memory.max",  # cgroup v2
+                 "/sys/fs/cgroup/memory/memory.limit_in_bytes"):  # cgroup v1
+        try:
+            with open(path) as f:
+                value = f.read().strip()
+        except OSError:
+            continue
+        if value.isdigit() and 0 < int(value) < (1 << 60):  # v1 writes ~2**63 for "none"
+            limits.append(int(value))
+    return min(limits)
+
+
+def default_memory_budget() -> int:
+    """Return a quarter of the memory this process may use (``memory_limit``), at most 4 GiB."""
+    return int(min(4 << 30, memory_limit() // 4))
+
+
+def check_memory_budget(memory_budget) -> int:
+    """Validate an explicit budget (bytes > 0); warn when it exceeds what the process may use."""
+    budget = check_positive_int(memory_budget, "memory_budget")
+    limit = memory_limit()
+    if budget > limit:
+        warnings.warn(f"memory_budget of {format_bytes(budget)} exceeds the {format_bytes(limit)} "
+                      "this process may use (physical memory, RLIMIT_AS, cgroup): stored mode "
+                      "may run out of memory", RuntimeWarning, stacklevel=4)
+    return budget
 
 
 class Problem:

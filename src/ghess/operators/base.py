@@ -28,6 +28,7 @@ from .._config import computing
 from .._problem import (
     Problem,
     check_dtype,
+    check_memory_budget,
     check_mode,
     check_model,
     count_samples,
@@ -117,7 +118,7 @@ class ChunkedOperator(BatchedMatvec, LinearOperator):
         self.n_samples = problem.n_samples
         self.chunk_size = problem.chunk_size
         self.memory_budget = (default_memory_budget() if memory_budget is None
-                              else check_positive_int(memory_budget, "memory_budget"))
+                              else check_memory_budget(memory_budget))
         self.stored_bytes = self.n_samples * self._stored_bytes_per_sample(problem.plan)
         mode = check_mode(mode)
         if mode == "auto":

@@ -46,7 +46,9 @@ class GGNLinearOperator(CurvatureOperator):
         Samples per chunk; by default about 64 MiB of temporaries, 128 MiB
         for a network without convolutions (at least 16 samples).
     memory_budget : int, optional
-        Bytes the stored factors may take; default a quarter of RAM, at most 4 GiB.
+        Bytes the stored factors may take; default a quarter of the memory this
+        process may use (physical memory within its RLIMIT_AS and cgroup limit), at
+        most 4 GiB. A budget above that limit warns.
     n_threads : int, optional
         Threads for the OpenMP kernels and BLAS; default OpenMP's default.
 
