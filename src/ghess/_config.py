@@ -29,6 +29,7 @@ def resolve_n_threads(n_threads: int | None) -> int:
 # threads, and a child forked after that runs them on one thread (a one-time warning
 # says so). Processes started with multiprocessing's "spawn" or "forkserver" method
 # are not forked from a used runtime and keep their threads.
+_OPENMP = dense.openmp_enabled()  # without OpenMP the kernels run serially anyway
 _threads_used = False
 _forked_after_threads = False
 _fork_warned = False
@@ -48,7 +49,7 @@ if hasattr(os, "register_at_fork"):
 def effective_threads(n_threads: int) -> int:
     """The threads the kernels may use now: ``n_threads``, or 1 in an unsafe forked child."""
     global _threads_used, _fork_warned
-    if n_threads > 1:
+    if n_threads > 1 and _OPENMP:
         if _forked_after_threads:
             if not _fork_warned:
                 _fork_warned = True
