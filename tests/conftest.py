@@ -43,14 +43,14 @@ class Hardtanh(ghess.nn.Activation):
         return f"Hardtanh(min_val={self.min_val}, max_val={self.max_val})"
 
     def evaluate(self, x, y_out, d1_out, d2_out, n_threads):
-        """f = clip(x), f' = 1 strictly inside the bounds (0 at them, as PyTorch)."""
+        """Write clip(x), and f' = 1 strictly inside the bounds (0 at them, as PyTorch)."""
         np.clip(x, self.min_val, self.max_val, out=y_out)
         if d1_out is not None:
             np.logical_and(x > self.min_val, x < self.max_val, out=d1_out, casting="unsafe")
 
 
 def _reference_hardtanh(layer, s):
-    """The reference's own Hardtanh: written from the definition, not the layer's code."""
+    """Return f, f', f'' of Hardtanh from the definition, not from the layer's code."""
     below, above = s <= layer.min_val, s >= layer.max_val
     value = np.where(below, layer.min_val, np.where(above, layer.max_val, s))
     return value, np.where(below | above, 0.0, 1.0), np.zeros_like(s)

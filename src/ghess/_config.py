@@ -47,7 +47,7 @@ if hasattr(os, "register_at_fork"):
 
 
 def effective_threads(n_threads: int) -> int:
-    """The threads the kernels may use now: ``n_threads``, or 1 in an unsafe forked child."""
+    """Return the threads the kernels may use: ``n_threads``, or 1 in an unsafe forked child."""
     global _threads_used, _fork_warned
     if n_threads > 1 and _OPENMP:
         if _forked_after_threads:

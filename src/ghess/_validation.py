@@ -88,7 +88,7 @@ def check_params(theta, n_params) -> np.ndarray:
 
 
 def max_threads():
-    """The most ``n_threads`` accepted: 4 threads per CPU of the machine.
+    """Return the most ``n_threads`` accepted: 4 threads per CPU of the machine.
 
     More would only oversubscribe the cores; far more exhausts the OpenMP
     runtime's thread creation, which ends the process.

@@ -265,7 +265,7 @@ class NewtonCG:
             raise
 
     def _step(self, theta, data, _state):
-        """The body of :meth:`step`; ``self._stage`` names the stage being run."""
+        """Run the body of :meth:`step`; ``self._stage`` names the stage being run."""
         start = time.perf_counter()
         if _state is None:
             theta, batches, size = self._prepare(theta, data)

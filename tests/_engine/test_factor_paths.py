@@ -1,4 +1,4 @@
-"""Stored Jacobian factors taken after the parameter-free layers (``ghess._engine.plan.factor_plan``).
+"""Stored Jacobian factors taken after the parameter-free layers (``_engine.plan.factor_plan``).
 
 A layer's factor D may be stored at the end of the activation/pooling run that
 follows it, where it is smaller; products then push through that run. These

@@ -7,9 +7,9 @@ directly, in both dtypes, with and without accumulation.
 
 import numpy as np
 import pytest
+from ghess._kernels.dense import OutputHessianKind
 
 from ghess._kernels import dense
-from ghess._kernels.dense import OutputHessianKind
 from ghess.testing import assert_allclose_rel
 
 

@@ -4,9 +4,9 @@ import enum
 
 import numpy as np
 import pytest
+from ghess._kernels.dense import ActivationKind, OutputHessianKind
 
 from ghess._kernels import dense
-from ghess._kernels.dense import ActivationKind, OutputHessianKind
 
 
 def test_members_and_values():

@@ -124,7 +124,8 @@ def test_hessian_trace_fuses_only_curvature_free_activation_pooling():
     kinds = [type(layer).__name__ for layer in c.model.layers]
     assert kinds == ["Conv2d", "Tanh", "MaxPool2d", "Conv2d", "ReLU", "MaxPool2d", "Flatten",
                      "Linear"]
-    steps = [(type(step).__name__, indices) for step, indices in _engine.plan_for(c.model, 8).hessian_steps]
+    steps = [(type(step).__name__, indices)
+             for step, indices in _engine.plan_for(c.model, 8).hessian_steps]
     assert steps == [("Conv2d", (0,)), ("Tanh", (1,)), ("MaxPool2d", (2,)), ("Conv2d", (3,)),
                      ("ActivationMaxPool", (4, 5)), ("Flatten", (6,)), ("Linear", (7,))]
     # first-order factor paths fuse both pairs

@@ -10,7 +10,8 @@ import numpy as np
 from .._validation import all_finite
 from .plan import plan_for
 
-__all__ = ["checked_forward", "checked_loss", "check_finite_result", "prepare_tangents", "Accumulators", "new_accumulators", "accumulators_to_flat",
+__all__ = ["checked_forward", "checked_loss", "check_finite_result", "prepare_tangents",
+           "Accumulators", "new_accumulators", "accumulators_to_flat",
            "jvp_chunk", "vjp_chunk"]
 
 

@@ -23,7 +23,7 @@ MAX_CHUNK = 2048
 
 
 def chunk_size_for(bytes_per_sample, budget, minimum=1, maximum=MAX_CHUNK):
-    """The chunk-size rule: as many samples as ``budget`` bytes hold, within [minimum, maximum].
+    """Apply the chunk-size rule: as many samples as ``budget`` bytes hold, in [minimum, maximum].
 
     ``maximum`` None sets no upper bound.
     """

@@ -63,12 +63,14 @@ class Conv2d(Windowed, WeightBiasLayer):
         return self.in_channels * self.kernel_size[0] * self.kernel_size[1]
 
     def param_shapes(self, input_shape):
+        """Return weight (out_channels, in_channels, kh, kw), then bias (out_channels,)."""
         shapes = [("weight", (self.out_channels, self.in_channels) + self.kernel_size)]
         if self.bias:
             shapes.append(("bias", (self.out_channels,)))
         return shapes
 
     def output_shape(self, input_shape):
+        """(out_channels, out_h, out_w); records the geometry."""
         C, H, W = spatial_input(self, input_shape)
         if C != self.in_channels:
             raise ValueError(f"{self!r} expects {self.in_channels} input channels, "
@@ -78,6 +80,7 @@ class Conv2d(Windowed, WeightBiasLayer):
         return (self.out_channels, self._geom[11], self._geom[12])
 
     def init_params(self, input_shape, rng, dtype):
+        """PyTorch's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias."""
         # PyTorch: kaiming_uniform_(a=sqrt(5)), i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
         # fan_in = in_channels * kh * kw; the same bound for the bias.
         bound = 1.0 / np.sqrt(self.patch_size)

@@ -31,12 +31,14 @@ class Linear(WeightBiasLayer):
                 f"bias={self.bias})")
 
     def param_shapes(self, input_shape):
+        """Return weight (out_features, in_features), then bias (out_features,)."""
         shapes = [("weight", (self.out_features, self.in_features))]
         if self.bias:
             shapes.append(("bias", (self.out_features,)))
         return shapes
 
     def output_shape(self, input_shape):
+        """(out_features,), for a flat input of in_features."""
         if len(input_shape) != 1:
             raise ValueError(
                 f"{self!r} expects a flat input of {self.in_features} features per sample, "
@@ -48,6 +50,7 @@ class Linear(WeightBiasLayer):
         return (self.out_features,)
 
     def init_params(self, input_shape, rng, dtype):
+        """PyTorch's default: U(-1/sqrt(in_features), 1/sqrt(in_features))."""
         # PyTorch: kaiming_uniform_(a=sqrt(5)) for the weight, i.e. U(-1/sqrt(fan_in), ...),
         # and U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for the bias.
         bound = 1.0 / np.sqrt(self.in_features)
@@ -58,7 +61,7 @@ class Linear(WeightBiasLayer):
 
     # -- propagation ------------------------------------------------------
     def accumulator_shapes(self, k):
-        """The k directions' weights stacked as rows, (k * out, in); biases (k * out,)."""
+        """Stack the k directions' weights as rows, (k * out, in); biases (k * out,)."""
         return (k * self.out_features, self.in_features), (k * self.out_features,)
 
     def forward(self, params, x, ctx, need, n_threads):

@@ -104,15 +104,19 @@ class MSELoss(Loss):
     """
 
     def scale(self, n_samples, n_outputs):
+        """1/(N K) for "mean", else 1."""
         return 1.0 / (n_samples * n_outputs) if self.reduction == "mean" else 1.0
 
     def check_targets(self, y, n_samples, n_outputs, dtype):
+        """Real targets of the outputs' shape (N, K)."""
         return _float_targets(y, n_samples, n_outputs, dtype, "MSELoss")
 
     def value_grad(self, z, y, scale, n_threads):
+        """Return the summed squared errors, scale * 2 (z - y), and no state."""
         return _value_grad(dense.mse_value_grad, z, y, scale, n_threads, with_state=False)
 
     def hessian_form(self, state, scale):
+        """B = 2 I (times the scale)."""
         return OutputHessianKind.IDENTITY, None, 2.0 * scale
 
 
@@ -125,9 +129,11 @@ class CrossEntropyLoss(Loss):
     """
 
     def scale(self, n_samples, n_outputs):
+        """1/N for "mean", else 1."""
         return 1.0 / n_samples if self.reduction == "mean" else 1.0
 
     def check_targets(self, y, n_samples, n_outputs, dtype):
+        """Integer labels (N,) in [0, K)."""
         y = np.asarray(y)
         if y.dtype.kind not in "iu":
             raise TypeError(
@@ -144,9 +150,11 @@ class CrossEntropyLoss(Loss):
         return np.ascontiguousarray(y, dtype=np.intp)
 
     def value_grad(self, z, y, scale, n_threads):
+        """Return the summed cross-entropies, scale * (p - onehot), and the softmax p."""
         return _value_grad(dense.cross_entropy_value_grad, z, y, scale, n_threads)
 
     def hessian_form(self, state, scale):
+        """B = diag(p) - p p^T (times the scale)."""
         return OutputHessianKind.SOFTMAX, state, scale
 
 
@@ -159,9 +167,11 @@ class BCEWithLogitsLoss(Loss):
     """
 
     def scale(self, n_samples, n_outputs):
+        """1/(N K) for "mean", else 1."""
         return 1.0 / (n_samples * n_outputs) if self.reduction == "mean" else 1.0
 
     def check_targets(self, y, n_samples, n_outputs, dtype):
+        """Targets in [0, 1] of the outputs' shape (N, K)."""
         y = _float_targets(y, n_samples, n_outputs, dtype, "BCEWithLogitsLoss")
         if y.size and (y.min() < 0 or y.max() > 1):
             raise ValueError(
@@ -170,7 +180,9 @@ class BCEWithLogitsLoss(Loss):
         return y
 
     def value_grad(self, z, y, scale, n_threads):
+        """Return the summed binary cross-entropies, scale * (sigma(z) - y), and sigma'."""
         return _value_grad(dense.bce_value_grad, z, y, scale, n_threads)
 
     def hessian_form(self, state, scale):
+        """B = diag(sigma') (times the scale)."""
         return OutputHessianKind.DIAGONAL, state, scale

@@ -143,11 +143,11 @@ class ChunkedOperator(BatchedMatvec, LinearOperator):
         raise NotImplementedError
 
     def _recompute_state(self, X, y):
-        """What a product needs of a chunk in recompute mode (by default the stored state)."""
+        """Return what a product needs of a chunk in recompute mode (default: its stored state)."""
         return self._chunk_state(X, y)
 
     def _jacobian_factors(self, X, ctxs=None, loss_state=None):
-        """The chunk's per-sample Jacobian factors; runs its forward pass unless ``ctxs``."""
+        """Return the chunk's per-sample Jacobian factors (after its forward pass, or ``ctxs``)."""
         p = self.problem
         if ctxs is None:
             ctxs, _ = _engine.checked_forward(self.model, p.lparams, X, 1, p.omp_threads)
@@ -163,7 +163,7 @@ class ChunkedOperator(BatchedMatvec, LinearOperator):
         return 0 if self.mode == "recompute" else self.stored_bytes
 
     def _chunk_states(self):
-        """The chunks' states in order: the stored ones, or each rebuilt in turn."""
+        """Return the chunks' states in order: the stored ones, or each rebuilt in turn."""
         if self._stored is not None:
             return iter(self._stored)
         return (self._recompute_state(X, y) for X, y in self.problem.chunks())
@@ -263,7 +263,7 @@ class CurvatureOperator(ChunkedOperator):
         return self
 
     def _apply_rows(self, V):
-        """The undamped operator applied to the rows of V (k, n_params)."""
+        """Apply the undamped operator to the rows of V (k, n_params)."""
         k = V.shape[0]
         tangents = _engine.prepare_tangents(self.model, V)
         return self._reduce(

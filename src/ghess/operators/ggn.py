@@ -75,12 +75,12 @@ class GGNLinearOperator(CurvatureOperator):
         return plan.stored_factor_bytes
 
     def _chunk_state(self, X, y):
-        """The chunk's stored factors, with the loss state B needs."""
+        """Return the chunk's stored factors, with the loss state B needs."""
         forward = self._recompute_state(X, y)
         return self._jacobian_factors(X, forward.ctxs, forward.loss_state)
 
     def _recompute_state(self, X, y):
-        """The chunk's forward contexts and loss state: the passes are cheaper than factors."""
+        """Return the chunk's forward contexts and loss state (passes cost less than factors)."""
         p = self.problem
         ctxs, z = _engine.checked_forward(self.model, p.lparams, X, 1, p.omp_threads)
         _, _, state = _engine.checked_loss(self.loss, z, y, p.scale, p.omp_threads)

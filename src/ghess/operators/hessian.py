@@ -44,7 +44,7 @@ class HessianLinearOperator(CurvatureOperator):
         return plan.trace_bytes
 
     def _chunk_state(self, X, y):
-        """The chunk's gradient trace: everything of it that does not depend on v."""
+        """Return the chunk's gradient trace: all of it that does not depend on v."""
         p = self.problem
         return _engine.gradient_trace(self.model, p.lparams, self.loss, X, y, p.scale,
                                       p.omp_threads)

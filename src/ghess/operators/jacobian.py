@@ -61,7 +61,7 @@ class JacobianLinearOperator(ChunkedOperator):
         return plan.stored_factor_bytes
 
     def _chunk_state(self, X, y):
-        """The chunk's stored Jacobian factors."""
+        """Return the chunk's stored Jacobian factors."""
         return self._jacobian_factors(X)
 
     def _matmat(self, X):
