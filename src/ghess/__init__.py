@@ -19,6 +19,7 @@ from .analysis import (
     top_eigenvalues,
 )
 from .functional import loss_and_grad, per_sample_jacobians
+from .interop.torch import from_torch, to_torch
 from .nn import (
     AvgPool2d,
     BCEWithLogitsLoss,
@@ -41,6 +42,8 @@ from .optim import NewtonCG, StepRecord
 
 __all__ = [
     "Sequential",
+    "from_torch",
+    "to_torch",
     "Linear",
     "ReLU",
     "LeakyReLU",

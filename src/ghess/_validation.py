@@ -21,6 +21,16 @@ def compute_dtype(array_dtype):
     return np.dtype(np.float64)
 
 
+def as_array(x):
+    """Return ``x`` as a NumPy array: a PyTorch tensor (any device, with or without grad)
+    through ``detach().cpu().numpy()``, which shares a CPU tensor's memory; others by
+    ``np.asarray``.
+    """  # noqa: D205
+    if type(x).__module__.partition(".")[0] == "torch" and hasattr(x, "detach"):
+        return x.detach().cpu().resolve_conj().resolve_neg().numpy()
+    return np.asarray(x)
+
+
 def all_finite(a):
     """Whether every element of the float array ``a`` is finite.
 
@@ -48,7 +58,7 @@ def as_float_array(x, name, *, dtype=None, ndim=None, allow_empty=True) -> np.nd
         Required number of dimensions.
     """
     try:
-        arr = np.asarray(x)
+        arr = as_array(x)
     except Exception as exc:  # ragged lists and the like
         raise TypeError(f"{name} must be an array of real numbers, got {type(x).__name__}"
                         ) from exc
@@ -75,7 +85,7 @@ def as_float_array(x, name, *, dtype=None, ndim=None, allow_empty=True) -> np.nd
 
 def check_params(theta, n_params) -> np.ndarray:
     """Validate the flat parameter vector; return it (float32 or float64, contiguous)."""
-    arr = np.asarray(theta) if not isinstance(theta, np.ndarray) else theta
+    arr = as_array(theta) if not isinstance(theta, np.ndarray) else theta
     if arr.dtype.kind not in "iuf":
         raise TypeError(f"params must be a 1-D float32 or float64 array, got dtype {arr.dtype}")
     if arr.ndim != 1:

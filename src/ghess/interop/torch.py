@@ -1,19 +1,187 @@
-"""Conversion of ghess models to PyTorch (needs PyTorch, an optional extra)."""
+"""Conversion between ghess models and PyTorch modules (needs PyTorch, an optional extra).
+
+- :func:`from_torch`: an ``nn.Sequential`` (nested ones too) of supported modules to a
+  ghess ``Sequential`` and its flat parameters, checked by one forward pass of both;
+- :func:`to_torch`: a ghess model and parameters to the equivalent ``nn.Sequential``.
+
+The flat parameters are ``torch.cat([p.detach().reshape(-1) for p in
+module.parameters()])`` in both directions, so a Newton step computed by ghess is
+written back with ``torch.nn.utils.vector_to_parameters``.
+"""
 
 import numpy as np
 
+from .._problem import check_model
+from .._validation import check_params
 from ..nn import (
     Activation,
     AvgPool2d,
     Conv2d,
     Flatten,
+    Identity,
     LeakyReLU,
     Linear,
     MaxPool2d,
+    ReLU,
+    Sequential,
+    Sigmoid,
     Softplus,
+    Tanh,
 )
 
-__all__ = ["torch_sequential"]
+__all__ = ["from_torch", "to_torch", "torch_sequential"]
+
+
+def to_torch(model: Sequential, params) -> "torch.nn.Module":  # noqa: F821
+    """Return the ``torch.nn.Sequential`` equivalent to ``model``, holding ``params``.
+
+    In evaluation mode and in the parameters' dtype: its forward equals
+    ``model.forward(params, X)`` and ``torch.cat([p.reshape(-1) for p in
+    module.parameters()])`` equals ``params``.
+    """
+    import torch
+
+    check_model(model)
+    theta = check_params(params, model.n_params)
+    dtype = torch.float32 if theta.dtype == np.float32 else torch.float64
+    return torch_sequential(model, dtype, params=theta).eval()
+
+
+def from_torch(module, input_shape, *, check: bool = True):
+    """Convert a PyTorch module to ``(model, params)``.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        An ``nn.Sequential`` (nested ones are flattened in order) of ``Linear``,
+        ``Conv2d`` (zero padding, no groups), ``ReLU``, ``LeakyReLU``, ``Tanh``,
+        ``Sigmoid``, ``Softplus``, ``Identity``, ``MaxPool2d``, ``AvgPool2d``,
+        ``Flatten`` and ``Dropout`` (the identity, as in evaluation mode; a
+        Dropout in training mode is refused), or one such module.
+    input_shape : tuple of int
+        The shape of one input sample, e.g. ``(3, 32, 32)``.
+    check : bool, default=True
+        Run one forward pass of both on a random input and raise ``ValueError``
+        if they disagree beyond rounding.
+
+    Returns
+    -------
+    model : Sequential
+    params : ndarray
+        ``torch.cat([p.detach().reshape(-1) for p in module.parameters()])`` in
+        the module's dtype (float32 stays float32).
+
+    Raises
+    ------
+    TypeError
+        Naming the module's path and class when ghess cannot express it, before
+        any work; or when the parameters are not all float32 or all float64.
+    """
+    import torch
+
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"from_torch: module must be a torch.nn.Module, got "
+                        f"{type(module).__name__}")
+    layers = [_layer(path, sub) for path, sub in _leaves(module, "")]
+    if not layers:
+        raise ValueError("from_torch: the module has no layers")
+    dtypes = {p.dtype for p in module.parameters()}
+    if not dtypes <= {torch.float32, torch.float64} or len(dtypes) > 1:
+        raise TypeError(f"from_torch: parameters must all be float32 or all float64, "
+                        f"got {sorted(str(d) for d in dtypes)}")
+    model = Sequential(*layers, input_shape=input_shape)
+    dtype = np.float32 if dtypes == {torch.float32} else np.float64
+    tensors = [p.detach().reshape(-1) for p in module.parameters()]
+    params = (torch.cat(tensors).cpu().numpy().astype(dtype, copy=True) if tensors
+              else np.zeros(0, dtype=dtype))
+    if params.shape[0] != model.n_params:  # a module with parameters ghess does not see
+        raise ValueError(f"from_torch: the module has {params.shape[0]} parameters, the "
+                         f"converted model {model.n_params}")
+    if check:
+        _check_forward(module, model, params)
+    return model, params
+
+
+def _leaves(module, path):
+    """Yield ``(path, module)`` of the leaf modules in order, through nested Sequentials."""
+    import torch
+
+    if isinstance(module, torch.nn.Sequential):
+        for name, child in module.named_children():
+            yield from _leaves(child, f"{path}.{name}" if path else name)
+    else:
+        yield path or type(module).__name__, module
+
+
+def _layer(path, m):
+    """Return the ghess layer equivalent to the torch module ``m`` at ``path``, or raise."""
+    import torch.nn as tnn
+
+    def refuse(why):
+        raise TypeError(f"{path}: {type(m).__name__} {why}")
+
+    kind = type(m)
+    if kind is tnn.Linear:
+        return Linear(m.in_features, m.out_features, bias=m.bias is not None)
+    if kind is tnn.Conv2d:
+        if m.groups != 1:
+            refuse(f"with groups={m.groups} is not supported (only groups=1)")
+        if m.padding_mode != "zeros":
+            refuse(f"with padding_mode={m.padding_mode!r} is not supported (only 'zeros')")
+        if isinstance(m.padding, str):
+            if m.padding != "valid":
+                refuse(f"with padding={m.padding!r} is not supported (use explicit padding)")
+            padding = 0
+        else:
+            padding = m.padding
+        return Conv2d(m.in_channels, m.out_channels, m.kernel_size, stride=m.stride,
+                      padding=padding, dilation=m.dilation, bias=m.bias is not None)
+    if kind is tnn.MaxPool2d:
+        if m.ceil_mode or m.return_indices or _pair(m.dilation) != (1, 1):
+            refuse("with ceil_mode, return_indices or dilation is not supported")
+        return MaxPool2d(m.kernel_size, stride=m.stride, padding=m.padding)
+    if kind is tnn.AvgPool2d:
+        if m.ceil_mode or not m.count_include_pad or m.divisor_override is not None:
+            refuse("is supported only with ceil_mode=False, count_include_pad=True and no "
+                   "divisor_override")
+        return AvgPool2d(m.kernel_size, stride=m.stride, padding=m.padding)
+    if kind is tnn.Flatten:
+        if (m.start_dim, m.end_dim) != (1, -1):
+            refuse("is supported only with start_dim=1, end_dim=-1")
+        return Flatten()
+    if kind is tnn.Dropout:
+        if m.training and m.p > 0:
+            refuse("is in training mode: call module.eval() first (ghess computes the "
+                   "curvature of the network in evaluation mode, where Dropout is the identity)")
+        return Identity()
+    simple = {tnn.ReLU: ReLU, tnn.Tanh: Tanh, tnn.Sigmoid: Sigmoid, tnn.Identity: Identity}
+    if kind in simple:
+        return simple[kind]()
+    if kind is tnn.LeakyReLU:
+        return LeakyReLU(m.negative_slope)
+    if kind is tnn.Softplus:
+        return Softplus(m.beta, m.threshold)
+    refuse("is not supported")
+
+
+def _pair(value):
+    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+
+
+def _check_forward(module, model, params):
+    """Compare one forward pass of both on a random input; ValueError beyond rounding."""
+    import torch
+
+    X = np.random.default_rng(0).normal(size=(2,) + model.input_shape).astype(params.dtype)
+    with torch.no_grad():
+        expected = module(torch.from_numpy(X)).reshape(2, -1).cpu().numpy()
+    got = model.forward(params, X)
+    tolerance = 1e-4 if params.dtype == np.float32 else 1e-10
+    scale = max(float(np.abs(expected).max()), 1e-30)
+    if expected.shape != got.shape or not np.abs(got - expected).max() <= tolerance * scale:
+        raise ValueError("from_torch: the converted model's forward pass differs from the "
+                         "module's on a random input (a module whose forward is not the "
+                         "sequence of its children?)")
 
 
 def torch_sequential(model, dtype=None, *, params=None):

@@ -16,7 +16,7 @@ import numpy.typing as npt
 
 from .._kernels import dense
 from .._kernels.dense import OutputHessianKind
-from .._validation import as_float_array
+from .._validation import as_array, as_float_array
 
 __all__ = ["Loss", "MSELoss", "CrossEntropyLoss", "BCEWithLogitsLoss"]
 
@@ -134,7 +134,7 @@ class CrossEntropyLoss(Loss):
 
     def check_targets(self, y, n_samples, n_outputs, dtype):
         """Integer labels (N,) in [0, K)."""
-        y = np.asarray(y)
+        y = as_array(y)
         if y.dtype.kind not in "iu":
             raise TypeError(
                 f"CrossEntropyLoss: labels must be integers of shape ({n_samples},), "

@@ -36,7 +36,7 @@ from .._problem import (
     format_bytes,
 )
 from .._typing import Batch, Data, Mode
-from .._validation import all_finite, check_nonnegative, check_positive_int
+from .._validation import all_finite, as_array, check_nonnegative, check_positive_int
 
 if TYPE_CHECKING:
     from ..nn.losses import Loss
@@ -66,7 +66,7 @@ class _BatchedMatvec:
 
 
 def _vector_product(x, n, m, matmat, single):
-    x = np.asanyarray(x)
+    x = x if isinstance(x, np.ndarray) else as_array(x)
     if x.dtype.kind not in "iuf":
         raise TypeError(f"vector must be real numbers, got {type(x).__name__} of dtype "
                         f"{x.dtype}")
@@ -89,7 +89,7 @@ BatchedMatvec = _NoBackport if _SCIPY_BATCHES_MATVEC else _BatchedMatvec
 
 def check_vectors(X, n, dtype, name="vector"):
     """Validate X of shape (n, k); return contiguous directions (k, n) in ``dtype``."""
-    X = np.asarray(X)
+    X = as_array(X)
     if X.dtype.kind not in "iuf":
         raise TypeError(f"{name} must be real (the operator's dtype is {dtype}), "
                         f"got dtype {X.dtype}")
