@@ -2,10 +2,30 @@
 
 import numpy as np
 
+from ._validation import as_array
+
+
+def _is_array(x):
+    return isinstance(x, np.ndarray) or type(x).__module__.partition(".")[0] == "torch"
+
+
+def _is_pair_of_arrays(item):
+    return isinstance(item, (tuple, list)) and len(item) == 2 and all(map(_is_array, item))
+
 
 def _is_single_batch(data):
-    # (X, y) is one batch, also with nested lists for X; ((X1, y1), (X2, y2)) is two
-    return isinstance(data, tuple) and len(data) == 2 and not isinstance(data[0], tuple)
+    # (X, y) is one batch, also with nested lists for X; ((X1, y1), (X2, y2)) and
+    # ([X1, y1], [X2, y2]) are two
+    return (isinstance(data, tuple) and len(data) == 2 and not isinstance(data[0], tuple)
+            and not (_is_pair_of_arrays(data[0]) and _is_pair_of_arrays(data[1])))
+
+
+def _same_batches(first, second):
+    """Whether two passes over a data iterable gave the same batches."""
+    return len(first) == len(second) and all(
+        len(a) == len(b) == 2 and all(np.array_equal(as_array(u), as_array(v))
+                                      for u, v in zip(a, b))
+        for a, b in zip(first, second))
 
 
 class Batches:
@@ -35,11 +55,16 @@ class Batches:
                 yield X[start:stop], None if y is None else y[start:stop]
 
 
-def as_batches(model, loss, data, dtype, copy=False):
+def as_batches(model, loss, data, dtype, copy=False, check_deterministic=True):
     """Validate ``data`` = ``(X, y)`` or an iterable of such, for ``model`` and ``loss``.
 
-    With ``copy``, the batches are private read-only copies: an operator that keeps
-    them must not see later writes into the caller's buffers.
+    The iterable may be a list, a generator or a re-iterable such as a
+    ``torch.utils.data.DataLoader`` (tensors are taken as arrays). A re-iterable
+    that is not a list or tuple is read twice and must give the same batches both
+    times (``check_deterministic``): two computations on a shuffling loader
+    would otherwise see different data. With ``copy``, the batches are private
+    read-only copies: an operator that keeps them must not see later writes into
+    the caller's buffers.
     """
     if isinstance(data, Batches):  # validated already (e.g. by NewtonCG); cast if needed
         batches = [(X.astype(dtype, copy=False), y if y is None or y.dtype.kind in "iu"
@@ -54,6 +79,12 @@ def as_batches(model, loss, data, dtype, copy=False):
             raise TypeError("data must be a tuple (X, y) or an iterable of (X, y) batches, "
                             f"got {type(data).__name__}")
         items = list(data)
+        reiterable = not isinstance(data, (list, tuple)) and iter(data) is not data
+        if check_deterministic and reiterable and not _same_batches(items, list(data)):
+            raise ValueError(
+                f"data ({type(data).__name__}) gave different batches on two passes (a "
+                "shuffling DataLoader?): every pass over the data must be the same; use a "
+                "loader without shuffling, or pass check_deterministic=False")
     if not items:
         raise ValueError("data is empty: got no batches")
     if (isinstance(data, list) and len(items) == 2

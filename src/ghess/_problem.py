@@ -150,6 +150,9 @@ class Problem:
     private : bool, default=False
         Keep private read-only copies of params and data: an operator's stored
         factors belong to THIS theta and data, whatever the caller later writes.
+    check_deterministic : bool, default=True
+        Read a re-iterable ``data`` (a DataLoader) twice and refuse it if the two
+        passes differ.
 
     Attributes
     ----------
@@ -159,7 +162,7 @@ class Problem:
     """
 
     def __init__(self, model, loss, params, data, *, chunk_size=None, chunk_directions=1,
-                 min_chunk=16, n_threads=None, private=False):
+                 min_chunk=16, n_threads=None, private=False, check_deterministic=True):
         self.model = check_model(model)
         self.loss = None if loss is None else check_loss(loss)
         params = check_params(params, model.n_params)
@@ -175,7 +178,8 @@ class Problem:
         if loss is None:
             self.batches = as_input_batches(model, data, self.dtype, copy=private)
         else:
-            self.batches = as_batches(model, loss, data, self.dtype, copy=private)
+            self.batches = as_batches(model, loss, data, self.dtype, copy=private,
+                                      check_deterministic=check_deterministic)
         self.n_samples = self.batches.n_samples
         self.scale = 1.0 if loss is None else loss.scale(self.n_samples, model.n_outputs)
         self.lparams = model.layer_params(self.params)

@@ -172,7 +172,8 @@ def hutchinson_diagonal(op: LinearOperator, n_samples: int = 100, *,
 
 def ggn_diagonal(model: Sequential, loss: Loss, params: npt.ArrayLike, data: Data, *,
                  chunk_size: int | None = None, n_threads: int | None = None,
-                 memory_budget: int = 256 << 20) -> np.ndarray:
+                 memory_budget: int = 256 << 20,
+                 check_deterministic: bool = True) -> np.ndarray:
     r"""Exact diagonal of the GGN, :math:`\sum_n \mathrm{diag}(J_n^\top B_n J_n)`.
 
     Computed from the per-sample factors chunk by chunk, without the n x n
@@ -180,7 +181,8 @@ def ggn_diagonal(model: Sequential, loss: Loss, params: npt.ArrayLike, data: Dat
     ``B J``, reduced immediately. ``chunk_size`` defaults to what fits
     ``memory_budget`` bytes.
     """
-    p = Problem(model, loss, params, data, chunk_size=chunk_size, n_threads=n_threads)
+    p = Problem(model, loss, params, data, chunk_size=chunk_size, n_threads=n_threads,
+                check_deterministic=check_deterministic)
     if not check_nonnegative(memory_budget, "memory_budget") > 0:
         raise ValueError(f"memory_budget must be > 0 bytes, got {memory_budget}")
     K, P = model.n_outputs, model.n_params

@@ -21,8 +21,8 @@ __all__ = ["loss_and_grad", "per_sample_jacobians"]
 
 
 def loss_and_grad(model: Sequential, loss: Loss, params: npt.ArrayLike, data: Data, *,
-                  chunk_size: int | None = None,
-                  n_threads: int | None = None) -> tuple[float, np.ndarray]:
+                  chunk_size: int | None = None, n_threads: int | None = None,
+                  check_deterministic: bool = True) -> tuple[float, np.ndarray]:
     """Loss value and its gradient with respect to the flat parameters.
 
     Parameters
@@ -32,17 +32,22 @@ def loss_and_grad(model: Sequential, loss: Loss, params: npt.ArrayLike, data: Da
     params : ndarray of shape (n_params,)
     data : (X, y) or iterable of (X, y)
         With ``reduction="mean"``, the mean runs over all samples of all batches.
+        Arrays or PyTorch tensors; the iterable may be a ``DataLoader``.
     chunk_size : int, optional
         Samples per forward/backward pass (bounds the memory); by default about
         64 MiB of temporaries (128 MiB without convolutions), as for the operators.
     n_threads : int, optional
+    check_deterministic : bool, default=True
+        Read a re-iterable ``data`` (not a list or tuple) twice and raise
+        ``ValueError`` if the passes differ (a shuffling loader).
 
     Returns
     -------
     value : float
     grad : ndarray of shape (n_params,), in params' dtype
     """
-    p = Problem(model, loss, params, data, chunk_size=chunk_size, n_threads=n_threads)
+    p = Problem(model, loss, params, data, chunk_size=chunk_size, n_threads=n_threads,
+                check_deterministic=check_deterministic)
     grad = np.zeros((1, model.n_params), dtype=p.dtype)
     accs = _engine.new_accumulators(model, 1, p.dtype, grad)  # views of grad
     total = 0.0

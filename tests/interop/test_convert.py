@@ -145,3 +145,28 @@ def test_torch_tensors_are_taken_wherever_arrays_are():
     J = ghess.JacobianLinearOperator(model, theta, X)
     assert isinstance(J.matmat(torch.eye(model.n_params, dtype=torch.float64)), np.ndarray)
     np.testing.assert_array_equal(model.forward(theta, X), model.forward(params, X.numpy()))
+
+
+def test_dataloaders_and_lists_of_lists_are_batches():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    module = nested_dense().double().eval()
+    model, params = ghess.from_torch(module, (5,))
+    X, y = torch.randn(20, 5, dtype=torch.float64), torch.randint(0, 3, (20,))
+    loss = ghess.CrossEntropyLoss()
+    whole = ghess.loss_and_grad(model, loss, params, (X, y))
+    loader = DataLoader(TensorDataset(X, y), batch_size=6)
+    batched = ghess.loss_and_grad(model, loss, params, loader)
+    assert batched[0] == pytest.approx(whole[0], rel=1e-14)
+    assert_allclose_rel(batched[1], whole[1], 1e-14)
+    as_lists = ([X[:9].numpy(), y[:9].numpy()], [X[9:].numpy(), y[9:].numpy()])
+    assert_allclose_rel(ghess.loss_and_grad(model, loss, params, as_lists)[1], whole[1], 1e-14)
+    G = ghess.GGNLinearOperator(model, loss, params, loader)
+    assert_allclose_rel(G @ np.ones(model.n_params),
+                        ghess.GGNLinearOperator(model, loss, params, (X, y)) @ np.ones(
+                            model.n_params), 1e-13)
+    shuffled = DataLoader(TensorDataset(X, y), batch_size=6, shuffle=True)
+    with pytest.raises(ValueError, match="different batches on two passes"):
+        ghess.GGNLinearOperator(model, loss, params, shuffled)
+    ghess.GGNLinearOperator(model, loss, params, shuffled, check_deterministic=False)

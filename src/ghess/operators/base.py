@@ -217,9 +217,11 @@ class CurvatureOperator(ChunkedOperator):
 
     def __init__(self, model: Sequential, loss: Loss, params: npt.ArrayLike, data: Data, *,
                  damping: float = 0.0, mode: Mode = "auto", chunk_size: int | None = None,
-                 memory_budget: int | None = None, n_threads: int | None = None) -> None:
+                 memory_budget: int | None = None, n_threads: int | None = None,
+                 check_deterministic: bool = True) -> None:
         problem = Problem(model, loss, params, data, chunk_size=chunk_size,
-                          n_threads=n_threads, private=True)
+                          n_threads=n_threads, private=True,
+                          check_deterministic=check_deterministic)
         self.damping = check_nonnegative(damping, "damping")
         self.loss = problem.loss
         self.data = problem.batches

@@ -51,6 +51,9 @@ class GGNLinearOperator(CurvatureOperator):
         most 4 GiB. A budget above that limit warns.
     n_threads : int, optional
         Threads for the OpenMP kernels and BLAS; default OpenMP's default.
+    check_deterministic : bool, default=True
+        A re-iterable ``data`` that is not a list or tuple (a ``DataLoader``) is
+        read twice and refused if the passes differ (a shuffling loader).
 
     Examples
     --------
