@@ -71,6 +71,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -224,7 +225,10 @@ def main():
                         help="seconds of timed repeats per operation (at least --repeats runs)")
     parser.add_argument("--quick", action="store_true",
                         help="tiny problems only, float64, 1 thread")
-    parser.add_argument("--output", default=HERE, help="directory for the report")
+    parser.add_argument("--output", default=None,
+                        help="directory for the report (default: bench/, or with --quick "
+                             "a new temporary directory, so a trial run never overwrites "
+                             "committed results)")
     parser.add_argument("--worker", nargs=3, metavar=("PROBLEM", "DTYPE", "THREADS"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -240,6 +244,9 @@ def main():
     if args.quick:
         args.problems, args.dtypes, args.threads, args.repeats = (list(QUICK_PROBLEMS),
                                                                   ["float64"], [1], 3)
+    if args.output is None:
+        args.output = tempfile.mkdtemp(prefix="ghess-bench-") if args.quick else HERE
+        print(f"report directory: {args.output}", flush=True)
     os.makedirs(args.output, exist_ok=True)
     all_results = []
     for problem in args.problems:

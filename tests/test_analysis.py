@@ -1,5 +1,8 @@
 """Curvature analysis against dense linear algebra."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from conftest import Case
@@ -106,6 +109,28 @@ def test_plot_spectral_density(tmp_path, ops):
     path = tmp_path / "density.png"
     ghess.analysis.plot_spectral_density(grid, density, path)
     assert path.stat().st_size > 1000
+
+
+def test_plot_spectral_density_leaves_the_backend_alone(tmp_path):
+    """Top-level export; the caller's matplotlib backend and pyplot state are untouched."""
+    pytest.importorskip("matplotlib")
+    script = (
+        "import matplotlib; matplotlib.use('svg'); import matplotlib.pyplot as plt; "
+        "import numpy as np, ghess; "
+        f"fig = ghess.plot_spectral_density(np.linspace(0, 1, 5), np.ones(5), "
+        f"{str(tmp_path / 'd.png')!r}); "
+        "print(matplotlib.get_backend(), len(plt.get_fignums()), type(fig).__name__)")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["svg", "0", "Figure"]
+    assert (tmp_path / "d.png").stat().st_size > 500
+
+
+def test_import_ghess_reaches_testing():
+    done = subprocess.run([sys.executable, "-c", "import ghess; print(ghess.testing.__name__)"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "ghess.testing", done.stderr
 
 
 def test_bad_operators_are_refused(ops):

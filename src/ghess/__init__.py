@@ -6,7 +6,7 @@ of dense and convolutional networks, computed by Cython kernels over BLAS and ex
 ``eigsh``, ``lobpcg`` and ``lsmr``.
 """
 
-from . import analysis
+from . import analysis, testing
 from ._config import release_memory, show_config
 from ._version import __version__
 from .analysis import (
@@ -15,6 +15,7 @@ from .analysis import (
     hutchinson_diagonal,
     hutchinson_trace,
     hutchpp_trace,
+    plot_spectral_density,
     spectral_density,
     top_eigenvalues,
 )
@@ -72,7 +73,9 @@ __all__ = [
     "hutchinson_diagonal",
     "ggn_diagonal",
     "spectral_density",
+    "plot_spectral_density",
     "analysis",
+    "testing",
     "nn",
     "show_config",
     "release_memory",

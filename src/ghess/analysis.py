@@ -281,16 +281,13 @@ def plot_spectral_density(grid: npt.ArrayLike, density: np.ndarray,
 
     Returns the matplotlib Figure.
     """
-    try:
-        import matplotlib
-
-        if path is not None:
-            matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    try:  # a bare Figure: no pyplot state, and the caller's backend is left alone
+        from matplotlib.figure import Figure
     except ImportError as exc:  # optional dependency
         raise ImportError("plot_spectral_density needs matplotlib: "
                           "pip install 'ghess[demo]' or pip install matplotlib") from exc
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.subplots()
     ax.plot(grid, np.maximum(density, 1e-12) if log else density)
     if log:
         ax.set_yscale("log")
