@@ -31,6 +31,7 @@ def load_data():
 
 
 def main(epochs=3, newton_steps=3):
+    """Train, measure the curvature each epoch, then take Newton-CG steps; return accuracy."""
     torch.manual_seed(0)
     X, y = load_data()
     X_t, y_t = torch.from_numpy(X), torch.from_numpy(y).long()
