@@ -157,3 +157,22 @@ def test_bad_arguments_fail_before_any_work():
     X_bad[5, 1] = np.nan
     with pytest.raises(ValueError, match="X contains NaN"):
         ghess.NewtonCG(model, loss).fit(model.init_params(), (X_bad, y), verbose=False)
+
+
+def test_newton_cg_without_l2_and_with_a_diagonal_damping():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(200, 5))
+    y = (X[:, 0] > 0).astype(int)
+    model = ghess.Sequential(ghess.Linear(5, 2), input_shape=(5,))
+    theta0 = model.init_params()
+    loss = ghess.CrossEntropyLoss()
+    opt = ghess.NewtonCG(model, loss, C=np.inf, subsample=1.0, seed=0,
+                         damping=0.5 * model.parameter_mask("weight"))
+    value, grad = opt.objective(theta0, (X, y))
+    assert (value, grad.tolist()) == (lambda r: (r[0], r[1].tolist()))(
+        ghess.loss_and_grad(model, loss, theta0, (X, y)))
+    theta, history = opt.fit(theta0, (X, y), n_iterations=4, verbose=False)
+    assert history[-1].objective < history[0].objective
+    assert np.shape(history[0].damping) == (model.n_params,)
+    with pytest.raises(ValueError, match="must have length"):
+        ghess.NewtonCG(model, loss, damping=np.ones(3))

@@ -130,6 +130,28 @@ def check_nonnegative(value, name):
     return value
 
 
+def check_damping(damping, n_params, dtype=np.float64, name="damping"):
+    """Check a damping: a real number >= 0, or a finite (n_params,) array >= 0 (a diagonal).
+
+    An array is returned as a private read-only copy in ``dtype``.
+    """
+    if isinstance(damping, numbers.Real) and not isinstance(damping, (bool, np.bool_)):
+        return check_nonnegative(damping, name)
+    arr = as_array(damping)
+    if arr.dtype.kind not in "iuf" or arr.ndim != 1:
+        raise TypeError(f"{name} must be a real number >= 0 or a 1-D array of length "
+                        f"{n_params}, got {type(damping).__name__} of shape {arr.shape} and "
+                        f"dtype {arr.dtype}")
+    if arr.shape[0] != n_params:
+        raise ValueError(f"{name} as an array must have length {n_params} (the model's "
+                         f"n_params), got {arr.shape[0]}")
+    if not (np.all(np.isfinite(arr)) and np.all(arr >= 0)):
+        raise ValueError(f"{name} must be finite and >= 0 everywhere")
+    out = np.array(arr, dtype=dtype)
+    out.flags.writeable = False
+    return out
+
+
 def check_positive_int(value, name, *, allow_none=False):
     """Check a positive int (or None when allowed)."""
     if value is None and allow_none:

@@ -40,8 +40,8 @@ from ._data import as_batches
 from ._problem import check_loss, check_mode, check_model
 from ._typing import Data, Mode
 from ._validation import (
+    check_damping,
     check_n_threads,
-    check_nonnegative,
     check_params,
     check_positive_int,
 )
@@ -119,15 +119,16 @@ class NewtonCG:
     loss : Loss
         Its reduction defines ``L``; ``"mean"`` is Wang, Tan and Lin's (1/l) sum.
     C : float, default=1.0
-        Regularisation: the objective adds ``||theta||^2 / (2 C)``.
+        Regularisation: the objective adds ``||theta||^2 / (2 C)``; ``np.inf`` for none.
     subsample : float or int, default=0.1
         Fraction of the data in (0, 1] or a number of samples in [1, l], drawn
         fresh every iteration, for the Gauss-Newton matrix.
     cg_rtol : float, default=0.1
         CG stops when ``||r|| <= cg_rtol * ||grad f||``.
     cg_maxiter : int, default=250
-    damping : float, default=1.0
-        Initial Levenberg-Marquardt lambda (>= 0).
+    damping : float or ndarray of shape (n_params,), default=1.0
+        Initial Levenberg-Marquardt lambda (>= 0), or a diagonal of them; it grows
+        and shrinks by ``increase`` and ``decrease`` as a whole.
     armijo : float, default=1e-4
         Sufficient-decrease constant of the line search.
     backtrack : float, default=0.5
@@ -182,7 +183,7 @@ class NewtonCG:
                  seed: int | np.random.Generator | None = None) -> None:
         self.model = check_model(model)
         self.loss = check_loss(loss)
-        self.C = _check_positive_real(C, "C")
+        self.C = np.inf if C == np.inf else _check_positive_real(C, "C")  # inf: no L2 term
         if isinstance(subsample, (bool, np.bool_)) or not isinstance(subsample, numbers.Real):
             raise TypeError(f"subsample must be a fraction in (0, 1] or a sample count, "
                             f"got {subsample!r}")
@@ -195,7 +196,7 @@ class NewtonCG:
         self.subsample = subsample
         self.cg_rtol = _check_positive_real(cg_rtol, "cg_rtol")
         self.cg_maxiter = check_positive_int(cg_maxiter, "cg_maxiter")
-        self.damping = check_nonnegative(damping, "damping")
+        self.damping = check_damping(damping, self.model.n_params)
         self.armijo = _check_positive_real(armijo, "armijo")
         self.backtrack = _check_positive_real(backtrack, "backtrack")
         if not (self.armijo < 1 and self.backtrack < 1):
@@ -365,7 +366,7 @@ class NewtonCG:
                     record["validation"] = self.evaluate(theta, validation)
                 if verbose:
                     print(f"{it:4d} {record.objective:12.6g} {record.grad_norm:9.3g} "
-                          f"{record.cg_iterations:4d} {record.damping:9.3g} "
+                          f"{record.cg_iterations:4d} {np.max(record.damping):9.3g} "
                           f"{record.step_size:6.3g} {record.time:6.2f}s"
                           + (f"  {record['validation']:.4f}" if validation else ""),
                           file=out, flush=True)
@@ -379,7 +380,8 @@ class NewtonCG:
                     warnings.warn(
                         f"Newton-CG stopped after iteration {it}: {rejected} iterations in a "
                         f"row found no step that decreases the objective (damping grew to "
-                        f"{self.damping:.3g}); theta is the last accepted one", RuntimeWarning,
+                        f"{np.max(self.damping):.3g}); theta is the last accepted one",
+                        RuntimeWarning,
                         stacklevel=2)
                     break
         except KeyboardInterrupt:

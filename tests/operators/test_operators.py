@@ -433,3 +433,40 @@ def test_memory_required_recompute_uses_the_operators_chunk_and_directions():
     sixteen = ghess.HessianLinearOperator.memory_required(c.model, c.data, "recompute",
                                                           n_directions=16)
     assert sixteen > 4 * one
+
+
+# -- diagonal damping ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("operator", [ghess.GGNLinearOperator, ghess.HessianLinearOperator])
+def test_damping_array_is_a_diagonal_shift(operator):
+    c = Case("tanh-ce")
+    model = c.model
+    weights = model.parameter_mask("weight")
+    assert weights.sum() == sum(s.size for s in model.param_slots.values() if s.attr == "weight")
+    assert_array_equal(model.parameter_mask("weight") + model.parameter_mask("bias"),
+                       np.ones(model.n_params))
+    one_layer = model.parameter_mask(2)
+    assert one_layer.sum() == model.param_slots["2.weight"].size + model.param_slots["2.bias"].size
+    assert_array_equal(model.parameter_mask("2.bias")[model.param_slots["2.bias"].start:
+                                                      model.param_slots["2.bias"].stop], 1.0)
+    diagonal = 0.3 * weights + 0.1 * one_layer
+    plain = operator(c.model, c.loss, c.theta, c.data).todense()
+    damped = operator(c.model, c.loss, c.theta, c.data, damping=diagonal)
+    assert_allclose(damped.todense(), plain + np.diag(diagonal), rtol=1e-14, atol=1e-15)
+    w = model.param_slots["2.weight"]
+    assert_allclose(damped.block("2.weight"), damped.todense()[w.start:w.stop, w.start:w.stop],
+                    rtol=1e-14)
+
+
+def test_damping_array_is_checked():
+    c = Case("tanh-ce")
+    n = c.model.n_params
+    with pytest.raises(ValueError, match=f"must have length {n}"):
+        ghess.GGNLinearOperator(c.model, c.loss, c.theta, c.data, damping=np.ones(n - 1))
+    with pytest.raises(ValueError, match="finite and >= 0 everywhere"):
+        ghess.GGNLinearOperator(c.model, c.loss, c.theta, c.data, damping=-np.ones(n))
+    with pytest.raises(ValueError, match="parameter_mask: select a kind"):
+        c.model.parameter_mask("gamma")
+    with pytest.raises(ValueError, match="layer index must lie in"):
+        c.model.parameter_mask(99)

@@ -193,6 +193,32 @@ class Sequential:
             theta[slot.start:slot.stop] = value.reshape(-1)
         return theta
 
+    def parameter_mask(self, select: str | int) -> np.ndarray:
+        """Return a 0/1 vector over the flat parameters: 1 where ``select`` picks them.
+
+        ``select`` is a kind of parameter (``"weight"`` or ``"bias"``, in every
+        layer), a layer index, or a parameter name such as ``"2.weight"``. For a
+        diagonal damping on part of the parameters:
+        ``alpha * model.parameter_mask("weight")``.
+        """
+        mask = np.zeros(self.n_params)
+        if isinstance(select, numbers.Integral) and not isinstance(select, bool):
+            if not 0 <= select < len(self.layers):
+                raise ValueError(f"parameter_mask: layer index must lie in [0, "
+                                 f"{len(self.layers)}), got {select}")
+            slots = self.layer_slots[select]
+        elif isinstance(select, str) and select in self.param_slots:
+            slots = [self.param_slots[select]]
+        elif isinstance(select, str) and any(s.attr == select for s in self.param_slots.values()):
+            slots = [s for s in self.param_slots.values() if s.attr == select]
+        else:
+            kinds = sorted({s.attr for s in self.param_slots.values()})
+            raise ValueError(f"parameter_mask: select a kind {kinds}, a layer index or a "
+                             f"parameter name {list(self.param_slots)}, got {select!r}")
+        for slot in slots:
+            mask[slot.start:slot.stop] = 1.0
+        return mask
+
     def layer_params(self, theta: np.ndarray) -> list[dict[str, np.ndarray]]:
         """Per layer, a dict ``{attr: view}`` of theta (the engine's form)."""
         return [{s.attr: theta[s.start:s.stop].reshape(s.shape) for s in slots}

@@ -36,7 +36,7 @@ from .._problem import (
     format_bytes,
 )
 from .._typing import Batch, Data, Mode
-from .._validation import all_finite, as_array, check_nonnegative, check_positive_int
+from .._validation import all_finite, as_array, check_damping, check_positive_int
 
 if TYPE_CHECKING:
     from ..nn.losses import Loss
@@ -216,13 +216,13 @@ class CurvatureOperator(ChunkedOperator):
     """
 
     def __init__(self, model: Sequential, loss: Loss, params: npt.ArrayLike, data: Data, *,
-                 damping: float = 0.0, mode: Mode = "auto", chunk_size: int | None = None,
-                 memory_budget: int | None = None, n_threads: int | None = None,
-                 check_deterministic: bool = True) -> None:
+                 damping: float | npt.ArrayLike = 0.0, mode: Mode = "auto",
+                 chunk_size: int | None = None, memory_budget: int | None = None,
+                 n_threads: int | None = None, check_deterministic: bool = True) -> None:
         problem = Problem(model, loss, params, data, chunk_size=chunk_size,
                           n_threads=n_threads, private=True,
                           check_deterministic=check_deterministic)
-        self.damping = check_nonnegative(damping, "damping")
+        self.damping = check_damping(damping, model.n_params, problem.dtype)
         self.loss = problem.loss
         self.data = problem.batches
         self._setup(problem, mode, memory_budget, (model.n_params, model.n_params))
@@ -283,7 +283,7 @@ class CurvatureOperator(ChunkedOperator):
                 for start in range(0, V.shape[0], BLOCK_COLUMNS):
                     out[start:start + BLOCK_COLUMNS] = self._apply_rows(
                         V[start:start + BLOCK_COLUMNS])
-        if self.damping:
+        if np.any(self.damping):  # a scalar, or a diagonal as an (n_params,) array
             out += self.damping * V
         _engine.check_finite_result(out, f"the {type(self).__name__} product")
         return out

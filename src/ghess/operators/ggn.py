@@ -30,8 +30,9 @@ class GGNLinearOperator(CurvatureOperator):
         and keeps a private copy.
     data : (X, y) or iterable of (X, y)
         The result over several batches equals the result on their concatenation.
-    damping : float, default=0.0
-        Added multiple of the identity.
+    damping : float or ndarray of shape (n_params,), default=0.0
+        Added multiple of the identity, or a diagonal (e.g. an L2 term on the
+        weights only: ``alpha * model.parameter_mask("weight")``).
     mode : {"auto", "stored", "recompute"}, default="auto"
         ``"stored"`` keeps each layer's input (a convolution's unfolded input) and
         per-sample factor :math:`D_{n,l} = \partial z_n / \partial s_{n,l}`, taken
