@@ -153,3 +153,41 @@ def test_bottom_eigenvalues_of_a_ggn_with_a_null_space():
     G = ghess.GGNLinearOperator(model, ghess.CrossEntropyLoss(), model.init_params(),
                                 (rng.normal(size=(6, 4)), rng.integers(0, 3, 6)))
     assert_allclose(ghess.bottom_eigenvalues(G, 3), 0.0, atol=1e-10)
+
+
+def test_progress_callbacks_count_the_products(ops, capsys, monkeypatch):
+    _, G, H, _, Hd = ops
+    seen = []
+
+    def record(done, total):
+        seen.append((done, total))
+
+    values = ghess.top_eigenvalues(H, k=2, callback=record)
+    assert_allclose(values, np.linalg.eigvalsh(Hd)[::-1][:2], rtol=1e-8)
+    assert seen and [d for d, _ in seen] == list(range(1, len(seen) + 1))
+    assert {t for _, t in seen} == {None}
+    for fn, kwargs, total in ((ghess.hutchinson_trace, {"n_samples": 20, "block": 8}, 20),
+                              (ghess.hutchinson_diagonal, {"n_samples": 20, "block": 8}, 20),
+                              (ghess.hutchpp_trace, {"n_matvecs": 30}, 30),
+                              (ghess.spectral_density, {"n_vectors": 2, "n_lanczos": 10}, 20)):
+        seen.clear()
+        fn(G, **kwargs, callback=record)
+        assert seen[-1] == (total, total), fn.__name__
+    # the same numbers with and without reporting
+    assert ghess.hutchpp_trace(G, 30, callback=record) == ghess.hutchpp_trace(G, 30)
+    # progress=True without tqdm: one text line on stderr
+    monkeypatch.setitem(__import__("sys").modules, "tqdm", None)
+    monkeypatch.setitem(__import__("sys").modules, "tqdm.auto", None)
+    ghess.hutchinson_trace(G, 16, progress=True)
+    assert "Hutchinson trace: 16/16" in capsys.readouterr().err
+    with pytest.raises(TypeError, match="callback must be callable"):
+        ghess.hutchinson_trace(G, 4, callback=3)
+
+
+def test_newton_cg_progress_line(capsys, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "tqdm", None)
+    monkeypatch.setitem(__import__("sys").modules, "tqdm.auto", None)
+    c = Case("tanh-ce", n_samples=40)
+    opt = ghess.NewtonCG(c.model, c.loss, subsample=0.5, seed=0)
+    opt.fit(c.theta, c.data, n_iterations=2, verbose=False, progress=True)
+    assert "Newton-CG: 2/2" in capsys.readouterr().err

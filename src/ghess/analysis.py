@@ -7,17 +7,20 @@ uses ``matmat`` to push blocks of vectors through at once.
 
 from __future__ import annotations
 
+import contextlib
 import numbers
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
-from scipy.sparse.linalg import ArpackNoConvergence, eigsh
+from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
 
 from . import _engine
 from ._config import computing
 from ._engine.plan import chunk_size_for
 from ._problem import Problem
+from ._progress import Progress
 from ._typing import Data
 from ._validation import check_nonnegative, check_positive_int
 
@@ -25,7 +28,6 @@ if TYPE_CHECKING:
     import os
 
     from matplotlib.figure import Figure
-    from scipy.sparse.linalg import LinearOperator
 
     from .nn.losses import Loss
     from .nn.sequential import Sequential
@@ -61,32 +63,74 @@ def _probes(rng, n, k, dtype):
 
 def top_eigenvalues(op: LinearOperator, k: int = 5, *, return_eigenvectors: bool = False,
                     tol: float = 1e-8, seed: int | np.random.Generator | None = 0,
-                    maxiter: int | None = None,
-                    ncv: int | None = None) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+                    maxiter: int | None = None, ncv: int | None = None,
+                    callback: Callable[[int, int | None], None] | None = None,
+                    progress: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Largest ``k`` eigenvalues (algebraic), in decreasing order, by ``eigsh``.
 
     Returns ``values`` or ``(values, vectors)`` with ``vectors[:, i]`` for ``values[i]``.
     ``maxiter`` and ``ncv`` go to ``eigsh``; on no convergence one retry uses a larger
     Krylov space, then ``ArpackNoConvergence`` says how many converged.
+    ``callback(products, None)`` is called after every operator product, and
+    ``progress=True`` shows them (a tqdm bar where installed, else a text line).
     """
-    return _extreme(op, k, "LA", return_eigenvectors, tol, seed, maxiter, ncv)
+    return _extreme(op, k, "LA", return_eigenvectors, tol, seed, maxiter, ncv, callback,
+                    progress)
 
 
 def bottom_eigenvalues(op: LinearOperator, k: int = 5, *, return_eigenvectors: bool = False,
                        tol: float = 1e-8, seed: int | np.random.Generator | None = 0,
-                       maxiter: int | None = None,
-                       ncv: int | None = None) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+                       maxiter: int | None = None, ncv: int | None = None,
+                       callback: Callable[[int, int | None], None] | None = None,
+                       progress: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Smallest ``k`` eigenvalues (algebraic), in increasing order, by ``eigsh``.
 
     For the Hessian these are its most negative curvatures. They often sit in a
     tight cluster around 0, where Lanczos converges slowly: bound the work with
     ``maxiter``, loosen ``tol``, or read the smallest Ritz value of
-    :func:`spectral_density`'s nodes as a cheap estimate.
+    :func:`spectral_density`'s nodes as a cheap estimate. ``callback`` and
+    ``progress`` as for :func:`top_eigenvalues`.
     """
-    return _extreme(op, k, "SA", return_eigenvectors, tol, seed, maxiter, ncv)
+    return _extreme(op, k, "SA", return_eigenvectors, tol, seed, maxiter, ncv, callback,
+                    progress)
 
 
-def _extreme(op, k, which, return_eigenvectors, tol, seed, maxiter, ncv):
+class _Counted(LinearOperator):
+    """A symmetric operator that reports each product to a :class:`Progress`."""
+
+    def __init__(self, op, report):
+        self.op, self.report = op, report
+        super().__init__(dtype=op.dtype, shape=op.shape)
+
+    def _matvec(self, x):
+        y = self.op.matvec(x)
+        self.report.update(1)
+        return y
+
+    def _matmat(self, X):
+        Y = self.op.matmat(X)
+        self.report.update(X.shape[1])
+        return Y
+
+    def _adjoint(self):
+        return self
+
+
+@contextlib.contextmanager
+def _reporting(op, total, desc, callback, progress):
+    """Yield ``op``, counting its products for ``callback``/``progress`` when asked."""
+    _check_operator(op)
+    with Progress(total, desc, progress, callback) as report:
+        yield _Counted(op, report) if report.active else op
+
+
+def _extreme(op, k, which, return_eigenvectors, tol, seed, maxiter, ncv, callback, progress):
+    name = "top" if which == "LA" else "bottom"
+    with _reporting(op, None, f"{name} eigenvalues: products", callback, progress) as op:
+        return _eigsh(op, k, which, return_eigenvectors, tol, seed, maxiter, ncv)
+
+
+def _eigsh(op, k, which, return_eigenvectors, tol, seed, maxiter, ncv):
     n = _check_operator(op)
     k = check_positive_int(k, "k")
     check_nonnegative(tol, "tol")
@@ -113,32 +157,38 @@ def _extreme(op, k, which, return_eigenvectors, tol, seed, maxiter, ncv):
 
 
 def hutchinson_trace(op: LinearOperator, n_samples: int = 100, *,
-                     seed: int | np.random.Generator | None = 0,
-                     block: int = 16) -> tuple[float, float]:
+                     seed: int | np.random.Generator | None = 0, block: int = 16,
+                     callback: Callable[[int, int | None], None] | None = None,
+                     progress: bool = False) -> tuple[float, float]:
     """Hutchinson's estimate ``mean_i v_i^T A v_i`` with Rademacher ``v_i``.
 
-    Returns ``(estimate, standard_error)``.
+    Returns ``(estimate, standard_error)``. ``callback(products, n_samples)``
+    after each block of products; ``progress=True`` shows them.
     """
     n = _check_operator(op)
     n_samples = check_positive_int(n_samples, "n_samples")
     block = check_positive_int(block, "block")
     rng = _rng(seed)
     values = []
-    for start in range(0, n_samples, block):
-        V = _probes(rng, n, min(block, n_samples - start), op.dtype)
-        values.extend(np.einsum("ij,ij->j", V, op.matmat(V)))
+    with _reporting(op, n_samples, "Hutchinson trace", callback, progress) as op:
+        for start in range(0, n_samples, block):
+            V = _probes(rng, n, min(block, n_samples - start), op.dtype)
+            values.extend(np.einsum("ij,ij->j", V, op.matmat(V)))
     values = np.asarray(values, dtype=np.float64)
     error = values.std(ddof=1) / np.sqrt(n_samples) if n_samples > 1 else np.inf
     return float(values.mean()), float(error)
 
 
 def hutchpp_trace(op: LinearOperator, n_matvecs: int = 102, *,
-                  seed: int | np.random.Generator | None = 0) -> float:
+                  seed: int | np.random.Generator | None = 0,
+                  callback: Callable[[int, int | None], None] | None = None,
+                  progress: bool = False) -> float:
     """Hutch++ (Meyer, Musco, Musco and Woodruff, 2021): a low-rank part exactly, the rest
     by Hutchinson; ``n_matvecs`` products in all (a multiple of 3 is used).
 
     The error falls like 1/n_matvecs instead of 1/sqrt(n_matvecs); exact for
-    operators of rank below ``n_matvecs / 3``.
+    operators of rank below ``n_matvecs / 3``. ``callback(products, total)`` after
+    each of its three blocks of products; ``progress=True`` shows them.
     """  # noqa: D205
     n = _check_operator(op)
     m = check_positive_int(n_matvecs, "n_matvecs") // 3
@@ -146,27 +196,33 @@ def hutchpp_trace(op: LinearOperator, n_matvecs: int = 102, *,
         raise ValueError(f"n_matvecs must be at least 3, got {n_matvecs}")
     m = min(m, n)
     rng = _rng(seed)
-    S = _probes(rng, n, m, op.dtype)
-    Q, _ = np.linalg.qr(op.matmat(S))
-    G = _probes(rng, n, m, op.dtype)
-    G -= Q @ (Q.T @ G)  # project out range(Q)
-    exact = np.trace(Q.T @ op.matmat(Q))
-    rest = np.einsum("ij,ij->", G, op.matmat(G)) / m
+    with _reporting(op, 3 * m, "Hutch++ trace", callback, progress) as op:
+        S = _probes(rng, n, m, op.dtype)
+        Q, _ = np.linalg.qr(op.matmat(S))
+        G = _probes(rng, n, m, op.dtype)
+        G -= Q @ (Q.T @ G)  # project out range(Q)
+        exact = np.trace(Q.T @ op.matmat(Q))
+        rest = np.einsum("ij,ij->", G, op.matmat(G)) / m
     return float(exact + rest)
 
 
 def hutchinson_diagonal(op: LinearOperator, n_samples: int = 100, *,
-                        seed: int | np.random.Generator | None = 0,
-                        block: int = 16) -> np.ndarray:
-    """Estimate of ``diag(A)`` as ``mean_i v_i * (A v_i)`` with Rademacher ``v_i``."""
+                        seed: int | np.random.Generator | None = 0, block: int = 16,
+                        callback: Callable[[int, int | None], None] | None = None,
+                        progress: bool = False) -> np.ndarray:
+    """Estimate of ``diag(A)`` as ``mean_i v_i * (A v_i)`` with Rademacher ``v_i``.
+
+    ``callback`` and ``progress`` as for :func:`hutchinson_trace`.
+    """
     n = _check_operator(op)
     n_samples = check_positive_int(n_samples, "n_samples")
     block = check_positive_int(block, "block")
     rng = _rng(seed)
     total = np.zeros(n)
-    for start in range(0, n_samples, block):
-        V = _probes(rng, n, min(block, n_samples - start), op.dtype)
-        total += np.einsum("ij,ij->i", V, op.matmat(V))
+    with _reporting(op, n_samples, "Hutchinson diagonal", callback, progress) as op:
+        for start in range(0, n_samples, block):
+            V = _probes(rng, n, min(block, n_samples - start), op.dtype)
+            total += np.einsum("ij,ij->i", V, op.matmat(V))
     return total / n_samples
 
 
@@ -228,7 +284,9 @@ def _lanczos(op, v, steps):
 
 def spectral_density(op: LinearOperator, *, n_vectors: int = 10, n_lanczos: int = 80,
                      grid: npt.ArrayLike | None = None, n_grid: int = 512,
-                     sigma: float | None = None, seed: int | np.random.Generator | None = 0
+                     sigma: float | None = None, seed: int | np.random.Generator | None = 0,
+                     callback: Callable[[int, int | None], None] | None = None,
+                     progress: bool = False
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     r"""Spectral density by stochastic Lanczos quadrature (Ghorbani, Krishnan and Xiao, 2019).
 
@@ -245,6 +303,9 @@ def spectral_density(op: LinearOperator, *, n_vectors: int = 10, n_lanczos: int 
         Integrates to about 1 over ``grid``.
     nodes, weights : ndarray of shape (n_vectors, n_lanczos)
         The quadrature itself (weights sum to 1 per vector), for exact moments.
+
+    ``callback(products, n_vectors * n_lanczos)`` after each product (a Lanczos
+    run may stop early on an invariant subspace); ``progress=True`` shows them.
     """
     n = _check_operator(op)
     n_vectors = check_positive_int(n_vectors, "n_vectors")
@@ -252,12 +313,13 @@ def spectral_density(op: LinearOperator, *, n_vectors: int = 10, n_lanczos: int 
     rng = _rng(seed)
     nodes = np.full((n_vectors, steps), np.nan)
     weights = np.zeros((n_vectors, steps))
-    for i in range(n_vectors):
-        alpha, beta = _lanczos(op, _probes(rng, n, 1, np.float64)[:, 0], steps)
-        T = np.diag(alpha) + np.diag(beta, 1) + np.diag(beta, -1)
-        theta, S = np.linalg.eigh(T)
-        nodes[i, :len(theta)] = theta
-        weights[i, :len(theta)] = S[0] ** 2
+    with _reporting(op, n_vectors * steps, "spectral density", callback, progress) as op:
+        for i in range(n_vectors):
+            alpha, beta = _lanczos(op, _probes(rng, n, 1, np.float64)[:, 0], steps)
+            T = np.diag(alpha) + np.diag(beta, 1) + np.diag(beta, -1)
+            theta, S = np.linalg.eigh(T)
+            nodes[i, :len(theta)] = theta
+            weights[i, :len(theta)] = S[0] ** 2
     lo, hi = np.nanmin(nodes), np.nanmax(nodes)
     width = max(hi - lo, 1e-12 * max(1.0, abs(hi)))
     if sigma is None:

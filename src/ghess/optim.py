@@ -38,6 +38,7 @@ from scipy.sparse.linalg import LinearOperator, cg
 
 from ._data import as_batches
 from ._problem import check_loss, check_mode, check_model
+from ._progress import Progress
 from ._typing import Data, Mode
 from ._validation import (
     check_damping,
@@ -325,13 +326,16 @@ class NewtonCG:
     def fit(self, theta: npt.ArrayLike, data: Data, n_iterations: int = 20, *,
             validation: Data | None = None, verbose: bool = True,
             callback: Callable[[np.ndarray, StepRecord], bool | None] | None = None,
-            file: TextIO | None = None) -> tuple[np.ndarray, list[StepRecord]]:
+            file: TextIO | None = None,
+            progress: bool = False) -> tuple[np.ndarray, list[StepRecord]]:
         """Run ``n_iterations`` Newton-CG iterations; return ``(theta, history)``.
 
         Prints one line per iteration when ``verbose`` (to ``file``, default
         stdout), with the validation accuracy or loss when ``validation=(X, y)``
-        is given. ``callback(theta, record)`` may return True to stop early. A
-        KeyboardInterrupt stops the run and returns the last ACCEPTED theta.
+        is given. ``callback(theta, record)`` may return True to stop early.
+        ``progress=True`` shows the iterations (a tqdm bar where installed, else a
+        text line on stderr). A KeyboardInterrupt stops the run and returns the
+        last ACCEPTED theta.
         """
         n_iterations = check_positive_int(n_iterations, "n_iterations")
         theta, batches, size = self._prepare(theta, data)
@@ -355,9 +359,11 @@ class NewtonCG:
             print(f"{'iter':>4} {'objective':>12} {'|grad|':>9} {'CG':>4} {'lambda':>9} "
                   f"{'step':>6} {'time':>7}" + ("  validation" if validation else ""),
                   file=out, flush=True)
+        report = Progress(n_iterations, "Newton-CG", progress)
         try:
             for it in range(n_iterations):
                 new_theta, record = self.step(theta, None, _state=state)
+                report.update(1)
                 theta = new_theta
                 state[0] = self.theta_ = theta
                 history.append(record)
@@ -394,6 +400,8 @@ class NewtonCG:
                            f"accepted parameters and opt.history_ the {len(history)} iterations "
                            "done: fit(opt.theta_, ...) resumes)")
             raise
+        finally:
+            report.close()
         return theta, history
 
     def evaluate(self, theta: npt.ArrayLike, data: Data) -> float:
