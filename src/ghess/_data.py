@@ -2,11 +2,11 @@
 
 import numpy as np
 
-from ._validation import as_array
+from ._validation import as_array, is_tensor
 
 
 def _is_array(x):
-    return isinstance(x, np.ndarray) or type(x).__module__.partition(".")[0] == "torch"
+    return isinstance(x, np.ndarray) or is_tensor(x)
 
 
 def _is_pair_of_arrays(item):

@@ -21,12 +21,17 @@ def compute_dtype(array_dtype):
     return np.dtype(np.float64)
 
 
+def is_tensor(x):
+    """Whether ``x`` is a PyTorch tensor (without importing PyTorch)."""
+    return type(x).__module__.partition(".")[0] == "torch" and hasattr(x, "detach")
+
+
 def as_array(x):
     """Return ``x`` as a NumPy array: a PyTorch tensor (any device, with or without grad)
     through ``detach().cpu().numpy()``, which shares a CPU tensor's memory; others by
     ``np.asarray``.
     """  # noqa: D205
-    if type(x).__module__.partition(".")[0] == "torch" and hasattr(x, "detach"):
+    if is_tensor(x):
         return x.detach().cpu().resolve_conj().resolve_neg().numpy()
     return np.asarray(x)
 

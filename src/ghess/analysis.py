@@ -118,24 +118,24 @@ class _Counted(LinearOperator):
 
 @contextlib.contextmanager
 def _reporting(op, total, desc, callback, progress):
-    """Yield ``op``, counting its products for ``callback``/``progress`` when asked."""
-    _check_operator(op)
+    """Yield ``op`` (checked already), counting its products for ``callback``/``progress``."""
     with Progress(total, desc, progress, callback) as report:
         yield _Counted(op, report) if report.active else op
 
 
 def _extreme(op, k, which, return_eigenvectors, tol, seed, maxiter, ncv, callback, progress):
-    name = "top" if which == "LA" else "bottom"
-    with _reporting(op, None, f"{name} eigenvalues: products", callback, progress) as op:
-        return _eigsh(op, k, which, return_eigenvectors, tol, seed, maxiter, ncv)
-
-
-def _eigsh(op, k, which, return_eigenvectors, tol, seed, maxiter, ncv):
     n = _check_operator(op)
     k = check_positive_int(k, "k")
     check_nonnegative(tol, "tol")
     if k >= n:
         raise ValueError(f"k must be smaller than the operator size {n}, got {k}")
+    name = "top" if which == "LA" else "bottom"
+    with _reporting(op, None, f"{name} eigenvalues: products", callback, progress) as op:
+        return _eigsh(op, n, k, which, return_eigenvectors, tol, seed, maxiter, ncv)
+
+
+def _eigsh(op, n, k, which, return_eigenvectors, tol, seed, maxiter, ncv):
+    """Run eigsh (one retry with a larger Krylov space); arguments checked by the caller."""
     v0 = _rng(seed).normal(size=n).astype(op.dtype)
     try:
         values, vectors = eigsh(op, k=k, which=which, tol=tol, v0=v0, maxiter=maxiter, ncv=ncv)

@@ -112,6 +112,7 @@ class ChunkedOperator(BatchedMatvec, LinearOperator):
     def _setup(self, problem, mode, memory_budget, shape):
         """Decide the mode under the memory budget and build the stored chunk states."""
         self.problem = problem
+        self.data = problem.batches  # the operator's private copy
         self.model = problem.model
         self.params = problem.params
         self.n_threads = problem.n_threads
@@ -224,7 +225,6 @@ class CurvatureOperator(ChunkedOperator):
                           check_deterministic=check_deterministic)
         self.damping = check_damping(damping, model.n_params, problem.dtype)
         self.loss = problem.loss
-        self.data = problem.batches
         self._setup(problem, mode, memory_budget, (model.n_params, model.n_params))
 
     @classmethod

@@ -52,7 +52,6 @@ class JacobianLinearOperator(ChunkedOperator):
                  memory_budget: int | None = None, n_threads: int | None = None) -> None:
         problem = Problem(model, None, params, X, chunk_size=chunk_size, n_threads=n_threads,
                           private=True)
-        self.data = problem.batches
         K = model.n_outputs
         self._setup(problem, mode, memory_budget, (problem.n_samples * K, model.n_params))
 
