@@ -71,9 +71,11 @@ def _mlp(act, hidden=(6, 5), d=4, K=3, bias=True):
 
 CASES = {
     "tanh-ce": (lambda: _mlp(ghess.Tanh), lambda: ghess.CrossEntropyLoss()),
-    "sigmoid-mse": (lambda: _mlp(ghess.Sigmoid), lambda: ghess.MSELoss()),
+    # factor: scikit-learn's half squared error, and a scaled sum
+    "sigmoid-mse": (lambda: _mlp(ghess.Sigmoid), lambda: ghess.MSELoss(factor=0.5)),
     "softplus-bce": (lambda: _mlp(ghess.Softplus), lambda: ghess.BCEWithLogitsLoss()),
-    "relu-ce-sum": (lambda: _mlp(ghess.ReLU), lambda: ghess.CrossEntropyLoss(reduction="sum")),
+    "relu-ce-sum": (lambda: _mlp(ghess.ReLU),
+                    lambda: ghess.CrossEntropyLoss(reduction="sum", factor=2.0)),
     "leakyrelu-mse-sum": (lambda: _mlp(lambda: ghess.LeakyReLU(0.2), bias=False),
                           lambda: ghess.MSELoss(reduction="sum")),
     "linear-linear-bce": (

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 EXAMPLES = sorted((pathlib.Path(__file__).resolve().parents[1] / "examples").glob("*.py"))
-NEEDS = {"torch_training_loop.py": "torch"}
+NEEDS = {"torch_training_loop.py": "torch", "sklearn_pipeline.py": "sklearn"}
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)

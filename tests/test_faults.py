@@ -261,7 +261,10 @@ def test_memory_budget_above_the_machine_warns():
 
 
 SIGINT_SCRIPT = textwrap.dedent("""
-    import sys, time
+    import signal, sys, time
+    # a shell's background job (`pytest &`) starts with SIGINT ignored, and a child
+    # inherits that: give the child Python's own handler, as an interactive session has
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     import numpy as np
     import ghess
     rng = np.random.default_rng(0)

@@ -73,10 +73,11 @@ def test_records_are_consistent():
         lam = opt.damping
         new_theta, record = opt.step(theta, (X, y))
         value, grad = opt.objective(new_theta, (X, y))
-        assert set(record) == {"objective", "grad_norm", "cg_iterations", "damping",
+        assert set(record) == {"objective", "grad_norm", "grad_max", "cg_iterations", "damping",
                                "step_size", "accepted", "backtracks", "ratio", "time"}
         assert_allclose(record.objective, value, rtol=1e-14)
         assert_allclose(record.grad_norm, np.linalg.norm(grad), rtol=1e-12)
+        assert_allclose(record.grad_max, np.max(np.abs(grad)), rtol=1e-12)
         assert 1 <= record.cg_iterations <= 3
         assert record.damping == lam
         assert record.accepted and record.step_size == 0.5 ** record.backtracks
@@ -176,3 +177,35 @@ def test_newton_cg_without_l2_and_with_a_diagonal_damping():
     assert np.shape(history[0].damping) == (model.n_params,)
     with pytest.raises(ValueError, match="must have length"):
         ghess.NewtonCG(model, loss, damping=np.ones(3))
+
+
+def test_newton_cg_with_a_per_parameter_C():
+    """C as an array: theta_i^2 / (2 C_i), inf unpenalised; the dtype of theta is kept."""
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(150, 4))
+    y = (X[:, 0] + X[:, 1] > 0).astype(int)
+    model = ghess.Sequential(ghess.Linear(4, 6), ghess.Tanh(), ghess.Linear(6, 2),
+                             input_shape=(4,))
+    loss = ghess.CrossEntropyLoss()
+    weights = model.parameter_mask("weight")
+    with np.errstate(divide="ignore"):
+        C = 3.0 / weights  # 3 on the weights, inf on the biases
+    opt = ghess.NewtonCG(model, loss, C=C, subsample=1.0, seed=0)
+    theta = model.init_params(seed=1)
+    value, grad = opt.objective(theta, (X, y))
+    plain, plain_grad = ghess.loss_and_grad(model, loss, theta, (X, y))
+    assert_allclose(value, plain + float((weights * theta) @ theta) / 6, rtol=1e-14)
+    assert_allclose(grad, plain_grad + weights * theta / 3, rtol=1e-14)
+    # the Newton system carries the same diagonal: one exact step on a quadratic
+    theta32 = theta.astype(np.float32)
+    opt32 = ghess.NewtonCG(model, loss, C=C, subsample=1.0, seed=0,
+                           damping=0.1 * weights)
+    final, history = opt32.fit(theta32, (X.astype(np.float32), y), n_iterations=3,
+                               verbose=False)
+    assert final.dtype == np.float32 and history[-1].objective < history[0].objective
+    with pytest.raises(ValueError, match=r"length 44 \(the model.s n_params\), got 3"):
+        ghess.NewtonCG(model, loss, C=np.ones(3))
+    with pytest.raises(ValueError, match=r"C must be > 0 everywhere"):
+        ghess.NewtonCG(model, loss, C=np.zeros(model.n_params))
+    with pytest.raises(TypeError, match=r"C must be a number > 0 or a 1-D array"):
+        ghess.NewtonCG(model, loss, C="big")

@@ -20,6 +20,7 @@ from .analysis import (
     top_eigenvalues,
 )
 from .functional import loss_and_grad, per_sample_jacobians
+from .interop.sklearn import from_sklearn
 from .interop.torch import from_torch, to_torch
 from .nn import (
     AvgPool2d,
@@ -44,6 +45,7 @@ from .optim import NewtonCG, StepRecord
 __all__ = [
     "Sequential",
     "from_torch",
+    "from_sklearn",
     "to_torch",
     "Linear",
     "ReLU",

@@ -41,6 +41,7 @@ from ._problem import check_loss, check_mode, check_model
 from ._progress import Progress
 from ._typing import Data, Mode
 from ._validation import (
+    as_array,
     check_damping,
     check_n_threads,
     check_params,
@@ -59,10 +60,11 @@ __all__ = ["NewtonCG", "StepRecord"]
 class StepRecord(dict):
     """What one Newton-CG iteration did (a dict with attribute access).
 
-    Keys: ``objective`` (f at the returned theta), ``grad_norm`` (of grad f at the
-    returned theta), ``cg_iterations``, ``damping`` (lambda used for this step),
-    ``step_size`` (alpha, 0 when rejected), ``accepted``, ``backtracks``,
-    ``ratio`` (actual / predicted reduction), ``time`` (seconds).
+    Keys: ``objective`` (f at the returned theta), ``grad_norm`` and ``grad_max``
+    (the 2-norm and the largest absolute entry of grad f at the returned theta),
+    ``cg_iterations``, ``damping`` (lambda used for this step), ``step_size``
+    (alpha, 0 when rejected), ``accepted``, ``backtracks``, ``ratio`` (actual /
+    predicted reduction), ``time`` (seconds).
     """
 
     def __getattr__(self, name):
@@ -86,6 +88,31 @@ def _check_real(value, name):
     return float(value)
 
 
+def _check_C(C, n_params):
+    """C: a number > 0 or inf, or an (n_params,) array of them (inf: that entry unpenalised).
+
+    Returns ``(C, 1/C)``, arrays as private read-only copies.
+    """
+    if isinstance(C, numbers.Real) and not isinstance(C, (bool, np.bool_)):
+        if C == np.inf:
+            return np.inf, 0.0
+        C = _check_positive_real(C, "C")
+        return C, 1.0 / C
+    arr = as_array(C)
+    if arr.dtype.kind not in "iuf" or arr.ndim != 1:
+        raise TypeError(f"C must be a number > 0 or a 1-D array of length {n_params}, got "
+                        f"{type(C).__name__} of shape {arr.shape} and dtype {arr.dtype}")
+    if arr.shape[0] != n_params:
+        raise ValueError(f"C as an array must have length {n_params} (the model's n_params), "
+                         f"got {arr.shape[0]}")
+    if np.any(np.isnan(arr)) or not np.all(arr > 0):
+        raise ValueError("C must be > 0 everywhere (inf: no penalty on that entry)")
+    C = np.array(arr, dtype=np.float64)
+    l2 = 1.0 / C
+    C.flags.writeable = l2.flags.writeable = False
+    return C, l2
+
+
 def _check_positive_real(value, name):
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a positive real number, got {value!r}")
@@ -95,17 +122,22 @@ def _check_positive_real(value, name):
 
 
 class _ShiftedScaled(LinearOperator):
-    """``scale * G + shift * I`` for a ghess GGN operator G (keeps its fast matmat)."""
+    """``scale * G + diag(shift)`` for a ghess GGN operator G (keeps its fast matmat).
+
+    ``shift`` is a number or an (n,) array (a damping or L2 diagonal).
+    """
 
     def __init__(self, G, scale, shift):
-        self.G, self.scale, self.shift = G, scale, shift
+        # in G's dtype: a float64 diagonal would turn a float32 solve into float64
+        self.G, self.scale, self.shift = G, scale, np.asarray(shift, dtype=G.dtype)
         super().__init__(dtype=G.dtype, shape=G.shape)
 
     def _matvec(self, x):
         return self.scale * self.G.matvec(x) + self.shift * np.asarray(x).reshape(-1)
 
     def _matmat(self, X):
-        return self.scale * self.G.matmat(X) + self.shift * X
+        shift = self.shift[:, None] if self.shift.ndim else self.shift
+        return self.scale * self.G.matmat(X) + shift * X
 
     def _adjoint(self):
         return self
@@ -119,8 +151,11 @@ class NewtonCG:
     model : Sequential
     loss : Loss
         Its reduction defines ``L``; ``"mean"`` is Wang, Tan and Lin's (1/l) sum.
-    C : float, default=1.0
+    C : float or ndarray of shape (n_params,), default=1.0
         Regularisation: the objective adds ``||theta||^2 / (2 C)``; ``np.inf`` for none.
+        An array penalises each entry by its own ``theta_i^2 / (2 C_i)``, ``inf``
+        where unpenalised: scikit-learn's L2 on the weights only, for ``N``
+        samples, is ``C = N / (alpha * model.parameter_mask("weight"))``.
     subsample : float or int, default=0.1
         Fraction of the data in (0, 1] or a number of samples in [1, l], drawn
         fresh every iteration, for the Gauss-Newton matrix.
@@ -173,7 +208,7 @@ class NewtonCG:
     True
     """
 
-    def __init__(self, model: Sequential, loss: Loss, *, C: float = 1.0,
+    def __init__(self, model: Sequential, loss: Loss, *, C: float | npt.ArrayLike = 1.0,
                  subsample: float | numbers.Real = 0.1, cg_rtol: float = 0.1,
                  cg_maxiter: int = 250, damping: float = 1.0, armijo: float = 1e-4,
                  backtrack: float = 0.5, max_backtracks: int = 30, max_rejections: int = 10,
@@ -184,7 +219,7 @@ class NewtonCG:
                  seed: int | np.random.Generator | None = None) -> None:
         self.model = check_model(model)
         self.loss = check_loss(loss)
-        self.C = np.inf if C == np.inf else _check_positive_real(C, "C")  # inf: no L2 term
+        self.C, self._l2 = _check_C(C, self.model.n_params)  # 1/C: 0 where no L2 term
         if isinstance(subsample, (bool, np.bool_)) or not isinstance(subsample, numbers.Real):
             raise TypeError(f"subsample must be a fraction in (0, 1] or a sample count, "
                             f"got {subsample!r}")
@@ -225,7 +260,8 @@ class NewtonCG:
         """Return ``(f, grad f)`` over all of ``data``, accumulated in chunks."""
         value, grad = loss_and_grad(self.model, self.loss, theta, data,
                                     chunk_size=self.chunk_size, n_threads=self.n_threads)
-        return value + float(theta @ theta) / (2 * self.C), grad + theta / self.C
+        l2 = self._l2 if np.isscalar(self._l2) else self._l2.astype(grad.dtype, copy=False)
+        return value + 0.5 * float(theta @ (l2 * theta)), grad + l2 * theta
 
     def _prepare(self, theta, data):
         theta = check_params(theta, self.model.n_params).copy()
@@ -281,7 +317,7 @@ class NewtonCG:
                               n_threads=self.n_threads)
         # G on S uses S's own normaliser for "mean"; rescale to estimate the full GGN
         scale = (batches.n_samples / size if self.loss.reduction == "sum" else 1.0)
-        system = _ShiftedScaled(G, scale, lam + 1.0 / self.C)
+        system = _ShiftedScaled(G, scale, lam + self._l2)
         iterations = [0]
 
         def count(_):
@@ -291,7 +327,7 @@ class NewtonCG:
         direction, _ = cg(system, -grad, rtol=self.cg_rtol, maxiter=self.cg_maxiter,
                           callback=count)
         slope = float(grad @ direction)
-        curvature = float(direction @ (scale * (G @ direction) + direction / self.C))
+        curvature = float(direction @ (scale * (G @ direction) + self._l2 * direction))
         alpha, accepted, backtracks = 1.0, False, 0
         new_theta, new_value, new_grad = theta, value, grad
         self._stage = "the line search"
@@ -315,6 +351,7 @@ class NewtonCG:
             self.damping = lam * self.decrease
         record = StepRecord(
             objective=new_value, grad_norm=float(np.linalg.norm(new_grad)),
+            grad_max=float(np.max(np.abs(new_grad))),
             cg_iterations=iterations[0], damping=lam, step_size=alpha if accepted else 0.0,
             accepted=accepted, backtracks=backtracks, ratio=ratio,
             time=time.perf_counter() - start)

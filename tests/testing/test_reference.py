@@ -272,11 +272,11 @@ def _output_space_hessians(loss, Z, y):
             _unit(K, k), eps=FD_EPS, order=4) for k in range(K)], axis=1))
     n_samples = Z.shape[0]
     if loss.reduction == "sum":
-        scale = 1.0
+        scale = loss.factor
     elif isinstance(loss, ghess.CrossEntropyLoss):
-        scale = 1.0 / n_samples
+        scale = loss.factor / n_samples
     else:
-        scale = 1.0 / (n_samples * K)
+        scale = loss.factor / (n_samples * K)
     return scale * np.array(B)
 
 

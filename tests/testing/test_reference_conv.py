@@ -513,7 +513,8 @@ class TorchProblem:
         self.slots = [(name, model.param_slots[name]) for name in names]
         self.X = torch.from_numpy(X)
         self.y = torch.from_numpy(y)
-        self.lossfn = getattr(torch.nn, type(loss).__name__)(reduction=loss.reduction)
+        plain = getattr(torch.nn, type(loss).__name__)(reduction=loss.reduction)
+        self.lossfn = lambda z, y: loss.factor * plain(z, y)
 
     def outputs(self, flat):
         params = {name: flat[s.start:s.stop].reshape(s.shape) for name, s in self.slots}

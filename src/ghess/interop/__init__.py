@@ -1,1 +1,1 @@
-"""Bridges to other libraries (optional extras): PyTorch."""
+"""Bridges to other libraries (optional extras): PyTorch and scikit-learn."""

@@ -9,6 +9,7 @@ concatenation.
 from __future__ import annotations
 
 import abc
+import numbers
 from typing import Literal
 
 import numpy as np
@@ -22,20 +23,43 @@ __all__ = ["Loss", "MSELoss", "CrossEntropyLoss", "BCEWithLogitsLoss"]
 
 
 class Loss(abc.ABC):
-    """Base class: ``reduction`` is ``"mean"`` (default) or ``"sum"``."""
+    """Base class.
 
-    def __init__(self, reduction: Literal["mean", "sum"] = "mean") -> None:
+    Parameters
+    ----------
+    reduction : {"mean", "sum"}, default="mean"
+        As in PyTorch: ``"mean"`` divides the summed losses by the loss's
+        normaliser (``N`` or ``N K``, see each loss), ``"sum"`` does not.
+    factor : float, default=1.0
+        A positive constant multiplying the loss, its gradient and its
+        curvature: ``0.5`` gives scikit-learn's squared loss, for example.
+    """
+
+    def __init__(self, reduction: Literal["mean", "sum"] = "mean", *,
+                 factor: float = 1.0) -> None:
         if reduction not in ("mean", "sum"):
             raise ValueError(
                 f"{type(self).__name__}: reduction must be 'mean' or 'sum', got {reduction!r}")
+        if (isinstance(factor, (bool, np.bool_)) or not isinstance(factor, numbers.Real)
+                or not (np.isfinite(factor) and factor > 0)):
+            raise ValueError(
+                f"{type(self).__name__}: factor must be a finite number > 0, got {factor!r}")
         self.reduction = reduction
+        self.factor = float(factor)
 
     def __repr__(self):
-        return f"{type(self).__name__}(reduction={self.reduction!r})"
+        factor = "" if self.factor == 1.0 else f", factor={self.factor!r}"
+        return f"{type(self).__name__}(reduction={self.reduction!r}{factor})"
 
     def scale(self, n_samples: int, n_outputs: int) -> float:
-        """Factor applied to the summed per-sample losses (1 for ``"sum"``)."""
-        return 1.0
+        """Factor applied to the summed per-sample losses: ``factor`` / the normaliser."""
+        if self.reduction == "sum":
+            return self.factor
+        return self.factor / self.normaliser(n_samples, n_outputs)
+
+    def normaliser(self, n_samples: int, n_outputs: int) -> int:
+        """Return what ``reduction="mean"`` divides by (``N`` unless a loss says otherwise)."""
+        return n_samples
 
     @abc.abstractmethod
     def check_targets(self, y, n_samples, n_outputs, dtype):
@@ -103,9 +127,9 @@ class MSELoss(Loss):
     ``reduction="mean"``. Output-space Hessian :math:`B_n = 2 I` (times the scale).
     """
 
-    def scale(self, n_samples, n_outputs):
-        """1/(N K) for "mean", else 1."""
-        return 1.0 / (n_samples * n_outputs) if self.reduction == "mean" else 1.0
+    def normaliser(self, n_samples, n_outputs):
+        """N K: the mean runs over every output of every sample."""
+        return n_samples * n_outputs
 
     def check_targets(self, y, n_samples, n_outputs, dtype):
         """Real targets of the outputs' shape (N, K)."""
@@ -127,10 +151,6 @@ class CrossEntropyLoss(Loss):
     ``reduction="mean"``. Output-space Hessian :math:`B_n = \mathrm{diag}(p_n) - p_n p_n^T`
     with :math:`p_n = \mathrm{softmax}(z_n)`.
     """
-
-    def scale(self, n_samples, n_outputs):
-        """1/N for "mean", else 1."""
-        return 1.0 / n_samples if self.reduction == "mean" else 1.0
 
     def check_targets(self, y, n_samples, n_outputs, dtype):
         """Integer labels (N,) in [0, K)."""
@@ -166,9 +186,9 @@ class BCEWithLogitsLoss(Loss):
     Output-space Hessian :math:`B_n = \mathrm{diag}(\sigma(z_n)(1 - \sigma(z_n)))`.
     """
 
-    def scale(self, n_samples, n_outputs):
-        """1/(N K) for "mean", else 1."""
-        return 1.0 / (n_samples * n_outputs) if self.reduction == "mean" else 1.0
+    def normaliser(self, n_samples, n_outputs):
+        """N K: the mean runs over every output of every sample."""
+        return n_samples * n_outputs
 
     def check_targets(self, y, n_samples, n_outputs, dtype):
         """Targets in [0, 1] of the outputs' shape (N, K)."""

@@ -4,13 +4,14 @@ Everything here is slow and written to be obviously correct: one sample at a
 time, one layer at a time, in float64, with the mathematics spelled out. It is
 deliberately independent of the fast engine: it reads only the *specs* of the
 model (``model.layers``, ``model.param_slots``, ``model.unflatten``) and of the
-loss (its type and ``reduction``), never the Cython kernels or the operators.
+loss (its type, ``reduction`` and ``factor``), never the Cython kernels or the operators.
 Use it to test the fast path, and for small problems where speed does not
 matter.
 
 Notation: sample ``n`` has input ``x_n`` and network output ``z_n`` (K,); the
-loss is ``L = c * sum_n l(z_n, y_n)`` with ``c = 1`` for ``reduction="sum"``
-and ``c = 1/(N K)`` (MSE, BCE) or ``1/N`` (cross-entropy) for ``"mean"``,
+loss is ``L = c * sum_n l(z_n, y_n)`` with ``c = f`` for ``reduction="sum"``
+and ``c = f/(N K)`` (MSE, BCE) or ``f/N`` (cross-entropy) for ``"mean"``
+(``f`` the loss's ``factor``, 1 by default),
 where N counts the samples of all batches together. ``r_n = c dl/dz_n`` and
 ``B_n = c d^2l/dz_n^2``; ``J_n = dz_n/dtheta`` (K, n_params).
 

@@ -83,12 +83,12 @@ def _batches(model, loss, data):
 
 
 def _scale(loss, n_samples, n_outputs):
-    """Return the reduction's factor c (PyTorch semantics)."""
+    """Return the loss's factor c: its ``factor`` over the reduction's normaliser."""
     if loss.reduction == "sum":
-        return 1.0
+        return loss.factor
     if isinstance(loss, CrossEntropyLoss):
-        return 1.0 / n_samples
-    return 1.0 / (n_samples * n_outputs)
+        return loss.factor / n_samples
+    return loss.factor / (n_samples * n_outputs)
 
 
 # ---------------------------------------------------------------------------
