@@ -10,7 +10,9 @@ Every estimator has one hidden layer of 100 ReLU units and ``alpha=1e-4``
 (scikit-learn's defaults); MLPClassifier runs with ``solver="lbfgs"`` and
 ``"adam"`` (``max_iter=200``, its default), NewtonCGClassifier with its
 defaults. Each estimator is fitted once per seed (``random_state``), the seeds
-interleaved so a drift in the machine's speed hits all alike; reported are the
+interleaved so a drift in the machine's speed hits all alike, each fit after
+0.2 s of idling (a thread pool still spinning after the previous fit would take
+a core from the next, as in ``bench/run.py``); reported are the
 median fit time, the mean and the worst test accuracy over the seeds, and each
 MLPClassifier's median time over NewtonCGClassifier's. One process; for each
 thread count (``--threads``, default 1 and 2) every library runs at that count
@@ -29,6 +31,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from bench.report import machine_info  # noqa: E402
+from bench.timing import SETTLE  # noqa: E402
 
 
 def estimators(threads):
@@ -65,6 +68,7 @@ def run(seeds, threads):
         for seed in range(seeds):
             for name, proto in protos.items():
                 est = clone(proto).set_params(random_state=seed)
+                time.sleep(SETTLE)  # the previous fit's thread pools stop spinning
                 t0 = time.perf_counter()
                 est.fit(X_train, y_train)
                 rows[name]["time"].append(time.perf_counter() - t0)
