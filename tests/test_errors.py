@@ -220,3 +220,38 @@ def test_argument_validation_gaps():
     with pytest.raises(ValueError, match=r"needs \d+ bytes .* memory_budget of 1 bytes"):
         ghess.GGNLinearOperator(model, loss, model.init_params(), (np.ones((4, 3)),
                                 np.ones((4, 4))), mode="stored", memory_budget=1)
+
+
+def test_every_error_names_its_argument():
+    """Each of these once named no argument, or was checked only after the work.
+
+    A curvature without a loss read as "X must be an array", a bad seed failed inside
+    numpy, a 3-D matmat inside SciPy, and spectral_density checked its grid after the
+    Lanczos products.
+    """
+    model = ghess.Sequential(ghess.Linear(4, 5), ghess.Tanh(), ghess.Linear(5, 3),
+                             input_shape=(4,))
+    theta, X, y = model.init_params(), np.ones((6, 4)), np.arange(6) % 3
+    for cls in (ghess.GGNLinearOperator, ghess.HessianLinearOperator):
+        with pytest.raises(TypeError, match="loss must be a ghess loss .* got NoneType"):
+            cls(model, None, theta, (X, y))
+    G = ghess.GGNLinearOperator(model, ghess.CrossEntropyLoss(), theta, (X, y))
+    with pytest.raises(ValueError, match=r"matmat: X must be 2-D of shape \(43, k\), got "
+                                         r"shape \(2, 2, 2\)"):
+        G.matmat(np.ones((2, 2, 2)))
+    for call in (lambda: ghess.top_eigenvalues(G, k=1, seed="x"),
+                 lambda: ghess.hutchinson_trace(G, 4, seed=-1),
+                 lambda: ghess.spectral_density(G, seed=2.5)):
+        with pytest.raises(TypeError, match="seed must be None, an int >= 0 or a numpy "
+                                            "Generator"):
+            call()
+
+    products = []
+    for kwargs, match in [(dict(grid=5), "grid must be a non-empty 1-D array"),
+                          (dict(grid=[0.0, np.nan]), "grid must be a non-empty 1-D array"),
+                          (dict(sigma=-1.0), "sigma must be a finite number > 0"),
+                          (dict(n_grid=0), "n_grid must be >= 1")]:
+        with pytest.raises((TypeError, ValueError), match=match):
+            ghess.spectral_density(G, n_lanczos=3, n_vectors=1, **kwargs,
+                                   callback=lambda done, total: products.append(done))
+    assert products == []  # refused before the first product

@@ -22,7 +22,7 @@ from ._engine.plan import chunk_size_for
 from ._problem import Problem
 from ._progress import Progress
 from ._typing import Data
-from ._validation import check_nonnegative, check_positive_int
+from ._validation import as_array, check_nonnegative, check_positive_int
 
 if TYPE_CHECKING:
     import os
@@ -53,7 +53,11 @@ def _check_operator(op):
 
 
 def _rng(seed):
-    return np.random.default_rng(seed)
+    """Return a Generator from ``seed`` (None, an int >= 0 or a Generator), checked by name."""
+    if seed is None or isinstance(seed, (np.random.Generator, np.random.BitGenerator)) or (
+            isinstance(seed, numbers.Integral) and not isinstance(seed, bool) and seed >= 0):
+        return np.random.default_rng(seed)
+    raise TypeError(f"seed must be None, an int >= 0 or a numpy Generator, got {seed!r}")
 
 
 def _probes(rng, n, k, dtype):
@@ -311,6 +315,18 @@ def spectral_density(op: LinearOperator, *, n_vectors: int = 10, n_lanczos: int 
     n_vectors = check_positive_int(n_vectors, "n_vectors")
     steps = min(check_positive_int(n_lanczos, "n_lanczos"), n)
     rng = _rng(seed)
+    # every argument checked before the first product
+    if sigma is not None and (isinstance(sigma, bool) or not isinstance(sigma, numbers.Real)
+                              or not (np.isfinite(sigma) and sigma > 0)):
+        raise ValueError(f"sigma must be a finite number > 0 or None, got {sigma!r}")
+    if grid is None:
+        n_grid = check_positive_int(n_grid, "n_grid")
+    else:
+        grid = as_array(grid)
+        if grid.ndim != 1 or grid.size == 0 or grid.dtype.kind not in "iuf" or not np.all(
+                np.isfinite(grid)):
+            raise ValueError(f"grid must be a non-empty 1-D array of finite numbers, got "
+                             f"shape {grid.shape} and dtype {grid.dtype}")
     nodes = np.full((n_vectors, steps), np.nan)
     weights = np.zeros((n_vectors, steps))
     with _reporting(op, n_vectors * steps, "spectral density", callback, progress) as op:
@@ -324,10 +340,8 @@ def spectral_density(op: LinearOperator, *, n_vectors: int = 10, n_lanczos: int 
     width = max(hi - lo, 1e-12 * max(1.0, abs(hi)))
     if sigma is None:
         sigma = 0.01 * width
-    if not (isinstance(sigma, numbers.Real) and sigma > 0):
-        raise ValueError(f"sigma must be positive, got {sigma!r}")
     if grid is None:
-        grid = np.linspace(lo - 5 * sigma, hi + 5 * sigma, check_positive_int(n_grid, "n_grid"))
+        grid = np.linspace(lo - 5 * sigma, hi + 5 * sigma, n_grid)
     grid = np.asarray(grid, dtype=np.float64)
     valid = ~np.isnan(nodes)
     diff = grid[:, None] - nodes[valid][None, :]

@@ -28,6 +28,7 @@ from .._config import computing
 from .._problem import (
     Problem,
     check_dtype,
+    check_loss,
     check_memory_budget,
     check_mode,
     check_model,
@@ -183,6 +184,13 @@ class ChunkedOperator(BatchedMatvec, LinearOperator):
         _engine.accumulators_to_flat(model, accs, out)
         return out
 
+    def matmat(self, X):
+        """Apply the operator to the columns of X, ``(shape[1], k)``."""
+        if np.ndim(X) != 2:
+            raise ValueError(f"matmat: X must be 2-D of shape ({self.shape[1]}, k), got shape "
+                             f"{np.shape(X)}")
+        return super().matmat(X)
+
     def _check_vectors(self, X, n, name="vector"):
         return check_vectors(X, n, self.dtype, name)
 
@@ -220,6 +228,7 @@ class CurvatureOperator(ChunkedOperator):
                  damping: float | npt.ArrayLike = 0.0, mode: Mode = "auto",
                  chunk_size: int | None = None, memory_budget: int | None = None,
                  n_threads: int | None = None, check_deterministic: bool = True) -> None:
+        check_loss(loss)  # a curvature needs a loss (None means "no loss" to Problem)
         problem = Problem(model, loss, params, data, chunk_size=chunk_size,
                           n_threads=n_threads, private=True,
                           check_deterministic=check_deterministic)
