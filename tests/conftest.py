@@ -88,6 +88,13 @@ CASES = {
         lambda: ghess.CrossEntropyLoss()),
     "one-layer-mse": (lambda: ghess.Sequential(ghess.Linear(4, 2), input_shape=(4,)),
                       lambda: ghess.MSELoss()),
+    "gelu-ce": (lambda: _mlp(ghess.GELU), lambda: ghess.CrossEntropyLoss()),
+    "gelu-tanh-dropout-mse": (
+        lambda: ghess.Sequential(ghess.Linear(4, 6), ghess.GELU(approximate="tanh"),
+                                 ghess.Dropout(0.2), ghess.Linear(6, 3), input_shape=(4,)),
+        lambda: ghess.MSELoss()),
+    "silu-bce": (lambda: _mlp(ghess.SiLU), lambda: ghess.BCEWithLogitsLoss()),
+    "elu-ce": (lambda: _mlp(lambda: ghess.ELU(0.7)), lambda: ghess.CrossEntropyLoss()),
     # a layer defined outside the package (above), held to every test of the built-in ones
     "hardtanh-ce": (lambda: _mlp(Hardtanh), lambda: ghess.CrossEntropyLoss()),
 }
@@ -97,6 +104,11 @@ G = ghess
 
 #: small convolutional networks, each with a loss
 CONV_CASES = {
+    "conv-gelu-maxpool-silu-elu-ce": (
+        lambda: G.Sequential(G.Conv2d(2, 3, 3, padding=1), G.GELU(), G.MaxPool2d(2),
+                             G.Conv2d(3, 4, 2), G.SiLU(), G.Dropout(0.1), G.Flatten(),
+                             G.ELU(0.5), G.Linear(16, 4), input_shape=(2, 6, 6)),
+        lambda: G.CrossEntropyLoss()),
     "conv-relu-maxpool-ce": (
         lambda: G.Sequential(G.Conv2d(2, 3, 3, padding=1), G.ReLU(), G.MaxPool2d(2), G.Flatten(),
                              G.Linear(27, 4), input_shape=(2, 6, 6)),

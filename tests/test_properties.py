@@ -23,7 +23,8 @@ from ghess.testing import (  # noqa: E402
 )
 
 ACTIVATIONS = [ghess.ReLU, ghess.Tanh, ghess.Sigmoid, ghess.Softplus, ghess.Identity,
-               lambda: ghess.LeakyReLU(0.1)]
+               lambda: ghess.LeakyReLU(0.1), ghess.GELU, lambda: ghess.GELU("tanh"),
+               ghess.SiLU, lambda: ghess.ELU(0.8), lambda: ghess.Dropout(0.3)]
 LOSSES = [ghess.MSELoss, ghess.CrossEntropyLoss, ghess.BCEWithLogitsLoss]
 SETTINGS = settings(max_examples=150, deadline=None, derandomize=True, database=None)
 

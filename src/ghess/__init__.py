@@ -23,10 +23,13 @@ from .functional import loss_and_grad, per_sample_jacobians
 from .interop.sklearn import from_sklearn
 from .interop.torch import from_torch, to_torch
 from .nn import (
+    ELU,
+    GELU,
     AvgPool2d,
     BCEWithLogitsLoss,
     Conv2d,
     CrossEntropyLoss,
+    Dropout,
     Flatten,
     Identity,
     LeakyReLU,
@@ -36,6 +39,7 @@ from .nn import (
     ReLU,
     Sequential,
     Sigmoid,
+    SiLU,
     Softplus,
     Tanh,
 )
@@ -53,6 +57,10 @@ __all__ = [
     "Tanh",
     "Sigmoid",
     "Softplus",
+    "GELU",
+    "SiLU",
+    "ELU",
+    "Dropout",
     "Identity",
     "Conv2d",
     "MaxPool2d",

@@ -11,7 +11,8 @@ from ghess._kernels import dense
 
 def test_members_and_values():
     assert {m.name: m.value for m in ActivationKind} == {
-        "IDENTITY": 0, "RELU": 1, "LEAKY_RELU": 2, "TANH": 3, "SIGMOID": 4, "SOFTPLUS": 5}
+        "IDENTITY": 0, "RELU": 1, "LEAKY_RELU": 2, "TANH": 3, "SIGMOID": 4, "SOFTPLUS": 5,
+        "GELU": 6, "GELU_TANH": 7, "SILU": 8, "ELU": 9}
     assert {m.name: m.value for m in OutputHessianKind} == {
         "IDENTITY": 0, "SOFTMAX": 1, "DIAGONAL": 2}
     for kinds in (ActivationKind, OutputHessianKind):

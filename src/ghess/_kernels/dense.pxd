@@ -5,7 +5,7 @@ cpdef enum ActivationKind:
     """The elementwise function of ``activation_forward``.
 
     Its parameters p0, p1: LEAKY_RELU's negative slope; SOFTPLUS's beta and threshold.
-    ``activation_derivatives_from_output`` takes TANH and SIGMOID.
+    ``sigmoid_derivatives`` serves SIGMOID's float32 path (SciPy's expit).
     """
     IDENTITY = 0
     RELU = 1
@@ -13,6 +13,10 @@ cpdef enum ActivationKind:
     TANH = 3
     SIGMOID = 4
     SOFTPLUS = 5
+    GELU = 6        # x Phi(x), Phi the standard normal CDF
+    GELU_TANH = 7   # PyTorch's approximate="tanh": x sigma(2 sqrt(2/pi) (x + 0.044715 x^3))
+    SILU = 8        # x sigma(x)
+    ELU = 9         # p0: alpha; x for x > 0, alpha (e^x - 1) otherwise
 
 
 # Kinds of output-space Hessian B_i, with the per-sample state they read (see

@@ -29,7 +29,7 @@ from enum import IntEnum
 from cython cimport floating
 import numpy as np
 from cython.parallel cimport prange
-from libc.math cimport exp, fabs, log, log1p, tanh
+from libc.math cimport erfc, exp, expm1, fabs, log, log1p, tanh
 from libc.stdlib cimport free, malloc
 
 from .blas cimport gemm
@@ -236,10 +236,22 @@ cdef inline double _sigmoid(double x) noexcept nogil:
     return e / (1.0 + e)
 
 
+cdef inline void _sigmoid_both(double x, double* s, double* c) noexcept nogil:
+    # s = sigma(x) and c = 1 - sigma(x) = sigma(-x), each to full relative precision:
+    # 1 - s cancels to 0 above x ~ 36.7, where sigma'(x) = s c is still e^-x, not 0
+    cdef double e = exp(-fabs(x))
+    if x >= 0:
+        s[0] = 1.0 / (1.0 + e)
+        c[0] = e / (1.0 + e)
+    else:
+        s[0] = e / (1.0 + e)
+        c[0] = 1.0 / (1.0 + e)
+
+
 cdef inline void _activation(int kind, double x, double p0, double p1,
                              double* y, double* d1, double* d2) noexcept nogil:
     # y = f(x), d1 = f'(x), d2 = f''(x); p0, p1 are the kind's parameters.
-    cdef double t, s, bx
+    cdef double t, s, c, bx, u1, u2, phi
     if kind == RELU:
         # f'(0) = 0, as in PyTorch
         y[0] = x if x > 0 else 0.0
@@ -256,10 +268,10 @@ cdef inline void _activation(int kind, double x, double p0, double p1,
         d1[0] = 1.0 - t * t
         d2[0] = -2.0 * t * (1.0 - t * t)
     elif kind == SIGMOID:
-        s = _sigmoid(x)
+        _sigmoid_both(x, &s, &c)
         y[0] = s
-        d1[0] = s * (1.0 - s)
-        d2[0] = s * (1.0 - s) * (1.0 - 2.0 * s)
+        d1[0] = s * c
+        d2[0] = s * c * (c - s)  # 1 - 2s, without the cancellation of 1 - s
     elif kind == SOFTPLUS:
         # p0: beta, p1: threshold; linear above the threshold, as in PyTorch
         bx = p0 * x
@@ -268,10 +280,41 @@ cdef inline void _activation(int kind, double x, double p0, double p1,
             d1[0] = 1.0
             d2[0] = 0.0
         else:
-            s = _sigmoid(bx)
+            _sigmoid_both(bx, &s, &c)
             y[0] = (log1p(exp(-fabs(bx))) + (bx if bx > 0 else 0.0)) / p0
             d1[0] = s
-            d2[0] = p0 * s * (1.0 - s)
+            d2[0] = p0 * s * c
+    elif kind == GELU:
+        # Phi(x) = erfc(-x / sqrt 2) / 2 (accurate for x << 0), phi its density
+        phi = exp(-0.5 * x * x) * 0.3989422804014327
+        t = 0.5 * erfc(-x * 0.7071067811865476)
+        y[0] = x * t
+        d1[0] = t + x * phi
+        d2[0] = phi * (2.0 - x * x)
+    elif kind == GELU_TANH:
+        # 0.5 x (1 + tanh(u)) = x sigma(2u): s, c = sigma(+-2u) avoid 1 + tanh's cancellation
+        u1 = 0.7978845608028654 * (1.0 + 0.134145 * x * x)  # du/dx
+        u2 = 0.7978845608028654 * 0.26829 * x                # d2u/dx2
+        _sigmoid_both(1.5957691216057308 * (x + 0.044715 * x * x * x), &s, &c)
+        y[0] = x * s
+        d1[0] = s + 2.0 * x * s * c * u1
+        d2[0] = 2.0 * s * c * (2.0 * u1 + x * (2.0 * (c - s) * u1 * u1 + u2))
+    elif kind == SILU:
+        _sigmoid_both(x, &s, &c)
+        y[0] = x * s
+        d1[0] = s * (1.0 + x * c)
+        d2[0] = s * c * (2.0 + x * (c - s))
+    elif kind == ELU:
+        # p0: alpha; f'(0) = alpha, as PyTorch's backward takes the x <= 0 branch there
+        if x > 0:
+            y[0] = x
+            d1[0] = 1.0
+            d2[0] = 0.0
+        else:
+            t = exp(x)
+            y[0] = p0 * expm1(x)
+            d1[0] = p0 * t
+            d2[0] = p0 * t
     else:
         y[0] = x
         d1[0] = 1.0
@@ -344,36 +387,28 @@ def activation_forward(int kind, double p0, double p1,
             d2[i] = <floating> v2
 
 
-def activation_derivatives_from_output(int kind,
-                                       const floating[::1] y,   # IN  (size,) f(x)
-                                       floating[::1] d1,        # OUT (size,) or empty
-                                       floating[::1] d2,        # OUT (size,) or empty
-                                       int n_threads):
-    """f'(x) and f''(x) of tanh or sigmoid from their output y = f(x).
+def sigmoid_derivatives(const floating[::1] s,    # IN  (size,) sigma(x)
+                        const floating[::1] c,    # IN  (size,) 1 - sigma(x) = sigma(-x)
+                        floating[::1] d1,         # OUT (size,) or empty
+                        floating[::1] d2,         # OUT (size,) or empty
+                        int n_threads):
+    """sigma'(x) = s c and sigma''(x) = s c (c - s) from s = sigma(x) and c = sigma(-x).
 
-    Lets float32 take y from NumPy's SIMD tanh/expit, several times faster than
-    double libm in ``activation_forward`` (``docs/design.md``, "Measurements"); the
-    derivatives are polynomials in y, which GCC vectorises.
+    Lets float32 take s and c from SciPy's SIMD expit, several times faster than
+    double libm in ``activation_forward`` (``docs/design.md``, "Measurements"). c is
+    passed, not formed as 1 - s: that cancels to 0 where sigma' is still e^-|x|.
     """
-    cdef Py_ssize_t size = y.shape[0], i
+    cdef Py_ssize_t size = s.shape[0], i
     cdef bint want_d1 = d1.shape[0] > 0, want_d2 = d2.shape[0] > 0
-    _check(kind == TANH or kind == SIGMOID, "activation_derivatives_from_output kind")
-    _check(not want_d1 or d1.shape[0] == size, "activation_derivatives_from_output d1")
-    _check(not want_d2 or d2.shape[0] == size, "activation_derivatives_from_output d2")
-    if kind == TANH:
-        if want_d1:
-            for i in prange(size, nogil=True, schedule='static', num_threads=n_threads):
-                d1[i] = 1 - y[i] * y[i]
-        if want_d2:
-            for i in prange(size, nogil=True, schedule='static', num_threads=n_threads):
-                d2[i] = -2 * y[i] * (1 - y[i] * y[i])
-    else:
-        if want_d1:
-            for i in prange(size, nogil=True, schedule='static', num_threads=n_threads):
-                d1[i] = y[i] * (1 - y[i])
-        if want_d2:
-            for i in prange(size, nogil=True, schedule='static', num_threads=n_threads):
-                d2[i] = y[i] * (1 - y[i]) * (1 - 2 * y[i])
+    _check(c.shape[0] == size, "sigmoid_derivatives c")
+    _check(not want_d1 or d1.shape[0] == size, "sigmoid_derivatives d1")
+    _check(not want_d2 or d2.shape[0] == size, "sigmoid_derivatives d2")
+    if want_d1:
+        for i in prange(size, nogil=True, schedule='static', num_threads=n_threads):
+            d1[i] = s[i] * c[i]
+    if want_d2:
+        for i in prange(size, nogil=True, schedule='static', num_threads=n_threads):
+            d2[i] = s[i] * c[i] * (c[i] - s[i])
 
 
 def scale_grouped(const floating[:, ::1] d,     # IN  (n, m)
@@ -623,7 +658,7 @@ def bce_value_grad(const floating[:, ::1] z,    # IN  (n, K) logits
                    int n_threads):
     """Binary cross-entropy with logits per sample, its gradient, and sigma'."""
     cdef Py_ssize_t n = z.shape[0], K = z.shape[1], i, c
-    cdef double zc, s, acc
+    cdef double zc, s, sc, acc
     _check(y.shape[0] == n and y.shape[1] == K, "bce y")
     _check(loss_out.shape[0] == n, "bce loss_out")
     _check(r_out.shape[0] == n and r_out.shape[1] == K, "bce r_out")
@@ -634,9 +669,15 @@ def bce_value_grad(const floating[:, ::1] z,    # IN  (n, K) logits
             zc = z[i, c]
             # max(z, 0) - z y + log(1 + exp(-|z|)): stable for large |z|
             acc = acc + (zc if zc > 0 else 0.0) - zc * y[i, c] + log1p(exp(-fabs(zc)))
-            s = _sigmoid(zc)
-            r_out[i, c] = <floating> (scale * (s - y[i, c]))
-            h_out[i, c] = <floating> (s * (1.0 - s))
+            # assigned in the loop body, so that prange makes them thread-private (written
+            # only through pointers, they would be shared between the threads)
+            s = 0.0
+            sc = 0.0
+            _sigmoid_both(zc, &s, &sc)
+            # s - y, or (1 - y) - (1 - s) where s is near 1: exact for y = 1 at any z
+            r_out[i, c] = <floating> (scale * ((s - y[i, c]) if zc < 0
+                                               else ((1.0 - y[i, c]) - sc)))
+            h_out[i, c] = <floating> (s * sc)  # s (1 - s) would be 0 above z ~ 36.7
         loss_out[i] = acc
 
 
@@ -658,16 +699,25 @@ cdef inline void _apply_output_hessian(int kind, const floating* state, double s
                                        const floating* x, floating* out, Py_ssize_t k,
                                        Py_ssize_t K) noexcept nogil:
     # out[j] = scale * B x[j] for one sample's k directions (x, out: k rows of K)
-    cdef Py_ssize_t j, c
-    cdef double t
+    cdef Py_ssize_t j, c, top = 0
+    cdef double t, xt
+    if kind == B_SOFTMAX:
+        # B x = p (x - p^T x) = p (d - p^T d) with d = x - x_top, as sum(p) = 1. The largest
+        # p never enters p^T d (d_top = 0): at a saturated softmax, where p_top rounds to 1
+        # and sum(p) is off by an ulp, p^T x would add -ulp * x_top^2 to x^T B x and make
+        # B indefinite; p^T d keeps its true, tiny size and B stays PSD
+        for c in range(1, K):
+            if state[c] > state[top]:
+                top = c
     for j in range(k):
         if kind == B_SOFTMAX:
+            xt = <double> x[j * K + top]
             t = 0.0
             for c in range(K):
-                t = t + <double> state[c] * <double> x[j * K + c]
+                t = t + <double> state[c] * (<double> x[j * K + c] - xt)
             for c in range(K):
                 out[j * K + c] = <floating> (scale * <double> state[c]
-                                             * (<double> x[j * K + c] - t))
+                                             * ((<double> x[j * K + c] - xt) - t))
         elif kind == B_DIAGONAL:
             for c in range(K):
                 out[j * K + c] = <floating> (scale * <double> state[c] * <double> x[j * K + c])

@@ -14,9 +14,12 @@ import numpy as np
 from .._problem import check_model
 from .._validation import check_params
 from ..nn import (
+    ELU,
+    GELU,
     Activation,
     AvgPool2d,
     Conv2d,
+    Dropout,
     Flatten,
     Identity,
     LeakyReLU,
@@ -25,6 +28,7 @@ from ..nn import (
     ReLU,
     Sequential,
     Sigmoid,
+    SiLU,
     Softplus,
     Tanh,
 )
@@ -55,9 +59,10 @@ def from_torch(module, input_shape, *, check: bool = True):
     module : torch.nn.Module
         An ``nn.Sequential`` (nested ones are flattened in order) of ``Linear``,
         ``Conv2d`` (zero padding, no groups), ``ReLU``, ``LeakyReLU``, ``Tanh``,
-        ``Sigmoid``, ``Softplus``, ``Identity``, ``MaxPool2d``, ``AvgPool2d``,
-        ``Flatten`` and ``Dropout`` (the identity, as in evaluation mode; a
-        Dropout in training mode is refused), or one such module.
+        ``Sigmoid``, ``Softplus``, ``GELU``, ``SiLU``, ``ELU``, ``Identity``,
+        ``MaxPool2d``, ``AvgPool2d``, ``Flatten`` and ``Dropout`` (the identity,
+        as in evaluation mode; a Dropout in training mode is refused), or one
+        such module.
     input_shape : tuple of int
         The shape of one input sample, e.g. ``(3, 32, 32)``.
     check : bool, default=True
@@ -153,8 +158,13 @@ def _layer(path, m):
         if m.training and m.p > 0:
             refuse("is in training mode: call module.eval() first (ghess computes the "
                    "curvature of the network in evaluation mode, where Dropout is the identity)")
-        return Identity()
-    simple = {tnn.ReLU: ReLU, tnn.Tanh: Tanh, tnn.Sigmoid: Sigmoid, tnn.Identity: Identity}
+        return Dropout(m.p)
+    if kind is tnn.GELU:
+        return GELU(m.approximate)
+    if kind is tnn.ELU:
+        return ELU(m.alpha)
+    simple = {tnn.ReLU: ReLU, tnn.Tanh: Tanh, tnn.Sigmoid: Sigmoid, tnn.Identity: Identity,
+              tnn.SiLU: SiLU}
     if kind in simple:
         return simple[kind]()
     if kind is tnn.LeakyReLU:
@@ -211,11 +221,18 @@ def torch_sequential(model, dtype=None, *, params=None):
             modules.append(torch.nn.LeakyReLU(layer.negative_slope))
         elif isinstance(layer, Softplus):
             modules.append(torch.nn.Softplus(layer.beta, layer.threshold))
+        elif isinstance(layer, GELU):
+            modules.append(torch.nn.GELU(approximate=layer.approximate))
+        elif isinstance(layer, ELU):
+            modules.append(torch.nn.ELU(layer.alpha))
+        elif isinstance(layer, Dropout):
+            modules.append(torch.nn.Dropout(layer.p))
         elif isinstance(layer, (Activation, Flatten)):
             modules.append(getattr(torch.nn, type(layer).__name__)())
         else:
             raise TypeError(f"torch_sequential: no PyTorch equivalent for {layer!r}")
-    seq = torch.nn.Sequential(*modules).to(torch.float64 if dtype is None else dtype)
+    # evaluation mode: the one where Dropout is the identity, as in ghess
+    seq = torch.nn.Sequential(*modules).to(torch.float64 if dtype is None else dtype).eval()
     if params is not None:
         flat = torch.as_tensor(np.asarray(params), dtype=next(seq.parameters()).dtype)
         torch.nn.utils.vector_to_parameters(flat, seq.parameters())

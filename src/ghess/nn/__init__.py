@@ -7,7 +7,19 @@
 - ``sequential``: the container and the flat parameter layout.
 """
 
-from .activation import Activation, Identity, LeakyReLU, ReLU, Sigmoid, Softplus, Tanh
+from .activation import (
+    ELU,
+    GELU,
+    Activation,
+    Dropout,
+    Identity,
+    LeakyReLU,
+    ReLU,
+    Sigmoid,
+    SiLU,
+    Softplus,
+    Tanh,
+)
 from .base import Layer, ParametricLayer
 from .conv import Conv2d
 from .linear import Linear
@@ -26,6 +38,10 @@ __all__ = [
     "Sigmoid",
     "Softplus",
     "Tanh",
+    "GELU",
+    "SiLU",
+    "ELU",
+    "Dropout",
     "Linear",
     "Conv2d",
     "MaxPool2d",

@@ -20,7 +20,11 @@ __all__ = [
     "Tanh",
     "Sigmoid",
     "Softplus",
+    "GELU",
+    "SiLU",
+    "ELU",
     "Identity",
+    "Dropout",
 ]
 
 
@@ -58,9 +62,11 @@ class Activation(Layer):
         d1 = empty if d1_out is None else d1_out
         d2 = empty if d2_out is None else d2_out
         ufunc = _FLOAT32_UFUNCS.get(self.kind) if x.dtype == np.float32 else None
-        if ufunc is not None:
+        if ufunc is not None:  # float32 sigmoid
             ufunc(x, out=y_out)
-            dense.activation_derivatives_from_output(self.kind, y_out, d1, d2, n_threads)
+            if d1_out is not None or d2_out is not None:
+                # 1 - sigma(x) as sigma(-x): formed as 1 - y it cancels to 0 above x ~ 17
+                dense.sigmoid_derivatives(y_out, ufunc(-x), d1, d2, n_threads)
         else:
             dense.activation_forward(self.kind, *self._kernel_params, x, y_out, d1, d2,
                                      n_threads)
@@ -183,7 +189,66 @@ class Softplus(Activation):
         return f"Softplus(beta={self.beta}, threshold={self.threshold})"
 
 
-#: float32 sigmoid through SciPy's SIMD ufunc, then f' and f'' from the output
-#: (``activation_derivatives_from_output``): faster than the scalar kernel in float32.
+class GELU(Activation):
+    """``x Phi(x)`` (``approximate="none"``) or its tanh form, as ``torch.nn.GELU``.
+
+    ``approximate="tanh"``: ``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))``.
+    """
+
+    has_curvature = True
+
+    def __init__(self, approximate: str = "none") -> None:
+        if approximate not in ("none", "tanh"):
+            raise ValueError(f"GELU: approximate must be 'none' or 'tanh', got {approximate!r}")
+        self.approximate = approximate
+        self.kind = ActivationKind.GELU if approximate == "none" else ActivationKind.GELU_TANH
+
+    def __repr__(self):
+        return f"GELU(approximate={self.approximate!r})"
+
+
+class SiLU(Activation):
+    """``x sigma(x)`` (swish), as ``torch.nn.SiLU``."""
+
+    kind = ActivationKind.SILU
+    has_curvature = True
+
+
+class ELU(Activation):
+    """``x`` for x > 0, ``alpha (exp(x) - 1)`` otherwise, as ``torch.nn.ELU``.
+
+    ELU'(0) = alpha, as in PyTorch.
+    """
+
+    kind = ActivationKind.ELU
+    has_curvature = True
+
+    def __init__(self, alpha: float = 1.0) -> None:
+        self.alpha = finite_real(alpha, "alpha", "ELU")
+        self._kernel_params = (self.alpha, 0.0)
+
+    def __repr__(self):
+        return f"ELU(alpha={self.alpha})"
+
+
+class Dropout(Identity):
+    """``torch.nn.Dropout(p)`` in evaluation mode: the identity.
+
+    Curvature is that of the network in evaluation mode, as every peer computes it;
+    ``p`` is kept for the conversion to and from PyTorch.
+    """
+
+    def __init__(self, p: float = 0.5) -> None:
+        p = finite_real(p, "p", "Dropout")
+        if not 0 <= p < 1:
+            raise ValueError(f"Dropout: p must lie in [0, 1), got {p}")
+        self.p = p
+
+    def __repr__(self):
+        return f"Dropout(p={self.p})"
+
+
+#: float32 sigmoid through SciPy's SIMD ufunc, then f' and f'' from sigma(x) and sigma(-x)
+#: (``sigmoid_derivatives``): faster than the scalar kernel in float32.
 #: tanh has vectorised kernels of its own in both dtypes.
 _FLOAT32_UFUNCS = {ActivationKind.SIGMOID: scipy.special.expit}

@@ -6,8 +6,11 @@ time, in float64, independent of the fast engine (see ``ghess.testing``).
 
 
 import numpy as np
+import scipy.special
 
 from ..nn import (
+    ELU,
+    GELU,
     AvgPool2d,
     BCEWithLogitsLoss,
     Conv2d,
@@ -20,6 +23,7 @@ from ..nn import (
     MSELoss,
     ReLU,
     Sigmoid,
+    SiLU,
     Softplus,
     Tanh,
 )
@@ -143,6 +147,31 @@ def _activation(layer, s):
         p, q = _sigmoid_parts(bs)
         value = np.where(linear, s, np.logaddexp(0.0, bs) / beta)
         return (value, np.where(linear, 1.0, p), np.where(linear, 0.0, beta * p * q))
+    if isinstance(layer, SiLU):
+        p, q = _sigmoid_parts(s)
+        # (s sigma)' = sigma + s sigma (1 - sigma); (s sigma)'' = 2 sigma' + s sigma''
+        return s * p, p + s * p * q, 2 * p * q + s * p * q * (q - p)
+    if isinstance(layer, ELU):
+        alpha, positive = layer.alpha, s > 0
+        e = np.exp(np.minimum(s, 0.0))
+        # ELU'(0) = alpha, as in PyTorch
+        return (np.where(positive, s, alpha * np.expm1(np.minimum(s, 0.0))),
+                np.where(positive, 1.0, alpha * e), np.where(positive, 0.0, alpha * e))
+    if isinstance(layer, GELU) and layer.approximate == "none":
+        cdf = 0.5 * scipy.special.erfc(-s / np.sqrt(2.0))
+        pdf = np.exp(-0.5 * s * s) / np.sqrt(2.0 * np.pi)
+        # (s Phi)' = Phi + s phi; (s Phi)'' = 2 phi + s phi' = phi (2 - s^2)
+        return s * cdf, cdf + s * pdf, pdf * (2.0 - s * s)
+    if isinstance(layer, GELU):
+        k = np.sqrt(2.0 / np.pi)
+        u = k * (s + 0.044715 * s ** 3)
+        du, d2u = k * (1 + 3 * 0.044715 * s ** 2), k * 6 * 0.044715 * s
+        t = np.tanh(u)
+        sech2 = 1.0 - t * t  # d tanh/du
+        # y = s (1 + t) / 2; y' = (1 + t)/2 + s sech2 du / 2;
+        # y'' = sech2 du + s (sech2 d2u - 2 t sech2 du^2) / 2
+        return (0.5 * s * (1.0 + t), 0.5 * (1.0 + t) + 0.5 * s * sech2 * du,
+                sech2 * du + 0.5 * s * (sech2 * d2u - 2.0 * t * sech2 * du ** 2))
     raise TypeError(f"ghess.testing: layer {layer!r} is not supported by the reference")
 
 
