@@ -162,6 +162,11 @@ class Plan:
                          for i, layer in enumerate(model.layers))
         self._n_outputs = model.n_outputs
 
+    @property
+    def loss_state_bytes(self):
+        """Bytes per sample of the loss state (softmax or sigma') kept for B."""
+        return self._n_outputs * self.itemsize
+
     def _stored_factor_bytes(self, model):
         total = model.n_outputs * self.itemsize  # loss state (softmax or sigma') per sample
         for i, place in self.factors.items():

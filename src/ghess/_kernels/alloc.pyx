@@ -32,6 +32,7 @@ cdef extern from *:
     void ghess_pool_stats(size_t* count, size_t* nbytes, size_t* limit, size_t* hits,
                           size_t* misses) nogil
     size_t GHESS_CACHE_MIN_BYTES
+    void ghess_usage_reset(size_t* live, size_t* peak) nogil
 
 _import_array()
 if ghess_pool_init(0) != 0:
@@ -70,3 +71,16 @@ def stats():
     cdef size_t count, nbytes, limit, hits, misses
     ghess_pool_stats(&count, &nbytes, &limit, &hits, &misses)
     return {"blocks": count, "bytes": nbytes, "limit": limit, "hits": hits, "misses": misses}
+
+
+def usage():
+    """Return ``(live, peak)``: bytes of ghess's temporaries in use now, and the most in use
+    since the previous call (the high-water mark restarts at ``live``).
+
+    Counts the arrays created inside ``ghess._config.computing`` (each at its block's
+    size), not the caller's arrays nor the pool's idle blocks: what a computation itself
+    needs at once, to check the memory plan against.
+    """
+    cdef size_t live, peak
+    ghess_usage_reset(&live, &peak)
+    return live, peak

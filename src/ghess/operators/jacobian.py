@@ -57,7 +57,8 @@ class JacobianLinearOperator(ChunkedOperator):
 
     @staticmethod
     def _stored_bytes_per_sample(plan):
-        return plan.stored_factor_bytes
+        # the GGN's factors less the loss state it keeps beside them (K numbers per sample)
+        return plan.stored_factor_bytes - plan.loss_state_bytes
 
     def _chunk_state(self, X, y):
         """Return the chunk's stored Jacobian factors."""
@@ -111,7 +112,7 @@ class JacobianLinearOperator(ChunkedOperator):
         if check_mode(mode) == "recompute":
             return 0
         plan = _engine.plan_for(model, check_dtype(dtype).itemsize)
-        return count_samples(X) * plan.stored_factor_bytes
+        return count_samples(X) * JacobianLinearOperator._stored_bytes_per_sample(plan)
 
     def todense(self) -> np.ndarray:
         """Return the full (N*K, n_params) matrix; refuse above ``memory_budget``."""

@@ -47,6 +47,32 @@ static ghess_pool_t ghess_pool = {{0}, {0}, 0, 0, 0, 0, 0, NULL};
 
 static size_t *ghess_capacity_of(void *user) { return (size_t *)((char *)user - GHESS_HEADER); }
 
+/* bytes of the handler's blocks in use (each counted at its capacity, what is resident),
+ * and their high-water mark since ghess_usage_reset: memory planning is checked against
+ * these exact figures (tests/operators/test_memory.py) */
+static size_t ghess_live_bytes = 0, ghess_peak_bytes = 0;
+
+static void ghess_usage_add(void *user)
+{
+    size_t live = __atomic_add_fetch(&ghess_live_bytes, *ghess_capacity_of(user),
+                                     __ATOMIC_RELAXED);
+    size_t peak = __atomic_load_n(&ghess_peak_bytes, __ATOMIC_RELAXED);
+    while (live > peak && !__atomic_compare_exchange_n(&ghess_peak_bytes, &peak, live, 1,
+                                                        __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+        ;
+}
+
+static void ghess_usage_remove(void *user)
+{
+    __atomic_sub_fetch(&ghess_live_bytes, *ghess_capacity_of(user), __ATOMIC_RELAXED);
+}
+
+static void ghess_usage_reset(size_t *live, size_t *peak)
+{
+    *live = __atomic_load_n(&ghess_live_bytes, __ATOMIC_RELAXED);
+    *peak = __atomic_exchange_n(&ghess_peak_bytes, *live, __ATOMIC_RELAXED);
+}
+
 static void ghess_advise_huge(void *raw, size_t size)
 {
     /* as NumPy's default handler: transparent huge pages for blocks >= 4 MiB */
@@ -137,13 +163,20 @@ static void *ghess_new_block(size_t size, int zeroed)
     return raw + GHESS_HEADER;
 }
 
+static void *ghess_tracked(void *user)
+{
+    if (user != NULL)
+        ghess_usage_add(user);
+    return user;
+}
+
 static void *ghess_handler_malloc(void *ctx, size_t size)
 {
     char *raw = ghess_pool_take(size);
     (void)ctx;
     if (raw != NULL)
-        return raw + GHESS_HEADER;
-    return ghess_new_block(size, 0);
+        return ghess_tracked(raw + GHESS_HEADER);
+    return ghess_tracked(ghess_new_block(size, 0));
 }
 
 static void *ghess_handler_calloc(void *ctx, size_t nelem, size_t elsize)
@@ -158,9 +191,9 @@ static void *ghess_handler_calloc(void *ctx, size_t nelem, size_t elsize)
     if (raw != NULL) {
         /* writing zeros over resident pages beats faulting fresh zero pages in */
         memset(raw + GHESS_HEADER, 0, size);
-        return raw + GHESS_HEADER;
+        return ghess_tracked(raw + GHESS_HEADER);
     }
-    return ghess_new_block(size, 1);
+    return ghess_tracked(ghess_new_block(size, 1));
 }
 
 static void ghess_handler_free(void *ctx, void *ptr, size_t size)
@@ -168,6 +201,7 @@ static void ghess_handler_free(void *ctx, void *ptr, size_t size)
     (void)ctx; (void)size;
     if (ptr == NULL)
         return;
+    ghess_usage_remove(ptr);
     ghess_pool_give((char *)ptr - GHESS_HEADER, *ghess_capacity_of(ptr));
 }
 
@@ -179,11 +213,14 @@ static void *ghess_handler_realloc(void *ctx, void *ptr, size_t new_size)
         return ghess_handler_malloc(NULL, new_size);
     if (new_size > (size_t)-1 - GHESS_HEADER)
         return NULL;
+    ghess_usage_remove(ptr);
     raw = realloc((char *)ptr - GHESS_HEADER, new_size + GHESS_HEADER);
-    if (raw == NULL)
+    if (raw == NULL) {
+        ghess_usage_add(ptr);  /* the old block stays */
         return NULL;
+    }
     *(size_t *)raw = new_size;
-    return raw + GHESS_HEADER;
+    return ghess_tracked(raw + GHESS_HEADER);
 }
 
 static PyDataMem_Handler ghess_handler = {
