@@ -30,6 +30,10 @@ def all_problems():
         "MLP-M-tanh": (lambda: G.Sequential(G.Linear(784, 512), G.Tanh(), G.Linear(512, 512),
                                             G.Tanh(), G.Linear(512, 10), input_shape=(784,)),
                        1024),
+        # the activations with curvature PyTorch models use today (not in the default run)
+        "MLP-M-gelu": (lambda: G.Sequential(G.Linear(784, 512), G.GELU(), G.Linear(512, 512),
+                                            G.SiLU(), G.Linear(512, 10), input_shape=(784,)),
+                       1024),
         "CNN-S": (lambda: G.Sequential(
             G.Conv2d(1, 16, 3, padding=1), G.ReLU(), G.MaxPool2d(2),
             G.Conv2d(16, 32, 3, padding=1), G.ReLU(), G.MaxPool2d(2),

@@ -55,6 +55,12 @@ def jax_forward(model, params_list, x):
             x = jnp.tanh(x)
         elif isinstance(layer, G.Sigmoid):
             x = jax.nn.sigmoid(x)
+        elif isinstance(layer, G.GELU):
+            x = jax.nn.gelu(x, approximate=layer.approximate == "tanh")
+        elif isinstance(layer, G.SiLU):
+            x = jax.nn.silu(x)
+        elif isinstance(layer, G.ELU):
+            x = jax.nn.elu(x, layer.alpha)
         elif isinstance(layer, G.Identity):
             pass
         else:

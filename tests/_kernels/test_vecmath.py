@@ -83,3 +83,45 @@ def test_float32_tanh_within_four_ulp_of_the_exact_value():
     np.testing.assert_array_equal(d2, np.float32(-2) * y * (np.float32(1) - y * y))
     many, _ = _forward(x, 0, 3)
     np.testing.assert_array_equal(many, y)
+
+
+# -- sigmoid, SiLU, GELU (both forms) and ELU: vectorised blocks against the reference ----
+
+BLOCK_LAYERS = {"sigmoid": ghess.Sigmoid, "silu": ghess.SiLU, "gelu": ghess.GELU,
+                "gelu-tanh": lambda: ghess.GELU("tanh"), "elu": lambda: ghess.ELU(0.7)}
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=lambda d: d.__name__)
+@pytest.mark.parametrize("name", sorted(BLOCK_LAYERS))
+def test_vectorised_activation_blocks_match_the_reference(name, dtype):
+    """f, f', f'' on a dense grid, the switch points and saturation, in both dtypes.
+
+    The error is measured against the size of the terms each derivative sums (f' and
+    f'' cross zero, where only an absolute error is meaningful); float64 within a few
+    ulp, float32 within a few float32 ulp.
+    """
+    from ghess.testing.reference import _activation
+
+    layer = BLOCK_LAYERS[name]()
+    limit = 700.0 if dtype == np.float64 else 80.0
+    x = np.concatenate([_points()[np.abs(_points()) <= limit], [limit, -limit],
+                        np.linspace(-8.5, 8.5, 20_001)]).astype(dtype)
+    ctx = {}
+    y = layer.forward(None, x.reshape(1, -1), ctx, 2, 2)
+    got = (y.reshape(-1), ctx["d1"].reshape(-1), ctx["d2"].reshape(-1))
+    x64 = x.astype(np.float64)
+    want = _activation(layer, x64)
+    # the terms' size: |f| + |x| |f'| bounds what each formula adds up
+    size = [np.abs(want[0]) + np.abs(x64 * want[1]), np.abs(want[1]) + np.abs(x64 * want[2]),
+            np.abs(want[2]) + np.abs(want[1]) + np.abs(x64 * want[2])]
+    eps = np.finfo(dtype).eps
+    for order, (g, w, s) in enumerate(zip(got, want, size)):
+        # near the underflow threshold, where exp's result is taken as 0 and the
+        # derivatives multiply it by polynomial factors up to ~1e5, values are compared
+        # absolutely: below 1e-280 (float64) or 1e-30 (float32, 1e-25 for f'')
+        floor = 1e-280 if dtype == np.float64 else (1e-25 if order == 2 else 1e-30)
+        err = np.abs(g.astype(np.float64) - w) / np.maximum(s, floor)
+        worst = int(np.argmax(err))
+        assert err[worst] <= 64 * eps, (
+            f"{name} derivative {order}: error {err[worst]:.2e} at x = {x64[worst]!r} "
+            f"(got {g[worst]!r}, want {w[worst]!r})")

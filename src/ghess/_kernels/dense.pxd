@@ -5,7 +5,7 @@ cpdef enum ActivationKind:
     """The elementwise function of ``activation_forward``.
 
     Its parameters p0, p1: LEAKY_RELU's negative slope; SOFTPLUS's beta and threshold.
-    ``sigmoid_derivatives`` serves SIGMOID's float32 path (SciPy's expit).
+    TANH, SIGMOID, SILU, GELU_TANH and ELU run vectorised kernels (vecmath.h).
     """
     IDENTITY = 0
     RELU = 1

@@ -36,6 +36,9 @@ from .blas cimport gemm
 from .headers cimport (
     GHESS_OPENMP, GHESS_SKINNY_MAX, ghess_contract_f32, ghess_contract_f64, ghess_contract_t_f32,
     ghess_contract_t_f64, ghess_omp_max_threads, ghess_skinny_tn_f32, ghess_skinny_tn_f64,
+    ghess_elu_block, ghess_eluf_block, ghess_gelu_block, ghess_gelu_tanh_block,
+    ghess_gelu_tanhf_block, ghess_geluf_block,
+    ghess_sigmoid_block, ghess_sigmoidf_block, ghess_silu_block, ghess_siluf_block,
     ghess_tanh_block, ghess_tanhf_block,
 )
 
@@ -321,8 +324,46 @@ cdef inline void _activation(int kind, double x, double p0, double p1,
         d2[0] = 0.0
 
 
-cdef void _tanh_blocks(const floating* x, floating* y, floating* d1, floating* d2,
-                       Py_ssize_t size, int n_threads) noexcept nogil:
+cdef inline void _block_kernel(int kind, const floating* x, floating* y, floating* d1,
+                               floating* d2, Py_ssize_t n, double p0) noexcept nogil:
+    # the vectorised kernel of vecmath.h for one contiguous block
+    if floating is double:
+        if kind == TANH:
+            ghess_tanh_block(x, y, d1, d2, n)
+        elif kind == SIGMOID:
+            ghess_sigmoid_block(x, y, d1, d2, n, p0)
+        elif kind == SILU:
+            ghess_silu_block(x, y, d1, d2, n, p0)
+        elif kind == GELU_TANH:
+            ghess_gelu_tanh_block(x, y, d1, d2, n, p0)
+        elif kind == GELU:
+            ghess_gelu_block(x, y, d1, d2, n, p0)
+        else:
+            ghess_elu_block(x, y, d1, d2, n, p0)
+    else:
+        if kind == TANH:
+            ghess_tanhf_block(x, y, d1, d2, n)
+        elif kind == SIGMOID:
+            ghess_sigmoidf_block(x, y, d1, d2, n, p0)
+        elif kind == SILU:
+            ghess_siluf_block(x, y, d1, d2, n, p0)
+        elif kind == GELU_TANH:
+            ghess_gelu_tanhf_block(x, y, d1, d2, n, p0)
+        elif kind == GELU:
+            ghess_geluf_block(x, y, d1, d2, n, p0)
+        else:
+            ghess_eluf_block(x, y, d1, d2, n, p0)
+
+
+#: the kinds with a vectorised kernel in vecmath.h
+cdef inline bint _has_block_kernel(int kind) noexcept nogil:
+    return (kind == TANH or kind == SIGMOID or kind == SILU or kind == GELU
+            or kind == GELU_TANH or kind == ELU)
+
+
+cdef void _activation_blocks(int kind, const floating* x, floating* y, floating* d1,
+                             floating* d2, Py_ssize_t size, double p0,
+                             int n_threads) noexcept nogil:
     # one contiguous block per thread, each through the vectorised loop of the header
     cdef Py_ssize_t block = (size + n_threads - 1) // n_threads if n_threads > 0 else size
     cdef Py_ssize_t b, start, count
@@ -332,12 +373,8 @@ cdef void _tanh_blocks(const floating* x, floating* y, floating* d1, floating* d
         start = b * block
         count = min(block, size - start)
         if count > 0:
-            if floating is double:
-                ghess_tanh_block(x + start, y + start, NULL if d1 == NULL else d1 + start,
-                                 NULL if d2 == NULL else d2 + start, count)
-            else:
-                ghess_tanhf_block(x + start, y + start, NULL if d1 == NULL else d1 + start,
-                                  NULL if d2 == NULL else d2 + start, count)
+            _block_kernel(kind, x + start, y + start, NULL if d1 == NULL else d1 + start,
+                          NULL if d2 == NULL else d2 + start, count, p0)
 
 
 def activation_forward(int kind, double p0, double p1,
@@ -369,9 +406,10 @@ def activation_forward(int kind, double p0, double p1,
         if want_d2:
             d2[:] = 0
         return
-    if kind == TANH:
-        _tanh_blocks(&x[0] if size else NULL, &y[0] if size else NULL,
-                     &d1[0] if want_d1 else NULL, &d2[0] if want_d2 else NULL, size, n_threads)
+    if _has_block_kernel(kind):
+        _activation_blocks(kind, &x[0] if size else NULL, &y[0] if size else NULL,
+                           &d1[0] if want_d1 else NULL, &d2[0] if want_d2 else NULL, size, p0,
+                           n_threads)
         return
     for i in prange(size, nogil=True, schedule='static', num_threads=n_threads):
         # Assigned in the loop body, so that prange makes them thread-private
@@ -385,30 +423,6 @@ def activation_forward(int kind, double p0, double p1,
             d1[i] = <floating> v1
         if want_d2:
             d2[i] = <floating> v2
-
-
-def sigmoid_derivatives(const floating[::1] s,    # IN  (size,) sigma(x)
-                        const floating[::1] c,    # IN  (size,) 1 - sigma(x) = sigma(-x)
-                        floating[::1] d1,         # OUT (size,) or empty
-                        floating[::1] d2,         # OUT (size,) or empty
-                        int n_threads):
-    """sigma'(x) = s c and sigma''(x) = s c (c - s) from s = sigma(x) and c = sigma(-x).
-
-    Lets float32 take s and c from SciPy's SIMD expit, several times faster than
-    double libm in ``activation_forward`` (``docs/design.md``, "Measurements"). c is
-    passed, not formed as 1 - s: that cancels to 0 where sigma' is still e^-|x|.
-    """
-    cdef Py_ssize_t size = s.shape[0], i
-    cdef bint want_d1 = d1.shape[0] > 0, want_d2 = d2.shape[0] > 0
-    _check(c.shape[0] == size, "sigmoid_derivatives c")
-    _check(not want_d1 or d1.shape[0] == size, "sigmoid_derivatives d1")
-    _check(not want_d2 or d2.shape[0] == size, "sigmoid_derivatives d2")
-    if want_d1:
-        for i in prange(size, nogil=True, schedule='static', num_threads=n_threads):
-            d1[i] = s[i] * c[i]
-    if want_d2:
-        for i in prange(size, nogil=True, schedule='static', num_threads=n_threads):
-            d2[i] = s[i] * c[i] * (c[i] - s[i])
 
 
 def scale_grouped(const floating[:, ::1] d,     # IN  (n, m)

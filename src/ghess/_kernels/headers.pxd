@@ -32,6 +32,27 @@ cdef extern from "vecmath.h" nogil:
     # vectorisable float64 tanh and its derivatives (see the header)
     void ghess_tanh_block(const double* x, double* y, double* d1, double* d2, Py_ssize_t n)
     void ghess_tanhf_block(const float* x, float* y, float* d1, float* d2, Py_ssize_t n)
+    # sigmoid, SiLU, GELU's tanh form and ELU (p0: alpha), the same way
+    void ghess_sigmoid_block(const double* x, double* y, double* d1, double* d2, Py_ssize_t n,
+                             double p0)
+    void ghess_sigmoidf_block(const float* x, float* y, float* d1, float* d2, Py_ssize_t n,
+                              double p0)
+    void ghess_silu_block(const double* x, double* y, double* d1, double* d2, Py_ssize_t n,
+                          double p0)
+    void ghess_siluf_block(const float* x, float* y, float* d1, float* d2, Py_ssize_t n,
+                           double p0)
+    void ghess_gelu_tanh_block(const double* x, double* y, double* d1, double* d2,
+                               Py_ssize_t n, double p0)
+    void ghess_gelu_tanhf_block(const float* x, float* y, float* d1, float* d2, Py_ssize_t n,
+                                double p0)
+    void ghess_elu_block(const double* x, double* y, double* d1, double* d2, Py_ssize_t n,
+                         double p0)
+    void ghess_eluf_block(const float* x, float* y, float* d1, float* d2, Py_ssize_t n,
+                          double p0)
+    void ghess_gelu_block(const double* x, double* y, double* d1, double* d2, Py_ssize_t n,
+                          double p0)
+    void ghess_geluf_block(const float* x, float* y, float* d1, float* d2, Py_ssize_t n,
+                           double p0)
 
 cdef extern from "direct_conv.h" nogil:
     # stride-1 (in width) convolutions without im2col, AVX2 + FMA (checked at run time)

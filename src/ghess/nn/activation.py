@@ -7,7 +7,6 @@ one only implements :meth:`Activation.evaluate`.
 """
 
 import numpy as np
-import scipy.special
 
 from .._kernels import dense
 from .._kernels.dense import ActivationKind
@@ -61,15 +60,7 @@ class Activation(Layer):
         empty = np.empty(0, dtype=x.dtype)
         d1 = empty if d1_out is None else d1_out
         d2 = empty if d2_out is None else d2_out
-        ufunc = _FLOAT32_UFUNCS.get(self.kind) if x.dtype == np.float32 else None
-        if ufunc is not None:  # float32 sigmoid
-            ufunc(x, out=y_out)
-            if d1_out is not None or d2_out is not None:
-                # 1 - sigma(x) as sigma(-x): formed as 1 - y it cancels to 0 above x ~ 17
-                dense.sigmoid_derivatives(y_out, ufunc(-x), d1, d2, n_threads)
-        else:
-            dense.activation_forward(self.kind, *self._kernel_params, x, y_out, d1, d2,
-                                     n_threads)
+        dense.activation_forward(self.kind, *self._kernel_params, x, y_out, d1, d2, n_threads)
 
     def kept_bytes(self, input_shape, itemsize, input_is_data):
         """f'(x), and f''(x) when it is not identically zero."""
@@ -246,9 +237,3 @@ class Dropout(Identity):
 
     def __repr__(self):
         return f"Dropout(p={self.p})"
-
-
-#: float32 sigmoid through SciPy's SIMD ufunc, then f' and f'' from sigma(x) and sigma(-x)
-#: (``sigmoid_derivatives``): faster than the scalar kernel in float32.
-#: tanh has vectorised kernels of its own in both dtypes.
-_FLOAT32_UFUNCS = {ActivationKind.SIGMOID: scipy.special.expit}

@@ -166,11 +166,13 @@ def _activation(layer, s):
         k = np.sqrt(2.0 / np.pi)
         u = k * (s + 0.044715 * s ** 3)
         du, d2u = k * (1 + 3 * 0.044715 * s ** 2), k * 6 * 0.044715 * s
-        t = np.tanh(u)
-        sech2 = 1.0 - t * t  # d tanh/du
+        # (1 + tanh(u)) / 2 = p and 1 - tanh(u)^2 = 4 p q with p, q = sigma(+-2u): no
+        # cancellation where tanh(u) rounds to -1 (x < -5)
+        p, q = _sigmoid_parts(2.0 * u)
+        t, sech2 = p - q, 4.0 * p * q
         # y = s (1 + t) / 2; y' = (1 + t)/2 + s sech2 du / 2;
         # y'' = sech2 du + s (sech2 d2u - 2 t sech2 du^2) / 2
-        return (0.5 * s * (1.0 + t), 0.5 * (1.0 + t) + 0.5 * s * sech2 * du,
+        return (s * p, p + 0.5 * s * sech2 * du,
                 sech2 * du + 0.5 * s * (sech2 * d2u - 2.0 * t * sech2 * du ** 2))
     raise TypeError(f"ghess.testing: layer {layer!r} is not supported by the reference")
 

@@ -200,4 +200,263 @@ static void NAME(const T *restrict x, T *restrict y, T *restrict d1, T *restrict
 GHESS_DEFINE_TANH_BLOCK(double, ghess_tanh_block, ghess_tanh)
 GHESS_DEFINE_TANH_BLOCK(float, ghess_tanhf_block, ghess_tanhf)
 
+/* ---- sigmoid and the activations built on it (SiLU, GELU's tanh form), and ELU ----
+ *
+ * Same straight-line style. sigma(x) and its complement c = 1 - sigma(x) = sigma(-x)
+ * both come from e = exp(-|x|) to full relative precision, so sigma' = s c and
+ * sigma'' = s c (c - s) stay exact where 1 - s would cancel (|x| > 36.7 in float64).
+ * Where exp's result would not be a normal number (|x| > 708 in float64, 87 in
+ * float32), it is taken as 0: the exp polynomial runs on a clamped argument, and the
+ * result is selected away. */
+
+static inline void ghess_sigmoid_pair(double x, double *s, double *c)
+{
+    double a = fabs(x);
+    double e = ghess_exp_nonpositive(-(a < 708.0 ? a : 708.0));  /* +-inf: 708 */
+    e = a < 708.0 ? e : 0.0;
+    double big = 1.0 / (1.0 + e), small = e / (1.0 + e);
+    *s = x >= 0.0 ? big : small;
+    *c = x >= 0.0 ? small : big;
+}
+
+/* exp(u) for u in [-87, 0] in float32: ghess_tanhf's degree-7 exp(r) times 2^k */
+static inline float ghess_expf_nonpositive(float u)
+{
+    const float log2e = 1.44269504f;
+    const float ln2_hi = 0.693145751953125f;
+    const float ln2_lo = 1.42860677e-06f;
+    const float shifter = 12582912.0f;  /* 1.5 * 2^23 */
+    float shifted = u * log2e + shifter;
+    float k = shifted - shifter;
+    float r = (u - k * ln2_hi) - k * ln2_lo;
+    float p = (float)GHESS_INV_FACT_7;
+    p = p * r + (float)GHESS_INV_FACT_6;
+    p = p * r + (float)GHESS_INV_FACT_5;
+    p = p * r + (float)GHESS_INV_FACT_4;
+    p = p * r + (float)GHESS_INV_FACT_3;
+    p = p * r + (float)GHESS_INV_FACT_2;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    float scale;
+    int32_t bits, base;
+    memcpy(&bits, &shifted, sizeof bits);
+    memcpy(&base, &shifter, sizeof base);
+    bits = (bits - base + 127) << 23; /* the float 2^k, k in [-126, 0] */
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+static inline void ghess_sigmoidf_pair(float x, float *s, float *c)
+{
+    float a = fabsf(x);
+    float e = ghess_expf_nonpositive(-(a < 87.0f ? a : 87.0f));
+    e = a < 87.0f ? e : 0.0f;
+    float big = 1.0f / (1.0f + e), small = e / (1.0f + e);
+    *s = x >= 0.0f ? big : small;
+    *c = x >= 0.0f ? small : big;
+}
+
+/* expm1(x) for x <= 0 (ELU): the small-|x| polynomial, else exp(x) - 1 (no cancellation
+ * below -0.7); x is clamped at -708 (float64) / -87 (float32), where expm1 is -1 anyway */
+static inline double ghess_expm1_nonpositive(double x)
+{
+    double u = x > -708.0 ? x : -708.0;
+    u = u < 0.0 ? u : 0.0;
+    double small = ghess_expm1_small(u);
+    double big = ghess_exp_nonpositive(u) - 1.0;
+    return u > -0.7 ? small : big;
+}
+
+static inline float ghess_expm1f_nonpositive(float x)
+{
+    float u = x > -87.0f ? x : -87.0f;
+    u = u < 0.0f ? u : 0.0f;
+    float q = (float)GHESS_INV_FACT_10;
+    q = q * u + (float)GHESS_INV_FACT_9;
+    q = q * u + (float)GHESS_INV_FACT_8;
+    q = q * u + (float)GHESS_INV_FACT_7;
+    q = q * u + (float)GHESS_INV_FACT_6;
+    q = q * u + (float)GHESS_INV_FACT_5;
+    q = q * u + (float)GHESS_INV_FACT_4;
+    q = q * u + (float)GHESS_INV_FACT_3;
+    q = q * u + (float)GHESS_INV_FACT_2;
+    q = q * u + 1.0f;
+    float small = q * u;
+    float big = ghess_expf_nonpositive(u) - 1.0f;
+    return u > -0.7f ? small : big;
+}
+
+/* erfc(a) in straight-line code: W. J. Cody's and S. L. Moshier's (Cephes) rational
+ * approximations, every range computed and the right one selected: a erf-type ratio in
+ * a^2 below |a| = 1 (erfc = 1 - erf), exp(-a^2) times a ratio in |a| on [1, 8) and on
+ * [8, inf). exp(-a^2) is taken as 0 where it would not be normal (|a| > 26.6): erfc is
+ * below 1e-308 there. About 1e-15 relative, with exp(-a^2)'s a^2 eps from rounding a^2. */
+static inline double ghess_erfc(double a)
+{
+    double x = fabs(a), z = a * a;
+    double t = 9.60497373987051638749E0;
+    t = t * z + 9.00260197203842689217E1;
+    t = t * z + 2.23200534594684319226E3;
+    t = t * z + 7.00332514112805075473E3;
+    t = t * z + 5.55923013010394962768E4;
+    double u = z + 3.35617141647503099647E1;
+    u = u * z + 5.21357949780152679795E2;
+    u = u * z + 4.59432382970980127987E3;
+    u = u * z + 2.26290000613890934246E4;
+    u = u * z + 4.92673942608635921086E4;
+    double xc = x < 26.6 ? x : 26.6;
+    double e = x < 26.6 ? ghess_exp_nonpositive(-(xc * xc)) : 0.0;
+    double p = 2.46196981473530512524E-10;
+    p = p * xc + 5.64189564831068821977E-1;
+    p = p * xc + 7.46321056442269912687E0;
+    p = p * xc + 4.86371970985681366614E1;
+    p = p * xc + 1.96520832956077098242E2;
+    p = p * xc + 5.26445194995477358631E2;
+    p = p * xc + 9.34528527171957607540E2;
+    p = p * xc + 1.02755188689515710272E3;
+    p = p * xc + 5.57535335369399327526E2;
+    double q = xc + 1.32281951154744992508E1;
+    q = q * xc + 8.67072140885989742329E1;
+    q = q * xc + 3.54937778887819891062E2;
+    q = q * xc + 9.75708501743205489753E2;
+    q = q * xc + 1.82390916687909736289E3;
+    q = q * xc + 2.24633760818710981792E3;
+    q = q * xc + 1.65666309194161350182E3;
+    q = q * xc + 5.57535340817727675546E2;
+    double r = 5.64189583547755073984E-1;
+    r = r * xc + 1.27536670759978104416E0;
+    r = r * xc + 5.01905042251180477414E0;
+    r = r * xc + 6.16021097993053585195E0;
+    r = r * xc + 7.40974269950448939160E0;
+    r = r * xc + 2.97886665372100240670E0;
+    double w = xc + 2.26052863220117276590E0;
+    w = w * xc + 9.39603524938001434673E0;
+    w = w * xc + 1.20489539808096656605E1;
+    w = w * xc + 1.70814450747565897222E1;
+    w = w * xc + 9.60896809063285878198E0;
+    w = w * xc + 3.36907645100081516050E0;
+    /* one division: the selected range's numerator over its denominator (division is
+     * the costly part of this straight-line code) */
+    double num = x < 1.0 ? u - a * t : e * (xc < 8.0 ? p : r);
+    double den = x < 1.0 ? u : (xc < 8.0 ? q : w);
+    double y = num / den;
+    return (x >= 1.0 && a < 0.0) ? 2.0 - y : y;
+}
+
+/* the standard normal CDF Phi(v) = erfc(-v / sqrt 2) / 2 and density phi(v) */
+static inline void ghess_normal_pair(double v, double *cdf, double *pdf)
+{
+    double h = -0.5 * v * v;
+    *cdf = 0.5 * ghess_erfc(-v * 0.7071067811865476);
+    *pdf = h > -708.0 ? 0.3989422804014327 * ghess_exp_nonpositive(h > -708.0 ? h : -708.0)
+                      : 0.0;
+}
+
+/* float32: the same formulas evaluated in float64 (the lanes halve, the erfc stays
+ * exact to float32 rounding without float32 coefficients of its own) */
+static inline void ghess_normalf_pair(float v, float *cdf, float *pdf)
+{
+    double c, d;
+    ghess_normal_pair((double)v, &c, &d);
+    *cdf = (float)c;
+    *pdf = (float)d;
+}
+
+/* x Phi(x): f' = Phi + x phi, f'' = phi (2 - x^2) */
+#define GHESS_GELU_BODY(PAIR)                                                               \
+    PAIR(v, &s, &c);                                                                        \
+    fy = v * s; f1 = s + v * c; f2 = c * (2 - v * v);
+
+/* BODY reads v (the input) and p0 (the kind's parameter) and sets fy = f(v), f1 = f'(v)
+ * and f2 = f''(v); each loop variant writes what is asked for, and the compiler drops
+ * what it does not write. */
+#define GHESS_DEFINE_ACTIVATION_BLOCK(T, NAME, BODY)                                        \
+GHESS_CLONES                                                                                \
+static void NAME(const T *restrict x, T *restrict y, T *restrict d1, T *restrict d2,        \
+                 ptrdiff_t n, double p0_)                                                   \
+{                                                                                           \
+    const T p0 = (T)p0_;                                                                    \
+    ptrdiff_t i;                                                                            \
+    (void)p0;                                                                               \
+    if (d1 && d2) {                                                                         \
+        for (i = 0; i < n; i++) {                                                           \
+            T v = x[i], fy, f1, f2, s, c;                                                   \
+            BODY                                                                            \
+            y[i] = fy; d1[i] = f1; d2[i] = f2;                                              \
+        }                                                                                   \
+    } else if (d1) {                                                                        \
+        for (i = 0; i < n; i++) {                                                           \
+            T v = x[i], fy, f1, f2, s, c;                                                   \
+            BODY                                                                            \
+            (void)f2;                                                                       \
+            y[i] = fy; d1[i] = f1;                                                          \
+        }                                                                                   \
+    } else {                                                                                \
+        for (i = 0; i < n; i++) {                                                           \
+            T v = x[i], fy, f1, f2, s, c;                                                   \
+            BODY                                                                            \
+            (void)f1; (void)f2;                                                             \
+            y[i] = fy;                                                                      \
+        }                                                                                   \
+        if (d2)                                                                             \
+            for (i = 0; i < n; i++) {                                                       \
+                T v = x[i], fy, f1, f2, s, c;                                               \
+                BODY                                                                        \
+                (void)fy; (void)f1;                                                         \
+                d2[i] = f2;                                                                 \
+            }                                                                               \
+    }                                                                                       \
+}
+
+#define GHESS_SIGMOID_BODY(PAIR)                                                            \
+    PAIR(v, &s, &c);                                                                        \
+    fy = s; f1 = s * c; f2 = s * c * (c - s);
+
+/* x sigma(x): f' = s (1 + x c), f'' = s c (2 + x (c - s)) */
+#define GHESS_SILU_BODY(PAIR)                                                               \
+    PAIR(v, &s, &c);                                                                        \
+    fy = v * s; f1 = s * (1 + v * c); f2 = s * c * (2 + v * (c - s));
+
+/* 0.5 x (1 + tanh u) = x sigma(2u), u = sqrt(2/pi) (x + 0.044715 x^3):
+ * f' = s + 2 x s c u', f'' = 2 s c (2 u' + x (2 (c - s) u'^2 + u'')) */
+#define GHESS_GELU_TANH_BODY(PAIR)                                                          \
+    PAIR((T)1.5957691216057308 * (v + (T)0.044715 * v * v * v), &s, &c);                     \
+    {                                                                                       \
+        T u1 = (T)0.7978845608028654 * (1 + (T)0.134145 * v * v);                           \
+        T u2 = (T)(0.7978845608028654 * 0.26829) * v;                                       \
+        fy = v * s;                                                                         \
+        f1 = s + 2 * v * s * c * u1;                                                        \
+        f2 = 2 * s * c * (2 * u1 + v * (2 * (c - s) * u1 * u1 + u2));                       \
+    }
+
+/* alpha = p0: x for x > 0, else alpha expm1(x); f' = f'' = alpha e^x there, f'(0) = alpha
+ * (PyTorch's backward takes the x <= 0 branch at 0) */
+#define GHESS_ELU_BODY(EXPM1, EXP, LOW)                                                     \
+    s = EXPM1(v);                                                                           \
+    /* e^x itself, not expm1 + 1: that is 0 once expm1 rounds to -1 */                      \
+    c = v > (T)(LOW) ? EXP(v > (T)0 ? (T)0 : (v > (T)(LOW) ? v : (T)(LOW))) : (T)0;         \
+    fy = v > 0 ? v : p0 * s;                                                                \
+    f1 = v > 0 ? (T)1 : p0 * c;                                                             \
+    f2 = v > 0 ? (T)0 : p0 * c;
+
+#define T double
+GHESS_DEFINE_ACTIVATION_BLOCK(double, ghess_sigmoid_block, GHESS_SIGMOID_BODY(ghess_sigmoid_pair))
+GHESS_DEFINE_ACTIVATION_BLOCK(double, ghess_silu_block, GHESS_SILU_BODY(ghess_sigmoid_pair))
+GHESS_DEFINE_ACTIVATION_BLOCK(double, ghess_gelu_tanh_block,
+                              GHESS_GELU_TANH_BODY(ghess_sigmoid_pair))
+GHESS_DEFINE_ACTIVATION_BLOCK(double, ghess_elu_block,
+                              GHESS_ELU_BODY(ghess_expm1_nonpositive, ghess_exp_nonpositive, -708))
+GHESS_DEFINE_ACTIVATION_BLOCK(double, ghess_gelu_block, GHESS_GELU_BODY(ghess_normal_pair))
+#undef T
+#define T float
+GHESS_DEFINE_ACTIVATION_BLOCK(float, ghess_sigmoidf_block,
+                              GHESS_SIGMOID_BODY(ghess_sigmoidf_pair))
+GHESS_DEFINE_ACTIVATION_BLOCK(float, ghess_siluf_block, GHESS_SILU_BODY(ghess_sigmoidf_pair))
+GHESS_DEFINE_ACTIVATION_BLOCK(float, ghess_gelu_tanhf_block,
+                              GHESS_GELU_TANH_BODY(ghess_sigmoidf_pair))
+GHESS_DEFINE_ACTIVATION_BLOCK(float, ghess_eluf_block,
+                              GHESS_ELU_BODY(ghess_expm1f_nonpositive, ghess_expf_nonpositive, -87))
+GHESS_DEFINE_ACTIVATION_BLOCK(float, ghess_geluf_block, GHESS_GELU_BODY(ghess_normalf_pair))
+#undef T
+
 #endif
