@@ -104,6 +104,12 @@ G = ghess
 
 #: small convolutional networks, each with a loss
 CONV_CASES = {
+    "conv-global-avgpool-ce": (
+        lambda: G.Sequential(G.Conv2d(2, 3, 3, padding=1), G.ReLU(),
+                             G.AdaptiveAvgPool2d((3, None)), G.Conv2d(3, 4, 1), G.SiLU(),
+                             G.AdaptiveAvgPool2d(1), G.Flatten(), G.Linear(4, 5),
+                             input_shape=(2, 6, 6)),
+        lambda: G.CrossEntropyLoss()),
     "conv-gelu-maxpool-silu-elu-ce": (
         lambda: G.Sequential(G.Conv2d(2, 3, 3, padding=1), G.GELU(), G.MaxPool2d(2),
                              G.Conv2d(3, 4, 2), G.SiLU(), G.Dropout(0.1), G.Flatten(),

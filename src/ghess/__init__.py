@@ -25,6 +25,7 @@ from .interop.torch import from_torch, to_torch
 from .nn import (
     ELU,
     GELU,
+    AdaptiveAvgPool2d,
     AvgPool2d,
     BCEWithLogitsLoss,
     Conv2d,
@@ -65,6 +66,7 @@ __all__ = [
     "Conv2d",
     "MaxPool2d",
     "AvgPool2d",
+    "AdaptiveAvgPool2d",
     "Flatten",
     "MSELoss",
     "CrossEntropyLoss",

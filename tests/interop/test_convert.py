@@ -170,3 +170,21 @@ def test_dataloaders_and_lists_of_lists_are_batches():
     with pytest.raises(ValueError, match="different batches on two passes"):
         ghess.GGNLinearOperator(model, loss, params, shuffled)
     ghess.GGNLinearOperator(model, loss, params, shuffled, check_deterministic=False)
+
+
+def test_adaptive_average_pooling_converts_and_refuses_uneven_windows():
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.AdaptiveAvgPool2d((3, None)),
+                        nn.Flatten(), nn.Linear(2 * 3 * 6, 3)).double().eval()
+    model, theta = ghess.from_torch(net, (1, 8, 8))  # checks one forward pass of both
+    pool = model.layers[2]
+    assert isinstance(pool, ghess.AdaptiveAvgPool2d) and pool.kernel_size == (2, 1)
+    X = torch.randn(5, 1, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        assert_allclose_rel(model.forward(theta, X), net(X).numpy(), 1e-14)
+    back = ghess.to_torch(model, theta)
+    assert isinstance(back[2], nn.AdaptiveAvgPool2d) and back[2].output_size == (3, None)
+    with pytest.raises(ValueError, match=r"input of 6x6 does not divide into 4x4 windows"):
+        ghess.Sequential(ghess.Conv2d(1, 2, 3), ghess.AdaptiveAvgPool2d(4), ghess.Flatten(),
+                         ghess.Linear(32, 3), input_shape=(1, 8, 8))
+    with pytest.raises(ValueError, match="AdaptiveAvgPool2d: output_size must be >= 1"):
+        ghess.AdaptiveAvgPool2d(0)

@@ -17,6 +17,7 @@ from ..nn import (
     ELU,
     GELU,
     Activation,
+    AdaptiveAvgPool2d,
     AvgPool2d,
     Conv2d,
     Dropout,
@@ -60,7 +61,8 @@ def from_torch(module, input_shape, *, check: bool = True):
         An ``nn.Sequential`` (nested ones are flattened in order) of ``Linear``,
         ``Conv2d`` (zero padding, no groups), ``ReLU``, ``LeakyReLU``, ``Tanh``,
         ``Sigmoid``, ``Softplus``, ``GELU``, ``SiLU``, ``ELU``, ``Identity``,
-        ``MaxPool2d``, ``AvgPool2d``, ``Flatten`` and ``Dropout`` (the identity,
+        ``MaxPool2d``, ``AvgPool2d``, ``AdaptiveAvgPool2d`` (output sizes that
+        divide the input), ``Flatten`` and ``Dropout`` (the identity,
         as in evaluation mode; a Dropout in training mode is refused), or one
         such module.
     input_shape : tuple of int
@@ -145,6 +147,8 @@ def _layer(path, m):
         if m.ceil_mode or m.return_indices or _pair(m.dilation) != (1, 1):
             refuse("with ceil_mode, return_indices or dilation is not supported")
         return MaxPool2d(m.kernel_size, stride=m.stride, padding=m.padding)
+    if kind is tnn.AdaptiveAvgPool2d:
+        return AdaptiveAvgPool2d(m.output_size)
     if kind is tnn.AvgPool2d:
         if m.ceil_mode or not m.count_include_pad or m.divisor_override is not None:
             refuse("is supported only with ceil_mode=False, count_include_pad=True and no "
@@ -213,6 +217,8 @@ def torch_sequential(model, dtype=None, *, params=None):
                                            layer.kernel_size, stride=layer.stride,
                                            padding=layer.padding, dilation=layer.dilation,
                                            bias=layer.bias))
+        elif isinstance(layer, AdaptiveAvgPool2d):
+            modules.append(torch.nn.AdaptiveAvgPool2d(layer.output_size))
         elif isinstance(layer, (MaxPool2d, AvgPool2d)):
             # AvgPool2d: PyTorch's default count_include_pad=True, as ghess
             modules.append(getattr(torch.nn, type(layer).__name__)(

@@ -24,7 +24,7 @@ from .base import Layer, ParametricLayer
 from .conv import Conv2d
 from .linear import Linear
 from .losses import BCEWithLogitsLoss, CrossEntropyLoss, Loss, MSELoss
-from .pooling import AvgPool2d, MaxPool2d
+from .pooling import AdaptiveAvgPool2d, AvgPool2d, MaxPool2d
 from .reshape import Flatten
 from .sequential import ParamSlot, Sequential
 
@@ -46,6 +46,7 @@ __all__ = [
     "Conv2d",
     "MaxPool2d",
     "AvgPool2d",
+    "AdaptiveAvgPool2d",
     "Flatten",
     "Loss",
     "MSELoss",

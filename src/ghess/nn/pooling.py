@@ -6,7 +6,7 @@ from .._kernels import conv as kernels
 from ._window import Windowed, pair, spatial_input
 from .base import Layer
 
-__all__ = ["MaxPool2d", "AvgPool2d"]
+__all__ = ["MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d"]
 
 #: the ``gain`` argument of the gather/scatter kernels that stands for all ones
 NO_GAIN = {np.dtype(t).char: np.empty((0, 0), dtype=t) for t in (np.float32, np.float64)}
@@ -128,3 +128,44 @@ class AvgPool2d(_Pool2d):
         kernels.avgpool_backward(gy.reshape(n * k, -1), gx.reshape(n * k, -1), self._geom,
                                  n_threads)
         return gx
+
+
+class AdaptiveAvgPool2d(AvgPool2d):
+    """Average pooling to a given output size, as ``torch.nn.AdaptiveAvgPool2d``.
+
+    ``output_size`` is an int or a pair (an entry None keeps that input size);
+    ``AdaptiveAvgPool2d(1)`` is global average pooling. The output size must
+    divide the input size: PyTorch's windows are then the equal, non-overlapping
+    ones of an ``AvgPool2d`` whose kernel and stride are the input size over the
+    output size, which is how it runs. Other sizes (PyTorch's overlapping windows
+    of unequal length) raise ``ValueError`` when the model is built.
+    """
+
+    def __init__(self, output_size: int | tuple[int | None, int | None]) -> None:
+        sizes = tuple(output_size) if isinstance(output_size, (tuple, list)) else (
+            output_size, output_size)
+        if len(sizes) != 2:
+            raise ValueError(f"AdaptiveAvgPool2d: output_size must be an int or a pair, got "
+                             f"{output_size!r}")
+        self.output_size = tuple(None if s is None else pair(s, "output_size",
+                                                             "AdaptiveAvgPool2d", 1)[0]
+                                 for s in sizes)
+        self.kernel_size = self.stride = None  # from the input, in output_shape
+        self.padding = (0, 0)
+        self._geom = None
+
+    def __repr__(self):
+        return f"AdaptiveAvgPool2d(output_size={self.output_size})"
+
+    def output_shape(self, input_shape):
+        """(channels, out_h, out_w): the kernel and stride are the input over the output."""
+        C, H, W = spatial_input(self, input_shape)
+        out = tuple(size if want is None else want
+                    for size, want in zip((H, W), self.output_size))
+        if H % out[0] or W % out[1]:
+            raise ValueError(
+                f"{self!r}: an input of {H}x{W} does not divide into {out[0]}x{out[1]} "
+                "windows; ghess supports output sizes that divide the input size (global "
+                "average pooling: output_size=1)")
+        self.kernel_size = self.stride = (H // out[0], W // out[1])
+        return super().output_shape(input_shape)
