@@ -89,6 +89,14 @@ CASES = {
     "one-layer-mse": (lambda: ghess.Sequential(ghess.Linear(4, 2), input_shape=(4,)),
                       lambda: ghess.MSELoss()),
     "gelu-ce": (lambda: _mlp(ghess.GELU), lambda: ghess.CrossEntropyLoss()),
+    # batch norm with non-trivial running statistics (gamma, beta: the parameters)
+    "batchnorm-tanh-mse": (
+        lambda: ghess.Sequential(
+            ghess.Linear(4, 6), ghess.BatchNorm1d(6, eps=1e-3,
+                                                  running_mean=np.linspace(-0.5, 0.7, 6),
+                                                  running_var=np.linspace(0.8, 2.0, 6)),
+            ghess.Tanh(), ghess.Linear(6, 3), input_shape=(4,)),
+        lambda: ghess.MSELoss()),
     "gelu-tanh-dropout-mse": (
         lambda: ghess.Sequential(ghess.Linear(4, 6), ghess.GELU(approximate="tanh"),
                                  ghess.Dropout(0.2), ghess.Linear(6, 3), input_shape=(4,)),
@@ -104,6 +112,15 @@ G = ghess
 
 #: small convolutional networks, each with a loss
 CONV_CASES = {
+    "conv-bn-relu-bn1d-ce": (
+        lambda: G.Sequential(G.Conv2d(2, 3, 3, padding=1),
+                             G.BatchNorm2d(3, running_mean=np.array([0.2, -0.4, 0.1]),
+                                           running_var=np.array([0.8, 1.5, 1.1])),
+                             G.ReLU(), G.MaxPool2d(2), G.Conv2d(3, 4, 2), G.Flatten(),
+                             G.BatchNorm1d(16, running_mean=np.linspace(-1, 1, 16),
+                                           running_var=np.linspace(0.8, 3, 16)),
+                             G.Softplus(), G.Linear(16, 4), input_shape=(2, 6, 6)),
+        lambda: G.CrossEntropyLoss()),
     "conv-global-avgpool-ce": (
         lambda: G.Sequential(G.Conv2d(2, 3, 3, padding=1), G.ReLU(),
                              G.AdaptiveAvgPool2d((3, None)), G.Conv2d(3, 4, 1), G.SiLU(),

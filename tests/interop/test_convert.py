@@ -188,3 +188,54 @@ def test_adaptive_average_pooling_converts_and_refuses_uneven_windows():
                          ghess.Linear(32, 3), input_shape=(1, 8, 8))
     with pytest.raises(ValueError, match="AdaptiveAvgPool2d: output_size must be >= 1"):
         ghess.AdaptiveAvgPool2d(0)
+
+
+def test_batch_norm_converts_with_its_running_statistics_and_refuses_training_mode():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3, eps=1e-3), nn.ReLU(),
+                        nn.Flatten(), nn.Linear(3 * 5 * 5, 4), nn.BatchNorm1d(4)).double()
+    net.train()
+    with torch.no_grad():  # running statistics and affine parameters away from their init
+        for _ in range(3):
+            net(torch.randn(16, 2, 5, 5, dtype=torch.float64) * 2 + 0.5)
+        for m in net:
+            if isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.3, 0.3)
+    with pytest.raises(TypeError, match=r"1: BatchNorm2d is in training mode: call "
+                                        r"module.eval\(\) first"):
+        ghess.from_torch(net, (2, 5, 5))
+    net.eval()
+    model, theta = ghess.from_torch(net, (2, 5, 5))  # checks one forward pass of both
+    bn = model.layers[1]
+    assert isinstance(bn, ghess.BatchNorm2d) and bn.eps == 1e-3
+    np.testing.assert_array_equal(bn.running_var, net[1].running_var.numpy())
+    assert not np.allclose(bn.running_mean, 0)
+    X = torch.randn(7, 2, 5, 5, dtype=torch.float64)
+    with torch.no_grad():
+        assert_allclose_rel(model.forward(theta, X), net(X).numpy(), 1e-13)
+    back = ghess.to_torch(model, theta)
+    assert not back.training
+    torch.testing.assert_close(back[5].running_mean, net[5].running_mean)
+    with torch.no_grad():
+        assert_allclose_rel(back(X).numpy(), net(X).numpy(), 1e-13)
+    for bad, match in [(nn.BatchNorm1d(4, affine=False), "affine=False is not supported"),
+                       (nn.BatchNorm1d(4, track_running_stats=False),
+                        "without running statistics")]:
+        with pytest.raises(TypeError, match=match):
+            ghess.from_torch(nn.Sequential(nn.Linear(3, 4), bad.eval()), (3,))
+
+
+def test_batch_norm_arguments_checked():
+    with pytest.raises(ValueError, match=r"BatchNorm2d\(3, eps=1e-05\) expects 3 channels, "
+                                         r"but the previous layer produces 2"):
+        ghess.Sequential(ghess.BatchNorm2d(3), ghess.Flatten(), ghess.Linear(50, 2),
+                         input_shape=(2, 5, 5))
+    with pytest.raises(ValueError, match=r"expects per-sample inputs of rank \(3,\)"):
+        ghess.Sequential(ghess.BatchNorm2d(4), input_shape=(4,))
+    with pytest.raises(ValueError, match=r"running_var must be a real array of shape \(3,\)"):
+        ghess.BatchNorm1d(3, running_var=np.ones(4))
+    with pytest.raises(ValueError, match="running_var must be >= 0"):
+        ghess.BatchNorm1d(3, running_var=-np.ones(3))
+    with pytest.raises(ValueError, match="affine=False is not supported"):
+        ghess.BatchNorm1d(3, affine=False)

@@ -48,8 +48,10 @@ def functional(case):
 
 
 DENSE = ["tanh-ce", "sigmoid-mse", "softplus-bce", "relu-ce-sum", "leakyrelu-mse-sum",
-         "linear-linear-bce", "gelu-ce", "gelu-tanh-dropout-mse", "silu-bce", "elu-ce"]
-CONV = ["conv-gelu-maxpool-silu-elu-ce", "conv-global-avgpool-ce", "conv-relu-maxpool-ce",
+         "linear-linear-bce", "gelu-ce", "gelu-tanh-dropout-mse", "silu-bce", "elu-ce",
+         "batchnorm-tanh-mse"]
+CONV = ["conv-bn-relu-bn1d-ce", "conv-gelu-maxpool-silu-elu-ce", "conv-global-avgpool-ce",
+        "conv-relu-maxpool-ce",
         "conv-odd-shapes-mse",
         "conv-stride-avgpool-bce",
         "conv-single-channel-pad2-sum", "conv-linear-in-theta-mse"]

@@ -68,7 +68,10 @@ def test_hessian_vector_product_matches_finite_differences(case):
     def grad(theta):
         return ghess.loss_and_grad(case.model, case.loss, theta, case.data)[1]
 
-    assert_allclose_rel(H @ v, finite_difference_hvp(grad, case.theta, v, eps=1e-4), 1e-7)
+    # fourth order: the truncation error of the second-order rule (eps^2 times the third
+    # derivative) reached 1.5e-7 on the batch-norm case
+    assert_allclose_rel(H @ v, finite_difference_hvp(grad, case.theta, v, eps=1e-4, order=4),
+                        1e-7)
 
 
 def test_ggn_equals_jt_b_j_built_from_jacobians(case):

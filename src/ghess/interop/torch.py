@@ -19,6 +19,8 @@ from ..nn import (
     Activation,
     AdaptiveAvgPool2d,
     AvgPool2d,
+    BatchNorm1d,
+    BatchNorm2d,
     Conv2d,
     Dropout,
     Flatten,
@@ -61,7 +63,8 @@ def from_torch(module, input_shape, *, check: bool = True):
         An ``nn.Sequential`` (nested ones are flattened in order) of ``Linear``,
         ``Conv2d`` (zero padding, no groups), ``ReLU``, ``LeakyReLU``, ``Tanh``,
         ``Sigmoid``, ``Softplus``, ``GELU``, ``SiLU``, ``ELU``, ``Identity``,
-        ``MaxPool2d``, ``AvgPool2d``, ``AdaptiveAvgPool2d`` (output sizes that
+        ``BatchNorm1d``, ``BatchNorm2d`` (in evaluation mode, with running
+        statistics), ``MaxPool2d``, ``AvgPool2d``, ``AdaptiveAvgPool2d`` (output sizes that
         divide the input), ``Flatten`` and ``Dropout`` (the identity,
         as in evaluation mode; a Dropout in training mode is refused), or one
         such module.
@@ -147,6 +150,20 @@ def _layer(path, m):
         if m.ceil_mode or m.return_indices or _pair(m.dilation) != (1, 1):
             refuse("with ceil_mode, return_indices or dilation is not supported")
         return MaxPool2d(m.kernel_size, stride=m.stride, padding=m.padding)
+    if kind in (tnn.BatchNorm1d, tnn.BatchNorm2d):
+        if m.training:
+            refuse("is in training mode: call module.eval() first (in training mode batch "
+                   "statistics couple the samples of a batch; ghess computes the curvature of "
+                   "the network in evaluation mode, with the running statistics)")
+        if not m.affine:
+            refuse("with affine=False is not supported")
+        if m.running_mean is None or m.running_var is None:
+            refuse("without running statistics (track_running_stats=False) uses batch "
+                   "statistics even in evaluation mode: not supported")
+        layer_type = BatchNorm1d if kind is tnn.BatchNorm1d else BatchNorm2d
+        return layer_type(m.num_features, m.eps,
+                          running_mean=m.running_mean.detach().cpu().double().numpy(),
+                          running_var=m.running_var.detach().cpu().double().numpy())
     if kind is tnn.AdaptiveAvgPool2d:
         return AdaptiveAvgPool2d(m.output_size)
     if kind is tnn.AvgPool2d:
@@ -217,6 +234,13 @@ def torch_sequential(model, dtype=None, *, params=None):
                                            layer.kernel_size, stride=layer.stride,
                                            padding=layer.padding, dilation=layer.dilation,
                                            bias=layer.bias))
+        elif isinstance(layer, (BatchNorm1d, BatchNorm2d)):
+            module = getattr(torch.nn, type(layer).__name__)(layer.num_features, eps=layer.eps)
+            # float64 buffers, converted with the module below (a copy into its float32
+            # buffers would round the statistics before a float64 model sees them)
+            module.running_mean = torch.from_numpy(np.array(layer.running_mean))
+            module.running_var = torch.from_numpy(np.array(layer.running_var))
+            modules.append(module)
         elif isinstance(layer, AdaptiveAvgPool2d):
             modules.append(torch.nn.AdaptiveAvgPool2d(layer.output_size))
         elif isinstance(layer, (MaxPool2d, AvgPool2d)):

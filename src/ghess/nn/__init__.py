@@ -2,7 +2,8 @@
 
 - ``base``: :class:`Layer` and :class:`ParametricLayer`, the contract every layer
   fulfils (spec, planner properties, forward/JVP/VJP/R-operator rules, memory);
-- ``linear``, ``activation``, ``conv``, ``pooling``, ``reshape``: the layers;
+- ``linear``, ``activation``, ``conv``, ``pooling``, ``reshape``, ``normalization``: the
+  layers;
 - ``losses``: losses with PyTorch's semantics and their output-space Hessians;
 - ``sequential``: the container and the flat parameter layout.
 """
@@ -24,6 +25,7 @@ from .base import Layer, ParametricLayer
 from .conv import Conv2d
 from .linear import Linear
 from .losses import BCEWithLogitsLoss, CrossEntropyLoss, Loss, MSELoss
+from .normalization import BatchNorm1d, BatchNorm2d
 from .pooling import AdaptiveAvgPool2d, AvgPool2d, MaxPool2d
 from .reshape import Flatten
 from .sequential import ParamSlot, Sequential
@@ -47,6 +49,8 @@ __all__ = [
     "MaxPool2d",
     "AvgPool2d",
     "AdaptiveAvgPool2d",
+    "BatchNorm1d",
+    "BatchNorm2d",
     "Flatten",
     "Loss",
     "MSELoss",

@@ -12,6 +12,8 @@ from ..nn import (
     ELU,
     GELU,
     AvgPool2d,
+    BatchNorm1d,
+    BatchNorm2d,
     BCEWithLogitsLoss,
     Conv2d,
     CrossEntropyLoss,
@@ -348,12 +350,28 @@ def _avgpool_transpose(g, layer, in_hw):
 
 
 # ---------------------------------------------------------------------------
-# Layers that are linear in their input: Linear, Conv2d, poolings, Flatten
+# Layers that are linear in their input: Linear, Conv2d, batch norm, poolings, Flatten
 # ---------------------------------------------------------------------------
 # Each computes s = A(W) a + b with A linear in a and in W (bilinear), or, for
 # the parameter-free layers, s = A a with A fixed (max-pooling: fixed by the
 # argmax of the forward pass). The rules below work on one sample or a batch.
-_LINEAR_IN_INPUT = (Linear, Conv2d, MaxPool2d, AvgPool2d, Flatten)
+# Batch norm (evaluation mode) is s = A(gamma) (a - mean) + beta with
+# A(W) x = W x / sigma per channel: bilinear in (gamma, a - mean), so its cache
+# keeps the centred input a - mean in place of a.
+_BATCH_NORM = (BatchNorm1d, BatchNorm2d)
+_LINEAR_IN_INPUT = (Linear, Conv2d, MaxPool2d, AvgPool2d, Flatten) + _BATCH_NORM
+
+
+def _per_channel(layer, values, ndim):
+    """Shape ``values`` (C,) to broadcast over the channel axis (the first of ``ndim``)."""
+    return np.asarray(values, dtype=np.float64).reshape((-1,) + (1,) * (ndim - 1))
+
+
+def _bn_apply(model, i, weight, x):
+    """A(weight) x = weight x / sigma per channel (batch norm's bilinear part)."""
+    layer, ndim = model.layers[i], len(model.shapes[i])
+    sigma = np.sqrt(layer.running_var + layer.eps)
+    return x * _per_channel(layer, weight / sigma, ndim)
 
 
 def _layer_params(model, params, i):
@@ -373,6 +391,8 @@ def _apply(model, i, weight, a, cache):
         return a @ weight.T
     if isinstance(layer, Conv2d):
         return _conv2d(a, weight, layer)
+    if isinstance(layer, _BATCH_NORM):
+        return _bn_apply(model, i, weight, a)
     if isinstance(layer, MaxPool2d):
         return _maxpool_gather(a, cache["argmax"])
     if isinstance(layer, AvgPool2d):
@@ -388,6 +408,8 @@ def _apply_transpose(model, i, weight, g, cache):
         return g @ weight
     if isinstance(layer, Conv2d):
         return _conv2d_transpose(g, weight, layer, in_shape)
+    if isinstance(layer, _BATCH_NORM):  # a diagonal map: its own transpose
+        return _bn_apply(model, i, weight, g)
     if isinstance(layer, MaxPool2d):
         return _maxpool_scatter(g, cache["argmax"], in_shape[1:])
     if isinstance(layer, AvgPool2d):
@@ -395,21 +417,36 @@ def _apply_transpose(model, i, weight, g, cache):
     return g.reshape(g.shape[:-1] + in_shape)  # Flatten
 
 
-def _weight_grad(layer, g, a):
-    """Adjoint of ``A(W) a`` in W, summed over samples: ``g a^T`` or ``g (*) a`` (Conv2d)."""
+def _channel_sum(values, ndim):
+    """Sum ``values`` over all but the channel axis (the first of ``ndim`` per-sample axes)."""
+    axes = tuple(range(values.ndim - ndim)) + tuple(range(values.ndim - ndim + 1, values.ndim))
+    return values.sum(axis=axes)
+
+
+def _weight_grad(layer, g, a, ndim):
+    """Adjoint of ``A(W) a`` in W, summed over samples: ``g a^T`` or ``g (*) a`` (Conv2d).
+
+    ``ndim``: the number of per-sample axes of ``a`` (batch norm's channel axis).
+    """
     if isinstance(layer, Linear):
         return g.reshape(-1, g.shape[-1]).T @ a.reshape(-1, a.shape[-1])
+    if isinstance(layer, _BATCH_NORM):  # sum of g a / sigma per channel
+        return _channel_sum(g * a, ndim) / np.sqrt(layer.running_var + layer.eps)
     return _conv2d_weight_grad(g, a, layer)
 
 
-def _bias_grad(layer, g):
-    """``g`` summed over samples (and over output positions for Conv2d)."""
+def _bias_grad(layer, g, ndim):
+    """``g`` summed over samples (and over output positions for Conv2d and batch norm)."""
     if isinstance(layer, Linear):
         return g.reshape(-1, g.shape[-1]).sum(axis=0)
+    if isinstance(layer, _BATCH_NORM):
+        return _channel_sum(g, ndim)
     return g.reshape((-1,) + g.shape[-3:]).sum(axis=(0, 2, 3))
 
 
-def _add_bias(layer, s, b):
+def _add_bias(layer, s, b, ndim):
+    if isinstance(layer, _BATCH_NORM):
+        return s + _per_channel(layer, b, ndim)
     return s + (b if isinstance(layer, Linear) else b[:, None, None])
 
 
@@ -419,10 +456,12 @@ def _layer_forward(model, params, i, a):
     if isinstance(layer, _LINEAR_IN_INPUT):
         W, b = _layer_params(model, params, i)
         cache = {"a": a}
+        if isinstance(layer, _BATCH_NORM):  # bilinear in (gamma, a - mean)
+            cache["a"] = a - _per_channel(layer, layer.running_mean, len(model.shapes[i]))
         if isinstance(layer, MaxPool2d):
             cache["argmax"] = _maxpool_argmax(a, layer)
-        s = _apply(model, i, W, a, cache)
-        return (s if b is None else _add_bias(layer, s, b)), cache
+        s = _apply(model, i, W, cache["a"], cache)
+        return (s if b is None else _add_bias(layer, s, b, len(model.shapes[i]))), cache
     f, d1, d2 = _activation(layer, a)
     return f.astype(a.dtype), {"s": a, "d1": d1.astype(a.dtype), "d2": d2.astype(a.dtype)}
 
@@ -450,11 +489,12 @@ def _sample_backward(model, params, caches, g):
         layer, cache = model.layers[i], caches[i]
         if isinstance(layer, _LINEAR_IN_INPUT):
             W, b = _layer_params(model, params, i)
+            ndim = len(model.shapes[i])
             # s = A(W) a + b  =>  dW = g (x) a (outer product or correlation), db = g
             if W is not None:
-                _add_to(grad, model, f"{i}.weight", _weight_grad(layer, g, cache["a"]))
+                _add_to(grad, model, f"{i}.weight", _weight_grad(layer, g, cache["a"], ndim))
             if b is not None:
-                _add_to(grad, model, f"{i}.bias", _bias_grad(layer, g))
+                _add_to(grad, model, f"{i}.bias", _bias_grad(layer, g, ndim))
             g = _apply_transpose(model, i, W, g, cache)
         else:
             g = cache["d1"] * g
@@ -479,7 +519,7 @@ def _r_forward(model, params, v, caches):
             if ra is not None:
                 term = _apply(model, i, W, ra, cache)
                 out = term if out is None else out + term
-            ra = out if vb is None else _add_bias(layer, out, vb)
+            ra = out if vb is None else _add_bias(layer, out, vb, len(model.shapes[i]))
         elif ra is not None:
             ra = cache["d1"] * ra
     return r_inputs, ra
@@ -497,13 +537,14 @@ def _r_backward(model, params, v, caches, r_inputs, g, rg, out):
         if isinstance(layer, _LINEAR_IN_INPUT):
             W, b = _layer_params(model, params, i)
             V, _ = _layer_params(model, v, i)
+            ndim = len(model.shapes[i])
             if W is not None:
-                rW = _weight_grad(layer, rg, cache["a"])
+                rW = _weight_grad(layer, rg, cache["a"], ndim)
                 if r_in is not None:
-                    rW = rW + _weight_grad(layer, g, r_in)
+                    rW = rW + _weight_grad(layer, g, r_in, ndim)
                 _add_to(out, model, f"{i}.weight", rW)
             if b is not None:
-                _add_to(out, model, f"{i}.bias", _bias_grad(layer, rg))
+                _add_to(out, model, f"{i}.bias", _bias_grad(layer, rg, ndim))
             new_rg = _apply_transpose(model, i, W, rg, cache)
             if V is not None:
                 new_rg = new_rg + _apply_transpose(model, i, V, g, cache)

@@ -1,0 +1,224 @@
+"""Batch normalisation in evaluation mode: a fixed per-channel affine map with parameters.
+
+With its running statistics, ``BatchNorm`` is ``y = gamma * (x - mean) / sqrt(var + eps)
++ beta`` per channel: the same for every sample, so the per-sample sums that every
+operator relies on hold. (In training mode the batch statistics couple the samples of a
+batch; ghess, like every curvature library, computes the curvature of the network in
+evaluation mode, and ``from_torch`` refuses a module in training mode.)
+
+In the engine it is bilinear in ``(gamma, x - mean)``, like ``Linear`` in ``(W, x)``:
+``R{y} = V_gamma * xhat + v_beta + a * R{x}`` with ``a = gamma / sigma`` and
+``xhat = (x - mean) / sigma``, and the R-operator's cross term is ``V_gamma / sigma * g``.
+"""
+
+import numpy as np
+
+from .._validation import as_array
+from .base import WeightBiasLayer, finite_real, positive_int
+
+__all__ = ["BatchNorm1d", "BatchNorm2d"]
+
+
+class _BatchNorm(WeightBiasLayer):
+    """Shared code of BatchNorm1d and BatchNorm2d: channels first, then positions."""
+
+    bias = True
+    #: per-sample input ranks the layer takes (channels first)
+    _ranks: tuple = ()
+
+    def __init__(self, num_features: int, eps: float = 1e-5, *, affine: bool = True,
+                 running_mean=None, running_var=None) -> None:
+        owner = type(self).__name__
+        self.num_features = positive_int(num_features, "num_features", owner)
+        self.eps = finite_real(eps, "eps", owner)
+        if self.eps <= 0:
+            raise ValueError(f"{owner}: eps must be > 0, got {self.eps}")
+        if affine is not True:
+            raise ValueError(f"{owner}: affine=False is not supported (the layer would have "
+                             "no parameters); only affine batch norm, PyTorch's default")
+        self.running_mean = self._statistic(running_mean, 0.0, "running_mean")
+        self.running_var = self._statistic(running_var, 1.0, "running_var")
+        if np.any(self.running_var < 0):
+            raise ValueError(f"{owner}: running_var must be >= 0, got a minimum of "
+                             f"{self.running_var.min()}")
+        # the map's fixed part, in float64: 1/sigma per channel
+        self._inv_sigma = 1.0 / np.sqrt(self.running_var + self.eps)
+        self._inv_sigma.flags.writeable = False
+        self._positions = None
+
+    def _statistic(self, value, default, name):
+        C = self.num_features
+        if value is None:
+            out = np.full(C, default)
+        else:
+            arr = as_array(value)
+            if arr.dtype.kind not in "iuf" or arr.shape != (C,):
+                raise ValueError(f"{type(self).__name__}: {name} must be a real array of shape "
+                                 f"({C},), got shape {arr.shape} and dtype {arr.dtype}")
+            if not np.all(np.isfinite(arr)):
+                raise ValueError(f"{type(self).__name__}: {name} contains NaN or Inf")
+            out = np.array(arr, dtype=np.float64)
+        out.flags.writeable = False
+        return out
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.num_features}, eps={self.eps})"
+
+    # -- spec ---------------------------------------------------------------
+    def param_shapes(self, input_shape):
+        """Return weight (gamma) and bias (beta), each (num_features,)."""
+        return [("weight", (self.num_features,)), ("bias", (self.num_features,))]
+
+    def output_shape(self, input_shape):
+        """Return the input's shape: (C,) or (C, L) for BatchNorm1d, (C, H, W) for 2d."""
+        shape = tuple(input_shape)
+        if len(shape) not in self._ranks:
+            raise ValueError(f"{self!r} expects per-sample inputs of rank {self._ranks} "
+                             f"(channels first), got shape {shape}")
+        if shape[0] != self.num_features:
+            raise ValueError(f"{self!r} expects {self.num_features} channels, but the previous "
+                             f"layer produces {shape[0]} (per-sample shape {shape})")
+        self._positions = int(np.prod(shape[1:], dtype=np.int64))
+        return shape
+
+    def init_params(self, input_shape, rng, dtype):
+        """PyTorch's: gamma = 1, beta = 0."""
+        C = self.num_features
+        return {"weight": np.ones(C, dtype=dtype), "bias": np.zeros(C, dtype=dtype)}
+
+    def accumulator_shapes(self, k):
+        """K directions' gamma and beta as rows: (k, C) each."""
+        return (k, self.num_features), (k, self.num_features)
+
+    # -- helpers -------------------------------------------------------------
+    def _channels(self, array, lead):
+        """View ``array`` as (*lead, C, positions)."""
+        return array.reshape(lead + (self.num_features, self._positions))
+
+    def _fixed(self, dtype):
+        """1/sigma and mean as (C, 1) arrays of ``dtype``."""
+        return (self._inv_sigma.astype(dtype)[:, None],
+                self.running_mean.astype(dtype)[:, None])
+
+    def _scale(self, params):
+        """Return a = gamma / sigma, (C, 1)."""
+        inv_sigma, _ = self._fixed(params["weight"].dtype)
+        return params["weight"][:, None] * inv_sigma
+
+    def _xhat(self, x):
+        """(x - mean) / sigma, (n, C, positions)."""
+        inv_sigma, mean = self._fixed(x.dtype)
+        return (self._channels(x, (x.shape[0],)) - mean) * inv_sigma
+
+    # -- propagation ---------------------------------------------------------
+    def forward(self, params, x, ctx, need, n_threads):
+        """Y = a x + (beta - a mean) per channel; keeps ``x`` for the parameter derivatives."""
+        n = x.shape[0]
+        a = self._scale(params)
+        _, mean = self._fixed(x.dtype)
+        y = np.empty_like(x)
+        np.multiply(self._channels(x, (n,)), a, out=self._channels(y, (n,)))
+        self._channels(y, (n,))[...] += params["bias"][:, None] - a * mean
+        ctx["x"] = x
+        return y
+
+    def factor_context(self, ctx, n_threads=1):
+        """Return what the stored-Jacobian path keeps: the layer input."""
+        return {"x": ctx["x"]}
+
+    def kept_bytes(self, input_shape, itemsize, input_is_data):
+        """Count the input, unless it is the network input itself."""
+        return 0 if input_is_data else int(np.prod(input_shape)) * itemsize
+
+    factor_bytes = kept_bytes
+
+    def jvp(self, params, tangent, ctx, rx, n_threads, rctx=None):
+        """R{y} = V_gamma xhat + v_beta + a R{x}, for k directions."""
+        x = ctx["x"]
+        n = x.shape[0]
+        Vg, Vb = tangent["weight"], tangent["bias"]
+        k = Vg.shape[0]
+        ry = np.empty((n, k, x.shape[1]), dtype=x.dtype)
+        r4 = self._channels(ry, (n, k))
+        np.multiply(self._xhat(x)[:, None], Vg[None, :, :, None], out=r4)
+        r4 += Vb[None, :, :, None]
+        if rx is not None:
+            r4 += self._channels(rx, (n, k)) * self._scale(params)
+        return ry
+
+    def param_vjp(self, ctx, gy, acc, n_threads):
+        """dL/dgamma += sum gy xhat and dL/dbeta += sum gy, per channel, for k directions."""
+        x = ctx["x"]
+        n, k = gy.shape[0], gy.shape[1]
+        g4 = self._channels(gy, (n, k))
+        acc["weight"] += np.einsum("nkcs,ncs->kc", g4, self._xhat(x), optimize=True)
+        acc["bias"] += g4.sum(axis=(0, 3))
+
+    def input_vjp(self, params, gy, n_threads):
+        """dL/dx = a gy per channel."""
+        n, k = gy.shape[0], gy.shape[1]
+        gx = np.empty_like(gy)
+        np.multiply(self._channels(gy, (n, k)), self._scale(params),
+                    out=self._channels(gx, (n, k)))
+        return gx
+
+    def input_grad(self, params, gy, ctx, n_threads):
+        """dL/dx = a gy for direction-free gy (n, width)."""
+        n = gy.shape[0]
+        return (self._channels(gy, (n,)) * self._scale(params)).reshape(n, -1)
+
+    def rvjp(self, params, tangent, ctx, g, rx, rgy, acc, need_input_grad, n_threads,
+             rctx=None):
+        """R-operator of ``vjp`` given g = dL/dy (n, width) and R{dL/dy} (n, k, width).
+
+        R{dL/dgamma} = sum R{g} xhat + sum g R{x} / sigma,  R{dL/dbeta} = sum R{g},
+        R{dL/dx} = a R{g} + (V_gamma / sigma) g.
+        """
+        n, k = rgy.shape[0], rgy.shape[1]
+        self.param_vjp(ctx, rgy, acc, n_threads)
+        inv_sigma, _ = self._fixed(rgy.dtype)
+        g3 = self._channels(g, (n,))
+        if rx is not None:
+            acc["weight"] += np.einsum("ncs,nkcs->kc", g3 * inv_sigma,
+                                       self._channels(rx, (n, k)), optimize=True)
+        if not need_input_grad:
+            return None
+        rgx = self.input_vjp(params, rgy, n_threads)
+        self._channels(rgx, (n, k))[...] += (
+            g3[:, None] * (tangent["weight"][:, :, None] * inv_sigma[None])[None])
+        return rgx
+
+    def sample_jacobian(self, ctx, D, offset, J_out, n_threads):
+        """Write this layer's columns of the per-sample Jacobians ``J_out``."""
+        n, K, C = D.shape[0], D.shape[1], self.num_features
+        D4 = self._channels(D, (n, K))
+        J_out[:, :, offset:offset + C] = np.einsum("nkcs,ncs->nkc", D4, self._xhat(ctx["x"]),
+                                                   optimize=True)
+        J_out[:, :, offset + C:offset + 2 * C] = D4.sum(axis=3)
+
+
+class BatchNorm1d(_BatchNorm):
+    """``torch.nn.BatchNorm1d`` in evaluation mode, on (N, C) or (N, C, L) inputs.
+
+    Parameters
+    ----------
+    num_features : int
+        C.
+    eps : float, default=1e-5
+    affine : bool, default=True
+        Only True (weight gamma and bias beta are the parameters).
+    running_mean, running_var : array of shape (C,), optional
+        The running statistics (PyTorch's initial zeros and ones by default);
+        ``from_torch`` copies them from the module.
+    """
+
+    _ranks = (1, 2)
+
+
+class BatchNorm2d(_BatchNorm):
+    """``torch.nn.BatchNorm2d`` in evaluation mode, on (N, C, H, W) inputs.
+
+    The parameters are those of :class:`BatchNorm1d`.
+    """
+
+    _ranks = (3,)
