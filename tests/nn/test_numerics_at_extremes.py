@@ -126,3 +126,27 @@ def test_ggn_of_a_saturated_softmax_is_psd(dtype):
     # the entries themselves, not only the sign: float32's p_top = 1 once lost them
     assert_allclose(dense[dtype], dense[np.float64], rtol=1e-4 if dtype == np.float32 else 0,
                     atol=1e-4 * np.abs(dense[np.float64]).max())
+
+
+@pytest.mark.parametrize("n, size", [(4, 33), (3, 64)])
+def test_conv_bias_sums_over_many_positions_are_exact(n, size):
+    """A bias adds N*H*W terms, summed pairwise.
+
+    Summed plainly, G's bias entry (exactly 2 here) was off by 1.6e-13 on 33x33 maps.
+    """
+    model = ghess.Sequential(ghess.Conv2d(1, 1, 1), ghess.Flatten(),
+                             input_shape=(1, size, size))
+    rng = np.random.default_rng(0)
+    X, Y = rng.normal(size=(n, 1, size, size)), rng.normal(size=(n, size * size))
+    theta = model.init_params()
+    e_bias = np.zeros(model.n_params)
+    e_bias[-1] = 1.0
+    # MSE mean: G_bb = 2 / (N K) * (sum over the N K outputs of (dz/db)^2 = 1) = 2
+    G = ghess.GGNLinearOperator(model, ghess.MSELoss(), theta, (X, Y))
+    assert abs((G @ e_bias)[-1] - 2.0) <= 2 * np.finfo(np.float64).eps
+    # the gradient's bias entry: 2 / (N K) sum (z - y), against a pairwise (NumPy) sum
+    _, grad = ghess.loss_and_grad(model, ghess.MSELoss(), theta, (X, Y))
+    z = model.forward(theta, X)
+    assert_allclose(grad[-1], 2 * np.sum(z - Y) / z.size, rtol=1e-14)
+    J = ghess.per_sample_jacobians(model, theta, X[:1])
+    assert np.all(J[0, :, -1] == 1.0)

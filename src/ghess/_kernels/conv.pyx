@@ -423,21 +423,63 @@ def channel_bias_add(floating[:, :, ::1] out,        # IN/OUT (n, k, M*P)
                     out[i, j, m * P + p] += bias[j if kb > 1 else 0, m]
 
 
+cdef double _pairwise_sum(const floating* x, Py_ssize_t count) noexcept nogil:
+    # Pairwise summation, as NumPy's: blocks of up to 128 terms in 8 interleaved partial
+    # sums, the blocks combined pairwise. The error grows with log2(count) ulp instead of
+    # count (a bias sums N * H * W terms: 1e-13 off on 33x33 maps when summed in one
+    # chain), and the 8 independent chains run several times faster than one.
+    cdef double r0, r1, r2, r3, r4, r5, r6, r7, total
+    cdef Py_ssize_t p, half
+    if count <= 128:
+        if count < 8:
+            total = 0.0
+            for p in range(count):
+                total = total + x[p]
+            return total
+        r0 = x[0]
+        r1 = x[1]
+        r2 = x[2]
+        r3 = x[3]
+        r4 = x[4]
+        r5 = x[5]
+        r6 = x[6]
+        r7 = x[7]
+        p = 8
+        while p + 8 <= count:
+            r0 = r0 + x[p]
+            r1 = r1 + x[p + 1]
+            r2 = r2 + x[p + 2]
+            r3 = r3 + x[p + 3]
+            r4 = r4 + x[p + 4]
+            r5 = r5 + x[p + 5]
+            r6 = r6 + x[p + 6]
+            r7 = r7 + x[p + 7]
+            p = p + 8
+        total = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+        while p < count:
+            total = total + x[p]
+            p = p + 1
+        return total
+    half = (count // 2) // 8 * 8
+    return _pairwise_sum(x, half) + _pairwise_sum(x + half, count - half)
+
+
 def channel_bias_grad(const floating[:, :, ::1] g,   # IN     (n, k, M*P)
                       floating[:, ::1] out,          # IN/OUT (k, M)
                       int n_threads):
-    """out[j, m] += sum over samples and positions of g[i, j, m*P:(m+1)*P]."""
+    """out[j, m] += sum over samples and positions of g[i, j, m*P:(m+1)*P] (pairwise)."""
     cdef Py_ssize_t n = g.shape[0], i
-    cdef int k = out.shape[0], M = out.shape[1], jm, p, P
+    cdef int k = out.shape[0], M = out.shape[1], jm, P
     cdef double acc
     _check(g.shape[1] == k and M > 0 and g.shape[2] % M == 0, "channel_bias_grad")
     P = g.shape[2] // M
     # one output per (j, m), summed in a fixed order: thread-count independent
     for jm in prange(k * M, nogil=True, schedule='static', num_threads=n_threads):
         acc = 0.0
+        # each sample's positions pairwise; the samples (a chunk: tens to a few thousand)
+        # add up in order
         for i in range(n):
-            for p in range(P):
-                acc = acc + g[i, jm // M, (jm % M) * P + p]
+            acc = acc + _pairwise_sum(&g[i, jm // M, (jm % M) * P], P)
         out[jm // M, jm % M] += <floating> acc
 
 
@@ -448,8 +490,7 @@ def conv_sample_jacobian(const floating[:, :, ::1] D,     # IN  (n, K, M*P)
                          int n_threads):
     """J[i, c, offset:] = (D[i, c] @ cols[i]^T, sum_p D[i, c]): a conv layer's columns."""
     cdef Py_ssize_t n = D.shape[0], i
-    cdef int K = D.shape[1], CKK = cols.shape[1], P = cols.shape[2], c, m, p, M
-    cdef double acc
+    cdef int K = D.shape[1], CKK = cols.shape[1], P = cols.shape[2], c, m, M
     _check(cols.shape[0] == n and J.shape[0] == n and J.shape[1] == K, "conv_sample_jacobian")
     _check(P > 0 and D.shape[2] % P == 0, "conv_sample_jacobian D")
     M = D.shape[2] // P
@@ -461,10 +502,7 @@ def conv_sample_jacobian(const floating[:, :, ::1] D,     # IN  (n, K, M*P)
                  0, &J[i, c, offset], CKK)
             if has_bias:
                 for m in range(M):
-                    acc = 0.0
-                    for p in range(P):
-                        acc = acc + D[i, c, m * P + p]
-                    J[i, c, offset + M * CKK + m] = <floating> acc
+                    J[i, c, offset + M * CKK + m] = <floating> _pairwise_sum(&D[i, c, m * P], P)
 
 
 # ---------------------------------------------------------------------------
