@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import given, settings  # noqa: E402
+from hypothesis import assume, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import ghess  # noqa: E402
@@ -35,8 +35,13 @@ def dense_networks(draw):
     layers, width = [], d
     for _ in range(draw(st.integers(0, 2))):
         out = draw(st.integers(1, 6))
-        layers += [ghess.Linear(width, out, bias=draw(st.booleans())),
-                   draw(st.sampled_from(ACTIVATIONS))()]
+        layers.append(ghess.Linear(width, out, bias=draw(st.booleans())))
+        if draw(st.booleans()):  # batch norm with drawn running statistics
+            layers.append(ghess.BatchNorm1d(
+                out, eps=draw(st.sampled_from([1e-5, 1e-2])),
+                running_mean=draw(st.lists(st.floats(-1, 1), min_size=out, max_size=out)),
+                running_var=draw(st.lists(st.floats(0.25, 4), min_size=out, max_size=out))))
+        layers.append(draw(st.sampled_from(ACTIVATIONS))())
         width = out
     layers.append(ghess.Linear(width, draw(st.integers(2, 4)), bias=draw(st.booleans())))
     return ghess.Sequential(*layers, input_shape=(d,))
@@ -50,12 +55,25 @@ def conv_networks(draw):
     stride = draw(st.integers(1, 2))
     out_channels = draw(st.integers(1, 3))
     layers = [ghess.Conv2d(channels, out_channels, kernel, stride=stride, padding=padding,
-                           bias=draw(st.booleans())),
-              draw(st.sampled_from(ACTIVATIONS))()]
+                           bias=draw(st.booleans()))]
     if draw(st.booleans()):
-        layers.append(draw(st.sampled_from([ghess.MaxPool2d, ghess.AvgPool2d]))(2, stride=1))
+        layers.append(ghess.BatchNorm2d(
+            out_channels,
+            running_mean=draw(st.lists(st.floats(-1, 1), min_size=out_channels,
+                                       max_size=out_channels)),
+            running_var=draw(st.lists(st.floats(0.25, 4), min_size=out_channels,
+                                      max_size=out_channels))))
+    layers.append(draw(st.sampled_from(ACTIVATIONS))())
+    pool = draw(st.sampled_from([None, ghess.MaxPool2d, ghess.AvgPool2d, "adaptive"]))
+    if pool == "adaptive":
+        layers.append(ghess.AdaptiveAvgPool2d(1))
+    elif pool is not None:
+        layers.append(pool(2, stride=1))
     layers.append(ghess.Flatten())
-    probe = ghess.Sequential(*layers, input_shape=(channels, size, size))
+    try:
+        probe = ghess.Sequential(*layers, input_shape=(channels, size, size))
+    except ValueError:  # a 2x2 pooling window on a 1x1 map: not a network
+        assume(False)
     layers.append(ghess.Linear(probe.n_outputs, draw(st.integers(2, 3))))
     return ghess.Sequential(*layers, input_shape=(channels, size, size))
 
