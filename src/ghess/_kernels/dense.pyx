@@ -29,7 +29,7 @@ from enum import IntEnum
 from cython cimport floating
 import numpy as np
 from cython.parallel cimport prange
-from libc.math cimport erfc, exp, expm1, fabs, log, log1p, tanh
+from libc.math cimport exp, fabs, log, log1p
 from libc.stdlib cimport free, malloc
 
 from .blas cimport gemm
@@ -231,14 +231,6 @@ cdef void _sum_rows_block(const floating* x, Py_ssize_t ldx, Py_ssize_t n, Py_ss
 # Elementwise activations
 # ---------------------------------------------------------------------------
 
-cdef inline double _sigmoid(double x) noexcept nogil:
-    cdef double e
-    if x >= 0:
-        return 1.0 / (1.0 + exp(-x))
-    e = exp(x)
-    return e / (1.0 + e)
-
-
 cdef inline void _sigmoid_both(double x, double* s, double* c) noexcept nogil:
     # s = sigma(x) and c = 1 - sigma(x) = sigma(-x), each to full relative precision:
     # 1 - s cancels to 0 above x ~ 36.7, where sigma'(x) = s c is still e^-x, not 0
@@ -253,30 +245,12 @@ cdef inline void _sigmoid_both(double x, double* s, double* c) noexcept nogil:
 
 cdef inline void _activation(int kind, double x, double p0, double p1,
                              double* y, double* d1, double* d2) noexcept nogil:
-    # y = f(x), d1 = f'(x), d2 = f''(x); p0, p1 are the kind's parameters.
-    cdef double t, s, c, bx, u1, u2, phi
-    if kind == RELU:
-        # f'(0) = 0, as in PyTorch
-        y[0] = x if x > 0 else 0.0
-        d1[0] = 1.0 if x > 0 else 0.0
-        d2[0] = 0.0
-    elif kind == LEAKY_RELU:
-        # p0: negative slope; f'(0) = slope, as in PyTorch
-        y[0] = x if x > 0 else p0 * x
-        d1[0] = 1.0 if x > 0 else p0
-        d2[0] = 0.0
-    elif kind == TANH:
-        t = tanh(x)
-        y[0] = t
-        d1[0] = 1.0 - t * t
-        d2[0] = -2.0 * t * (1.0 - t * t)
-    elif kind == SIGMOID:
-        _sigmoid_both(x, &s, &c)
-        y[0] = s
-        d1[0] = s * c
-        d2[0] = s * c * (c - s)  # 1 - 2s, without the cancellation of 1 - s
-    elif kind == SOFTPLUS:
-        # p0: beta, p1: threshold; linear above the threshold, as in PyTorch
+    # y = f(x), d1 = f'(x), d2 = f''(x) for the kinds without a vectorised kernel (ReLU and
+    # LeakyReLU have loops of their own, the rest the blocks of vecmath.h): SOFTPLUS, with
+    # p0: beta and p1: threshold, and the identity
+    cdef double s, c, bx
+    if kind == SOFTPLUS:
+        # linear above the threshold, as in PyTorch
         bx = p0 * x
         if bx > p1:
             y[0] = x
@@ -287,37 +261,6 @@ cdef inline void _activation(int kind, double x, double p0, double p1,
             y[0] = (log1p(exp(-fabs(bx))) + (bx if bx > 0 else 0.0)) / p0
             d1[0] = s
             d2[0] = p0 * s * c
-    elif kind == GELU:
-        # Phi(x) = erfc(-x / sqrt 2) / 2 (accurate for x << 0), phi its density
-        phi = exp(-0.5 * x * x) * 0.3989422804014327
-        t = 0.5 * erfc(-x * 0.7071067811865476)
-        y[0] = x * t
-        d1[0] = t + x * phi
-        d2[0] = phi * (2.0 - x * x)
-    elif kind == GELU_TANH:
-        # 0.5 x (1 + tanh(u)) = x sigma(2u): s, c = sigma(+-2u) avoid 1 + tanh's cancellation
-        u1 = 0.7978845608028654 * (1.0 + 0.134145 * x * x)  # du/dx
-        u2 = 0.7978845608028654 * 0.26829 * x                # d2u/dx2
-        _sigmoid_both(1.5957691216057308 * (x + 0.044715 * x * x * x), &s, &c)
-        y[0] = x * s
-        d1[0] = s + 2.0 * x * s * c * u1
-        d2[0] = 2.0 * s * c * (2.0 * u1 + x * (2.0 * (c - s) * u1 * u1 + u2))
-    elif kind == SILU:
-        _sigmoid_both(x, &s, &c)
-        y[0] = x * s
-        d1[0] = s * (1.0 + x * c)
-        d2[0] = s * c * (2.0 + x * (c - s))
-    elif kind == ELU:
-        # p0: alpha; f'(0) = alpha, as PyTorch's backward takes the x <= 0 branch there
-        if x > 0:
-            y[0] = x
-            d1[0] = 1.0
-            d2[0] = 0.0
-        else:
-            t = exp(x)
-            y[0] = p0 * expm1(x)
-            d1[0] = p0 * t
-            d2[0] = p0 * t
     else:
         y[0] = x
         d1[0] = 1.0

@@ -101,46 +101,14 @@ static inline double ghess_expm1_small(double u)
     return q * u;
 }
 
-/* tanh(|x|) = -expm1(-2|x|) / (2 + expm1(-2|x|)); tanh(20) rounds to 1 */
-static inline double ghess_tanh(double x)
-{
-    double a = fabs(x);
-    a = a < 20.0 ? a : 20.0;  /* also maps +-inf to 20 */
-    double u = -2.0 * a;
-    double small = ghess_expm1_small(u);
-    double big = ghess_exp_nonpositive(u) - 1.0;
-    double em = u > -0.7 ? small : big;
-    return copysign(-em / (2.0 + em), x);
-}
-
-/* float32 tanh with the same structure in single precision (AVX2: 8 lanes), for
- * float32 layers: twice the lanes of the float64 one, and faster than NumPy's float32
- * tanh, which it replaces there. Polynomials: exp(r) of degree 7 on |r| <= ln2/2
- * (remainder < 6e-9 relative) and expm1(u) of degree 10 on (-0.7, 0] (< 2e-9);
- * tanh rounds to 1 in float32 from |x| = 9.02, so |x| is clamped at 10. Within
- * 4 float32 ulp of the correctly rounded tanh (tests/_kernels/test_vecmath.py). */
-static inline float ghess_tanhf(float x)
+/* exp(u) for u in [-87, 0] in float32: exp(r) of degree 7 on |r| <= ln2/2 (remainder
+ * < 6e-9 relative) times 2^k, as ghess_exp_nonpositive */
+static inline float ghess_expf_nonpositive(float u)
 {
     const float log2e = 1.44269504f;
-    const float ln2_hi = 0.693145751953125f;  /* 15 bits: k * ln2_hi exact for |k| < 2^9 */
+    const float ln2_hi = 0.693145751953125f;
     const float ln2_lo = 1.42860677e-06f;
-    const float shifter = 12582912.0f;        /* 1.5 * 2^23 */
-    float a = fabsf(x);
-    a = a < 10.0f ? a : 10.0f;  /* also maps +-inf to 10 */
-    float u = -2.0f * a;
-    /* expm1(u), u in (-0.7, 0] */
-    float q = (float)GHESS_INV_FACT_10;
-    q = q * u + (float)GHESS_INV_FACT_9;
-    q = q * u + (float)GHESS_INV_FACT_8;
-    q = q * u + (float)GHESS_INV_FACT_7;
-    q = q * u + (float)GHESS_INV_FACT_6;
-    q = q * u + (float)GHESS_INV_FACT_5;
-    q = q * u + (float)GHESS_INV_FACT_4;
-    q = q * u + (float)GHESS_INV_FACT_3;
-    q = q * u + (float)GHESS_INV_FACT_2;
-    q = q * u + 1.0f;
-    float small = q * u;
-    /* exp(u) - 1, u in [-20, -0.7]: 2^k exp(r) */
+    const float shifter = 12582912.0f;  /* 1.5 * 2^23 */
     float shifted = u * log2e + shifter;
     float k = shifted - shifter;
     float r = (u - k * ln2_hi) - k * ln2_lo;
@@ -156,10 +124,61 @@ static inline float ghess_tanhf(float x)
     int32_t bits, base;
     memcpy(&bits, &shifted, sizeof bits);
     memcpy(&base, &shifter, sizeof base);
-    bits = (bits - base + 127) << 23; /* the float 2^k, k in [-29, 0] */
+    bits = (bits - base + 127) << 23; /* the float 2^k, k in [-126, 0] */
     memcpy(&scale, &bits, sizeof scale);
-    float big = p * scale - 1.0f;
-    float em = u > -0.7f ? small : big;
+    return p * scale;
+}
+
+/* expm1(x) for x <= 0 (tanh, ELU): the small-|x| polynomial, else exp(x) - 1 (no
+ * cancellation below -0.7); x is clamped at -708 (float64) / -87 (float32), where expm1
+ * is -1 anyway. The float32 polynomial has degree 10 on (-0.7, 0] (< 2e-9). */
+static inline double ghess_expm1_nonpositive(double x)
+{
+    double u = x > -708.0 ? x : -708.0;
+    u = u < 0.0 ? u : 0.0;
+    double small = ghess_expm1_small(u);
+    double big = ghess_exp_nonpositive(u) - 1.0;
+    return u > -0.7 ? small : big;
+}
+
+static inline float ghess_expm1f_nonpositive(float x)
+{
+    float u = x > -87.0f ? x : -87.0f;
+    u = u < 0.0f ? u : 0.0f;
+    float q = (float)GHESS_INV_FACT_10;
+    q = q * u + (float)GHESS_INV_FACT_9;
+    q = q * u + (float)GHESS_INV_FACT_8;
+    q = q * u + (float)GHESS_INV_FACT_7;
+    q = q * u + (float)GHESS_INV_FACT_6;
+    q = q * u + (float)GHESS_INV_FACT_5;
+    q = q * u + (float)GHESS_INV_FACT_4;
+    q = q * u + (float)GHESS_INV_FACT_3;
+    q = q * u + (float)GHESS_INV_FACT_2;
+    q = q * u + 1.0f;
+    float small = q * u;
+    float big = ghess_expf_nonpositive(u) - 1.0f;
+    return u > -0.7f ? small : big;
+}
+
+/* tanh(|x|) = -expm1(-2|x|) / (2 + expm1(-2|x|)); tanh(20) rounds to 1 */
+static inline double ghess_tanh(double x)
+{
+    double a = fabs(x);
+    a = a < 20.0 ? a : 20.0;  /* also maps +-inf to 20 */
+    double em = ghess_expm1_nonpositive(-2.0 * a);
+    return copysign(-em / (2.0 + em), x);
+}
+
+/* float32 tanh with the same structure in single precision (AVX2: 8 lanes), for
+ * float32 layers: twice the lanes of the float64 one, and faster than NumPy's float32
+ * tanh, which it replaces there. tanh rounds to 1 in float32 from |x| = 9.02, so |x| is
+ * clamped at 10. Within 4 float32 ulp of the correctly rounded tanh
+ * (tests/_kernels/test_vecmath.py). */
+static inline float ghess_tanhf(float x)
+{
+    float a = fabsf(x);
+    a = a < 10.0f ? a : 10.0f;  /* also maps +-inf to 10 */
+    float em = ghess_expm1f_nonpositive(-2.0f * a);
     return copysignf(-em / (2.0f + em), x);
 }
 
@@ -209,209 +228,106 @@ GHESS_DEFINE_TANH_BLOCK(float, ghess_tanhf_block, ghess_tanhf)
  * float32), it is taken as 0: the exp polynomial runs on a clamped argument, and the
  * result is selected away. */
 
-static inline void ghess_sigmoid_pair(double x, double *s, double *c)
-{
-    double a = fabs(x);
-    double e = ghess_exp_nonpositive(-(a < 708.0 ? a : 708.0));  /* +-inf: 708 */
-    e = a < 708.0 ? e : 0.0;
-    double big = 1.0 / (1.0 + e), small = e / (1.0 + e);
-    *s = x >= 0.0 ? big : small;
-    *c = x >= 0.0 ? small : big;
+/* The float64 and float32 twins below are one template each: L(x) writes a literal in T
+ * (L(1.0) is 1.0 for double, 1.0f for float: the same decimal, rounded once to T). */
+#define GHESS_LITERAL(x) x
+#define GHESS_LITERAL_F(x) x##f
+
+#define GHESS_DEFINE_SIGMOID_PAIR(T, NAME, L, FABS, EXP, AMAX)                              \
+static inline void NAME(T x, T *s, T *c)                                                    \
+{                                                                                           \
+    T a = FABS(x);                                                                          \
+    T e = EXP(-(a < L(AMAX) ? a : L(AMAX)));  /* +-inf: AMAX */                             \
+    e = a < L(AMAX) ? e : L(0.0);                                                           \
+    T big = L(1.0) / (L(1.0) + e), small = e / (L(1.0) + e);                                \
+    *s = x >= L(0.0) ? big : small;                                                         \
+    *c = x >= L(0.0) ? small : big;                                                         \
 }
 
-/* exp(u) for u in [-87, 0] in float32: ghess_tanhf's degree-7 exp(r) times 2^k */
-static inline float ghess_expf_nonpositive(float u)
-{
-    const float log2e = 1.44269504f;
-    const float ln2_hi = 0.693145751953125f;
-    const float ln2_lo = 1.42860677e-06f;
-    const float shifter = 12582912.0f;  /* 1.5 * 2^23 */
-    float shifted = u * log2e + shifter;
-    float k = shifted - shifter;
-    float r = (u - k * ln2_hi) - k * ln2_lo;
-    float p = (float)GHESS_INV_FACT_7;
-    p = p * r + (float)GHESS_INV_FACT_6;
-    p = p * r + (float)GHESS_INV_FACT_5;
-    p = p * r + (float)GHESS_INV_FACT_4;
-    p = p * r + (float)GHESS_INV_FACT_3;
-    p = p * r + (float)GHESS_INV_FACT_2;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
-    float scale;
-    int32_t bits, base;
-    memcpy(&bits, &shifted, sizeof bits);
-    memcpy(&base, &shifter, sizeof base);
-    bits = (bits - base + 127) << 23; /* the float 2^k, k in [-126, 0] */
-    memcpy(&scale, &bits, sizeof scale);
-    return p * scale;
-}
-
-static inline void ghess_sigmoidf_pair(float x, float *s, float *c)
-{
-    float a = fabsf(x);
-    float e = ghess_expf_nonpositive(-(a < 87.0f ? a : 87.0f));
-    e = a < 87.0f ? e : 0.0f;
-    float big = 1.0f / (1.0f + e), small = e / (1.0f + e);
-    *s = x >= 0.0f ? big : small;
-    *c = x >= 0.0f ? small : big;
-}
-
-/* expm1(x) for x <= 0 (ELU): the small-|x| polynomial, else exp(x) - 1 (no cancellation
- * below -0.7); x is clamped at -708 (float64) / -87 (float32), where expm1 is -1 anyway */
-static inline double ghess_expm1_nonpositive(double x)
-{
-    double u = x > -708.0 ? x : -708.0;
-    u = u < 0.0 ? u : 0.0;
-    double small = ghess_expm1_small(u);
-    double big = ghess_exp_nonpositive(u) - 1.0;
-    return u > -0.7 ? small : big;
-}
-
-static inline float ghess_expm1f_nonpositive(float x)
-{
-    float u = x > -87.0f ? x : -87.0f;
-    u = u < 0.0f ? u : 0.0f;
-    float q = (float)GHESS_INV_FACT_10;
-    q = q * u + (float)GHESS_INV_FACT_9;
-    q = q * u + (float)GHESS_INV_FACT_8;
-    q = q * u + (float)GHESS_INV_FACT_7;
-    q = q * u + (float)GHESS_INV_FACT_6;
-    q = q * u + (float)GHESS_INV_FACT_5;
-    q = q * u + (float)GHESS_INV_FACT_4;
-    q = q * u + (float)GHESS_INV_FACT_3;
-    q = q * u + (float)GHESS_INV_FACT_2;
-    q = q * u + 1.0f;
-    float small = q * u;
-    float big = ghess_expf_nonpositive(u) - 1.0f;
-    return u > -0.7f ? small : big;
-}
+GHESS_DEFINE_SIGMOID_PAIR(double, ghess_sigmoid_pair, GHESS_LITERAL, fabs,
+                          ghess_exp_nonpositive, 708.0)
+GHESS_DEFINE_SIGMOID_PAIR(float, ghess_sigmoidf_pair, GHESS_LITERAL_F, fabsf,
+                          ghess_expf_nonpositive, 87.0)
 
 /* erfc(a) in straight-line code: W. J. Cody's and S. L. Moshier's (Cephes) rational
  * approximations, every range computed and the right one selected: a erf-type ratio in
  * a^2 below |a| = 1 (erfc = 1 - erf), exp(-a^2) times a ratio in |a| on [1, 8) and on
- * [8, inf). exp(-a^2) is taken as 0 where it would not be normal (|a| > 26.6): erfc is
- * below 1e-308 there. About 1e-15 relative, with exp(-a^2)'s a^2 eps from rounding a^2. */
-static inline double ghess_erfc(double a)
-{
-    double x = fabs(a), z = a * a;
-    double t = 9.60497373987051638749E0;
-    t = t * z + 9.00260197203842689217E1;
-    t = t * z + 2.23200534594684319226E3;
-    t = t * z + 7.00332514112805075473E3;
-    t = t * z + 5.55923013010394962768E4;
-    double u = z + 3.35617141647503099647E1;
-    u = u * z + 5.21357949780152679795E2;
-    u = u * z + 4.59432382970980127987E3;
-    u = u * z + 2.26290000613890934246E4;
-    u = u * z + 4.92673942608635921086E4;
-    double xc = x < 26.6 ? x : 26.6;
-    double e = x < 26.6 ? ghess_exp_nonpositive(-(xc * xc)) : 0.0;
-    double p = 2.46196981473530512524E-10;
-    p = p * xc + 5.64189564831068821977E-1;
-    p = p * xc + 7.46321056442269912687E0;
-    p = p * xc + 4.86371970985681366614E1;
-    p = p * xc + 1.96520832956077098242E2;
-    p = p * xc + 5.26445194995477358631E2;
-    p = p * xc + 9.34528527171957607540E2;
-    p = p * xc + 1.02755188689515710272E3;
-    p = p * xc + 5.57535335369399327526E2;
-    double q = xc + 1.32281951154744992508E1;
-    q = q * xc + 8.67072140885989742329E1;
-    q = q * xc + 3.54937778887819891062E2;
-    q = q * xc + 9.75708501743205489753E2;
-    q = q * xc + 1.82390916687909736289E3;
-    q = q * xc + 2.24633760818710981792E3;
-    q = q * xc + 1.65666309194161350182E3;
-    q = q * xc + 5.57535340817727675546E2;
-    double r = 5.64189583547755073984E-1;
-    r = r * xc + 1.27536670759978104416E0;
-    r = r * xc + 5.01905042251180477414E0;
-    r = r * xc + 6.16021097993053585195E0;
-    r = r * xc + 7.40974269950448939160E0;
-    r = r * xc + 2.97886665372100240670E0;
-    double w = xc + 2.26052863220117276590E0;
-    w = w * xc + 9.39603524938001434673E0;
-    w = w * xc + 1.20489539808096656605E1;
-    w = w * xc + 1.70814450747565897222E1;
-    w = w * xc + 9.60896809063285878198E0;
-    w = w * xc + 3.36907645100081516050E0;
-    /* one division: the selected range's numerator over its denominator (division is
-     * the costly part of this straight-line code) */
-    double num = x < 1.0 ? u - a * t : e * (xc < 8.0 ? p : r);
-    double den = x < 1.0 ? u : (xc < 8.0 ? q : w);
-    double y = num / den;
-    return (x >= 1.0 && a < 0.0) ? 2.0 - y : y;
+ * [8, inf). exp(-a^2) is taken as 0 where it would not be normal (|a| > XMAX: 26.6 in
+ * float64, where erfc is below 1e-308; 9.3 in float32). float64: about 1e-15 relative,
+ * with exp(-a^2)'s a^2 eps from rounding a^2. float32 (the same approximations in float32
+ * arithmetic, twice the lanes): each is accurate far beyond float32's precision, so the
+ * result is within a few float32 ulp, plus exp(-a^2)'s a^2 ulp (< 90 ulp in the far tail,
+ * |a| ~ 9, where erfc < 1e-36). One division: the selected range's numerator over its
+ * denominator (division is the costly part of this straight-line code). */
+#define GHESS_DEFINE_ERFC(T, NAME, L, FABS, EXP, XMAX)                                      \
+static inline T NAME(T a)                                                                   \
+{                                                                                           \
+    T x = FABS(a), z = a * a;                                                               \
+    T t = L(9.60497373987051638749E0);                                                      \
+    t = t * z + L(9.00260197203842689217E1);                                                \
+    t = t * z + L(2.23200534594684319226E3);                                                \
+    t = t * z + L(7.00332514112805075473E3);                                                \
+    t = t * z + L(5.55923013010394962768E4);                                                \
+    T u = z + L(3.35617141647503099647E1);                                                  \
+    u = u * z + L(5.21357949780152679795E2);                                                \
+    u = u * z + L(4.59432382970980127987E3);                                                \
+    u = u * z + L(2.26290000613890934246E4);                                                \
+    u = u * z + L(4.92673942608635921086E4);                                                \
+    T xc = x < L(XMAX) ? x : L(XMAX);                                                       \
+    T e = x < L(XMAX) ? EXP(-(xc * xc)) : L(0.0);                                           \
+    T p = L(2.46196981473530512524E-10);                                                    \
+    p = p * xc + L(5.64189564831068821977E-1);                                              \
+    p = p * xc + L(7.46321056442269912687E0);                                               \
+    p = p * xc + L(4.86371970985681366614E1);                                               \
+    p = p * xc + L(1.96520832956077098242E2);                                               \
+    p = p * xc + L(5.26445194995477358631E2);                                               \
+    p = p * xc + L(9.34528527171957607540E2);                                               \
+    p = p * xc + L(1.02755188689515710272E3);                                               \
+    p = p * xc + L(5.57535335369399327526E2);                                               \
+    T q = xc + L(1.32281951154744992508E1);                                                 \
+    q = q * xc + L(8.67072140885989742329E1);                                               \
+    q = q * xc + L(3.54937778887819891062E2);                                               \
+    q = q * xc + L(9.75708501743205489753E2);                                               \
+    q = q * xc + L(1.82390916687909736289E3);                                               \
+    q = q * xc + L(2.24633760818710981792E3);                                               \
+    q = q * xc + L(1.65666309194161350182E3);                                               \
+    q = q * xc + L(5.57535340817727675546E2);                                               \
+    T r = L(5.64189583547755073984E-1);                                                     \
+    r = r * xc + L(1.27536670759978104416E0);                                               \
+    r = r * xc + L(5.01905042251180477414E0);                                               \
+    r = r * xc + L(6.16021097993053585195E0);                                               \
+    r = r * xc + L(7.40974269950448939160E0);                                               \
+    r = r * xc + L(2.97886665372100240670E0);                                               \
+    T w = xc + L(2.26052863220117276590E0);                                                 \
+    w = w * xc + L(9.39603524938001434673E0);                                               \
+    w = w * xc + L(1.20489539808096656605E1);                                               \
+    w = w * xc + L(1.70814450747565897222E1);                                               \
+    w = w * xc + L(9.60896809063285878198E0);                                               \
+    w = w * xc + L(3.36907645100081516050E0);                                               \
+    T num = x < L(1.0) ? u - a * t : e * (xc < L(8.0) ? p : r);                             \
+    T den = x < L(1.0) ? u : (xc < L(8.0) ? q : w);                                         \
+    T y = num / den;                                                                        \
+    return (x >= L(1.0) && a < L(0.0)) ? L(2.0) - y : y;                                    \
 }
 
-/* the standard normal CDF Phi(v) = erfc(-v / sqrt 2) / 2 and density phi(v) */
-static inline void ghess_normal_pair(double v, double *cdf, double *pdf)
-{
-    double h = -0.5 * v * v;
-    *cdf = 0.5 * ghess_erfc(-v * 0.7071067811865476);
-    *pdf = h > -708.0 ? 0.3989422804014327 * ghess_exp_nonpositive(h > -708.0 ? h : -708.0)
-                      : 0.0;
+GHESS_DEFINE_ERFC(double, ghess_erfc, GHESS_LITERAL, fabs, ghess_exp_nonpositive, 26.6)
+GHESS_DEFINE_ERFC(float, ghess_erfcf, GHESS_LITERAL_F, fabsf, ghess_expf_nonpositive, 9.3)
+
+/* the standard normal CDF Phi(v) = erfc(-v / sqrt 2) / 2 and density phi(v); the density's
+ * exp is taken as 0 below -HLIM (-708 in float64, -87 in float32) */
+#define GHESS_DEFINE_NORMAL_PAIR(T, NAME, L, ERFC, EXP, HLIM)                               \
+static inline void NAME(T v, T *cdf, T *pdf)                                                \
+{                                                                                           \
+    T h = -L(0.5) * v * v;                                                                  \
+    *cdf = L(0.5) * ERFC(-v * L(0.7071067811865476));                                       \
+    *pdf = h > -L(HLIM) ? L(0.3989422804014327) * EXP(h > -L(HLIM) ? h : -L(HLIM))          \
+                        : L(0.0);                                                           \
 }
 
-/* float32 erfc: the same rational approximations evaluated in float32 (twice the lanes);
- * each is accurate far beyond float32's precision, so the result is within a few float32
- * ulp, plus exp(-a^2)'s a^2 ulp (< 90 ulp in the far tail, |a| ~ 9, where erfc < 1e-36).
- * exp(-a^2) is taken as 0 where it would not be a normal float32 (|a| > 9.3). */
-static inline float ghess_erfcf(float a)
-{
-    float x = fabsf(a), z = a * a;
-    float t = 9.60497373987051638749E0f;
-    t = t * z + 9.00260197203842689217E1f;
-    t = t * z + 2.23200534594684319226E3f;
-    t = t * z + 7.00332514112805075473E3f;
-    t = t * z + 5.55923013010394962768E4f;
-    float u = z + 3.35617141647503099647E1f;
-    u = u * z + 5.21357949780152679795E2f;
-    u = u * z + 4.59432382970980127987E3f;
-    u = u * z + 2.26290000613890934246E4f;
-    u = u * z + 4.92673942608635921086E4f;
-    float xc = x < 9.3f ? x : 9.3f;
-    float e = x < 9.3f ? ghess_expf_nonpositive(-(xc * xc)) : 0.0f;
-    float p = 2.46196981473530512524E-10f;
-    p = p * xc + 5.64189564831068821977E-1f;
-    p = p * xc + 7.46321056442269912687E0f;
-    p = p * xc + 4.86371970985681366614E1f;
-    p = p * xc + 1.96520832956077098242E2f;
-    p = p * xc + 5.26445194995477358631E2f;
-    p = p * xc + 9.34528527171957607540E2f;
-    p = p * xc + 1.02755188689515710272E3f;
-    p = p * xc + 5.57535335369399327526E2f;
-    float q = xc + 1.32281951154744992508E1f;
-    q = q * xc + 8.67072140885989742329E1f;
-    q = q * xc + 3.54937778887819891062E2f;
-    q = q * xc + 9.75708501743205489753E2f;
-    q = q * xc + 1.82390916687909736289E3f;
-    q = q * xc + 2.24633760818710981792E3f;
-    q = q * xc + 1.65666309194161350182E3f;
-    q = q * xc + 5.57535340817727675546E2f;
-    float r = 5.64189583547755073984E-1f;
-    r = r * xc + 1.27536670759978104416E0f;
-    r = r * xc + 5.01905042251180477414E0f;
-    r = r * xc + 6.16021097993053585195E0f;
-    r = r * xc + 7.40974269950448939160E0f;
-    r = r * xc + 2.97886665372100240670E0f;
-    float w = xc + 2.26052863220117276590E0f;
-    w = w * xc + 9.39603524938001434673E0f;
-    w = w * xc + 1.20489539808096656605E1f;
-    w = w * xc + 1.70814450747565897222E1f;
-    w = w * xc + 9.60896809063285878198E0f;
-    w = w * xc + 3.36907645100081516050E0f;
-    float num = x < 1.0f ? u - a * t : e * (xc < 8.0f ? p : r);
-    float den = x < 1.0f ? u : (xc < 8.0f ? q : w);
-    float y = num / den;
-    return (x >= 1.0f && a < 0.0f) ? 2.0f - y : y;
-}
-
-static inline void ghess_normalf_pair(float v, float *cdf, float *pdf)
-{
-    float h = -0.5f * v * v;
-    *cdf = 0.5f * ghess_erfcf(-v * 0.70710678f);
-    *pdf = h > -87.0f ? 0.39894228f * ghess_expf_nonpositive(h > -87.0f ? h : -87.0f) : 0.0f;
-}
+GHESS_DEFINE_NORMAL_PAIR(double, ghess_normal_pair, GHESS_LITERAL, ghess_erfc,
+                         ghess_exp_nonpositive, 708.0)
+GHESS_DEFINE_NORMAL_PAIR(float, ghess_normalf_pair, GHESS_LITERAL_F, ghess_erfcf,
+                         ghess_expf_nonpositive, 87.0)
 
 /* x Phi(x): f' = Phi + x phi, f'' = phi (2 - x^2) */
 #define GHESS_GELU_BODY(PAIR)                                                               \
