@@ -112,35 +112,40 @@ class _BatchNorm(WeightBiasLayer):
 
     # -- propagation ---------------------------------------------------------
     def forward(self, params, x, ctx, need, n_threads):
-        """Y = a x + (beta - a mean) per channel; keeps ``x`` for the parameter derivatives."""
+        """Y = a x + (beta - a mean) per channel.
+
+        With ``need >= 1`` keeps xhat, which every parameter derivative reads: formed
+        once here, not again in each product of a stored operator.
+        """
         n = x.shape[0]
         a = self._scale(params)
         _, mean = self._fixed(x.dtype)
         y = np.empty_like(x)
         np.multiply(self._channels(x, (n,)), a, out=self._channels(y, (n,)))
         self._channels(y, (n,))[...] += params["bias"][:, None] - a * mean
-        ctx["x"] = x
+        if need >= 1:
+            ctx["xhat"] = self._xhat(x)
         return y
 
     def factor_context(self, ctx, n_threads=1):
-        """Return what the stored-Jacobian path keeps: the layer input."""
-        return {"x": ctx["x"]}
+        """Return what the stored-Jacobian path keeps: xhat."""
+        return {"xhat": ctx["xhat"]}
 
     def kept_bytes(self, input_shape, itemsize, input_is_data):
-        """Count the input, unless it is the network input itself."""
-        return 0 if input_is_data else int(np.prod(input_shape)) * itemsize
+        """Count xhat (an array of its own, even when the input is the network input)."""
+        return int(np.prod(input_shape)) * itemsize
 
     factor_bytes = kept_bytes
 
     def jvp(self, params, tangent, ctx, rx, n_threads, rctx=None):
         """R{y} = V_gamma xhat + v_beta + a R{x}, for k directions."""
-        x = ctx["x"]
-        n = x.shape[0]
+        xhat = ctx["xhat"]
+        n = xhat.shape[0]
         Vg, Vb = tangent["weight"], tangent["bias"]
         k = Vg.shape[0]
-        ry = np.empty((n, k, x.shape[1]), dtype=x.dtype)
+        ry = np.empty((n, k, self.num_features * self._positions), dtype=xhat.dtype)
         r4 = self._channels(ry, (n, k))
-        np.multiply(self._xhat(x)[:, None], Vg[None, :, :, None], out=r4)
+        np.multiply(xhat[:, None], Vg[None, :, :, None], out=r4)
         r4 += Vb[None, :, :, None]
         if rx is not None:
             r4 += self._channels(rx, (n, k)) * self._scale(params)
@@ -148,10 +153,9 @@ class _BatchNorm(WeightBiasLayer):
 
     def param_vjp(self, ctx, gy, acc, n_threads):
         """dL/dgamma += sum gy xhat and dL/dbeta += sum gy, per channel, for k directions."""
-        x = ctx["x"]
         n, k = gy.shape[0], gy.shape[1]
         g4 = self._channels(gy, (n, k))
-        acc["weight"] += np.einsum("nkcs,ncs->kc", g4, self._xhat(x), optimize=True)
+        acc["weight"] += np.einsum("nkcs,ncs->kc", g4, ctx["xhat"], optimize=True)
         acc["bias"] += g4.sum(axis=(0, 3))
 
     def input_vjp(self, params, gy, n_threads):
@@ -192,7 +196,7 @@ class _BatchNorm(WeightBiasLayer):
         """Write this layer's columns of the per-sample Jacobians ``J_out``."""
         n, K, C = D.shape[0], D.shape[1], self.num_features
         D4 = self._channels(D, (n, K))
-        J_out[:, :, offset:offset + C] = np.einsum("nkcs,ncs->nkc", D4, self._xhat(ctx["x"]),
+        J_out[:, :, offset:offset + C] = np.einsum("nkcs,ncs->nkc", D4, ctx["xhat"],
                                                    optimize=True)
         J_out[:, :, offset + C:offset + 2 * C] = D4.sum(axis=3)
 
