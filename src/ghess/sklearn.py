@@ -134,6 +134,10 @@ class _BaseNewtonCG(BaseEstimator):
         return Sequential(*hidden, Linear(int(np.prod(shape)), n_outputs),
                           input_shape=input_shape)
 
+    def _fit_dtype(self):
+        """Return the NumPy dtype of ``dtype``: what X is validated into."""
+        return np.float32 if self.dtype == "float32" else np.float64
+
     def _reshape(self, X):
         return X.reshape((X.shape[0],) + self.model_.input_shape)
 
@@ -301,9 +305,6 @@ class NewtonCGClassifier(ClassifierMixin, _BaseNewtonCG):
             loss = BCEWithLogitsLoss(factor=float(indicator.shape[1]))
         return self._fit(X, targets, loss, indicator.shape[1])
 
-    def _fit_dtype(self):
-        return np.float32 if self.dtype == "float32" else np.float64
-
     def predict_proba(self, X):
         """Class probabilities, (n_samples, n_classes); (n_samples, n_labels) if multi-label."""
         z = self._outputs(X)
@@ -354,7 +355,7 @@ class NewtonCGRegressor(RegressorMixin, _BaseNewtonCG):
 
     def fit(self, X, y):
         """Train on X (n_samples, n_features) and real targets y; return self."""
-        dtype = np.float32 if self.dtype == "float32" else np.float64
+        dtype = self._fit_dtype()
         X, y = validate_data(self, X, y, multi_output=True, y_numeric=True, dtype=dtype)
         if y.ndim == 2 and y.shape[1] == 1:
             y = column_or_1d(y, warn=True)

@@ -362,7 +362,7 @@ _BATCH_NORM = (BatchNorm1d, BatchNorm2d)
 _LINEAR_IN_INPUT = (Linear, Conv2d, MaxPool2d, AvgPool2d, Flatten) + _BATCH_NORM
 
 
-def _per_channel(layer, values, ndim):
+def _per_channel(values, ndim):
     """Shape ``values`` (C,) to broadcast over the channel axis (the first of ``ndim``)."""
     return np.asarray(values, dtype=np.float64).reshape((-1,) + (1,) * (ndim - 1))
 
@@ -371,7 +371,7 @@ def _bn_apply(model, i, weight, x):
     """A(weight) x = weight x / sigma per channel (batch norm's bilinear part)."""
     layer, ndim = model.layers[i], len(model.shapes[i])
     sigma = np.sqrt(layer.running_var + layer.eps)
-    return x * _per_channel(layer, weight / sigma, ndim)
+    return x * _per_channel(weight / sigma, ndim)
 
 
 def _layer_params(model, params, i):
@@ -446,7 +446,7 @@ def _bias_grad(layer, g, ndim):
 
 def _add_bias(layer, s, b, ndim):
     if isinstance(layer, _BATCH_NORM):
-        return s + _per_channel(layer, b, ndim)
+        return s + _per_channel(b, ndim)
     return s + (b if isinstance(layer, Linear) else b[:, None, None])
 
 
@@ -457,7 +457,7 @@ def _layer_forward(model, params, i, a):
         W, b = _layer_params(model, params, i)
         cache = {"a": a}
         if isinstance(layer, _BATCH_NORM):  # bilinear in (gamma, a - mean)
-            cache["a"] = a - _per_channel(layer, layer.running_mean, len(model.shapes[i]))
+            cache["a"] = a - _per_channel(layer.running_mean, len(model.shapes[i]))
         if isinstance(layer, MaxPool2d):
             cache["argmax"] = _maxpool_argmax(a, layer)
         s = _apply(model, i, W, cache["a"], cache)
