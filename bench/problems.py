@@ -63,6 +63,11 @@ class Setup(NamedTuple):
     v: object  # V[0]
     Xj: object  # the samples of the per-sample Jacobian operations
     threads: int
+    ops: object = None  # the operations (``Op.op``) to set up; None: all
+
+    def wants(self, op):
+        """Whether operation ``op`` (e.g. "GGN product") is to be set up."""
+        return self.ops is None or op in self.ops
 
 
 def jacobian_samples(model, n_samples):
@@ -73,13 +78,18 @@ def jacobian_samples(model, n_samples):
     return max(1, JACOBIAN_SUBBATCH_BYTES // per_sample)
 
 
-def make_setup(problem, dtype_name, threads):
-    """Build the model, draw weights, data and directions (seed 0)."""
+def make_setup(problem, dtype_name, threads, batch=None, ops=None):
+    """Build the model, draw weights, data and directions (seed 0).
+
+    ``batch`` overrides the problem's batch size; ``ops`` limits the operations that
+    the competitors set up (a set of ``Op.op`` names, None for all).
+    """
     import numpy as np
 
     import ghess
 
-    make_model, batch = all_problems()[problem]
+    make_model, default_batch = all_problems()[problem]
+    batch = default_batch if batch is None else batch
     model = make_model()
     dtype = np.dtype(dtype_name)
     rng = np.random.default_rng(0)
@@ -88,4 +98,5 @@ def make_setup(problem, dtype_name, threads):
     y = rng.integers(0, model.n_outputs, size=batch)
     V = rng.normal(size=(16, model.n_params)).astype(dtype)
     return Setup(model, ghess.CrossEntropyLoss(reduction="sum"), theta, X, y, V, V[0],
-                 X[:jacobian_samples(model, batch)], threads)
+                 X[:jacobian_samples(model, batch)], threads,
+                 None if ops is None else frozenset(ops))

@@ -20,6 +20,7 @@ def competitor(s):
     G = curvlinops.GGNLinearOperator(*args, **kwargs)
     H = curvlinops.HessianLinearOperator(*args, **kwargs)
     tv = torch.from_numpy(s.v.copy())
-    return with_torch_flops(torch, {
-        "curvlinops GGN product": Op("GGN product", lambda: G @ tv),
-        "curvlinops Hessian product": Op("Hessian product", lambda: H @ tv)})
+    ops = {"curvlinops GGN product": Op("GGN product", lambda: G @ tv),
+           "curvlinops Hessian product": Op("Hessian product", lambda: H @ tv)}
+    return with_torch_flops(torch, {name: entry for name, entry in ops.items()
+                                    if s.wants(entry.op)})

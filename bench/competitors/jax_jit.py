@@ -136,18 +136,23 @@ def competitor(s):
     params = jax_unflatten(model, theta)
     slots = list(model.param_slots.values())
     n_jac, K = s.Xj.shape[0], model.n_outputs
-    return {
-        "JAX forward": op("forward", timed(f, theta, X), theta, X),
-        "JAX loss+grad": op("loss+grad", timed(jax.value_and_grad(objective), theta, X, y),
-                            theta, X, y, to_numpy=loss_grad_to_numpy),
-        "JAX GGN product": op("GGN product", timed(ggn, theta, v, X), theta, v, X),
-        "JAX Hessian product": op("Hessian product", timed(hvp, theta, v, X, y),
-                                  theta, v, X, y),
-        "JAX Jacobian product": op("Jacobian product", timed(jvp, theta, v, X), theta, v, X),
+    # name: (operation, its compiled call), each compiled only if asked for (``s.ops``)
+    entries = {
+        "JAX forward": ("forward", lambda: op("forward", timed(f, theta, X), theta, X)),
+        "JAX loss+grad": ("loss+grad", lambda: op(
+            "loss+grad", timed(jax.value_and_grad(objective), theta, X, y), theta, X, y,
+            to_numpy=loss_grad_to_numpy)),
+        "JAX GGN product": ("GGN product", lambda: op(
+            "GGN product", timed(ggn, theta, v, X), theta, v, X)),
+        "JAX Hessian product": ("Hessian product", lambda: op(
+            "Hessian product", timed(hvp, theta, v, X, y), theta, v, X, y)),
+        "JAX Jacobian product": ("Jacobian product", lambda: op(
+            "Jacobian product", timed(jvp, theta, v, X), theta, v, X)),
         # per layer, a dict of (n, K, *shape) blocks; concatenated only for the check
-        "JAX per-sample Jacobians": op(
+        "JAX per-sample Jacobians": ("per-sample Jacobians", lambda: op(
             "per-sample Jacobians", timed(jacobians, params, Xj), params, Xj,
             to_numpy=lambda out: blocks_to_jacobians(
                 [out[sl.layer_index][sl.attr] for sl in slots], n_jac, K),
-            note=jacobian_note),
+            note=jacobian_note)),
     }
+    return {name: build() for name, (kind, build) in entries.items() if s.wants(kind)}

@@ -8,6 +8,7 @@ def competitor(s):
     from ghess import testing
 
     args = (s.model, s.loss, s.theta, (s.X, s.y), s.v)
-    return {"numpy GGN product": Op("GGN product", lambda: testing.reference_ggn_matvec(*args)),
-            "numpy Hessian product": Op(
-                "Hessian product", lambda: testing.reference_hessian_matvec(*args))}
+    ops = {"numpy GGN product": Op("GGN product", lambda: testing.reference_ggn_matvec(*args)),
+           "numpy Hessian product": Op(
+               "Hessian product", lambda: testing.reference_hessian_matvec(*args))}
+    return {name: entry for name, entry in ops.items() if s.wants(entry.op)}

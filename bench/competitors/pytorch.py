@@ -105,7 +105,7 @@ def competitor(s):
 
     jacobians = func.vmap(func.jacrev(single), in_dims=(None, 0))
     n_jac, K = s.Xj.shape[0], s.model.n_outputs
-    return with_torch_flops(torch, {
+    ops = {
         "torch forward": Op("forward", forward),
         "torch loss+grad": Op("loss+grad", loss_grad, loss_grad_to_numpy),
         "torch.func GGN product": Op("GGN product", ggn),
@@ -116,4 +116,6 @@ def competitor(s):
         "torch.func per-sample Jacobians": Op(
             "per-sample Jacobians", lambda: jacobians(params, tXj),
             lambda out: blocks_to_jacobians([out[n] for n in names], n_jac, K)),
-    })
+    }
+    return with_torch_flops(torch, {name: entry for name, entry in ops.items()
+                                    if s.wants(entry.op)})

@@ -1,0 +1,135 @@
+"""Per-stage wall times of ghess's operations, to find what does not scale with threads.
+
+:func:`instrument` wraps, for the life of the process, every public function of
+the Cython kernel modules (``ghess._kernels.dense`` and ``conv``), the layers'
+and losses' methods, the fused steps', the forward pass of ``Sequential`` and the
+finiteness checks with timers. Each stage's time is *exclusive*: a layer method's
+time excludes the kernels it calls, so the layer's own share is its Python and
+NumPy work. What no stage covers (the operator's loop over chunks, tangent
+preparation, argument checks) is reported as ``(python, outside stages)``.
+
+Timed at 1 and at p threads, a stage's speed-up tells whether it runs in
+parallel; the Karp-Flatt serial fraction of a whole operation,
+``e = (1/S - 1/p) / (1 - 1/p)`` with S its speed-up, tells how much of it
+behaves as if serial (``bench/scaling.py --stages`` reports both).
+
+The wrappers cost about a microsecond a call; they change no result. This module
+reaches into private modules and is used only by the benchmark.
+"""
+
+import functools
+import time
+from collections import defaultdict
+
+#: exclusive seconds and calls per stage name, since the last :func:`reset`
+TOTALS = defaultdict(float)
+CALLS = defaultdict(int)
+_stack = []  # per active stage: seconds spent in the stages it called
+
+#: the methods of layers, steps and losses that run the computation
+_METHODS = ("forward", "jvp", "vjp", "rvjp", "input_grad", "input_vjp", "param_vjp",
+            "factor_context", "context", "input_jacobian", "split_tangent", "new_accumulator",
+            "accumulator_to_flat", "value_grad", "hessian_apply", "hessian_kernel_args")
+
+
+def reset():
+    """Forget the times recorded so far."""
+    TOTALS.clear()
+    CALLS.clear()
+
+
+def _run_timed(name, fn, args, kwargs):
+    _stack.append(0.0)
+    t0 = time.perf_counter()
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        elapsed = time.perf_counter() - t0
+        children = _stack.pop()
+        TOTALS[name] += elapsed - children
+        CALLS[name] += 1
+        if _stack:
+            _stack[-1] += elapsed
+
+
+def _timed(name, fn):
+    """``fn`` timed as stage ``name``."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        return _run_timed(name, fn, args, kwargs)
+    wrapper.__stage__ = name
+    return wrapper
+
+
+def _timed_method(cls, method):
+    """``cls.method`` timed as stage ``"<class of the instance>.<method>"``."""
+    original = cls.__dict__[method]
+
+    @functools.wraps(original)
+    def wrapper(self, *args, **kwargs):
+        return _run_timed(f"{type(self).__name__}.{method}", original, (self,) + args, kwargs)
+    wrapper.__stage__ = method
+    return wrapper
+
+
+def _subclasses(cls):
+    seen, todo = [], [cls]
+    while todo:
+        c = todo.pop()
+        if c not in seen:
+            seen.append(c)
+            todo.extend(c.__subclasses__())
+    return seen
+
+
+def instrument():
+    """Wrap the kernels, layer, step and loss methods and the checks with stage timers."""
+    from ghess import _engine, nn
+    from ghess._engine import factors, fused, passes
+    from ghess._kernels import conv, dense
+    from ghess.operators import base
+
+    if getattr(dense.gemm_rowmajor, "__stage__", None):
+        return  # already instrumented
+    for module, label in ((dense, "dense"), (conv, "conv")):
+        for name in dir(module):
+            fn = getattr(module, name)
+            if name.startswith("_") or not callable(fn) or isinstance(fn, type):
+                continue
+            setattr(module, name, _timed(f"kernel {label}.{name}", fn))
+    classes = _subclasses(nn.Layer) + _subclasses(nn.Loss) + [fused.ActivationMaxPool]
+    for cls in classes:
+        for method in _METHODS:
+            if method in cls.__dict__ and callable(cls.__dict__[method]):
+                if isinstance(cls.__dict__[method], staticmethod):
+                    continue
+                setattr(cls, method, _timed_method(cls, method))
+    nn.Sequential.forward_chunk = _timed("Sequential.forward_chunk (python)",
+                                         nn.Sequential.forward_chunk)
+    for module in (passes, base, factors):
+        if hasattr(module, "all_finite"):
+            module.all_finite = _timed("all_finite (finiteness check)", module.all_finite)
+    for name in ("prepare_tangents", "new_accumulators", "accumulators_to_flat"):
+        timed = _timed(f"engine {name}", getattr(_engine, name))
+        setattr(_engine, name, timed)
+
+
+def profile(fn, repeats):
+    """Run ``fn`` ``repeats`` times: (median seconds, {stage: seconds}, {stage: calls}).
+
+    Seconds and calls are per run of ``fn``.
+    """
+    import numpy as np
+
+    fn()  # warm-up, untimed
+    reset()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    total = float(np.sum(times))
+    per_call = {name: t / repeats for name, t in TOTALS.items()}
+    per_call["(python, outside stages)"] = (total - sum(TOTALS.values())) / repeats
+    calls = {name: count / repeats for name, count in CALLS.items()}
+    return float(np.median(times)), per_call, calls
