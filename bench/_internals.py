@@ -32,3 +32,23 @@ def gemm_rowmajor(trans_a, trans_b, alpha, a, b, beta, c, n_threads):
     from ghess._kernels import dense
 
     return dense.gemm_rowmajor(trans_a, trans_b, alpha, a, b, beta, c, n_threads)
+
+
+def stage_hooks():
+    """Return what ``bench/stages.py`` wraps with timers, by role.
+
+    ``kernels``: (label, module) of the Cython kernel modules, whose functions the
+    layers and the engine call through the module; ``steps``: the engine's own
+    step classes (fused activation + max-pooling); ``finiteness``: the modules
+    that call ``all_finite``; ``engine``: the package whose ``prepare_tangents``,
+    ``new_accumulators`` and ``accumulators_to_flat`` the operators call.
+    """
+    from ghess import _engine
+    from ghess._engine import fused, passes
+    from ghess._kernels import conv, dense
+    from ghess.operators import base
+
+    return {"kernels": (("dense", dense), ("conv", conv)),
+            "steps": (fused.ActivationMaxPool,),
+            "finiteness": (passes, base),
+            "engine": _engine}

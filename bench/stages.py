@@ -1,12 +1,12 @@
 """Per-stage wall times of ghess's operations, to find what does not scale with threads.
 
 :func:`instrument` wraps, for the life of the process, every public function of
-the Cython kernel modules (``ghess._kernels.dense`` and ``conv``), the layers'
-and losses' methods, the fused steps', the forward pass of ``Sequential`` and the
-finiteness checks with timers. Each stage's time is *exclusive*: a layer method's
-time excludes the kernels it calls, so the layer's own share is its Python and
-NumPy work. What no stage covers (the operator's loop over chunks, tangent
-preparation, argument checks) is reported as ``(python, outside stages)``.
+the Cython kernel modules, the layers' and losses' methods, the fused steps', the
+forward pass of ``Sequential`` and the finiteness checks with timers. Each
+stage's time is *exclusive*: a layer method's time excludes the kernels it calls,
+so the layer's own share is its Python and NumPy work. What no stage covers (the
+operator's loop over chunks, tangent preparation, argument checks) is reported as
+``(python, outside stages)``.
 
 Timed at 1 and at p threads, a stage's speed-up tells whether it runs in
 parallel; the Karp-Flatt serial fraction of a whole operation,
@@ -14,7 +14,8 @@ parallel; the Karp-Flatt serial fraction of a whole operation,
 behaves as if serial (``bench/scaling.py --stages`` reports both).
 
 The wrappers cost about a microsecond a call; they change no result. This module
-reaches into private modules and is used only by the benchmark.
+reaches into private modules (through ``bench/_internals.py``, which names them)
+and is used only by the benchmark.
 """
 
 import functools
@@ -84,34 +85,33 @@ def _subclasses(cls):
 
 def instrument():
     """Wrap the kernels, layer, step and loss methods and the checks with stage timers."""
-    from ghess import _engine, nn
-    from ghess._engine import factors, fused, passes
-    from ghess._kernels import conv, dense
-    from ghess.operators import base
+    from ghess import nn
 
-    if getattr(dense.gemm_rowmajor, "__stage__", None):
+    from ._internals import stage_hooks
+
+    hooks = stage_hooks()
+    kernels = hooks["kernels"]
+    if getattr(kernels[0][1].gemm_rowmajor, "__stage__", None):
         return  # already instrumented
-    for module, label in ((dense, "dense"), (conv, "conv")):
+    for label, module in kernels:
         for name in dir(module):
             fn = getattr(module, name)
             if name.startswith("_") or not callable(fn) or isinstance(fn, type):
                 continue
             setattr(module, name, _timed(f"kernel {label}.{name}", fn))
-    classes = _subclasses(nn.Layer) + _subclasses(nn.Loss) + [fused.ActivationMaxPool]
+    classes = _subclasses(nn.Layer) + _subclasses(nn.Loss) + list(hooks["steps"])
     for cls in classes:
         for method in _METHODS:
-            if method in cls.__dict__ and callable(cls.__dict__[method]):
-                if isinstance(cls.__dict__[method], staticmethod):
-                    continue
+            attribute = cls.__dict__.get(method)
+            if callable(attribute) and not isinstance(attribute, staticmethod):
                 setattr(cls, method, _timed_method(cls, method))
     nn.Sequential.forward_chunk = _timed("Sequential.forward_chunk (python)",
                                          nn.Sequential.forward_chunk)
-    for module in (passes, base, factors):
-        if hasattr(module, "all_finite"):
-            module.all_finite = _timed("all_finite (finiteness check)", module.all_finite)
+    for module in hooks["finiteness"]:
+        module.all_finite = _timed("all_finite (finiteness check)", module.all_finite)
+    engine = hooks["engine"]
     for name in ("prepare_tangents", "new_accumulators", "accumulators_to_flat"):
-        timed = _timed(f"engine {name}", getattr(_engine, name))
-        setattr(_engine, name, timed)
+        setattr(engine, name, _timed(f"engine {name}", getattr(engine, name)))
 
 
 def profile(fn, repeats):

@@ -243,3 +243,59 @@ def test_ab_max_rel_diff_and_interval(tmp_path):
     low, high = ab.ratio_interval([1.0, 1.0, 1.0, 1.0], [1.1, 1.1, 1.1, 1.1])
     assert low == pytest.approx(1.1) and high == pytest.approx(1.1)
     assert ab.auto_rounds(0.01, 5, 10.0) == 100 and ab.auto_rounds(1.0, 5, 10.0) == 5
+
+
+def test_scaling_mode_reports_libraries_serial_fraction_and_stages(tmp_path):
+    # the thread-scaling mode end to end on a tiny conv net (a smoke test, not a timing test)
+    script = os.path.join(ROOT, "bench", "scaling.py")
+    proc = subprocess.run([sys.executable, script, "--problems", "tiny-cnn", "--batch", "24",
+                           "--threads", "1", "2", "--stages", "--repeats", "3", "--budget", "0",
+                           "--libraries", "ghess", "torch", "--output", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = (tmp_path / "SCALING.md").read_text()
+    results = json.loads((tmp_path / "scaling.json").read_text())["results"]
+    assert [(r["problem"], r["batch"], r["threads"]) for r in results] == [
+        ("tiny-cnn", 24, 1), ("tiny-cnn", 24, 2)]
+    assert "## tiny-cnn, N=24, float32" in report
+    for op in ("loss+grad", "GGN product", "Hessian product"):
+        assert f"| {op} | ghess | " in report and f"| {op} | ghess serial | | " in report
+        assert re.search(rf"\| {re.escape(op)} \| ghess \| [\d.]+ \| [\d.]+ \(x[\d.]+\) \|",
+                         report)
+    assert "### ghess stages, 1 vs 2 threads" in report
+    assert re.search(r"\| kernel conv\.\w+ \| \d+ \| [\d.]+ \| [\d.]+ \|", report)
+    for r in results:  # ghess's stored-mode operations only, each profiled stage by stage
+        ghess_ops = {n for n in r["timings"] if n.startswith("ghess ")}
+        assert ghess_ops == {"ghess loss+grad", "ghess GGN product (stored)",
+                             "ghess Hessian product (stored)"}
+        assert set(r["stages"]) == ghess_ops
+        for profile in r["stages"].values():
+            assert all(t >= 0 for name, t in profile["stages"].items()
+                       if name != "(python, outside stages)")
+        ran = any(n.startswith("torch") for n in r["timings"])
+        assert ran != ("torch" in r["skipped"])
+
+
+def test_stage_times_are_exclusive():
+    import time
+
+    sys.path.insert(0, ROOT)
+    try:
+        from bench import scaling, stages
+    finally:
+        sys.path.remove(ROOT)
+
+    inner = stages._timed("inner", lambda: time.sleep(0.03))
+
+    def outer_work():
+        time.sleep(0.02)
+        inner()
+
+    outer = stages._timed("outer", outer_work)
+    median, per_call, calls = stages.profile(outer, 2)
+    assert calls == {"outer": 1, "inner": 1}
+    assert 0.03 <= per_call["inner"] < 0.025 + 0.03
+    assert 0.02 <= per_call["outer"] < 0.02 + 0.025  # the inner call's time is not its own
+    assert median >= 0.05
+    assert scaling.karp_flatt(2.0, 2) == 0 and scaling.karp_flatt(1.0, 2) == 1
+    assert abs(scaling.karp_flatt(4.0, 8) - 1 / 7) < 1e-12

@@ -16,11 +16,14 @@ from ._version import __version__
 _controller = None
 
 
+def requested_threads(n_threads: int | None) -> int:
+    """Return the thread count asked for: ``n_threads``, or OpenMP's default for ``None``."""
+    return max(1, dense.openmp_max_threads()) if n_threads is None else n_threads
+
+
 def resolve_n_threads(n_threads: int | None) -> int:
     """Threads for the OpenMP kernels: ``None`` means OpenMP's default."""
-    if n_threads is None:
-        n_threads = max(1, dense.openmp_max_threads())
-    return effective_threads(n_threads)
+    return effective_threads(requested_threads(n_threads))
 
 
 # Fork safety. GNU OpenMP's thread pool does not survive fork(): a child forked after
@@ -79,14 +82,21 @@ _blas_saved = ()  # (library, its thread count) for each BLAS that single_thread
 _blas_libraries = None
 
 #: cap of the pool of freed temporaries (see alloc.h): a few chunks' worth, as
-#: a chunk's temporaries are 64-128 MiB by default (``_engine.plan.CHUNK_BYTES``)
+#: a chunk's temporaries are 64-128 MiB by default (``_engine.plan.CHUNK_BYTES``),
+#: and a conv net's as much per thread: the default cap is this, or 128 MiB per
+#: thread of OpenMP's default where that is more
 DEFAULT_POOL_MB = 256
+
+
+def default_pool_mb() -> int:
+    """Return the pool's cap without ``GHESS_POOL_MB``, in MiB."""
+    return max(DEFAULT_POOL_MB, 128 * requested_threads(None))
 
 
 def _pool_limit_from_environment():
     value = os.environ.get("GHESS_POOL_MB")
     if value is None or not value.strip():
-        return DEFAULT_POOL_MB << 20
+        return default_pool_mb() << 20
     try:
         mb = float(value)
     except ValueError:
@@ -105,8 +115,9 @@ def release_memory() -> int:
     Each chunk of a product or a loss+gradient allocates and frees megabytes of
     temporaries. Handing them back to the OS and faulting them in again costs
     a sixth of a call or more (``docs/design.md``), so ghess keeps the freed
-    blocks of at least 1 MiB for its next allocations: at most ``GHESS_POOL_MB`` MiB (environment
-    variable read at import; default 256, 0 keeps none). Arrays you create
+    blocks of at least 1 MiB for its next allocations: at most ``GHESS_POOL_MB``
+    MiB (environment variable read at import; default 256, or 128 per thread of
+    OpenMP's default where that is more; 0 keeps none). Arrays you create
     outside ghess never use this pool.
     """
     return alloc.release()

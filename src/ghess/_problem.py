@@ -183,7 +183,7 @@ class Problem:
         self.n_samples = self.batches.n_samples
         self.scale = 1.0 if loss is None else loss.scale(self.n_samples, model.n_outputs)
         self.lparams = model.layer_params(self.params)
-        self.chunk_size = (self.plan.chunk_size(chunk_directions, min_chunk)
+        self.chunk_size = (self.plan.chunk_size(chunk_directions, min_chunk, self._omp_threads)
                            if chunk_size is None else chunk_size)
 
     @property

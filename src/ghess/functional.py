@@ -35,7 +35,8 @@ def loss_and_grad(model: Sequential, loss: Loss, params: npt.ArrayLike, data: Da
         Arrays or PyTorch tensors; the iterable may be a ``DataLoader``.
     chunk_size : int, optional
         Samples per forward/backward pass (bounds the memory); by default about
-        64 MiB of temporaries (128 MiB without convolutions), as for the operators.
+        64 MiB of temporaries per thread (128 MiB without convolutions), as for
+        the operators.
     n_threads : int, optional
     check_deterministic : bool, default=True
         Read a re-iterable ``data`` (not a list or tuple) twice and raise
@@ -80,7 +81,8 @@ def per_sample_jacobians(model: Sequential, params: npt.ArrayLike, X: npt.ArrayL
     X : ndarray of shape (N, *model.input_shape)
     chunk_size : int, optional
         Samples per forward/backward pass; by default about 64 MiB of
-        temporaries (128 MiB without convolutions) for the K directions pulled back.
+        temporaries per thread (128 MiB without convolutions) for the K directions
+        pulled back.
     n_threads : int, optional
     out : ndarray of shape (N, K, n_params), optional
         A C-contiguous buffer of params' dtype to write into (every element is

@@ -368,6 +368,39 @@ def test_default_chunk_is_larger_without_convolutions():
     assert _engine.plan_for(conv, 8).chunk_size() == CHUNK_BYTES // per_sample
 
 
+def test_conv_chunks_grow_with_threads():
+    """A conv net's default chunk holds the 1-thread chunk's samples per thread.
+
+    Its kernels split a chunk's samples over the threads: each thread keeps its
+    cache-sized share, and the per-chunk costs that threads do not shrink keep their
+    share of the work. Dense networks keep their chunk. ``memory_required`` sizes the
+    recompute mode's chunk the same way, for the threads it is told.
+    """
+    from ghess import _engine
+    from ghess._engine.plan import CHUNK_BYTES
+
+    conv = ghess.Sequential(ghess.Conv2d(3, 8, 3), ghess.ReLU(), ghess.Flatten(),
+                            ghess.Linear(8 * 30 * 30, 10), input_shape=(3, 32, 32))
+    plan = _engine.plan_for(conv, 8)
+    per_sample = plan.working_bytes(1)
+    assert plan.chunk_size(threads=3) == 3 * CHUNK_BYTES // per_sample
+    assert plan.chunk_size(minimum=400, threads=3) == 1200  # the minimum is per thread too
+    dense = ghess.Sequential(ghess.Linear(784, 512), ghess.ReLU(), ghess.Linear(512, 10),
+                             input_shape=(784,))
+    assert _engine.plan_for(dense, 8).chunk_size(threads=3) == \
+        _engine.plan_for(dense, 8).chunk_size()
+    theta = conv.init_params(seed=0)
+    X, y = np.zeros((2000, 3, 32, 32)), np.zeros(2000, dtype=int)
+    for threads in (1, 2):
+        op = ghess.GGNLinearOperator(conv, ghess.CrossEntropyLoss(), theta, (X, y),
+                                     mode="recompute", n_threads=threads)
+        assert op.chunk_size == plan.chunk_size(threads=threads)
+        assert ghess.GGNLinearOperator.memory_required(conv, X, "recompute", n_threads=threads) \
+            == op.chunk_size * per_sample
+    with pytest.raises(ValueError, match="n_threads"):
+        ghess.GGNLinearOperator.memory_required(conv, X, "recompute", n_threads=0)
+
+
 # -- regressions: defects found in review, each once a wrong or unclear result --
 
 

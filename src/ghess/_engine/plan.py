@@ -141,7 +141,10 @@ class Plan:
         Hessian product's stored traces.
     chunk_budget : int
         Bytes of temporaries per chunk (``CHUNK_BYTES``, doubled for networks
-        without ``wants_cache_sized_chunks`` layers).
+        without ``wants_cache_sized_chunks`` layers), per thread where
+        ``cache_sized``.
+    cache_sized : bool
+        Whether a layer wants chunks whose temporaries stay in cache.
     """
 
     def __init__(self, model, itemsize):
@@ -155,8 +158,8 @@ class Plan:
         self.input_is_data = tuple(_input_is_data(model, i) for i in range(len(model.layers)))
         self.stored_factor_bytes = self._stored_factor_bytes(model)
         self.trace_bytes = self._trace_bytes(model)
-        self.chunk_budget = CHUNK_BYTES * (
-            1 if any(layer.wants_cache_sized_chunks for layer in model.layers) else 2)
+        self.cache_sized = any(layer.wants_cache_sized_chunks for layer in model.layers)
+        self.chunk_budget = CHUNK_BYTES * (1 if self.cache_sized else 2)
         self._widths = sum(math.prod(s) for s in model.shapes)
         self._work = sum(layer.work_elements(model.shapes[i])
                          for i, layer in enumerate(model.layers))
@@ -193,15 +196,22 @@ class Plan:
         return (4 * self._widths + 3 * k * self._widths + 4 * k * self._n_outputs
                 + (1 + k) * self._work) * self.itemsize
 
-    def chunk_size(self, k=1, minimum=16):
-        """Default samples per chunk for passes with ``k`` directions.
+    def chunk_size(self, k=1, minimum=16, threads=1):
+        """Default samples per chunk for passes with ``k`` directions on ``threads`` threads.
 
         Dense layers want many samples per chunk (the chunk is a GEMM
         dimension); convolutions run per-sample GEMMs and want chunks whose
         temporaries stay in cache (``chunk_budget``; measurements in
-        ``docs/design.md``, "Measurements").
+        ``docs/design.md``, "Measurements"). Their kernels split a chunk's
+        samples over the threads, so such a network gets ``threads`` times
+        the budget and the minimum: each thread keeps the samples (and the
+        cache) it has alone, and the costs of a chunk that do not shrink with
+        threads (Python between kernels, starting parallel regions) keep
+        their share of the work.
         """
-        return chunk_size_for(self.working_bytes(k), self.chunk_budget, minimum)
+        scale = threads if self.cache_sized else 1
+        return chunk_size_for(self.working_bytes(k), self.chunk_budget * scale,
+                              minimum * scale)
 
 
 _plans = weakref.WeakKeyDictionary()

@@ -24,7 +24,7 @@ import scipy
 from scipy.sparse.linalg import LinearOperator
 
 from .. import _engine
-from .._config import computing
+from .._config import computing, requested_threads
 from .._problem import (
     Problem,
     check_dtype,
@@ -37,7 +37,13 @@ from .._problem import (
     format_bytes,
 )
 from .._typing import Batch, Data, Mode
-from .._validation import all_finite, as_array, check_damping, check_positive_int
+from .._validation import (
+    all_finite,
+    as_array,
+    check_damping,
+    check_n_threads,
+    check_positive_int,
+)
 
 if TYPE_CHECKING:
     from ..nn.losses import Loss
@@ -240,21 +246,24 @@ class CurvatureOperator(ChunkedOperator):
     def memory_required(cls, model: Sequential, data: int | Batch | Sequence[Batch],
                         mode: Literal["stored", "recompute"] = "stored", *,
                         dtype: npt.DTypeLike = np.float64, chunk_size: int | None = None,
-                        n_directions: int = 1) -> int:
+                        n_directions: int = 1, n_threads: int | None = None) -> int:
         """Bytes a mode needs for ``data`` (or ``n_samples``), before anything is allocated.
 
         ``"stored"``: the per-sample states kept for all samples.
         ``"recompute"``: the temporaries of one pass over a chunk (``chunk_size``
         samples, by default the operator's own choice) for ``n_directions``
         directions at once (``matmat``, ``block`` and ``todense`` push up to
-        16 through together).
+        16 through together), on ``n_threads`` threads (the default chunk of a
+        convolutional network grows with them; ``None``: OpenMP's default, as
+        for the operators).
         """
         check_model(model)
         mode = check_mode(mode)
         n = count_samples(data)
         plan = _engine.plan_for(model, check_dtype(dtype).itemsize)
         if mode == "recompute":
-            chunk = min(n, plan.chunk_size() if chunk_size is None
+            threads = requested_threads(check_n_threads(n_threads))
+            chunk = min(n, plan.chunk_size(threads=threads) if chunk_size is None
                         else check_positive_int(chunk_size, "chunk_size"))
             k = check_positive_int(n_directions, "n_directions")
             return chunk * plan.working_bytes(k)

@@ -44,8 +44,9 @@ class GGNLinearOperator(CurvatureOperator):
         chunk for every product (memory of one chunk). ``"auto"`` picks
         ``"stored"`` when it fits ``memory_budget``.
     chunk_size : int, optional
-        Samples per chunk; by default about 64 MiB of temporaries, 128 MiB
-        for a network without convolutions (at least 16 samples).
+        Samples per chunk; by default about 64 MiB of temporaries per thread
+        (at least 16 samples per thread), 128 MiB for a network without
+        convolutions (at least 16 samples).
     memory_budget : int, optional
         Bytes the stored factors may take; default a quarter of the memory this
         process may use (physical memory within its RLIMIT_AS and cgroup limit), at
