@@ -105,6 +105,23 @@ CASES = {
     "elu-ce": (lambda: _mlp(lambda: ghess.ELU(0.7)), lambda: ghess.CrossEntropyLoss()),
     # a layer defined outside the package (above), held to every test of the built-in ones
     "hardtanh-ce": (lambda: _mlp(Hardtanh), lambda: ghess.CrossEntropyLoss()),
+    # residual blocks: an identity shortcut, then a dense shortcut, with curvature inside
+    "residual-tanh-mse": (
+        lambda: ghess.Sequential(
+            ghess.Linear(4, 6), ghess.Residual(ghess.Linear(6, 6), ghess.Tanh(),
+                                               ghess.Linear(6, 6)),
+            ghess.Softplus(),
+            ghess.Residual(ghess.Linear(6, 5), ghess.GELU(),
+                           shortcut=[ghess.Linear(6, 5, bias=False)]),
+            ghess.Linear(5, 3), input_shape=(4,)),
+        lambda: ghess.MSELoss()),
+    # a residual as the first layer (its input is the data), with a residual nested inside
+    "residual-first-nested-ce": (
+        lambda: ghess.Sequential(
+            ghess.Residual(ghess.Linear(4, 4), ghess.Residual(ghess.SiLU(), ghess.Linear(4, 4)),
+                           ghess.Sigmoid(), shortcut=ghess.Linear(4, 4)),
+            ghess.Linear(4, 3), input_shape=(4,)),
+        lambda: ghess.CrossEntropyLoss()),
 }
 
 
@@ -167,7 +184,55 @@ CONV_CASES = {
     "conv-linear-in-theta-mse": (
         lambda: G.Sequential(G.Conv2d(2, 2, 3, padding=1), G.Flatten(), input_shape=(2, 3, 3)),
         lambda: G.MSELoss(reduction="sum")),
+    # a small ResNet: basic blocks (conv-bn-relu-conv-bn), an identity and a strided
+    # 1x1 conv + batch norm shortcut, ReLU after each sum, global average pooling
+    "resnet-ce": (
+        lambda: G.Sequential(
+            G.Conv2d(2, 3, 3, padding=1, bias=False), _bn2d(3, 0), G.ReLU(),
+            G.Residual(G.Conv2d(3, 3, 3, padding=1, bias=False), _bn2d(3, 1), G.ReLU(),
+                       G.Conv2d(3, 3, 3, padding=1, bias=False), _bn2d(3, 2)),
+            G.ReLU(),
+            G.Residual(G.Conv2d(3, 4, 3, stride=2, padding=1, bias=False), _bn2d(4, 3),
+                       G.ReLU(), G.Conv2d(4, 4, 3, padding=1, bias=False), _bn2d(4, 4),
+                       shortcut=[G.Conv2d(3, 4, 1, stride=2, bias=False), _bn2d(4, 5)]),
+            G.ReLU(), G.AdaptiveAvgPool2d(1), G.Flatten(), G.Linear(4, 3),
+            input_shape=(2, 6, 6)),
+        lambda: G.CrossEntropyLoss()),
+    # inside a residual, ReLU and max-pooling are not fused; tanh gives curvature
+    "residual-maxpool-tanh-mse": (
+        lambda: G.Sequential(
+            G.Conv2d(1, 2, 3, padding=1), G.Tanh(),
+            G.Residual(G.Conv2d(2, 2, 3, padding=1), G.ReLU(),
+                       G.MaxPool2d(3, stride=1, padding=1), G.Tanh()),
+            G.Flatten(), G.Linear(2 * 5 * 5, 3), input_shape=(1, 5, 5)),
+        lambda: G.MSELoss()),
 }
+
+
+def _bn2d(channels, seed):
+    """BatchNorm2d with drawn, non-trivial running statistics."""
+    rng = np.random.default_rng(100 + seed)
+    return G.BatchNorm2d(channels, running_mean=rng.normal(scale=0.3, size=channels),
+                         running_var=rng.uniform(0.5, 2.0, size=channels))
+
+
+def held_bytes(op):
+    """Bytes of the distinct buffers that a stored operator's chunk states hold.
+
+    A view counts its base's buffer, once; the data and the parameters, which the
+    states view, are not counted.
+    """
+    from ghess._engine.factors import ChunkFactors, buffer_bytes, held_arrays
+
+    exclude = [X for X, _ in op.data.batches] + [op.params]
+    total = 0
+    for state in op._stored:
+        if isinstance(state, ChunkFactors):
+            total += state.nbytes(exclude)
+        else:  # a Hessian product's gradient trace
+            total += buffer_bytes(held_arrays([state.ctxs, state.grads, state.loss_state]),
+                                  exclude)
+    return total
 
 
 class ConvCase:

@@ -8,7 +8,7 @@ factors (GGN, Jacobian operator, per-sample Jacobians, GGN diagonal) stays exact
 
 import numpy as np
 import pytest
-from conftest import RTOL, make_data
+from conftest import RTOL, held_bytes, make_data
 
 import ghess
 from ghess import _engine
@@ -128,7 +128,7 @@ def test_products_through_factor_paths_are_exact(name, dtype):
 def test_memory_required_counts_the_path(name):
     model, loss, theta, data = make_case(name)
     G = ghess.GGNLinearOperator(model, loss, theta, data, mode="stored", chunk_size=3)
-    held = sum(f.nbytes() for f in G._stored)
+    held = held_bytes(G)
     # MSELoss keeps no loss state: memory_required counts K numbers per sample for it
     assert held == G.memory_bytes - data[0].shape[0] * model.n_outputs * 8
 

@@ -54,17 +54,38 @@ class ChunkFactors:
         self.dtype = dtype
         self.loss_state = loss_state
 
-    def nbytes(self):
-        """Bytes held by the stored arrays (inputs that are views of data excluded)."""
-        arrays = []
-        for f in self.layers:
-            arrays.extend(f.ctx.values())
-            arrays.append(f.D)
-            for _, ctx in f.path:
-                arrays.extend(ctx.values())
-        arrays.append(self.loss_state)
-        return sum(x.nbytes for x in arrays
-                   if x is not None and (x.base is None or x.flags.owndata))
+    def nbytes(self, exclude=()):
+        """Bytes of the distinct buffers that the stored arrays hold.
+
+        Views count their base's buffer, once. ``exclude``: arrays whose buffers
+        are not the factors' own (the data and the parameters they view).
+        """
+        arrays = held_arrays([(f.ctx, f.D, [ctx for _, ctx in f.path]) for f in self.layers]
+                             + [self.loss_state])
+        return buffer_bytes(arrays, exclude)
+
+
+def buffer_bytes(arrays, exclude=()):
+    """Bytes of the distinct buffers under ``arrays``, except those of ``exclude``."""
+    roots = {}
+    for x in arrays:
+        while isinstance(x.base, np.ndarray):
+            x = x.base
+        roots[id(x)] = x
+    return sum(root.nbytes for root in roots.values()
+               if not any(np.shares_memory(root, e) for e in exclude))
+
+
+def held_arrays(obj):
+    """Yield the arrays in nested dicts, lists and tuples (a residual block's contexts)."""
+    if isinstance(obj, np.ndarray):
+        yield obj
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            yield from held_arrays(value)
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            yield from held_arrays(value)
 
 
 def step_context(step, indices, ctxs, n_threads):

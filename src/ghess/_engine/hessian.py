@@ -46,7 +46,7 @@ def gradient_trace(model, lparams, loss, X, y, scale, n_threads):
     grads = [None] * len(model.layers)
     for i in range(len(model.layers) - 1, first - 1, -1):
         grads[i] = g
-        if i > first:
+        if i > first or model.layers[i].keeps_inner_grads:
             g = model.layers[i].input_grad(lparams[i], g, ctxs[i], n_threads)
     for step, indices in plan.hessian_steps:
         if len(indices) == 2:

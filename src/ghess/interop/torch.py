@@ -29,6 +29,7 @@ from ..nn import (
     Linear,
     MaxPool2d,
     ReLU,
+    Residual,
     Sequential,
     Sigmoid,
     SiLU,
@@ -224,46 +225,74 @@ def torch_sequential(model, dtype=None, *, params=None):
     """
     import torch
 
-    modules = []
-    for layer in model.layers:
-        if isinstance(layer, Linear):
-            modules.append(torch.nn.Linear(layer.in_features, layer.out_features,
-                                           bias=layer.bias))
-        elif isinstance(layer, Conv2d):
-            modules.append(torch.nn.Conv2d(layer.in_channels, layer.out_channels,
-                                           layer.kernel_size, stride=layer.stride,
-                                           padding=layer.padding, dilation=layer.dilation,
-                                           bias=layer.bias))
-        elif isinstance(layer, (BatchNorm1d, BatchNorm2d)):
-            module = getattr(torch.nn, type(layer).__name__)(layer.num_features, eps=layer.eps)
-            # float64 buffers, converted with the module below (a copy into its float32
-            # buffers would round the statistics before a float64 model sees them)
-            module.running_mean = torch.from_numpy(np.array(layer.running_mean))
-            module.running_var = torch.from_numpy(np.array(layer.running_var))
-            modules.append(module)
-        elif isinstance(layer, AdaptiveAvgPool2d):
-            modules.append(torch.nn.AdaptiveAvgPool2d(layer.output_size))
-        elif isinstance(layer, (MaxPool2d, AvgPool2d)):
-            # AvgPool2d: PyTorch's default count_include_pad=True, as ghess
-            modules.append(getattr(torch.nn, type(layer).__name__)(
-                layer.kernel_size, stride=layer.stride, padding=layer.padding))
-        elif isinstance(layer, LeakyReLU):
-            modules.append(torch.nn.LeakyReLU(layer.negative_slope))
-        elif isinstance(layer, Softplus):
-            modules.append(torch.nn.Softplus(layer.beta, layer.threshold))
-        elif isinstance(layer, GELU):
-            modules.append(torch.nn.GELU(approximate=layer.approximate))
-        elif isinstance(layer, ELU):
-            modules.append(torch.nn.ELU(layer.alpha))
-        elif isinstance(layer, Dropout):
-            modules.append(torch.nn.Dropout(layer.p))
-        elif isinstance(layer, (Activation, Flatten)):
-            modules.append(getattr(torch.nn, type(layer).__name__)())
-        else:
-            raise TypeError(f"torch_sequential: no PyTorch equivalent for {layer!r}")
+    modules = [_torch_module(torch, layer) for layer in model.layers]
     # evaluation mode: the one where Dropout is the identity, as in ghess
     seq = torch.nn.Sequential(*modules).to(torch.float64 if dtype is None else dtype).eval()
     if params is not None:
         flat = torch.as_tensor(np.asarray(params), dtype=next(seq.parameters()).dtype)
         torch.nn.utils.vector_to_parameters(flat, seq.parameters())
     return seq
+
+
+def _torch_module(torch, layer):
+    """Return the PyTorch module equivalent to one ghess layer (float64 buffers)."""
+    if isinstance(layer, Residual):
+        body = torch.nn.Sequential(*[_torch_module(torch, inner) for inner in layer.body])
+        shortcut = torch.nn.Sequential(*[_torch_module(torch, inner)
+                                         for inner in layer.shortcut])
+        return _residual_class(torch)(body, shortcut)
+    if isinstance(layer, Linear):
+        return torch.nn.Linear(layer.in_features, layer.out_features, bias=layer.bias)
+    if isinstance(layer, Conv2d):
+        return torch.nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size,
+                               stride=layer.stride, padding=layer.padding,
+                               dilation=layer.dilation, bias=layer.bias)
+    if isinstance(layer, (BatchNorm1d, BatchNorm2d)):
+        module = getattr(torch.nn, type(layer).__name__)(layer.num_features, eps=layer.eps)
+        # float64 buffers, converted with the module later (a copy into its float32
+        # buffers would round the statistics before a float64 model sees them)
+        module.running_mean = torch.from_numpy(np.array(layer.running_mean))
+        module.running_var = torch.from_numpy(np.array(layer.running_var))
+        return module
+    if isinstance(layer, AdaptiveAvgPool2d):
+        return torch.nn.AdaptiveAvgPool2d(layer.output_size)
+    if isinstance(layer, (MaxPool2d, AvgPool2d)):
+        # AvgPool2d: PyTorch's default count_include_pad=True, as ghess
+        return getattr(torch.nn, type(layer).__name__)(layer.kernel_size, stride=layer.stride,
+                                                       padding=layer.padding)
+    if isinstance(layer, LeakyReLU):
+        return torch.nn.LeakyReLU(layer.negative_slope)
+    if isinstance(layer, Softplus):
+        return torch.nn.Softplus(layer.beta, layer.threshold)
+    if isinstance(layer, GELU):
+        return torch.nn.GELU(approximate=layer.approximate)
+    if isinstance(layer, ELU):
+        return torch.nn.ELU(layer.alpha)
+    if isinstance(layer, Dropout):
+        return torch.nn.Dropout(layer.p)
+    if isinstance(layer, (Activation, Flatten)):
+        return getattr(torch.nn, type(layer).__name__)()
+    raise TypeError(f"torch_sequential: no PyTorch equivalent for {layer!r}")
+
+
+_RESIDUAL_CLASS = []
+
+
+def _residual_class(torch):
+    """Return the ``nn.Module`` class of a ghess ``Residual``: ``body(x) + shortcut(x)``.
+
+    ``body`` and ``shortcut`` are ``nn.Sequential`` (an empty one is the identity),
+    registered in that order: the parameters' order and names are ghess's.
+    """
+    if not _RESIDUAL_CLASS:
+        class Residual(torch.nn.Module):
+            def __init__(self, body, shortcut):
+                super().__init__()
+                self.body = body
+                self.shortcut = shortcut
+
+            def forward(self, x):
+                return self.body(x) + self.shortcut(x)
+
+        _RESIDUAL_CLASS.append(Residual)
+    return _RESIDUAL_CLASS[0]

@@ -3,7 +3,7 @@
 - ``base``: :class:`Layer` and :class:`ParametricLayer`, the contract every layer
   fulfils (spec, planner properties, forward/JVP/VJP/R-operator rules, memory);
 - ``linear``, ``activation``, ``conv``, ``pooling``, ``reshape``, ``normalization``: the
-  layers;
+  layers; ``residual``: residual blocks of them;
 - ``losses``: losses with PyTorch's semantics and their output-space Hessians;
 - ``sequential``: the container and the flat parameter layout.
 """
@@ -28,6 +28,7 @@ from .losses import BCEWithLogitsLoss, CrossEntropyLoss, Loss, MSELoss
 from .normalization import BatchNorm1d, BatchNorm2d
 from .pooling import AdaptiveAvgPool2d, AvgPool2d, MaxPool2d
 from .reshape import Flatten
+from .residual import Residual
 from .sequential import ParamSlot, Sequential
 
 __all__ = [
@@ -52,6 +53,7 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "Flatten",
+    "Residual",
     "Loss",
     "MSELoss",
     "CrossEntropyLoss",

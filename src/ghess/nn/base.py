@@ -92,6 +92,10 @@ class Layer(abc.ABC):
     #: whether the layer runs per-sample GEMMs of its own and so wants chunks whose
     #: temporaries stay in cache, rather than many samples per chunk (convolutions)
     wants_cache_sized_chunks: bool = False
+    #: whether ``input_grad`` also keeps in ``ctx`` gradients that ``rvjp`` reads (a
+    #: residual block's inner layers'): a Hessian trace then calls it even for the
+    #: first parametrised layer, whose input gradient is otherwise not needed
+    keeps_inner_grads: bool = False
 
     # -- spec -------------------------------------------------------------
     def param_shapes(self, input_shape: Shape) -> list[tuple[str, Shape]]:

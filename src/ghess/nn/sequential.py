@@ -47,6 +47,11 @@ class ParamSlot:
         return f"ParamSlot({self.name!r}, shape={self.shape}, theta[{self.start}:{self.stop}])"
 
 
+def _kind(slot):
+    """Return the kind of a parameter: "weight" for "0.weight" and "2.body.0.weight"."""
+    return slot.attr.rsplit(".", 1)[-1]
+
+
 class Sequential:
     """A chain of layers applied in order, as ``torch.nn.Sequential``.
 
@@ -209,10 +214,11 @@ class Sequential:
             slots = self.layer_slots[select]
         elif isinstance(select, str) and select in self.param_slots:
             slots = [self.param_slots[select]]
-        elif isinstance(select, str) and any(s.attr == select for s in self.param_slots.values()):
-            slots = [s for s in self.param_slots.values() if s.attr == select]
+        elif isinstance(select, str) and any(_kind(s) == select
+                                             for s in self.param_slots.values()):
+            slots = [s for s in self.param_slots.values() if _kind(s) == select]
         else:
-            kinds = sorted({s.attr for s in self.param_slots.values()})
+            kinds = sorted({_kind(s) for s in self.param_slots.values()})
             raise ValueError(f"parameter_mask: select a kind {kinds}, a layer index or a "
                              f"parameter name {list(self.param_slots)}, got {select!r}")
         for slot in slots:

@@ -24,6 +24,7 @@ from ..nn import (
     MaxPool2d,
     MSELoss,
     ReLU,
+    Residual,
     Sigmoid,
     SiLU,
     Softplus,
@@ -367,16 +368,16 @@ def _per_channel(values, ndim):
     return np.asarray(values, dtype=np.float64).reshape((-1,) + (1,) * (ndim - 1))
 
 
-def _bn_apply(model, i, weight, x):
+def _bn_apply(node, weight, x):
     """A(weight) x = weight x / sigma per channel (batch norm's bilinear part)."""
-    layer, ndim = model.layers[i], len(model.shapes[i])
+    layer, ndim = node.layer, len(node.shape)
     sigma = np.sqrt(layer.running_var + layer.eps)
     return x * _per_channel(weight / sigma, ndim)
 
 
-def _layer_params(model, params, i):
-    """``(weight, bias)`` of layer i, None where absent."""
-    return params.get(f"{i}.weight"), params.get(f"{i}.bias")
+def _layer_params(node, params):
+    """``(weight, bias)`` of a node's layer, None where absent."""
+    return params.get(node.prefix + "weight"), params.get(node.prefix + "bias")
 
 
 def _add_to(out, model, name, value):
@@ -384,32 +385,32 @@ def _add_to(out, model, name, value):
     out[slot.start:slot.stop] += value.ravel()
 
 
-def _apply(model, i, weight, a, cache):
+def _apply(node, weight, a, cache):
     """``A(weight) a``: the layer's output without bias (for pools and Flatten, weight is None)."""
-    layer = model.layers[i]
+    layer = node.layer
     if isinstance(layer, Linear):
         return a @ weight.T
     if isinstance(layer, Conv2d):
         return _conv2d(a, weight, layer)
     if isinstance(layer, _BATCH_NORM):
-        return _bn_apply(model, i, weight, a)
+        return _bn_apply(node, weight, a)
     if isinstance(layer, MaxPool2d):
         return _maxpool_gather(a, cache["argmax"])
     if isinstance(layer, AvgPool2d):
         return _avgpool(a, layer)
     # Flatten: (..., C, H, W) -> (..., C*H*W), C order
-    return a.reshape(a.shape[:a.ndim - len(model.shapes[i])] + (-1,))
+    return a.reshape(a.shape[:a.ndim - len(node.shape)] + (-1,))
 
 
-def _apply_transpose(model, i, weight, g, cache):
+def _apply_transpose(node, weight, g, cache):
     """``A(weight)^T g``: the gradient with respect to the layer input."""
-    layer, in_shape = model.layers[i], model.shapes[i]
+    layer, in_shape = node.layer, node.shape
     if isinstance(layer, Linear):
         return g @ weight
     if isinstance(layer, Conv2d):
         return _conv2d_transpose(g, weight, layer, in_shape)
     if isinstance(layer, _BATCH_NORM):  # a diagonal map: its own transpose
-        return _bn_apply(model, i, weight, g)
+        return _bn_apply(node, weight, g)
     if isinstance(layer, MaxPool2d):
         return _maxpool_scatter(g, cache["argmax"], in_shape[1:])
     if isinstance(layer, AvgPool2d):
@@ -450,20 +451,153 @@ def _add_bias(layer, s, b, ndim):
     return s + (b if isinstance(layer, Linear) else b[:, None, None])
 
 
-def _layer_forward(model, params, i, a):
-    """Output of layer i for input ``a``, and what the backward passes need."""
-    layer = model.layers[i]
+def _layer_forward(node, params, a):
+    """Output of a node's layer for input ``a``, and what the backward passes need."""
+    layer = node.layer
+    if isinstance(layer, Residual):  # body(a) + shortcut(a), each chain on its own
+        a_body, body = _chain_forward(node.body, params, a)
+        a_short, shortcut = _chain_forward(node.shortcut, params, a)
+        return a_body + a_short, {"body": body, "shortcut": shortcut}
     if isinstance(layer, _LINEAR_IN_INPUT):
-        W, b = _layer_params(model, params, i)
+        W, b = _layer_params(node, params)
         cache = {"a": a}
         if isinstance(layer, _BATCH_NORM):  # bilinear in (gamma, a - mean)
-            cache["a"] = a - _per_channel(layer.running_mean, len(model.shapes[i]))
+            cache["a"] = a - _per_channel(layer.running_mean, len(node.shape))
         if isinstance(layer, MaxPool2d):
             cache["argmax"] = _maxpool_argmax(a, layer)
-        s = _apply(model, i, W, cache["a"], cache)
-        return (s if b is None else _add_bias(layer, s, b, len(model.shapes[i]))), cache
+        s = _apply(node, W, cache["a"], cache)
+        return (s if b is None else _add_bias(layer, s, b, len(node.shape))), cache
     f, d1, d2 = _activation(layer, a)
     return f.astype(a.dtype), {"s": a, "d1": d1.astype(a.dtype), "d2": d2.astype(a.dtype)}
+
+
+# ---------------------------------------------------------------------------
+# The network as chains of nodes; a residual block is a node with two chains
+# ---------------------------------------------------------------------------
+class _Node:
+    """A layer, its per-sample input shape and its parameters' name prefix.
+
+    A residual block's node also has its ``body`` and ``shortcut`` chains (lists
+    of nodes; an empty shortcut is the identity).
+    """
+
+    def __init__(self, layer, shape, prefix):
+        self.layer, self.shape, self.prefix = layer, tuple(shape), prefix
+        if isinstance(layer, Residual):
+            self.body = _chain(layer.body, shape, prefix + "body.")
+            self.shortcut = _chain(layer.shortcut, shape, prefix + "shortcut.")
+
+
+def _chain(layers, shape, prefix):
+    """Nodes of a chain of layers starting at per-sample input ``shape``."""
+    nodes = []
+    for j, layer in enumerate(layers):
+        nodes.append(_Node(layer, shape, f"{prefix}{j}."))
+        shape = layer.output_shape(shape)
+    return nodes
+
+
+def _model_chain(model):
+    return [_Node(layer, model.shapes[i], f"{i}.") for i, layer in enumerate(model.layers)]
+
+
+def _chain_forward(nodes, params, a):
+    caches = []
+    for node in nodes:
+        a, cache = _layer_forward(node, params, a)
+        caches.append(cache)
+    return a, caches
+
+
+def _chain_backward(model, nodes, params, caches, g, grad):
+    """Add ``dz/dtheta^T g`` of a chain to ``grad``; return the gradient at its input."""
+    for node, cache in zip(reversed(nodes), reversed(caches)):
+        layer = node.layer
+        if isinstance(layer, Residual):  # both chains receive g; their input gradients add
+            g = (_chain_backward(model, node.body, params, cache["body"], g, grad)
+                 + _chain_backward(model, node.shortcut, params, cache["shortcut"], g, grad))
+        elif isinstance(layer, _LINEAR_IN_INPUT):
+            W, b = _layer_params(node, params)
+            ndim = len(node.shape)
+            # s = A(W) a + b  =>  dW = g (x) a (outer product or correlation), db = g
+            if W is not None:
+                _add_to(grad, model, node.prefix + "weight",
+                        _weight_grad(layer, g, cache["a"], ndim))
+            if b is not None:
+                _add_to(grad, model, node.prefix + "bias", _bias_grad(layer, g, ndim))
+            g = _apply_transpose(node, W, g, cache)
+        else:
+            g = cache["d1"] * g
+    return g
+
+
+def _chain_r_forward(nodes, params, v, caches, ra):
+    """R{input} of every node of a chain and R{output}, from R{input of the chain} ``ra``.
+
+    ``s = A(W) a + b  =>  R{s} = A(V) a + A(W) R{a} + v_b``;
+    ``a' = f(s)  =>  R{a'} = f'(s) R{s}``; a residual block's R{output} is the sum
+    of its chains'. None stands for zero.
+    """
+    r_inputs = []
+    for node, cache in zip(nodes, caches):
+        layer = node.layer
+        if isinstance(layer, Residual):
+            r_body, rb = _chain_r_forward(node.body, params, v, cache["body"], ra)
+            r_short, rs = _chain_r_forward(node.shortcut, params, v, cache["shortcut"], ra)
+            r_inputs.append({"in": ra, "body": r_body, "shortcut": r_short})
+            ra = rs if rb is None else (rb if rs is None else rb + rs)
+            continue
+        r_inputs.append(ra)
+        if isinstance(layer, _LINEAR_IN_INPUT):
+            W, _ = _layer_params(node, params)
+            V, vb = _layer_params(node, v)
+            out = None if V is None else _apply(node, V, cache["a"], cache)
+            if ra is not None:
+                term = _apply(node, W, ra, cache)
+                out = term if out is None else out + term
+            ra = out if vb is None else _add_bias(layer, out, vb, len(node.shape))
+        elif ra is not None:
+            ra = cache["d1"] * ra
+    return r_inputs, ra
+
+
+def _chain_r_backward(model, nodes, params, v, caches, r_inputs, g, rg, out):
+    """Add a chain's ``R{dL/dtheta}`` to ``out``; return (g, R{g}) at its input.
+
+    ``dW = g (x) a  =>  R{dW} = R{g} (x) a + g (x) R{a}``;  ``R{db} = R{g}``;
+    ``g_in = A(W)^T g  =>  R{g_in} = A(W)^T R{g} + A(V)^T g``;
+    ``g_in = f'(s) g  =>  R{g_in} = f''(s) R{s} g + f'(s) R{g}``;
+    a residual block passes (g, R{g}) to both chains and adds what they return.
+    """
+    for node, cache, r_in in zip(reversed(nodes), reversed(caches), reversed(r_inputs)):
+        layer = node.layer
+        if isinstance(layer, Residual):
+            gb, rgb = _chain_r_backward(model, node.body, params, v, cache["body"],
+                                        r_in["body"], g, rg, out)
+            gs, rgs = _chain_r_backward(model, node.shortcut, params, v, cache["shortcut"],
+                                        r_in["shortcut"], g, rg, out)
+            g, rg = gb + gs, rgb + rgs
+        elif isinstance(layer, _LINEAR_IN_INPUT):
+            W, b = _layer_params(node, params)
+            V, _ = _layer_params(node, v)
+            ndim = len(node.shape)
+            if W is not None:
+                rW = _weight_grad(layer, rg, cache["a"], ndim)
+                if r_in is not None:
+                    rW = rW + _weight_grad(layer, g, r_in, ndim)
+                _add_to(out, model, node.prefix + "weight", rW)
+            if b is not None:
+                _add_to(out, model, node.prefix + "bias", _bias_grad(layer, rg, ndim))
+            new_rg = _apply_transpose(node, W, rg, cache)
+            if V is not None:
+                new_rg = new_rg + _apply_transpose(node, V, g, cache)
+            g, rg = _apply_transpose(node, W, g, cache), new_rg
+        else:
+            new_rg = cache["d1"] * rg
+            if r_in is not None:
+                new_rg = new_rg + cache["d2"] * r_in * g
+            g, rg = cache["d1"] * g, new_rg
+    return g, rg
 
 
 # ---------------------------------------------------------------------------
@@ -474,86 +608,27 @@ def _sample_forward(model, params, x):
 
     The layer steps also take a leading batch axis: the batched products call this too.
     """
-    a = x
-    caches = []
-    for i in range(len(model.layers)):
-        a, cache = _layer_forward(model, params, i, a)
-        caches.append(cache)
-    return a, caches
+    return _chain_forward(_model_chain(model), params, x)
 
 
 def _sample_backward(model, params, caches, g):
     """Flat ``dz/dtheta^T g`` for one sample, given ``g`` = dL/dz (K,)."""
     grad = np.zeros(model.n_params)
-    for i in reversed(range(len(model.layers))):
-        layer, cache = model.layers[i], caches[i]
-        if isinstance(layer, _LINEAR_IN_INPUT):
-            W, b = _layer_params(model, params, i)
-            ndim = len(model.shapes[i])
-            # s = A(W) a + b  =>  dW = g (x) a (outer product or correlation), db = g
-            if W is not None:
-                _add_to(grad, model, f"{i}.weight", _weight_grad(layer, g, cache["a"], ndim))
-            if b is not None:
-                _add_to(grad, model, f"{i}.bias", _bias_grad(layer, g, ndim))
-            g = _apply_transpose(model, i, W, g, cache)
-        else:
-            g = cache["d1"] * g
+    _chain_backward(model, _model_chain(model), params, caches, g, grad)
     return grad
 
 
 def _r_forward(model, params, v, caches):
     """R{input} of every layer and R{z} for direction ``v`` (None stands for zero).
 
-    ``s = A(W) a + b  =>  R{s} = A(V) a + A(W) R{a} + v_b``;
-    ``a' = f(s)  =>  R{a'} = f'(s) R{s}``.
     The network input does not depend on theta, so its R{.} is zero.
     """
-    r_inputs, ra = [], None
-    for i, layer in enumerate(model.layers):
-        r_inputs.append(ra)
-        cache = caches[i]
-        if isinstance(layer, _LINEAR_IN_INPUT):
-            W, _ = _layer_params(model, params, i)
-            V, vb = _layer_params(model, v, i)
-            out = None if V is None else _apply(model, i, V, cache["a"], cache)
-            if ra is not None:
-                term = _apply(model, i, W, ra, cache)
-                out = term if out is None else out + term
-            ra = out if vb is None else _add_bias(layer, out, vb, len(model.shapes[i]))
-        elif ra is not None:
-            ra = cache["d1"] * ra
-    return r_inputs, ra
+    return _chain_r_forward(_model_chain(model), params, v, caches, None)
 
 
 def _r_backward(model, params, v, caches, r_inputs, g, rg, out):
-    """Add ``R{dL/dtheta}`` to ``out``, from g = dL/dz and R{g} = B R{z}.
-
-    ``dW = g (x) a  =>  R{dW} = R{g} (x) a + g (x) R{a}``;  ``R{db} = R{g}``;
-    ``g_in = A(W)^T g  =>  R{g_in} = A(W)^T R{g} + A(V)^T g``;
-    ``g_in = f'(s) g  =>  R{g_in} = f''(s) R{s} g + f'(s) R{g}``.
-    """
-    for i in reversed(range(len(model.layers))):
-        layer, cache, r_in = model.layers[i], caches[i], r_inputs[i]
-        if isinstance(layer, _LINEAR_IN_INPUT):
-            W, b = _layer_params(model, params, i)
-            V, _ = _layer_params(model, v, i)
-            ndim = len(model.shapes[i])
-            if W is not None:
-                rW = _weight_grad(layer, rg, cache["a"], ndim)
-                if r_in is not None:
-                    rW = rW + _weight_grad(layer, g, r_in, ndim)
-                _add_to(out, model, f"{i}.weight", rW)
-            if b is not None:
-                _add_to(out, model, f"{i}.bias", _bias_grad(layer, rg, ndim))
-            new_rg = _apply_transpose(model, i, W, rg, cache)
-            if V is not None:
-                new_rg = new_rg + _apply_transpose(model, i, V, g, cache)
-            g, rg = _apply_transpose(model, i, W, g, cache), new_rg
-        else:
-            new_rg = cache["d1"] * rg
-            if r_in is not None:
-                new_rg = new_rg + cache["d2"] * r_in * g
-            g, rg = cache["d1"] * g, new_rg
+    """Add ``R{dL/dtheta}`` to ``out``, from g = dL/dz and R{g} = B R{z}."""
+    _chain_r_backward(model, _model_chain(model), params, v, caches, r_inputs, g, rg, out)
     return out
 
 
@@ -703,7 +778,27 @@ def reference_ggn(model, loss, theta, data, damping=0.0):
         for n in range(X.shape[0]):
             z, _ = _sample_forward(model, params, X[n])
             _, _, B = _sample_loss(loss, z, y[n])
-            G += J[n].T @ (c * B) @ J[n]
+            if isinstance(loss, CrossEntropyLoss):
+                G += c * _softmax_ggn(J[n], z)
+            else:
+                G += J[n].T @ (c * B) @ J[n]
+    return G
+
+
+def _softmax_ggn(J, z):
+    """``J^T (diag(p) - p p^T) J`` as ``sum_{j<k} p_j p_k (J_j - J_k)^T (J_j - J_k)``.
+
+    The same matrix (B's rows sum to zero), written without the cancellation of
+    ``diag(p) - p p^T`` when the softmax saturates (p_max = 1 - 1e-8 loses eight
+    digits there): every term is a product of positive numbers.
+    """
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    G = np.zeros((J.shape[1], J.shape[1]))
+    for j in range(J.shape[0]):
+        for k in range(j + 1, J.shape[0]):
+            d = J[j] - J[k]
+            G += p[j] * p[k] * np.outer(d, d)
     return G
 
 
