@@ -1,7 +1,8 @@
 """Conversion between ghess models and PyTorch modules (needs PyTorch, an optional extra).
 
-- :func:`from_torch`: an ``nn.Sequential`` (nested ones too) of supported modules to a
-  ghess ``Sequential`` and its flat parameters, checked by one forward pass of both;
+- :func:`from_torch`: an ``nn.Sequential`` (nested ones too) of supported modules, or a
+  residual network traced with ``torch.fx`` (``torch_graph``), to a ghess ``Sequential``
+  and its flat parameters, checked by one forward pass of both;
 - :func:`to_torch`: a ghess model and parameters to the equivalent ``nn.Sequential``.
 
 The flat parameters are ``torch.cat([p.detach().reshape(-1) for p in
@@ -36,6 +37,7 @@ from ..nn import (
     Softplus,
     Tanh,
 )
+from .torch_graph import traced_layers
 
 __all__ = ["from_torch", "to_torch", "torch_sequential"]
 
@@ -68,7 +70,12 @@ def from_torch(module, input_shape, *, check: bool = True):
         statistics), ``MaxPool2d``, ``AvgPool2d``, ``AdaptiveAvgPool2d`` (output sizes that
         divide the input), ``Flatten`` and ``Dropout`` (the identity,
         as in evaluation mode; a Dropout in training mode is refused), or one
-        such module.
+        such module. A module with a forward of its own, such as a ResNet (blocks
+        ``conv-bn-relu-conv-bn`` with ``out += self.shortcut(x)``, ``F.relu``,
+        ``torch.flatten``), is traced with ``torch.fx``: a chain of those modules
+        and of the matching functions (``F.relu``, ``F.avg_pool2d``, ...) with
+        residual additions becomes a ``Sequential`` with :class:`~ghess.Residual`
+        layers; any other graph raises ``TypeError`` naming the node.
     input_shape : tuple of int
         The shape of one input sample, e.g. ``(3, 32, 32)``.
     check : bool, default=True
@@ -93,14 +100,28 @@ def from_torch(module, input_shape, *, check: bool = True):
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"from_torch: module must be a torch.nn.Module, got "
                         f"{type(module).__name__}")
-    layers = [_layer(path, sub) for path, sub in _leaves(module, "")]
+    leaves = list(_leaves(module, ""))
+    if all(next(sub.children(), None) is None for _, sub in leaves):
+        layers = [_layer(path, sub) for path, sub in leaves]
+    else:  # modules with a forward of their own (residual blocks): traced with torch.fx
+        layers, order = traced_layers(module, _layer)
+        registered = [name for name, _ in module.named_parameters()]
+        if sorted(order) == sorted(registered) and order != registered:
+            raise ValueError(
+                "from_torch: the module registers its parameters in another order than its "
+                f"forward uses them ({registered[:4]}... against {order[:4]}...); ghess's "
+                "flat parameters follow the forward, each residual's body before its "
+                "shortcut: register the submodules in that order")
     if not layers:
         raise ValueError("from_torch: the module has no layers")
     dtypes = {p.dtype for p in module.parameters()}
     if not dtypes <= {torch.float32, torch.float64} or len(dtypes) > 1:
         raise TypeError(f"from_torch: parameters must all be float32 or all float64, "
                         f"got {sorted(str(d) for d in dtypes)}")
-    model = Sequential(*layers, input_shape=input_shape)
+    try:
+        model = Sequential(*layers, input_shape=input_shape)
+    except ValueError as exc:  # shapes that do not chain, branches that do not match
+        raise ValueError(f"from_torch: {exc}") from None
     dtype = np.float32 if dtypes == {torch.float32} else np.float64
     tensors = [p.detach().reshape(-1) for p in module.parameters()]
     params = (torch.cat(tensors).cpu().numpy().astype(dtype, copy=True) if tensors
