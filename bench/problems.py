@@ -43,12 +43,42 @@ def all_problems():
             G.Conv2d(32, 64, 3, padding=1), G.ReLU(), G.MaxPool2d(2),
             G.Conv2d(64, 64, 3, padding=1), G.ReLU(), G.MaxPool2d(2),
             G.Flatten(), G.Linear(64 * 4 * 4, 10), input_shape=(3, 32, 32)), 64),
+        # a CIFAR ResNet: three stages of one basic block each (conv-bn-relu-conv-bn plus
+        # the shortcut, a strided 1x1 conv + batch norm where the shape changes), widths
+        # 16-32-64, global average pooling; batch norm with drawn running statistics
+        "ResNet-C": (resnet_c, 64),
         "tiny": (lambda: G.Sequential(G.Linear(20, 16), G.Tanh(), G.Linear(16, 4),
                                       input_shape=(20,)), 32),
         "tiny-cnn": (lambda: G.Sequential(G.Conv2d(1, 4, 3, padding=1), G.ReLU(),
                                           G.MaxPool2d(2), G.Flatten(), G.Linear(64, 3),
                                           input_shape=(1, 8, 8)), 16),
     }
+
+
+def resnet_c():
+    """Build the ResNet-C problem's model (see ``all_problems``)."""
+    import numpy as np
+
+    import ghess as G
+
+    rng = np.random.default_rng(7)
+
+    def bn(channels):
+        return G.BatchNorm2d(channels, running_mean=rng.normal(scale=0.2, size=channels),
+                             running_var=rng.uniform(0.5, 1.5, size=channels))
+
+    def block(cin, cout, stride):
+        shortcut = None if stride == 1 and cin == cout else [
+            G.Conv2d(cin, cout, 1, stride=stride, bias=False), bn(cout)]
+        return G.Residual(G.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False),
+                          bn(cout), G.ReLU(),
+                          G.Conv2d(cout, cout, 3, padding=1, bias=False), bn(cout),
+                          shortcut=shortcut)
+
+    return G.Sequential(G.Conv2d(3, 16, 3, padding=1, bias=False), bn(16), G.ReLU(),
+                        block(16, 16, 1), G.ReLU(), block(16, 32, 2), G.ReLU(),
+                        block(32, 64, 2), G.ReLU(), G.AdaptiveAvgPool2d(1), G.Flatten(),
+                        G.Linear(64, 10), input_shape=(3, 32, 32))
 
 
 class Setup(NamedTuple):

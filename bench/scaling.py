@@ -43,6 +43,7 @@ elif ROOT not in sys.path:
 from bench import timing  # noqa: E402
 from bench.competitors import COMPETITORS, competitor_versions  # noqa: E402
 from bench.competitors.common import Unavailable, to_numpy  # noqa: E402
+from bench.problems import all_problems  # noqa: E402
 
 #: the operations compared, ghess's names first
 OPERATIONS = ("loss+grad", "GGN product", "Hessian product")
@@ -240,7 +241,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--problems", nargs="+", default=list(SCALING_BATCHES))
     parser.add_argument("--batch", type=int, default=None,
-                        help="samples per problem (default: CNN-C 1024, MLP-M 8192)")
+                        help="samples per problem (default: CNN-C 1024, MLP-M 8192, "
+                             "others their bench/run.py batch)")
     parser.add_argument("--dtypes", nargs="+", default=["float32"])
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--repeats", type=int, default=5)
@@ -265,7 +267,7 @@ def main():
     machine = cpu_info()
     results = []
     for problem in args.problems:
-        batch = args.batch or SCALING_BATCHES.get(problem)
+        batch = args.batch or SCALING_BATCHES.get(problem) or all_problems()[problem][1]
         for dtype in args.dtypes:
             for threads in args.threads:
                 r = run_worker(problem, dtype, threads, batch, args)

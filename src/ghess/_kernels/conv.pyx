@@ -483,6 +483,105 @@ def channel_bias_grad(const floating[:, :, ::1] g,   # IN     (n, k, M*P)
         out[jm // M, jm % M] += <floating> acc
 
 
+def channel_affine(const floating[:, :, ::1] x,      # IN     (n, kx, M*P), kx in (1, k)
+                   const floating[:, ::1] scale,    # IN     (ks, M), ks in (1, k)
+                   const floating[:, ::1] shift,    # IN     (kb, M), kb in (0, 1, k)
+                   floating[:, :, ::1] out,         # OUT    (n, k, M*P), may alias x
+                   bint accumulate, int n_threads):
+    """out[i, j, m, p] (+)= scale[j, m] x[i, j, m, p] + shift[j, m] (batch norm's maps).
+
+    An operand with one row (x's direction axis, scale or shift) serves every
+    direction; shift with no rows adds nothing.
+    """
+    cdef Py_ssize_t n = out.shape[0], i
+    cdef int k = out.shape[1], kx = x.shape[1], ks = scale.shape[0], kb = shift.shape[0]
+    cdef int M = scale.shape[1], j, m, p, P
+    cdef floating a, b
+    cdef const floating* xr
+    cdef floating* yr
+    _check(M > 0 and out.shape[2] % M == 0 and x.shape[0] == n
+           and x.shape[2] == out.shape[2], "channel_affine shapes")
+    _check((kx == 1 or kx == k) and (ks == 1 or ks == k) and kb in (0, 1, k)
+           and (kb == 0 or shift.shape[1] == M), "channel_affine directions")
+    P = out.shape[2] // M
+    for i in prange(n, nogil=True, schedule='static', num_threads=n_threads):
+        for j in range(k):
+            for m in range(M):
+                a = scale[j if ks > 1 else 0, m]
+                b = shift[j if kb > 1 else 0, m] if kb > 0 else 0
+                xr = &x[i, j if kx > 1 else 0, m * P]
+                yr = &out[i, j, m * P]
+                if accumulate:
+                    for p in range(P):
+                        yr[p] = yr[p] + (a * xr[p] + b)
+                else:
+                    for p in range(P):
+                        yr[p] = a * xr[p] + b
+
+
+cdef double _pairwise_dot(const floating* x, const floating* y,
+                          Py_ssize_t count) noexcept nogil:
+    # sum x[p] y[p], summed as _pairwise_sum sums
+    cdef double r0, r1, r2, r3, r4, r5, r6, r7, total
+    cdef Py_ssize_t p, half
+    if count <= 128:
+        if count < 8:
+            total = 0.0
+            for p in range(count):
+                total = total + <double> x[p] * y[p]
+            return total
+        r0 = <double> x[0] * y[0]
+        r1 = <double> x[1] * y[1]
+        r2 = <double> x[2] * y[2]
+        r3 = <double> x[3] * y[3]
+        r4 = <double> x[4] * y[4]
+        r5 = <double> x[5] * y[5]
+        r6 = <double> x[6] * y[6]
+        r7 = <double> x[7] * y[7]
+        p = 8
+        while p + 8 <= count:
+            r0 = r0 + <double> x[p] * y[p]
+            r1 = r1 + <double> x[p + 1] * y[p + 1]
+            r2 = r2 + <double> x[p + 2] * y[p + 2]
+            r3 = r3 + <double> x[p + 3] * y[p + 3]
+            r4 = r4 + <double> x[p + 4] * y[p + 4]
+            r5 = r5 + <double> x[p + 5] * y[p + 5]
+            r6 = r6 + <double> x[p + 6] * y[p + 6]
+            r7 = r7 + <double> x[p + 7] * y[p + 7]
+            p = p + 8
+        total = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+        while p < count:
+            total = total + <double> x[p] * y[p]
+            p = p + 1
+        return total
+    half = (count // 2) // 8 * 8
+    return _pairwise_dot(x, y, half) + _pairwise_dot(x + half, y + half, count - half)
+
+
+def channel_dot(const floating[:, :, ::1] g,   # IN     (n, k, M*P)
+                const floating[:, :, ::1] x,   # IN     (n, kx, M*P), kx in (1, k)
+                floating[:, ::1] out,          # IN/OUT (k, M)
+                int n_threads):
+    """out[j, m] += sum over samples and positions of g[i, j, m, p] x[i, j, m, p] (pairwise).
+
+    Batch norm's gamma gradient (x = xhat, shared by the directions).
+    """
+    cdef Py_ssize_t n = g.shape[0], i
+    cdef int k = out.shape[0], M = out.shape[1], kx = x.shape[1], jm, j, m, P
+    cdef double acc
+    _check(g.shape[1] == k and M > 0 and g.shape[2] % M == 0 and x.shape[0] == n
+           and x.shape[2] == g.shape[2] and (kx == 1 or kx == k), "channel_dot shapes")
+    P = g.shape[2] // M
+    # one output per (j, m), summed in a fixed order: thread-count independent
+    for jm in prange(k * M, nogil=True, schedule='static', num_threads=n_threads):
+        j = jm // M
+        m = jm % M
+        acc = 0.0
+        for i in range(n):
+            acc = acc + _pairwise_dot(&g[i, j, m * P], &x[i, j if kx > 1 else 0, m * P], P)
+        out[j, m] += <floating> acc
+
+
 def conv_sample_jacobian(const floating[:, :, ::1] D,     # IN  (n, K, M*P)
                          const floating[:, :, ::1] cols,  # IN  (n, CKK, P)
                          bint has_bias, Py_ssize_t offset,

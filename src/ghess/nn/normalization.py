@@ -13,8 +13,12 @@ In the engine it is bilinear in ``(gamma, x - mean)``, like ``Linear`` in ``(W, 
 
 import numpy as np
 
+from .._kernels import conv as kernels
 from .._validation import as_array
 from .base import WeightBiasLayer, finite_real, positive_int
+
+#: no shift: ``channel_affine``'s shift with no rows, per dtype
+_NO_SHIFT = {np.dtype(t).char: np.empty((0, 0), dtype=t) for t in (np.float32, np.float64)}
 
 __all__ = ["BatchNorm1d", "BatchNorm2d"]
 
@@ -44,6 +48,7 @@ class _BatchNorm(WeightBiasLayer):
         # the map's fixed part, in float64: 1/sigma per channel
         self._inv_sigma = 1.0 / np.sqrt(self.running_var + self.eps)
         self._inv_sigma.flags.writeable = False
+        self._fixed_by_dtype = {}
         self._positions = None
 
     def _statistic(self, value, default, name):
@@ -96,21 +101,21 @@ class _BatchNorm(WeightBiasLayer):
         return array.reshape(lead + (self.num_features, self._positions))
 
     def _fixed(self, dtype):
-        """1/sigma and mean as (C, 1) arrays of ``dtype``."""
-        return (self._inv_sigma.astype(dtype)[:, None],
-                self.running_mean.astype(dtype)[:, None])
+        """Return 1/sigma, -mean/sigma and mean as (C,) arrays of ``dtype``."""
+        fixed = self._fixed_by_dtype.get(dtype.char)
+        if fixed is None:
+            fixed = (self._inv_sigma.astype(dtype),
+                     (-self.running_mean * self._inv_sigma).astype(dtype),
+                     self.running_mean.astype(dtype))
+            self._fixed_by_dtype[dtype.char] = fixed
+        return fixed
 
     def _scale(self, params):
-        """Return a = gamma / sigma, (C, 1)."""
-        inv_sigma, _ = self._fixed(params["weight"].dtype)
-        return params["weight"][:, None] * inv_sigma
+        """Return a = gamma / sigma, (1, C): the map's slope per channel."""
+        inv_sigma = self._fixed(params["weight"].dtype)[0]
+        return (params["weight"] * inv_sigma)[None]
 
-    def _xhat(self, x):
-        """(x - mean) / sigma, (n, C, positions)."""
-        inv_sigma, mean = self._fixed(x.dtype)
-        return (self._channels(x, (x.shape[0],)) - mean) * inv_sigma
-
-    # -- propagation ---------------------------------------------------------
+    # -- propagation (per-channel kernels: ``_kernels.conv.channel_affine``, ``channel_dot``)
     def forward(self, params, x, ctx, need, n_threads):
         """Y = a x + (beta - a mean) per channel.
 
@@ -118,13 +123,16 @@ class _BatchNorm(WeightBiasLayer):
         once here, not again in each product of a stored operator.
         """
         n = x.shape[0]
+        inv_sigma, shift, mean = self._fixed(x.dtype)
         a = self._scale(params)
-        _, mean = self._fixed(x.dtype)
+        b = params["bias"][None] - a * mean[None]
         y = np.empty_like(x)
-        np.multiply(self._channels(x, (n,)), a, out=self._channels(y, (n,)))
-        self._channels(y, (n,))[...] += params["bias"][:, None] - a * mean
+        kernels.channel_affine(x[:, None], a, b, y[:, None], False, n_threads)
         if need >= 1:
-            ctx["xhat"] = self._xhat(x)
+            xhat = np.empty((n, self.num_features, self._positions), dtype=x.dtype)
+            kernels.channel_affine(x[:, None], inv_sigma[None], shift[None],
+                                   xhat.reshape(n, 1, -1), False, n_threads)
+            ctx["xhat"] = xhat
         return y
 
     def factor_context(self, ctx, n_threads=1):
@@ -142,34 +150,29 @@ class _BatchNorm(WeightBiasLayer):
         xhat = ctx["xhat"]
         n = xhat.shape[0]
         Vg, Vb = tangent["weight"], tangent["bias"]
-        k = Vg.shape[0]
-        ry = np.empty((n, k, self.num_features * self._positions), dtype=xhat.dtype)
-        r4 = self._channels(ry, (n, k))
-        np.multiply(xhat[:, None], Vg[None, :, :, None], out=r4)
-        r4 += Vb[None, :, :, None]
+        ry = np.empty((n, Vg.shape[0], self.num_features * self._positions), dtype=xhat.dtype)
+        kernels.channel_affine(xhat.reshape(n, 1, -1), Vg, Vb, ry, False, n_threads)
         if rx is not None:
-            r4 += self._channels(rx, (n, k)) * self._scale(params)
+            kernels.channel_affine(rx, self._scale(params), _NO_SHIFT[ry.dtype.char], ry, True,
+                                   n_threads)
         return ry
 
     def param_vjp(self, ctx, gy, acc, n_threads):
         """dL/dgamma += sum gy xhat and dL/dbeta += sum gy, per channel, for k directions."""
-        n, k = gy.shape[0], gy.shape[1]
-        g4 = self._channels(gy, (n, k))
-        acc["weight"] += np.einsum("nkcs,ncs->kc", g4, ctx["xhat"], optimize=True)
-        acc["bias"] += g4.sum(axis=(0, 3))
+        xhat = ctx["xhat"]
+        kernels.channel_dot(gy, xhat.reshape(xhat.shape[0], 1, -1), acc["weight"], n_threads)
+        kernels.channel_bias_grad(gy, acc["bias"], n_threads)
 
     def input_vjp(self, params, gy, n_threads):
         """dL/dx = a gy per channel."""
-        n, k = gy.shape[0], gy.shape[1]
         gx = np.empty_like(gy)
-        np.multiply(self._channels(gy, (n, k)), self._scale(params),
-                    out=self._channels(gx, (n, k)))
+        kernels.channel_affine(gy, self._scale(params), _NO_SHIFT[gy.dtype.char], gx, False,
+                               n_threads)
         return gx
 
     def input_grad(self, params, gy, ctx, n_threads):
         """dL/dx = a gy for direction-free gy (n, width)."""
-        n = gy.shape[0]
-        return (self._channels(gy, (n,)) * self._scale(params)).reshape(n, -1)
+        return self.input_vjp(params, np.ascontiguousarray(gy)[:, None], n_threads)[:, 0]
 
     def rvjp(self, params, tangent, ctx, g, rx, rgy, acc, need_input_grad, n_threads,
              rctx=None):
@@ -178,18 +181,18 @@ class _BatchNorm(WeightBiasLayer):
         R{dL/dgamma} = sum R{g} xhat + sum g R{x} / sigma,  R{dL/dbeta} = sum R{g},
         R{dL/dx} = a R{g} + (V_gamma / sigma) g.
         """
-        n, k = rgy.shape[0], rgy.shape[1]
         self.param_vjp(ctx, rgy, acc, n_threads)
-        inv_sigma, _ = self._fixed(rgy.dtype)
-        g3 = self._channels(g, (n,))
+        inv_sigma = self._fixed(rgy.dtype)[0]
+        g = np.ascontiguousarray(g)[:, None]
         if rx is not None:
-            acc["weight"] += np.einsum("ncs,nkcs->kc", g3 * inv_sigma,
-                                       self._channels(rx, (n, k)), optimize=True)
+            cross = np.zeros(acc["weight"].shape, dtype=rgy.dtype)
+            kernels.channel_dot(rx, g, cross, n_threads)
+            acc["weight"] += cross * inv_sigma
         if not need_input_grad:
             return None
         rgx = self.input_vjp(params, rgy, n_threads)
-        self._channels(rgx, (n, k))[...] += (
-            g3[:, None] * (tangent["weight"][:, :, None] * inv_sigma[None])[None])
+        kernels.channel_affine(g, tangent["weight"] * inv_sigma, _NO_SHIFT[rgx.dtype.char], rgx,
+                               True, n_threads)
         return rgx
 
     def sample_jacobian(self, ctx, D, offset, J_out, n_threads):
