@@ -16,6 +16,11 @@ def jax_unflatten(model, flat):
 
 def jax_forward(model, params_list, x):
     """Apply ``model`` to the batch ``x`` (NCHW for conv nets) in JAX."""
+    return _chain(model.layers, params_list, x)
+
+
+def _chain(layers, params_list, x):
+    """Apply ``layers`` in order, each with its dict of parameters."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -23,8 +28,22 @@ def jax_forward(model, params_list, x):
 
     import ghess as G
 
-    for layer, params in zip(model.layers, params_list):
-        if isinstance(layer, G.Linear):
+    for layer, params in zip(layers, params_list):
+        if isinstance(layer, G.Residual):
+            branches = []
+            for name, inner in (("body", layer.body), ("shortcut", layer.shortcut)):
+                inner_params = [{key.split(".", 2)[2]: value for key, value in params.items()
+                                 if key.startswith(f"{name}.{j}.")}
+                                for j in range(len(inner))]
+                branches.append(_chain(inner, inner_params, x))
+            x = branches[0] + branches[1]
+        elif isinstance(layer, (G.BatchNorm1d, G.BatchNorm2d)):
+            shape = (1, -1) + (1,) * (x.ndim - 2)
+            scale = params["weight"] / jnp.sqrt(jnp.asarray(layer.running_var, x.dtype)
+                                                + layer.eps)
+            x = ((x - jnp.asarray(layer.running_mean, x.dtype).reshape(shape))
+                 * scale.reshape(shape) + params["bias"].reshape(shape))
+        elif isinstance(layer, G.Linear):
             x = x @ params["weight"].T
             if layer.bias:
                 x = x + params["bias"]
