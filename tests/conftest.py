@@ -97,6 +97,14 @@ CASES = {
                                                   running_var=np.linspace(0.8, 2.0, 6)),
             ghess.Tanh(), ghess.Linear(6, 3), input_shape=(4,)),
         lambda: ghess.MSELoss()),
+    # batch norm without affine parameters: a fixed map, a layer without parameters
+    "batchnorm-noaffine-silu-ce": (
+        lambda: ghess.Sequential(
+            ghess.Linear(4, 6), ghess.BatchNorm1d(6, affine=False,
+                                                  running_mean=np.linspace(0.3, -0.6, 6),
+                                                  running_var=np.linspace(0.5, 1.7, 6)),
+            ghess.SiLU(), ghess.Linear(6, 3), input_shape=(4,)),
+        lambda: ghess.CrossEntropyLoss()),
     "gelu-tanh-dropout-mse": (
         lambda: ghess.Sequential(ghess.Linear(4, 6), ghess.GELU(approximate="tanh"),
                                  ghess.Dropout(0.2), ghess.Linear(6, 3), input_shape=(4,)),

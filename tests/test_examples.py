@@ -7,7 +7,8 @@ import sys
 import pytest
 
 EXAMPLES = sorted((pathlib.Path(__file__).resolve().parents[1] / "examples").glob("*.py"))
-NEEDS = {"torch_training_loop.py": "torch", "sklearn_pipeline.py": "sklearn"}
+NEEDS = {"torch_training_loop.py": "torch", "sklearn_pipeline.py": "sklearn",
+         "resnet_curvature.py": "torch"}
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)

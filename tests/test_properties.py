@@ -38,11 +38,18 @@ def dense_networks(draw):
         layers.append(ghess.Linear(width, out, bias=draw(st.booleans())))
         if draw(st.booleans()):  # batch norm with drawn running statistics
             layers.append(ghess.BatchNorm1d(
-                out, eps=draw(st.sampled_from([1e-5, 1e-2])),
+                out, eps=draw(st.sampled_from([1e-5, 1e-2])), affine=draw(st.booleans()),
                 running_mean=draw(st.lists(st.floats(-1, 1), min_size=out, max_size=out)),
                 running_var=draw(st.lists(st.floats(0.25, 4), min_size=out, max_size=out))))
         layers.append(draw(st.sampled_from(ACTIVATIONS))())
         width = out
+        if draw(st.booleans()):  # a residual block: identity or dense shortcut
+            body = [ghess.Linear(width, width), draw(st.sampled_from(ACTIVATIONS))()]
+            if draw(st.booleans()):
+                body.append(ghess.Linear(width, width, bias=draw(st.booleans())))
+            shortcut = draw(st.sampled_from([None, "linear"]))
+            layers.append(ghess.Residual(*body, shortcut=None if shortcut is None else
+                                         [ghess.Linear(width, width, bias=False)]))
     layers.append(ghess.Linear(width, draw(st.integers(2, 4)), bias=draw(st.booleans())))
     return ghess.Sequential(*layers, input_shape=(d,))
 
@@ -64,6 +71,14 @@ def conv_networks(draw):
             running_var=draw(st.lists(st.floats(0.25, 4), min_size=out_channels,
                                       max_size=out_channels))))
     layers.append(draw(st.sampled_from(ACTIVATIONS))())
+    if draw(st.booleans()):  # a residual block: conv (+ batch norm) + activation
+        body = [ghess.Conv2d(out_channels, out_channels, 3, padding=1, bias=draw(st.booleans()))]
+        if draw(st.booleans()):
+            body.append(ghess.BatchNorm2d(out_channels, affine=draw(st.booleans()),
+                                          running_var=np.full(out_channels, 1.5)))
+        body.append(draw(st.sampled_from(ACTIVATIONS))())
+        layers.append(ghess.Residual(*body, shortcut=draw(st.sampled_from(
+            [None, [ghess.Conv2d(out_channels, out_channels, 1, bias=False)]]))))
     pool = draw(st.sampled_from([None, ghess.MaxPool2d, ghess.AvgPool2d, "adaptive"]))
     if pool == "adaptive":
         layers.append(ghess.AdaptiveAvgPool2d(1))

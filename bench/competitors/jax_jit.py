@@ -39,10 +39,11 @@ def _chain(layers, params_list, x):
             x = branches[0] + branches[1]
         elif isinstance(layer, (G.BatchNorm1d, G.BatchNorm2d)):
             shape = (1, -1) + (1,) * (x.ndim - 2)
-            scale = params["weight"] / jnp.sqrt(jnp.asarray(layer.running_var, x.dtype)
-                                                + layer.eps)
+            inv_sigma = 1 / jnp.sqrt(jnp.asarray(layer.running_var, x.dtype) + layer.eps)
+            gamma = params["weight"] if layer.affine else jnp.ones_like(inv_sigma)
+            beta = params["bias"] if layer.affine else jnp.zeros_like(inv_sigma)
             x = ((x - jnp.asarray(layer.running_mean, x.dtype).reshape(shape))
-                 * scale.reshape(shape) + params["bias"].reshape(shape))
+                 * (gamma * inv_sigma).reshape(shape) + beta.reshape(shape))
         elif isinstance(layer, G.Linear):
             x = x @ params["weight"].T
             if layer.bias:

@@ -219,11 +219,19 @@ def test_batch_norm_converts_with_its_running_statistics_and_refuses_training_mo
     torch.testing.assert_close(back[5].running_mean, net[5].running_mean)
     with torch.no_grad():
         assert_allclose_rel(back(X).numpy(), net(X).numpy(), 1e-13)
-    for bad, match in [(nn.BatchNorm1d(4, affine=False), "affine=False is not supported"),
-                       (nn.BatchNorm1d(4, track_running_stats=False),
-                        "without running statistics")]:
-        with pytest.raises(TypeError, match=match):
-            ghess.from_torch(nn.Sequential(nn.Linear(3, 4), bad.eval()), (3,))
+    with pytest.raises(TypeError, match="without running statistics"):
+        ghess.from_torch(nn.Sequential(nn.Linear(3, 4),
+                                       nn.BatchNorm1d(4, track_running_stats=False).eval()),
+                         (3,))
+    # affine=False: the fixed map (x - mean) / sigma, a layer without parameters
+    fixed = nn.BatchNorm1d(4, affine=False)
+    fixed.running_mean.copy_(torch.linspace(-1, 1, 4, dtype=fixed.running_mean.dtype))
+    net = nn.Sequential(nn.Linear(3, 4), fixed, nn.Tanh(), nn.Linear(4, 2)).double().eval()
+    model, theta = ghess.from_torch(net, (3,))
+    assert model.layers[1].affine is False and model.layer_slots[1] == []
+    X = torch.randn(5, 3, dtype=torch.float64)
+    with torch.no_grad():
+        assert_allclose_rel(model.forward(theta, X), net(X).numpy(), 1e-13)
 
 
 def test_batch_norm_arguments_checked():
@@ -237,5 +245,5 @@ def test_batch_norm_arguments_checked():
         ghess.BatchNorm1d(3, running_var=np.ones(4))
     with pytest.raises(ValueError, match="running_var must be >= 0"):
         ghess.BatchNorm1d(3, running_var=-np.ones(3))
-    with pytest.raises(ValueError, match="affine=False is not supported"):
-        ghess.BatchNorm1d(3, affine=False)
+    with pytest.raises(TypeError, match="affine must be a bool"):
+        ghess.BatchNorm1d(3, affine="no")

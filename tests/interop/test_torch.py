@@ -49,7 +49,8 @@ def functional(case):
 
 DENSE = ["tanh-ce", "sigmoid-mse", "softplus-bce", "relu-ce-sum", "leakyrelu-mse-sum",
          "linear-linear-bce", "gelu-ce", "gelu-tanh-dropout-mse", "silu-bce", "elu-ce",
-         "batchnorm-tanh-mse", "residual-tanh-mse", "residual-first-nested-ce"]
+         "batchnorm-tanh-mse", "batchnorm-noaffine-silu-ce", "residual-tanh-mse",
+         "residual-first-nested-ce"]
 CONV = ["conv-bn-relu-bn1d-ce", "conv-gelu-maxpool-silu-elu-ce", "conv-global-avgpool-ce",
         "conv-relu-maxpool-ce",
         "conv-odd-shapes-mse",

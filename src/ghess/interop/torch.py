@@ -177,13 +177,11 @@ def _layer(path, m):
             refuse("is in training mode: call module.eval() first (in training mode batch "
                    "statistics couple the samples of a batch; ghess computes the curvature of "
                    "the network in evaluation mode, with the running statistics)")
-        if not m.affine:
-            refuse("with affine=False is not supported")
         if m.running_mean is None or m.running_var is None:
             refuse("without running statistics (track_running_stats=False) uses batch "
                    "statistics even in evaluation mode: not supported")
         layer_type = BatchNorm1d if kind is tnn.BatchNorm1d else BatchNorm2d
-        return layer_type(m.num_features, m.eps,
+        return layer_type(m.num_features, m.eps, affine=m.affine,
                           running_mean=m.running_mean.detach().cpu().double().numpy(),
                           running_var=m.running_var.detach().cpu().double().numpy())
     if kind is tnn.AdaptiveAvgPool2d:
@@ -269,7 +267,8 @@ def _torch_module(torch, layer):
                                stride=layer.stride, padding=layer.padding,
                                dilation=layer.dilation, bias=layer.bias)
     if isinstance(layer, (BatchNorm1d, BatchNorm2d)):
-        module = getattr(torch.nn, type(layer).__name__)(layer.num_features, eps=layer.eps)
+        module = getattr(torch.nn, type(layer).__name__)(layer.num_features, eps=layer.eps,
+                                                         affine=layer.affine)
         # float64 buffers, converted with the module later (a copy into its float32
         # buffers would round the statistics before a float64 model sees them)
         module.running_mean = torch.from_numpy(np.array(layer.running_mean))

@@ -37,9 +37,12 @@ class _BatchNorm(WeightBiasLayer):
         self.eps = finite_real(eps, "eps", owner)
         if self.eps <= 0:
             raise ValueError(f"{owner}: eps must be > 0, got {self.eps}")
-        if affine is not True:
-            raise ValueError(f"{owner}: affine=False is not supported (the layer would have "
-                             "no parameters); only affine batch norm, PyTorch's default")
+        if not isinstance(affine, (bool, np.bool_)):
+            raise TypeError(f"{owner}: affine must be a bool, got {affine!r}")
+        #: with gamma and beta (the parameters); without, a fixed map with no parameters
+        self.affine = bool(affine)
+        #: the R-operator's cross term V_gamma / sigma * g needs g only with gamma
+        self.uses_output_grad = self.affine
         self.running_mean = self._statistic(running_mean, 0.0, "running_mean")
         self.running_var = self._statistic(running_var, 1.0, "running_var")
         if np.any(self.running_var < 0):
@@ -67,11 +70,14 @@ class _BatchNorm(WeightBiasLayer):
         return out
 
     def __repr__(self):
-        return f"{type(self).__name__}({self.num_features}, eps={self.eps})"
+        affine = "" if self.affine else ", affine=False"
+        return f"{type(self).__name__}({self.num_features}, eps={self.eps}{affine})"
 
     # -- spec ---------------------------------------------------------------
     def param_shapes(self, input_shape):
-        """Return weight (gamma) and bias (beta), each (num_features,)."""
+        """Return weight (gamma) and bias (beta), each (num_features,); none without affine."""
+        if not self.affine:
+            return []
         return [("weight", (self.num_features,)), ("bias", (self.num_features,))]
 
     def output_shape(self, input_shape):
@@ -89,6 +95,8 @@ class _BatchNorm(WeightBiasLayer):
     def init_params(self, input_shape, rng, dtype):
         """PyTorch's: gamma = 1, beta = 0."""
         C = self.num_features
+        if not self.affine:
+            return {}
         return {"weight": np.ones(C, dtype=dtype), "bias": np.zeros(C, dtype=dtype)}
 
     def accumulator_shapes(self, k):
@@ -110,10 +118,10 @@ class _BatchNorm(WeightBiasLayer):
             self._fixed_by_dtype[dtype.char] = fixed
         return fixed
 
-    def _scale(self, params):
-        """Return a = gamma / sigma, (1, C): the map's slope per channel."""
-        inv_sigma = self._fixed(params["weight"].dtype)[0]
-        return (params["weight"] * inv_sigma)[None]
+    def _scale(self, params, dtype):
+        """Return a = gamma / sigma (1 / sigma without affine), (1, C): the slope per channel."""
+        inv_sigma = self._fixed(dtype)[0]
+        return (params["weight"] * inv_sigma)[None] if self.affine else inv_sigma[None]
 
     # -- propagation (per-channel kernels: ``_kernels.conv.channel_affine``, ``channel_dot``)
     def forward(self, params, x, ctx, need, n_threads):
@@ -124,11 +132,11 @@ class _BatchNorm(WeightBiasLayer):
         """
         n = x.shape[0]
         inv_sigma, shift, mean = self._fixed(x.dtype)
-        a = self._scale(params)
-        b = params["bias"][None] - a * mean[None]
+        a = self._scale(params, x.dtype)
+        b = (params["bias"][None] - a * mean[None]) if self.affine else shift[None]
         y = np.empty_like(x)
         kernels.channel_affine(x[:, None], a, b, y[:, None], False, n_threads)
-        if need >= 1:
+        if need >= 1 and self.affine:  # without parameters, nothing reads it
             xhat = np.empty((n, self.num_features, self._positions), dtype=x.dtype)
             kernels.channel_affine(x[:, None], inv_sigma[None], shift[None],
                                    xhat.reshape(n, 1, -1), False, n_threads)
@@ -141,20 +149,22 @@ class _BatchNorm(WeightBiasLayer):
 
     def kept_bytes(self, input_shape, itemsize, input_is_data):
         """Count xhat (an array of its own, even when the input is the network input)."""
-        return int(np.prod(input_shape)) * itemsize
+        return int(np.prod(input_shape)) * itemsize if self.affine else 0
 
     factor_bytes = kept_bytes
 
     def jvp(self, params, tangent, ctx, rx, n_threads, rctx=None):
         """R{y} = V_gamma xhat + v_beta + a R{x}, for k directions."""
+        if not self.affine:  # R{y} = R{x} / sigma
+            return None if rx is None else self.input_vjp(params, rx, n_threads)
         xhat = ctx["xhat"]
         n = xhat.shape[0]
         Vg, Vb = tangent["weight"], tangent["bias"]
         ry = np.empty((n, Vg.shape[0], self.num_features * self._positions), dtype=xhat.dtype)
         kernels.channel_affine(xhat.reshape(n, 1, -1), Vg, Vb, ry, False, n_threads)
         if rx is not None:
-            kernels.channel_affine(rx, self._scale(params), _NO_SHIFT[ry.dtype.char], ry, True,
-                                   n_threads)
+            kernels.channel_affine(rx, self._scale(params, ry.dtype), _NO_SHIFT[ry.dtype.char],
+                                   ry, True, n_threads)
         return ry
 
     def param_vjp(self, ctx, gy, acc, n_threads):
@@ -166,8 +176,8 @@ class _BatchNorm(WeightBiasLayer):
     def input_vjp(self, params, gy, n_threads):
         """dL/dx = a gy per channel."""
         gx = np.empty_like(gy)
-        kernels.channel_affine(gy, self._scale(params), _NO_SHIFT[gy.dtype.char], gx, False,
-                               n_threads)
+        kernels.channel_affine(gy, self._scale(params, gy.dtype), _NO_SHIFT[gy.dtype.char], gx,
+                               False, n_threads)
         return gx
 
     def input_grad(self, params, gy, ctx, n_threads):
@@ -179,8 +189,10 @@ class _BatchNorm(WeightBiasLayer):
         """R-operator of ``vjp`` given g = dL/dy (n, width) and R{dL/dy} (n, k, width).
 
         R{dL/dgamma} = sum R{g} xhat + sum g R{x} / sigma,  R{dL/dbeta} = sum R{g},
-        R{dL/dx} = a R{g} + (V_gamma / sigma) g.
+        R{dL/dx} = a R{g} + (V_gamma / sigma) g. Without affine: R{dL/dx} = R{g} / sigma.
         """
+        if not self.affine:
+            return self.input_vjp(params, rgy, n_threads) if need_input_grad else None
         self.param_vjp(ctx, rgy, acc, n_threads)
         inv_sigma = self._fixed(rgy.dtype)[0]
         g = np.ascontiguousarray(g)[:, None]
@@ -213,7 +225,8 @@ class BatchNorm1d(_BatchNorm):
         C.
     eps : float, default=1e-5
     affine : bool, default=True
-        Only True (weight gamma and bias beta are the parameters).
+        With the weight gamma and the bias beta as parameters; ``False``: the
+        fixed map ``(x - mean) / sqrt(var + eps)``, a layer without parameters.
     running_mean, running_var : array of shape (C,), optional
         The running statistics (PyTorch's initial zeros and ones by default);
         ``from_torch`` copies them from the module.

@@ -369,10 +369,13 @@ def _per_channel(values, ndim):
 
 
 def _bn_apply(node, weight, x):
-    """A(weight) x = weight x / sigma per channel (batch norm's bilinear part)."""
+    """A(weight) x = weight x / sigma per channel (batch norm's bilinear part).
+
+    Without affine parameters (weight None) the map is x / sigma.
+    """
     layer, ndim = node.layer, len(node.shape)
     sigma = np.sqrt(layer.running_var + layer.eps)
-    return x * _per_channel(weight / sigma, ndim)
+    return x * _per_channel((1.0 if weight is None else weight) / sigma, ndim)
 
 
 def _layer_params(node, params):
