@@ -423,45 +423,54 @@ def channel_bias_add(floating[:, :, ::1] out,        # IN/OUT (n, k, M*P)
                     out[i, j, m * P + p] += bias[j if kb > 1 else 0, m]
 
 
-cdef double _pairwise_sum(const floating* x, Py_ssize_t count) noexcept nogil:
-    # Pairwise summation, as NumPy's: blocks of up to 128 terms in 8 interleaved partial
-    # sums, the blocks combined pairwise. The error grows with log2(count) ulp instead of
-    # count (a bias sums N * H * W terms: 1e-13 off on 33x33 maps when summed in one
-    # chain), and the 8 independent chains run several times faster than one.
+cdef inline double _term(const floating* x, const floating* y, Py_ssize_t p,
+                         bint dot) noexcept nogil:
+    return <double> x[p] * y[p] if dot else <double> x[p]
+
+
+cdef double _pairwise(const floating* x, const floating* y, Py_ssize_t count) noexcept nogil:
+    # The sum of x[:count] (y NULL) or the dot product of x and y, pairwise as NumPy sums:
+    # blocks of up to 128 terms in 8 interleaved partial sums, the blocks combined
+    # pairwise. The error grows with log2(count) ulp instead of count (a bias sums
+    # N * H * W terms: 1e-13 off on 33x33 maps when summed in one chain), and the 8
+    # independent chains run several times faster than one. (``dot`` is the same for a
+    # whole call: the compiler takes the branch out of the loops.)
+    cdef bint dot = y != NULL
     cdef double r0, r1, r2, r3, r4, r5, r6, r7, total
     cdef Py_ssize_t p, half
     if count <= 128:
         if count < 8:
             total = 0.0
             for p in range(count):
-                total = total + x[p]
+                total = total + _term(x, y, p, dot)
             return total
-        r0 = x[0]
-        r1 = x[1]
-        r2 = x[2]
-        r3 = x[3]
-        r4 = x[4]
-        r5 = x[5]
-        r6 = x[6]
-        r7 = x[7]
+        r0 = _term(x, y, 0, dot)
+        r1 = _term(x, y, 1, dot)
+        r2 = _term(x, y, 2, dot)
+        r3 = _term(x, y, 3, dot)
+        r4 = _term(x, y, 4, dot)
+        r5 = _term(x, y, 5, dot)
+        r6 = _term(x, y, 6, dot)
+        r7 = _term(x, y, 7, dot)
         p = 8
         while p + 8 <= count:
-            r0 = r0 + x[p]
-            r1 = r1 + x[p + 1]
-            r2 = r2 + x[p + 2]
-            r3 = r3 + x[p + 3]
-            r4 = r4 + x[p + 4]
-            r5 = r5 + x[p + 5]
-            r6 = r6 + x[p + 6]
-            r7 = r7 + x[p + 7]
+            r0 = r0 + _term(x, y, p, dot)
+            r1 = r1 + _term(x, y, p + 1, dot)
+            r2 = r2 + _term(x, y, p + 2, dot)
+            r3 = r3 + _term(x, y, p + 3, dot)
+            r4 = r4 + _term(x, y, p + 4, dot)
+            r5 = r5 + _term(x, y, p + 5, dot)
+            r6 = r6 + _term(x, y, p + 6, dot)
+            r7 = r7 + _term(x, y, p + 7, dot)
             p = p + 8
         total = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
         while p < count:
-            total = total + x[p]
+            total = total + _term(x, y, p, dot)
             p = p + 1
         return total
     half = (count // 2) // 8 * 8
-    return _pairwise_sum(x, half) + _pairwise_sum(x + half, count - half)
+    return (_pairwise(x, y, half)
+            + _pairwise(x + half, y + half if dot else NULL, count - half))
 
 
 def channel_bias_grad(const floating[:, :, ::1] g,   # IN     (n, k, M*P)
@@ -479,7 +488,7 @@ def channel_bias_grad(const floating[:, :, ::1] g,   # IN     (n, k, M*P)
         # each sample's positions pairwise; the samples (a chunk: tens to a few thousand)
         # add up in order
         for i in range(n):
-            acc = acc + _pairwise_sum(&g[i, jm // M, (jm % M) * P], P)
+            acc = acc + _pairwise(&g[i, jm // M, (jm % M) * P], NULL, P)
         out[jm // M, jm % M] += <floating> acc
 
 
@@ -519,45 +528,6 @@ def channel_affine(const floating[:, :, ::1] x,      # IN     (n, kx, M*P), kx i
                         yr[p] = a * xr[p] + b
 
 
-cdef double _pairwise_dot(const floating* x, const floating* y,
-                          Py_ssize_t count) noexcept nogil:
-    # sum x[p] y[p], summed as _pairwise_sum sums
-    cdef double r0, r1, r2, r3, r4, r5, r6, r7, total
-    cdef Py_ssize_t p, half
-    if count <= 128:
-        if count < 8:
-            total = 0.0
-            for p in range(count):
-                total = total + <double> x[p] * y[p]
-            return total
-        r0 = <double> x[0] * y[0]
-        r1 = <double> x[1] * y[1]
-        r2 = <double> x[2] * y[2]
-        r3 = <double> x[3] * y[3]
-        r4 = <double> x[4] * y[4]
-        r5 = <double> x[5] * y[5]
-        r6 = <double> x[6] * y[6]
-        r7 = <double> x[7] * y[7]
-        p = 8
-        while p + 8 <= count:
-            r0 = r0 + <double> x[p] * y[p]
-            r1 = r1 + <double> x[p + 1] * y[p + 1]
-            r2 = r2 + <double> x[p + 2] * y[p + 2]
-            r3 = r3 + <double> x[p + 3] * y[p + 3]
-            r4 = r4 + <double> x[p + 4] * y[p + 4]
-            r5 = r5 + <double> x[p + 5] * y[p + 5]
-            r6 = r6 + <double> x[p + 6] * y[p + 6]
-            r7 = r7 + <double> x[p + 7] * y[p + 7]
-            p = p + 8
-        total = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
-        while p < count:
-            total = total + <double> x[p] * y[p]
-            p = p + 1
-        return total
-    half = (count // 2) // 8 * 8
-    return _pairwise_dot(x, y, half) + _pairwise_dot(x + half, y + half, count - half)
-
-
 def channel_dot(const floating[:, :, ::1] g,   # IN     (n, k, M*P)
                 const floating[:, :, ::1] x,   # IN     (n, kx, M*P), kx in (1, k)
                 floating[:, ::1] out,          # IN/OUT (k, M)
@@ -578,7 +548,7 @@ def channel_dot(const floating[:, :, ::1] g,   # IN     (n, k, M*P)
         m = jm % M
         acc = 0.0
         for i in range(n):
-            acc = acc + _pairwise_dot(&g[i, j, m * P], &x[i, j if kx > 1 else 0, m * P], P)
+            acc = acc + _pairwise(&g[i, j, m * P], &x[i, j if kx > 1 else 0, m * P], P)
         out[j, m] += <floating> acc
 
 
@@ -601,7 +571,7 @@ def conv_sample_jacobian(const floating[:, :, ::1] D,     # IN  (n, K, M*P)
                  0, &J[i, c, offset], CKK)
             if has_bias:
                 for m in range(M):
-                    J[i, c, offset + M * CKK + m] = <floating> _pairwise_sum(&D[i, c, m * P], P)
+                    J[i, c, offset + M * CKK + m] = <floating> _pairwise(&D[i, c, m * P], NULL, P)
 
 
 # ---------------------------------------------------------------------------
