@@ -10,7 +10,7 @@ import warnings
 import numpy as np
 import scipy
 
-from ._kernels import alloc, dense
+from ._kernels import alloc, conv, dense
 from ._version import __version__
 
 _controller = None
@@ -109,6 +109,25 @@ def _pool_limit_from_environment():
 alloc.set_limit(_pool_limit_from_environment())
 
 
+def _isa_from_environment():
+    """Return the direct convolutions' ISA level: ``GHESS_ISA``, capped at the CPU's.
+
+    ``avx512``, ``avx2`` or ``generic`` (no direct convolutions: im2col + BLAS); unset:
+    AVX2 where the CPU has it (``conv.DEFAULT_ISA``). Other levels let one machine test
+    and time every path; asking for more than the CPU has gives what it has.
+    """
+    value = os.environ.get("GHESS_ISA", "").strip().lower()
+    if not value:
+        return conv.DEFAULT_ISA
+    if value not in conv.ISA_NAMES:
+        raise ValueError(f"GHESS_ISA must be one of {', '.join(conv.ISA_NAMES)}, "
+                         f"got {value!r}")
+    return conv.set_isa(conv.ISA_NAMES.index(value))
+
+
+conv.set_isa(_isa_from_environment())
+
+
 def release_memory() -> int:
     """Free the temporaries ghess keeps for reuse; return the number of bytes freed.
 
@@ -190,6 +209,8 @@ def show_config(file=None) -> None:
         f"scipy:     {scipy.__version__}",
         f"OpenMP:    {'on' if dense.openmp_enabled() else 'off'}",
         f"threads:   {resolve_n_threads(None)} (OpenMP default; n_threads= overrides)",
+        f"ISA:       {conv.ISA_NAMES[conv.isa()]} (direct convolutions; generic: im2col + "
+        f"BLAS; the CPU runs {conv.ISA_NAMES[conv.CPU_ISA]}; GHESS_ISA caps it)",
     ]
     try:
         for info in _threadpool_controller().info():

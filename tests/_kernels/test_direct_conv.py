@@ -9,7 +9,7 @@ import pytest
 import ghess
 from ghess._kernels import conv as _conv
 
-needs_direct = pytest.mark.skipif(not _conv._DIRECT_CONV, reason="needs AVX2 and FMA")
+needs_direct = pytest.mark.skipif(not _conv.isa(), reason="needs AVX2 and FMA")
 
 # (C, H, W, out_channels, kernel, stride, padding, dilation): CNN-C's and CNN-S's layers,
 # widths that are not multiples of a vector, one-pixel images, taller strides, dilation
@@ -120,7 +120,7 @@ def _model():
 
 @needs_direct
 @pytest.mark.parametrize("mode", ["stored", "recompute"])
-def test_every_operation_agrees_with_the_im2col_paths(monkeypatch, mode):
+def test_every_operation_agrees_with_the_im2col_paths(mode):
     model = _model()
     rng = np.random.default_rng(3)
     X, y = rng.standard_normal((9, 3, 8, 9)), rng.integers(0, 3, 9)
@@ -138,9 +138,13 @@ def test_every_operation_agrees_with_the_im2col_paths(monkeypatch, mode):
     direct = run()
     assert [_conv.direct_conv_supported(layer._geom) for layer in model.layers
             if isinstance(layer, ghess.Conv2d)] == [True, True, True, False]
-    monkeypatch.setattr(_conv, "_DIRECT_CONV", False)
-    assert not _conv.direct_conv_supported(model.layers[0]._geom)
-    im2col = run()
+    level = _conv.isa()
+    _conv.set_isa(0)  # the im2col path, for operators built from now on
+    try:
+        assert not _conv.direct_conv_supported(model.layers[0]._geom)
+        im2col = run()
+    finally:
+        _conv.set_isa(level)
     for a, b in zip(direct, im2col):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-13 * np.abs(b).max())
 

@@ -17,7 +17,8 @@ Design notes
 4. Sums over samples (weight gradients) go to one accumulator per thread,
    added in thread order at the end: deterministic for a given number of
    threads, equal across thread counts up to rounding.
-5. Where the CPU has AVX2 and FMA, a layer with stride 1 along the width runs
+5. Where the CPU has AVX-512 (F, BW, DQ, VL) or AVX2 and FMA (the level in use:
+   ``isa()``, set from ``GHESS_ISA`` at import), a layer with stride 1 along the width runs
    its forward GEMM (and ``V phi(x)``) and its weight gradient as direct
    convolutions (``include/direct_conv.h``): the unfolded operand is read
    straight from a zero-padded copy of the input, faster than im2col + BLAS
@@ -38,8 +39,8 @@ from .headers cimport (
     GHESS_DC_MR, ghess_dc_forward_f32, ghess_dc_forward_f64, ghess_dc_geom,
     ghess_dc_grad_panels_size, ghess_dc_offsets, ghess_dc_pack_grad_f32, ghess_dc_pack_grad_f64,
     ghess_dc_pack_weights_f32, ghess_dc_pack_weights_f64, ghess_dc_pad_f32, ghess_dc_pad_f64,
-    ghess_dc_padded_size, ghess_dc_weight_grad_f32, ghess_dc_weight_grad_f64,
-    ghess_direct_conv_available,
+    ghess_dc_padded_size, ghess_dc_vector_length, ghess_dc_weight_grad_f32,
+    ghess_dc_weight_grad_f64, ghess_cpu_isa,
 )
 
 
@@ -201,12 +202,40 @@ def unfold(const floating[:, ::1] x,        # IN  (m, C*H*W)
 # Direct convolution (forward pass, weight gradient)
 # ---------------------------------------------------------------------------
 
-_DIRECT_CONV = bool(ghess_direct_conv_available())
+#: the instruction-set levels of the direct convolutions, lowest first
+ISA_NAMES = ("generic", "avx2", "avx512")
+#: the best this CPU runs (2: AVX-512 F/BW/DQ/VL, 1: AVX2 + FMA, 0: neither)
+CPU_ISA = ghess_cpu_isa()
+#: the level used unless GHESS_ISA asks for another: AVX2 where the CPU has it. The
+#: AVX-512 kernels ran 5-20% slower than the AVX2 ones on an AMD EPYC (Zen 4, which
+#: splits 512-bit vectors into two 256-bit halves: no more flops per cycle, and rows of
+#: 8 or 16 positions fill half or all of a 16-float vector); they are the default only
+#: once measured faster on a CPU with full-width AVX-512 (docs/design.md, "Measurements")
+DEFAULT_ISA = min(CPU_ISA, 1)
+# the level in use: set once, at import (ghess._config, GHESS_ISA), at most CPU_ISA
+cdef int _isa = DEFAULT_ISA
+
+
+def set_isa(int level):
+    """Use the direct convolutions of ISA level ``level`` (0-2), at most ``CPU_ISA``; return it.
+
+    ``ghess._config`` calls it once at import, from ``GHESS_ISA``. Level 0 turns the
+    direct convolutions off (im2col + BLAS), which changes what layers keep: set it
+    before building any model's plan. Levels 1 and 2 give the same bits.
+    """
+    global _isa
+    _isa = max(0, min(level, CPU_ISA))
+    return _isa
+
+
+def isa():
+    """Return the ISA level in use (an index into ``ISA_NAMES``)."""
+    return _isa
 
 
 def direct_conv_supported(geom):
     """Whether ``conv_forward_direct`` runs on this CPU for this geometry (None: no)."""
-    return _DIRECT_CONV and geom is not None and len(geom) == 13 and geom[6] == 1
+    return _isa > 0 and geom is not None and len(geom) == 13 and geom[6] == 1
 
 
 def conv_forward_direct(const floating[:, ::1] weights,  # IN  (M, C*kh*kw)
@@ -219,7 +248,7 @@ def conv_forward_direct(const floating[:, ::1] weights,  # IN  (M, C*kh*kw)
     cdef Py_ssize_t n = x.shape[0], i
     cdef int M = weights.shape[0], K = weights.shape[1], t
     cdef int P = g.out_h * g.out_w
-    _check(direct_conv_supported(geom), "conv_forward_direct needs AVX2/FMA and width stride 1")
+    _check(direct_conv_supported(geom), "conv_forward_direct needs AVX2 and width stride 1")
     _check(K == g.C * g.kh * g.kw and x.shape[1] == g.C * g.H * g.W,
            "conv_forward_direct weights/x")
     _check(bias.shape[0] in (0, M), "conv_forward_direct bias")
@@ -243,12 +272,12 @@ def conv_forward_direct(const floating[:, ::1] weights,  # IN  (M, C*kh*kw)
         t = threadid()
         if floating is double:
             ghess_dc_pad_f64(&x[i, 0], &g, &padded[t, 0])
-            ghess_dc_forward_f64(&packed[0], b, M, &padded[t, 0], &offsets[0], &g, &out[i, 0],
-                                 accumulate)
+            ghess_dc_forward_f64(_isa, &packed[0], b, M, &padded[t, 0], &offsets[0], &g,
+                                 &out[i, 0], accumulate)
         else:
             ghess_dc_pad_f32(&x[i, 0], &g, &padded[t, 0])
-            ghess_dc_forward_f32(&packed[0], b, M, &padded[t, 0], &offsets[0], &g, &out[i, 0],
-                                 accumulate)
+            ghess_dc_forward_f32(_isa, &packed[0], b, M, &padded[t, 0], &offsets[0], &g,
+                                 &out[i, 0], accumulate)
 
 
 def conv_weight_grad_direct(const floating[:, :, ::1] g,  # IN  (n, k, M*P)
@@ -263,7 +292,7 @@ def conv_weight_grad_direct(const floating[:, :, ::1] g,  # IN  (n, k, M*P)
     cdef Py_ssize_t n = g.shape[0], i, kk, e
     cdef int k = g.shape[1], M = out.shape[1], K = out.shape[2], t, km
     cdef int P = gm.out_h * gm.out_w
-    cdef int L = 4 if floating is double else 8
+    cdef int L = ghess_dc_vector_length(_isa, floating is double)
     _check(direct_conv_supported(geom), "conv_weight_grad_direct needs AVX2/FMA, stride 1")
     _check(K == gm.C * gm.kh * gm.kw and x.shape[0] == n and x.shape[1] == gm.C * gm.H * gm.W,
            "conv_weight_grad_direct x/out")
@@ -282,13 +311,13 @@ def conv_weight_grad_direct(const floating[:, :, ::1] g,  # IN  (n, k, M*P)
         t = threadid()
         if floating is double:
             ghess_dc_pad_f64(&x[i, 0], &gm, &padded[t, 0])
-            ghess_dc_pack_grad_f64(&g[i, 0, 0], km, P, &panels[t, 0])
-            ghess_dc_weight_grad_f64(&panels[t, 0], km, &padded[t, 0], &offsets[0], &gm,
+            ghess_dc_pack_grad_f64(L, &g[i, 0, 0], km, P, &panels[t, 0])
+            ghess_dc_weight_grad_f64(_isa, &panels[t, 0], km, &padded[t, 0], &offsets[0], &gm,
                                      &work[t, 0, 0])
         else:
             ghess_dc_pad_f32(&x[i, 0], &gm, &padded[t, 0])
-            ghess_dc_pack_grad_f32(&g[i, 0, 0], km, P, &panels[t, 0])
-            ghess_dc_weight_grad_f32(&panels[t, 0], km, &padded[t, 0], &offsets[0], &gm,
+            ghess_dc_pack_grad_f32(L, &g[i, 0, 0], km, P, &panels[t, 0])
+            ghess_dc_weight_grad_f32(_isa, &panels[t, 0], km, &padded[t, 0], &offsets[0], &gm,
                                      &work[t, 0, 0])
     # out (k*M, K) += the per-thread (K, k*M) sums, transposed, in thread order
     with nogil:

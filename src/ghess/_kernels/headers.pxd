@@ -55,27 +55,28 @@ cdef extern from "vecmath.h" nogil:
                            double p0)
 
 cdef extern from "direct_conv.h" nogil:
-    # stride-1 (in width) convolutions without im2col, AVX2 + FMA (checked at run time)
+    # stride-1 (in width) convolutions without im2col, AVX-512 or AVX2 + FMA (at run time)
     ctypedef struct ghess_dc_geom:
         int C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, out_h, out_w
-    int ghess_direct_conv_available()
+    int ghess_cpu_isa()
+    int ghess_dc_vector_length(int isa, int is_double)
     Py_ssize_t ghess_dc_padded_size(const ghess_dc_geom* g)
     void ghess_dc_offsets(const ghess_dc_geom* g, int* off)
     void ghess_dc_pack_weights_f64(const double* w, int M, int K, double* Ap)
     void ghess_dc_pack_weights_f32(const float* w, int M, int K, float* Ap)
     void ghess_dc_pad_f64(const double* x, const ghess_dc_geom* g, double* xp)
     void ghess_dc_pad_f32(const float* x, const ghess_dc_geom* g, float* xp)
-    void ghess_dc_forward_f64(const double* Ap, const double* bias, int M, const double* xp,
-                              const int* off, const ghess_dc_geom* g, double* out,
-                              int accumulate)
-    void ghess_dc_forward_f32(const float* Ap, const float* bias, int M, const float* xp,
-                              const int* off, const ghess_dc_geom* g, float* out,
-                              int accumulate)
+    void ghess_dc_forward_f64(int isa, const double* Ap, const double* bias, int M,
+                              const double* xp, const int* off, const ghess_dc_geom* g,
+                              double* out, int accumulate)
+    void ghess_dc_forward_f32(int isa, const float* Ap, const float* bias, int M,
+                              const float* xp, const int* off, const ghess_dc_geom* g,
+                              float* out, int accumulate)
     Py_ssize_t ghess_dc_grad_panels_size(int M, int P, int vector_length)
-    void ghess_dc_pack_grad_f64(const double* g, int M, int P, double* gT)
-    void ghess_dc_pack_grad_f32(const float* g, int M, int P, float* gT)
-    void ghess_dc_weight_grad_f64(const double* gT, int M, const double* xp, const int* off,
-                                  const ghess_dc_geom* g, double* work)
-    void ghess_dc_weight_grad_f32(const float* gT, int M, const float* xp, const int* off,
-                                  const ghess_dc_geom* g, float* work)
+    void ghess_dc_pack_grad_f64(int L, const double* g, int M, int P, double* gT)
+    void ghess_dc_pack_grad_f32(int L, const float* g, int M, int P, float* gT)
+    void ghess_dc_weight_grad_f64(int isa, const double* gT, int M, const double* xp,
+                                  const int* off, const ghess_dc_geom* g, double* work)
+    void ghess_dc_weight_grad_f32(int isa, const float* gT, int M, const float* xp,
+                                  const int* off, const ghess_dc_geom* g, float* work)
     int GHESS_DC_MR

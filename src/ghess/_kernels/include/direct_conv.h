@@ -1,4 +1,4 @@
-/* Direct convolution for stride-1 (in width) layers, AVX2 + FMA.
+/* Direct convolution for stride-1 (in width) layers, AVX-512 or AVX2 + FMA.
  *
  *   out[m, p] = sum_k W[m, k] x_pad[off[k] + base(p)]  (+ bias[m])
  *
@@ -16,8 +16,13 @@
  * of at most one vector; a run shorter than a vector computes its lanes from
  * whatever follows in x_pad (SLACK elements are allocated past the end for the
  * last row) and stores only its own. Available on x86-64 with GCC or Clang,
- * checked at run time (ghess_direct_conv_available); elsewhere ghess uses the
- * im2col path.
+ * checked at run time (ghess_cpu_isa); elsewhere ghess uses the im2col path.
+ *
+ * Two builds of each kernel, chosen per call by the caller's ISA level: AVX-512
+ * (vectors of 16 floats / 8 doubles) and AVX2 + FMA (8 / 4). Every lane runs the same
+ * sequence of FMAs in both (a lane is one output position in the forward kernel, one
+ * output channel in the weight gradient, and the sums over k or p run in the same
+ * order), so the two give the same bits.
  */
 #ifndef GHESS_DIRECT_CONV_H
 #define GHESS_DIRECT_CONV_H
@@ -28,21 +33,37 @@
 #include "portability.h" /* GHESS_X86_INTRINSICS, GHESS_TARGET_AVX2_FMA */
 
 #define GHESS_DC_MR 6
-/* elements readable past the end of a padded input (one vector's overrun) */
+/* elements readable past the end of a padded input (one vector's overrun: 16 floats) */
 #define GHESS_DC_SLACK 16
+/* the ISA levels of ghess_cpu_isa */
+#define GHESS_ISA_GENERIC 0
+#define GHESS_ISA_AVX2 1
+#define GHESS_ISA_AVX512 2
 
 #if GHESS_X86_INTRINSICS
 #include <immintrin.h>
 #endif
 
-static int ghess_direct_conv_available(void)
+/* The best level this CPU runs: AVX-512 (x86-64-v4), AVX2 + FMA, or neither. */
+static int ghess_cpu_isa(void)
 {
 #if GHESS_X86_INTRINSICS
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")))
+        return GHESS_ISA_GENERIC;
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl"))
+        return GHESS_ISA_AVX512;
+    return GHESS_ISA_AVX2;
 #else
-    return 0;
+    return GHESS_ISA_GENERIC;
 #endif
+}
+
+/* The vector length (elements) of the kernels at an ISA level, for doubles or floats. */
+static int ghess_dc_vector_length(int isa, int is_double)
+{
+    return (isa == GHESS_ISA_AVX512 ? 16 : 8) / (is_double ? 2 : 1);
 }
 
 /* Geometry: (C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, out_h, out_w), as ghess.nn._window */
@@ -112,8 +133,27 @@ static void ghess_dc_pack_grad_##SUFFIX(const T *g, int M, int P, T *gT)        
 
 GHESS_DEFINE_DIRECT_CONV(double, f64)
 GHESS_DEFINE_DIRECT_CONV(float, f32)
-GHESS_DEFINE_DIRECT_WGRAD_PACK(double, f64, 4)
-GHESS_DEFINE_DIRECT_WGRAD_PACK(float, f32, 8)
+GHESS_DEFINE_DIRECT_WGRAD_PACK(double, f64_l4, 4)
+GHESS_DEFINE_DIRECT_WGRAD_PACK(float, f32_l8, 8)
+GHESS_DEFINE_DIRECT_WGRAD_PACK(double, f64_l8, 8)
+GHESS_DEFINE_DIRECT_WGRAD_PACK(float, f32_l16, 16)
+
+/* the gradient panels for vectors of L elements (ghess_dc_vector_length) */
+static void ghess_dc_pack_grad_f64(int L, const double *g, int M, int P, double *gT)
+{
+    if (L == 8)
+        ghess_dc_pack_grad_f64_l8(g, M, P, gT);
+    else
+        ghess_dc_pack_grad_f64_l4(g, M, P, gT);
+}
+
+static void ghess_dc_pack_grad_f32(int L, const float *g, int M, int P, float *gT)
+{
+    if (L == 16)
+        ghess_dc_pack_grad_f32_l16(g, M, P, gT);
+    else
+        ghess_dc_pack_grad_f32_l8(g, M, P, gT);
+}
 
 /* elements of the transposed-gradient panels for M channels and P positions */
 static ptrdiff_t ghess_dc_grad_panels_size(int M, int P, int vector_length)
@@ -176,10 +216,10 @@ static ptrdiff_t ghess_dc_grad_panels_size(int M, int P, int vector_length)
         }                                                                                   \
     }
 
-#define GHESS_DEFINE_DIRECT_CONV_X86(T, SUFFIX, VEC, LOADU, BCAST, FMA, SETZERO, STOREU, ADD, L) \
+#define GHESS_DEFINE_DIRECT_CONV_X86(TARGET, T, SUFFIX, VEC, LOADU, BCAST, FMA, SETZERO, STOREU, ADD, L) \
 /* out (M, P) (+)= W x (+ bias) for one sample; Ap from ghess_dc_pack_weights, xp from     \
  * ghess_dc_pad, off from ghess_dc_offsets. sw must be 1. */                                \
-GHESS_TARGET_AVX2_FMA                                                                       \
+TARGET                                                                                      \
 static void ghess_dc_forward_##SUFFIX(const T *Ap, const T *bias, int M, const T *xp,       \
                                       const int *off, const ghess_dc_geom *g, T *out,       \
                                       int accumulate)                                       \
@@ -208,8 +248,8 @@ static void ghess_dc_forward_##SUFFIX(const T *Ap, const T *bias, int M, const T
 /* work (K, M) += phi(x) g^T for one sample, i.e. the weight gradient, transposed:
  * work[k, m] += sum_p x_pad[off[k] + base(p)] g[m, p]. Tile: 6 taps k (broadcast from
  * x_pad, six pointers moving along an output row) x 2 vectors of channels (gT). */
-#define GHESS_DEFINE_DIRECT_WGRAD_X86(T, SUFFIX, VEC, LOADU, BCAST, FMA, SETZERO, STOREU, ADD, L) \
-GHESS_TARGET_AVX2_FMA                                                                       \
+#define GHESS_DEFINE_DIRECT_WGRAD_X86(TARGET, T, SUFFIX, VEC, LOADU, BCAST, FMA, SETZERO, STOREU, ADD, L) \
+TARGET                                                                                      \
 static void ghess_dc_weight_grad_##SUFFIX(const T *gT, int M, const T *xp, const int *off,  \
                                           const ghess_dc_geom *g, T *work)                  \
 {                                                                                           \
@@ -252,32 +292,77 @@ static void ghess_dc_weight_grad_##SUFFIX(const T *gT, int M, const T *xp, const
     }                                                                                       \
 }
 
-GHESS_DEFINE_DIRECT_WGRAD_X86(double, f64, __m256d, _mm256_loadu_pd, _mm256_broadcast_sd,
-                              _mm256_fmadd_pd, _mm256_setzero_pd, _mm256_storeu_pd, _mm256_add_pd, 4)
-GHESS_DEFINE_DIRECT_WGRAD_X86(float, f32, __m256, _mm256_loadu_ps, _mm256_broadcast_ss,
-                              _mm256_fmadd_ps, _mm256_setzero_ps, _mm256_storeu_ps, _mm256_add_ps, 8)
+GHESS_DEFINE_DIRECT_WGRAD_X86(GHESS_TARGET_AVX2_FMA, double, avx2_f64, __m256d, _mm256_loadu_pd,
+                              _mm256_broadcast_sd, _mm256_fmadd_pd, _mm256_setzero_pd,
+                              _mm256_storeu_pd, _mm256_add_pd, 4)
+GHESS_DEFINE_DIRECT_WGRAD_X86(GHESS_TARGET_AVX2_FMA, float, avx2_f32, __m256, _mm256_loadu_ps,
+                              _mm256_broadcast_ss, _mm256_fmadd_ps, _mm256_setzero_ps,
+                              _mm256_storeu_ps, _mm256_add_ps, 8)
+GHESS_DEFINE_DIRECT_CONV_X86(GHESS_TARGET_AVX2_FMA, double, avx2_f64, __m256d, _mm256_loadu_pd,
+                             _mm256_broadcast_sd, _mm256_fmadd_pd, _mm256_setzero_pd,
+                             _mm256_storeu_pd, _mm256_add_pd, 4)
+GHESS_DEFINE_DIRECT_CONV_X86(GHESS_TARGET_AVX2_FMA, float, avx2_f32, __m256, _mm256_loadu_ps,
+                             _mm256_broadcast_ss, _mm256_fmadd_ps, _mm256_setzero_ps,
+                             _mm256_storeu_ps, _mm256_add_ps, 8)
 
-GHESS_DEFINE_DIRECT_CONV_X86(double, f64, __m256d, _mm256_loadu_pd, _mm256_broadcast_sd,
-                             _mm256_fmadd_pd, _mm256_setzero_pd, _mm256_storeu_pd, _mm256_add_pd, 4)
-GHESS_DEFINE_DIRECT_CONV_X86(float, f32, __m256, _mm256_loadu_ps, _mm256_broadcast_ss,
-                             _mm256_fmadd_ps, _mm256_setzero_ps, _mm256_storeu_ps, _mm256_add_ps, 8)
+/* AVX-512: a broadcast from memory is a set1 of the loaded scalar */
+#define GHESS_BCAST512_PD(p) _mm512_set1_pd(*(p))
+#define GHESS_BCAST512_PS(p) _mm512_set1_ps(*(p))
+GHESS_DEFINE_DIRECT_WGRAD_X86(GHESS_TARGET_AVX512, double, avx512_f64, __m512d, _mm512_loadu_pd,
+                              GHESS_BCAST512_PD, _mm512_fmadd_pd, _mm512_setzero_pd,
+                              _mm512_storeu_pd, _mm512_add_pd, 8)
+GHESS_DEFINE_DIRECT_WGRAD_X86(GHESS_TARGET_AVX512, float, avx512_f32, __m512, _mm512_loadu_ps,
+                              GHESS_BCAST512_PS, _mm512_fmadd_ps, _mm512_setzero_ps,
+                              _mm512_storeu_ps, _mm512_add_ps, 16)
+GHESS_DEFINE_DIRECT_CONV_X86(GHESS_TARGET_AVX512, double, avx512_f64, __m512d, _mm512_loadu_pd,
+                             GHESS_BCAST512_PD, _mm512_fmadd_pd, _mm512_setzero_pd,
+                             _mm512_storeu_pd, _mm512_add_pd, 8)
+GHESS_DEFINE_DIRECT_CONV_X86(GHESS_TARGET_AVX512, float, avx512_f32, __m512, _mm512_loadu_ps,
+                             GHESS_BCAST512_PS, _mm512_fmadd_ps, _mm512_setzero_ps,
+                             _mm512_storeu_ps, _mm512_add_ps, 16)
+
+/* The kernels of an ISA level (GHESS_ISA_AVX512, else AVX2; never called at GENERIC). */
+#define GHESS_DEFINE_DIRECT_DISPATCH(T, SUFFIX)                                              \
+static void ghess_dc_forward_##SUFFIX(int isa, const T *Ap, const T *bias, int M,           \
+                                      const T *xp, const int *off, const ghess_dc_geom *g,  \
+                                      T *out, int accumulate)                               \
+{                                                                                           \
+    if (isa == GHESS_ISA_AVX512)                                                            \
+        ghess_dc_forward_avx512_##SUFFIX(Ap, bias, M, xp, off, g, out, accumulate);         \
+    else                                                                                    \
+        ghess_dc_forward_avx2_##SUFFIX(Ap, bias, M, xp, off, g, out, accumulate);           \
+}                                                                                           \
+                                                                                            \
+static void ghess_dc_weight_grad_##SUFFIX(int isa, const T *gT, int M, const T *xp,         \
+                                          const int *off, const ghess_dc_geom *g, T *work)  \
+{                                                                                           \
+    if (isa == GHESS_ISA_AVX512)                                                            \
+        ghess_dc_weight_grad_avx512_##SUFFIX(gT, M, xp, off, g, work);                      \
+    else                                                                                    \
+        ghess_dc_weight_grad_avx2_##SUFFIX(gT, M, xp, off, g, work);                        \
+}
+
+GHESS_DEFINE_DIRECT_DISPATCH(double, f64)
+GHESS_DEFINE_DIRECT_DISPATCH(float, f32)
 
 #else
-/* never called: ghess_direct_conv_available() is 0 */
-static void ghess_dc_forward_f64(const double *Ap, const double *bias, int M, const double *xp,
-                                 const int *off, const ghess_dc_geom *g, double *out,
-                                 int accumulate)
-{ (void)Ap; (void)bias; (void)M; (void)xp; (void)off; (void)g; (void)out; (void)accumulate; }
-static void ghess_dc_forward_f32(const float *Ap, const float *bias, int M, const float *xp,
-                                 const int *off, const ghess_dc_geom *g, float *out,
-                                 int accumulate)
-{ (void)Ap; (void)bias; (void)M; (void)xp; (void)off; (void)g; (void)out; (void)accumulate; }
-static void ghess_dc_weight_grad_f64(const double *gT, int M, const double *xp, const int *off,
-                                     const ghess_dc_geom *g, double *work)
-{ (void)gT; (void)M; (void)xp; (void)off; (void)g; (void)work; }
-static void ghess_dc_weight_grad_f32(const float *gT, int M, const float *xp, const int *off,
-                                     const ghess_dc_geom *g, float *work)
-{ (void)gT; (void)M; (void)xp; (void)off; (void)g; (void)work; }
+/* never called: ghess_cpu_isa() is GHESS_ISA_GENERIC */
+static void ghess_dc_forward_f64(int isa, const double *Ap, const double *bias, int M,
+                                 const double *xp, const int *off, const ghess_dc_geom *g,
+                                 double *out, int accumulate)
+{ (void)isa; (void)Ap; (void)bias; (void)M; (void)xp; (void)off; (void)g; (void)out;
+  (void)accumulate; }
+static void ghess_dc_forward_f32(int isa, const float *Ap, const float *bias, int M,
+                                 const float *xp, const int *off, const ghess_dc_geom *g,
+                                 float *out, int accumulate)
+{ (void)isa; (void)Ap; (void)bias; (void)M; (void)xp; (void)off; (void)g; (void)out;
+  (void)accumulate; }
+static void ghess_dc_weight_grad_f64(int isa, const double *gT, int M, const double *xp,
+                                     const int *off, const ghess_dc_geom *g, double *work)
+{ (void)isa; (void)gT; (void)M; (void)xp; (void)off; (void)g; (void)work; }
+static void ghess_dc_weight_grad_f32(int isa, const float *gT, int M, const float *xp,
+                                     const int *off, const ghess_dc_geom *g, float *work)
+{ (void)isa; (void)gT; (void)M; (void)xp; (void)off; (void)g; (void)work; }
 #endif
 
 #endif

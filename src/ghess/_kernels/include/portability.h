@@ -3,6 +3,7 @@
  *   GHESS_CLONES           before a function: an AVX2 clone beside the baseline one
  *   GHESS_X86_INTRINSICS   1 where <immintrin.h> and GHESS_TARGET_AVX2_FMA are usable
  *   GHESS_TARGET_AVX2_FMA  before a function: compile it for AVX2 + FMA
+ *   GHESS_TARGET_AVX512    before a function: compile it for AVX-512 (F, BW, DQ, VL)
  *   GHESS_SIMD, GHESS_SIMD_SUM1, GHESS_SIMD_SUM4
  *                          before a loop: `omp simd`, with a + reduction over s0
  *                          (or s0..s3); nothing without OpenMP
@@ -32,9 +33,13 @@
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define GHESS_X86_INTRINSICS 1
 #define GHESS_TARGET_AVX2_FMA __attribute__((target("avx2,fma")))
+/* x86-64-v4: what AVX-512 servers (Skylake-SP and later, Zen 4 and later) all have */
+#define GHESS_TARGET_AVX512 \
+    __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")))
 #else
 #define GHESS_X86_INTRINSICS 0
 #define GHESS_TARGET_AVX2_FMA
+#define GHESS_TARGET_AVX512
 #endif
 
 /* `omp simd` lets the compiler vectorise loops it would otherwise keep in order, the

@@ -1,0 +1,82 @@
+"""The ISA levels of the direct convolutions: every level the CPU runs gives the same numbers.
+
+The suite runs the default level (AVX2 where the CPU has it); these tests run every
+direct-convolution level the CPU supports, AVX-512 included (the same bits: every lane
+runs the same FMAs) and, in a child process with ``GHESS_ISA=generic``, the im2col path
+(the same numbers to rounding).
+"""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import ConvCase
+
+import ghess
+from ghess._kernels import conv
+
+LEVELS = [level for level in (1, 2) if level <= conv.CPU_ISA]
+
+
+@pytest.fixture
+def restore_isa():
+    level = conv.isa()
+    yield
+    conv.set_isa(level)
+
+
+@pytest.mark.skipif(not LEVELS, reason="no direct convolutions on this CPU")
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("name", ["resnet-ce", "conv-odd-shapes-mse", "conv-relu-maxpool-ce"])
+def test_levels_give_the_same_bits(name, dtype, restore_isa):
+    c = ConvCase(name, dtype=dtype, n_samples=7)
+    v = np.random.default_rng(0).normal(size=c.model.n_params).astype(dtype)
+    results = []
+    for level in LEVELS:
+        assert conv.set_isa(level) == level
+        G = ghess.GGNLinearOperator(c.model, c.loss, c.theta, c.data, n_threads=2)
+        H = ghess.HessianLinearOperator(c.model, c.loss, c.theta, c.data, n_threads=2)
+        value, grad = ghess.loss_and_grad(c.model, c.loss, c.theta, c.data)
+        results.append((value, grad, G @ v, H @ v, c.model.forward(c.theta, c.X)))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_set_isa_is_capped_at_the_cpu(restore_isa):
+    assert conv.set_isa(5) == conv.CPU_ISA
+    assert conv.set_isa(-1) == 0
+    assert not conv.direct_conv_supported((1, 4, 4, 3, 3, 1, 1, 1, 1, 1, 1, 4, 4))
+
+
+CHILD = """
+import numpy as np, ghess, sys
+from ghess._kernels import conv
+from ghess.testing import reference_ggn, reference_loss_and_grad
+sys.path.insert(0, {tests!r})
+from conftest import ConvCase
+assert conv.isa() == 0 and not conv.direct_conv_supported((1, 4, 4, 3, 3, 1, 1, 1, 1, 1, 1, 4, 4))
+c = ConvCase("resnet-ce", n_samples=5)
+v = np.random.default_rng(0).normal(size=c.model.n_params)
+G = ghess.GGNLinearOperator(c.model, c.loss, c.theta, c.data)
+ref = reference_ggn(c.model, c.loss, c.theta, c.data) @ v  # the saturated case: dense
+assert np.linalg.norm(G @ v - ref) <= 1e-12 * np.linalg.norm(ref)
+grad = ghess.loss_and_grad(c.model, c.loss, c.theta, c.data)[1]
+ref = reference_loss_and_grad(c.model, c.loss, c.theta, c.data)[1]
+assert np.linalg.norm(grad - ref) <= 1e-12 * np.linalg.norm(ref)
+print("ok")
+"""
+
+
+def test_generic_level_from_the_environment_runs_im2col():
+    tests = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, GHESS_ISA="generic")
+    done = subprocess.run([sys.executable, "-c", CHILD.format(tests=tests)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+    bad = subprocess.run([sys.executable, "-c", "import ghess"],
+                         env=dict(os.environ, GHESS_ISA="sse9"), capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode != 0 and "GHESS_ISA must be one of generic, avx2, avx512" in bad.stderr
