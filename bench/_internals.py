@@ -52,3 +52,10 @@ def stage_hooks():
             "steps": (fused.ActivationMaxPool,),
             "finiteness": (passes, base),
             "engine": _engine}
+
+
+def ghess_isa():
+    """Return the ISA level of ghess's direct convolutions in use, by name (``GHESS_ISA``)."""
+    from ghess._kernels import conv
+
+    return conv.ISA_NAMES[conv.isa()]

@@ -276,6 +276,24 @@ def config_lines(res):
     return lines
 
 
+def cpu_info():
+    """Model name, logical CPUs and the vector ISA flags of this machine."""
+    model, flags = "unknown", set()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name") and model == "unknown":
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    isa = [f for f in ("avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl",
+                       "avx512_bf16", "amx_tile") if f in flags]
+    return {"cpu": model, "logical_cpus": os.cpu_count(), "isa": isa}
+
+
 def machine_info(all_results):
     """CPU, cores, versions and BLAS of this machine (competitor versions from the runs)."""
     import platform
@@ -295,7 +313,10 @@ def machine_info(all_results):
                     break
     except OSError:
         pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+    from . import _internals
+
+    info = {"cpu": cpu, "cores": os.cpu_count(), "isa_flags": " ".join(cpu_info()["isa"]),
+            "ghess_isa": _internals.ghess_isa(), "python": platform.python_version(),
             "platform": platform.platform(), "numpy": np.__version__,
             "scipy": scipy.__version__, "ghess": ghess.__version__,
             "blas": sorted({f"{i.get('internal_api')} {i.get('version')}"

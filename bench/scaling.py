@@ -40,10 +40,11 @@ elif ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 # none of these imports numpy: the worker pins itself to its cores first
-from bench import timing  # noqa: E402
+from bench import _internals, timing  # noqa: E402
 from bench.competitors import COMPETITORS, competitor_versions  # noqa: E402
 from bench.competitors.common import Unavailable, to_numpy  # noqa: E402
 from bench.problems import all_problems  # noqa: E402
+from bench.report import cpu_info  # noqa: E402
 
 #: the operations compared, ghess's names first
 OPERATIONS = ("loss+grad", "GGN product", "Hessian product")
@@ -136,24 +137,6 @@ def run_worker(problem, dtype, threads, batch, args):
     return json.loads(line[len("RESULT "):])
 
 
-def cpu_info():
-    """Model name, logical CPUs and the vector ISA flags of this machine."""
-    model, flags = "unknown", set()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name") and model == "unknown":
-                    model = line.split(":", 1)[1].strip()
-                elif line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
-    except OSError:
-        pass
-    isa = [f for f in ("avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl",
-                       "avx512_bf16", "amx_tile") if f in flags]
-    return {"cpu": model, "logical_cpus": os.cpu_count(), "isa": isa}
-
-
 def karp_flatt(speed_up, threads):
     """Return the serial fraction that a speed-up on ``threads`` threads implies."""
     return (1 / speed_up - 1 / threads) / (1 - 1 / threads)
@@ -168,7 +151,8 @@ def write_report(results, machine, path_md, path_json):
         by_config.setdefault((r["problem"], r["dtype"], r["batch"]), {})[r["threads"]] = r
     lines = ["# Thread scaling of ghess and its rivals", "",
              f"CPU: {machine['cpu']}, {machine['logical_cpus']} logical CPUs, vector ISA: "
-             f"{' '.join(machine['isa']) or 'none of AVX2/AVX-512'}. "
+             f"{' '.join(machine['isa']) or 'none of AVX2/AVX-512'}; ghess's direct "
+             f"convolutions: {machine.get('ghess_isa', 'unknown')}. "
              + ", ".join(f"{k} {v}" for k, v in machine.get("versions", {}).items()) + ".",
              "", "Medians (ms) of interleaved rounds, one worker process per thread count "
              "restricted to that many cores; `(x S)` is the speed-up over the same library's "
@@ -264,7 +248,7 @@ def main():
         print("RESULT " + json.dumps(result))
         return 0
     os.makedirs(args.output, exist_ok=True)
-    machine = cpu_info()
+    machine = dict(cpu_info(), ghess_isa=_internals.ghess_isa())
     results = []
     for problem in args.problems:
         batch = args.batch or SCALING_BATCHES.get(problem) or all_problems()[problem][1]
