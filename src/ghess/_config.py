@@ -83,14 +83,17 @@ _blas_libraries = None
 
 #: cap of the pool of freed temporaries (see alloc.h): a few chunks' worth, as
 #: a chunk's temporaries are 64-128 MiB by default (``_engine.plan.CHUNK_BYTES``),
-#: and a conv net's as much per thread: the default cap is this, or 128 MiB per
-#: thread of OpenMP's default where that is more
+#: and a conv net's as much per thread (up to MAX_CHUNK_THREADS): the default cap is
+#: this, or 128 MiB per such thread of OpenMP's default where that is more
 DEFAULT_POOL_MB = 256
+#: a conv net's chunk grows with the threads up to this many (``_engine.plan``:
+#: temporaries of at most 16 x 64 MiB = 1 GiB per chunk)
+MAX_CHUNK_THREADS = 16
 
 
 def default_pool_mb() -> int:
     """Return the pool's cap without ``GHESS_POOL_MB``, in MiB."""
-    return max(DEFAULT_POOL_MB, 128 * requested_threads(None))
+    return max(DEFAULT_POOL_MB, 128 * min(requested_threads(None), MAX_CHUNK_THREADS))
 
 
 def _pool_limit_from_environment():
@@ -122,7 +125,7 @@ def _isa_from_environment():
     if value not in conv.ISA_NAMES:
         raise ValueError(f"GHESS_ISA must be one of {', '.join(conv.ISA_NAMES)}, "
                          f"got {value!r}")
-    return conv.set_isa(conv.ISA_NAMES.index(value))
+    return conv.ISA_NAMES.index(value)
 
 
 conv.set_isa(_isa_from_environment())

@@ -11,9 +11,11 @@ and the chunk-size rule.
 import math
 import weakref
 
+from .._config import MAX_CHUNK_THREADS
 from .fused import ActivationMaxPool
 
-__all__ = ["Plan", "plan_for", "chunk_size_for", "CHUNK_BYTES", "MAX_CHUNK"]
+__all__ = ["Plan", "plan_for", "chunk_size_for", "CHUNK_BYTES", "MAX_CHUNK",
+           "MAX_CHUNK_THREADS"]
 
 #: temporaries of one chunk, in bytes; a network whose layers all batch samples into
 #: their GEMMs (no ``wants_cache_sized_chunks`` layer) gets twice as many
@@ -207,9 +209,10 @@ class Plan:
         the budget and the minimum: each thread keeps the samples (and the
         cache) it has alone, and the costs of a chunk that do not shrink with
         threads (Python between kernels, starting parallel regions) keep
-        their share of the work.
+        their share of the work (up to ``MAX_CHUNK_THREADS``, which bounds
+        the temporaries).
         """
-        scale = threads if self.cache_sized else 1
+        scale = min(threads, MAX_CHUNK_THREADS) if self.cache_sized else 1
         return chunk_size_for(self.working_bytes(k), self.chunk_budget * scale,
                               minimum * scale)
 
