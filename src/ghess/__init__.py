@@ -47,7 +47,12 @@ from .nn import (
     Softplus,
     Tanh,
 )
-from .operators import GGNLinearOperator, HessianLinearOperator, JacobianLinearOperator
+from .operators import (
+    EmpiricalFisherLinearOperator,
+    GGNLinearOperator,
+    HessianLinearOperator,
+    JacobianLinearOperator,
+)
 from .optim import NewtonCG, StepRecord
 
 __all__ = [
@@ -79,6 +84,7 @@ __all__ = [
     "BCEWithLogitsLoss",
     "loss_and_grad",
     "per_sample_jacobians",
+    "EmpiricalFisherLinearOperator",
     "GGNLinearOperator",
     "HessianLinearOperator",
     "JacobianLinearOperator",

@@ -119,3 +119,22 @@ def test_jacobians_and_ggn_match_torch(tcase):
         G = np.einsum("nki,nkml,mlj->ij", J, B, J, optimize=True)
     op = ghess.GGNLinearOperator(tcase.model, tcase.loss, tcase.theta, tcase.data)
     assert_allclose_rel(op.todense(), G, 1e-12)
+
+
+def test_empirical_fisher_matches_torch_per_sample_gradients(tcase):
+    """The EF as curvlinops defines it, c sum_n grad l_n grad l_n^T, from torch.func."""
+    net, outputs, _, X = functional(tcase)
+    theta = torch.from_numpy(tcase.theta)
+    y = torch.from_numpy(tcase.y)
+    plain = getattr(torch.nn, type(tcase.loss).__name__)(reduction="sum")
+
+    def sample_loss(flat, x, t):
+        return tcase.loss.factor * plain(outputs(flat, x[None]), t[None])
+
+    grads = torch.func.vmap(torch.func.grad(sample_loss), in_dims=(None, 0, 0))(
+        theta, X, y).numpy()
+    N, K = tcase.X.shape[0], tcase.model.n_outputs
+    c = (1.0 if tcase.loss.reduction == "sum" else
+         1.0 / N if isinstance(tcase.loss, ghess.CrossEntropyLoss) else 1.0 / (N * K))
+    F = ghess.EmpiricalFisherLinearOperator(tcase.model, tcase.loss, tcase.theta, tcase.data)
+    assert_allclose_rel(F.todense(), c * grads.T @ grads, 1e-12)

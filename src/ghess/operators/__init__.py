@@ -3,10 +3,12 @@
 - ``base``: the loop over chunks and its reduction, mode and memory planning,
   damping, ``block`` and ``todense``;
 - ``ggn``: :class:`GGNLinearOperator`; ``hessian``: :class:`HessianLinearOperator`;
-  ``jacobian``: :class:`JacobianLinearOperator`.
+  ``jacobian``: :class:`JacobianLinearOperator`; ``fisher``:
+  :class:`EmpiricalFisherLinearOperator`.
 """
 
 from .base import ChunkedOperator, CurvatureOperator
+from .fisher import EmpiricalFisherLinearOperator
 from .ggn import GGNLinearOperator
 from .hessian import HessianLinearOperator
 from .jacobian import JacobianLinearOperator
@@ -14,6 +16,7 @@ from .jacobian import JacobianLinearOperator
 __all__ = [
     "ChunkedOperator",
     "CurvatureOperator",
+    "EmpiricalFisherLinearOperator",
     "GGNLinearOperator",
     "HessianLinearOperator",
     "JacobianLinearOperator",

@@ -59,6 +59,7 @@ from .finite_differences import (
     finite_difference_jvp,
 )
 from .reference import (
+    reference_empirical_fisher,
     reference_forward,
     reference_ggn,
     reference_ggn_matvec,
@@ -76,6 +77,7 @@ __all__ = [
     "reference_loss_and_grad",
     "reference_per_sample_jacobians",
     "reference_ggn",
+    "reference_empirical_fisher",
     "reference_hessian",
     "reference_ggn_matvec",
     "reference_hessian_matvec",

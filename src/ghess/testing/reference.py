@@ -38,6 +38,7 @@ __all__ = [
     "reference_per_sample_jacobians",
     "reference_ggn",
     "reference_hessian",
+    "reference_empirical_fisher",
     "reference_ggn_matvec",
     "reference_hessian_matvec",
     "register_reference_activation",
@@ -803,6 +804,39 @@ def _softmax_ggn(J, z):
             d = J[j] - J[k]
             G += p[j] * p[k] * np.outer(d, d)
     return G
+
+
+def reference_empirical_fisher(model, loss, theta, data, damping=0.0):
+    r"""Dense empirical Fisher: the uncentered covariance of the per-sample gradients.
+
+    .. math:: F = c \sum_n \nabla_\theta \ell_n \nabla_\theta \ell_n^\top + \lambda I
+
+    with :math:`\ell_n` the loss of sample n (times the loss's ``factor``) and
+    :math:`c` the reduction (1/N or 1/(N K) for ``"mean"``, 1 for ``"sum"``), as
+    curvlinops' ``EFLinearOperator``. Each gradient is back-propagated on its own.
+
+    Returns
+    -------
+    F : ndarray of shape (n_params, n_params), float64
+    """
+    theta = _theta64(model, theta)
+    batches = _batches(model, loss, data)
+    params = model.unflatten(theta)
+    n_samples = sum(X.shape[0] for X, _ in batches)
+    if loss.reduction == "sum":
+        c = 1.0
+    elif isinstance(loss, CrossEntropyLoss):
+        c = 1.0 / n_samples
+    else:  # the mean over all N K outputs, as PyTorch's MSE and BCE
+        c = 1.0 / (n_samples * model.n_outputs)
+    F = damping * np.eye(model.n_params)
+    for X, y in batches:
+        for n in range(X.shape[0]):
+            z, caches = _sample_forward(model, params, X[n])
+            _, dl, _ = _sample_loss(loss, z, y[n])
+            g = _sample_backward(model, params, caches, loss.factor * dl)
+            F += c * np.outer(g, g)
+    return F
 
 
 def reference_hessian(model, loss, theta, data, damping=0.0):
