@@ -20,11 +20,12 @@ Implementations, all on the same weights, data and vectors (the cross-entropy
 loss with ``reduction="sum"``):
 
 - ghess: forward, loss+grad, GGN and Hessian products in stored and recompute
-  mode, GGN matmat with 16 columns, Jacobian products, per-sample Jacobians, and
-  the operator builds;
+  mode, GGN matmat with 16 columns, the empirical Fisher product (stored), Jacobian
+  products, per-sample Jacobians, and the operator builds;
 - numpy: the pure-NumPy reference products of ``ghess.testing``;
 - torch.func: GGN product (jvp, closed-form softmax B, vjp), Hessian product
-  (jvp of grad), Jacobian product, per-sample Jacobians ``vmap(jacrev)``; and
+  (jvp of grad), empirical Fisher product (jvp, B_n = g_n g_n^T, vjp: curvlinops'
+  pseudo-loss), Jacobian product, per-sample Jacobians ``vmap(jacrev)``; and
   PyTorch's ordinary forward and ``loss.backward()`` (named "torch");
 - JAX: the same operations, each under ``jax.jit``, in float64 with x64 enabled;
 - curvlinops: ``GGNLinearOperator`` and ``HessianLinearOperator`` multiplied by a

@@ -9,7 +9,7 @@ Usage::
 
 For every (problem, dtype, thread count) one worker process, restricted to that many
 cores before numpy, torch or JAX start their thread pools (``bench/timing.py``), sets
-up loss+gradient, the GGN product and the Hessian product of ghess (stored mode) and
+up loss+gradient, the GGN, Hessian and empirical Fisher products of ghess (stored mode) and
 of PyTorch (``loss.backward()``, torch.func), JAX and curvlinops where they import
 (each optional: the script runs where only numpy, scipy and ghess are installed),
 checks that they agree with ghess, and times them in interleaved rounds (medians).
@@ -47,7 +47,7 @@ from bench.problems import all_problems  # noqa: E402
 from bench.report import cpu_info  # noqa: E402
 
 #: the operations compared, ghess's names first
-OPERATIONS = ("loss+grad", "GGN product", "Hessian product")
+OPERATIONS = ("loss+grad", "GGN product", "Hessian product", "EF product")
 #: the batch of each problem in this mode: large enough for 16 threads
 SCALING_BATCHES = {"CNN-C": 1024, "MLP-M": 8192}
 #: ghess entries of ``bench/run.py`` left out here: stored mode is the one compared

@@ -258,7 +258,7 @@ def test_scaling_mode_reports_libraries_serial_fraction_and_stages(tmp_path):
     assert [(r["problem"], r["batch"], r["threads"]) for r in results] == [
         ("tiny-cnn", 24, 1), ("tiny-cnn", 24, 2)]
     assert "## tiny-cnn, N=24, float32" in report
-    for op in ("loss+grad", "GGN product", "Hessian product"):
+    for op in ("loss+grad", "GGN product", "Hessian product", "EF product"):
         assert f"| {op} | ghess | " in report and f"| {op} | ghess serial | | " in report
         assert re.search(rf"\| {re.escape(op)} \| ghess \| [\d.]+ \| [\d.]+ \(x[\d.]+\) \|",
                          report)
@@ -267,7 +267,7 @@ def test_scaling_mode_reports_libraries_serial_fraction_and_stages(tmp_path):
     for r in results:  # ghess's stored-mode operations only, each profiled stage by stage
         ghess_ops = {n for n in r["timings"] if n.startswith("ghess ")}
         assert ghess_ops == {"ghess loss+grad", "ghess GGN product (stored)",
-                             "ghess Hessian product (stored)"}
+                             "ghess Hessian product (stored)", "ghess EF product (stored)"}
         assert set(r["stages"]) == ghess_ops
         for profile in r["stages"].values():
             assert all(t >= 0 for name, t in profile["stages"].items()

@@ -26,6 +26,8 @@ def competitor(s):
     G, Gr, H, Hr = (functools.cache(functools.partial(operator, cls, mode))
                     for cls in (ghess.GGNLinearOperator, ghess.HessianLinearOperator)
                     for mode in ("stored", "recompute"))
+    EF = functools.cache(functools.partial(operator, ghess.EmpiricalFisherLinearOperator,
+                                           "stored"))
     J = functools.cache(lambda: ghess.JacobianLinearOperator(model, theta, s.X, mode="stored",
                                                              n_threads=t))
     v, V = s.v, s.V
@@ -50,6 +52,7 @@ def competitor(s):
             "Hessian build", lambda: operator(ghess.HessianLinearOperator, "stored")),
         "ghess Hessian product (stored)": Op("Hessian product", lambda: H() @ v),
         "ghess Hessian product (recompute)": Op("Hessian product", lambda: Hr() @ v),
+        "ghess EF product (stored)": Op("EF product", lambda: EF() @ v),
         "ghess Jacobian product (stored)": Op("Jacobian product", lambda: J() @ v),
         "ghess per-sample Jacobians": Op("per-sample Jacobians", lambda: (
             ghess.per_sample_jacobians(model, theta, s.Xj, n_threads=t))),

@@ -119,6 +119,12 @@ def competitor(s):
         u = p * Jv - p * jnp.sum(p * Jv, axis=1, keepdims=True)  # B_n Jv
         return jax.vjp(lambda t: f(t, X), flat)[1](u)[0]
 
+    def ef(flat, vec, X, y):
+        z, Jv = jax.jvp(lambda t: f(t, X), (flat,), (vec,))
+        g = jax.nn.softmax(z, axis=1) - jax.nn.one_hot(y, z.shape[1], dtype=z.dtype)
+        u = g * jnp.sum(g * Jv, axis=1, keepdims=True)  # B_n = g_n g_n^T (c = 1)
+        return jax.vjp(lambda t: f(t, X), flat)[1](u)[0]
+
     def hvp(flat, vec, X, y):
         return jax.jvp(lambda t: jax.grad(objective)(t, X, y), (flat,), (vec,))[1]
 
@@ -164,6 +170,8 @@ def competitor(s):
             to_numpy=loss_grad_to_numpy)),
         "JAX GGN product": ("GGN product", lambda: op(
             "GGN product", timed(ggn, theta, v, X), theta, v, X)),
+        "JAX EF product": ("EF product", lambda: op(
+            "EF product", timed(ef, theta, v, X, y), theta, v, X, y)),
         "JAX Hessian product": ("Hessian product", lambda: op(
             "Hessian product", timed(hvp, theta, v, X, y), theta, v, X, y)),
         "JAX Jacobian product": ("Jacobian product", lambda: op(

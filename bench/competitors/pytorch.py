@@ -81,6 +81,14 @@ def competitor(s):
         u = p * Jv - p * (p * Jv).sum(dim=1, keepdim=True)  # B_n Jv, B_n = diag(p) - p p^T
         return func.vjp(f, ttheta)[1](u)[0]
 
+    def ef():
+        # the empirical Fisher as the GGN of curvlinops' pseudo-loss: B_n = g_n g_n^T with
+        # g_n = softmax - one-hot (the loss is summed: c = 1)
+        z, Jv = func.jvp(f, (ttheta,), (tv,))
+        g = torch.softmax(z, dim=1) - torch.nn.functional.one_hot(ty, z.shape[1]).to(z.dtype)
+        u = g * (g * Jv).sum(dim=1, keepdim=True)
+        return func.vjp(f, ttheta)[1](u)[0]
+
     grad_fn = func.grad(objective)
 
     def hvp():
@@ -110,6 +118,7 @@ def competitor(s):
         "torch loss+grad": Op("loss+grad", loss_grad, loss_grad_to_numpy),
         "torch.func GGN product": Op("GGN product", ggn),
         "torch.func Hessian product": Op("Hessian product", hvp),
+        "torch.func EF product": Op("EF product", ef),
         "torch.func Jacobian product": Op("Jacobian product",
                                           lambda: func.jvp(f, (ttheta,), (tv,))[1]),
         # a dict of (n, K, *shape) blocks; concatenated only for the agreement check
