@@ -162,11 +162,11 @@ def write_report(results, machine, path_md, path_json):
         counts = sorted(runs)
         base = runs[counts[0]]
         lines += [f"## {problem}, N={batch}, {dtype}", ""]
-        lines += [f"- not timed: {name}: {why}" for name, why in base["skipped"].items()]
-        lines += ["" if base["skipped"] else None,
-                  "| operation | library | " + " | ".join(f"{t} thr" for t in counts) + " |",
+        if base["skipped"]:
+            lines += [f"- not timed: {name}: {why}" for name, why in base["skipped"].items()]
+            lines.append("")
+        lines += ["| operation | library | " + " | ".join(f"{t} thr" for t in counts) + " |",
                   "|---|---|" + "---:|" * len(counts)]
-        lines = [line for line in lines if line is not None]
         for op in OPERATIONS:
             names = [n for n, o in base["operations"].items() if o == op]
 
