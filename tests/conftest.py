@@ -288,3 +288,23 @@ def dtype(request):
 def mode(request):
     """Both product modes."""
     return request.param
+
+
+def measured_peak(build, apply):
+    """Bytes ghess allocates at once while ``build()`` makes an operator and ``apply(op)`` runs.
+
+    Every array made inside counts (the operator's private copies of data and
+    parameters included, as ``memory_required`` counts them), each at the size of the
+    block the pool gives it, from an empty pool: what the process really holds.
+    """
+    from ghess._config import computing
+    from ghess._kernels import alloc
+
+    alloc.release()
+    with computing():
+        base, _ = alloc.usage()
+        op = build()
+        apply(op)
+        _, peak = alloc.usage()
+        del op
+    return peak - base

@@ -20,8 +20,8 @@ from .nn.losses import Loss
 from .nn.sequential import Sequential
 
 __all__ = ["Problem", "check_model", "check_loss", "check_mode", "check_dtype",
-           "check_memory_budget", "count_samples", "default_memory_budget", "format_bytes",
-           "memory_limit", "MODES"]
+           "check_memory_budget", "batch_sizes", "count_samples", "default_memory_budget",
+           "format_bytes", "memory_limit", "MODES"]
 
 MODES = ("auto", "stored", "recompute")
 
@@ -66,16 +66,21 @@ def check_dtype(dtype) -> np.dtype:
 
 def count_samples(data) -> int:
     """Count the samples of an int, an array X, ``(X, y)`` or a list of batches."""
+    return sum(batch_sizes(data))
+
+
+def batch_sizes(data) -> list[int]:
+    """Return the samples per batch of an int (one batch), X, ``(X, y)`` or a list of batches."""
     if isinstance(data, numbers.Integral) and not isinstance(data, bool):
         if data < 1:
             raise ValueError(f"n_samples must be >= 1, got {data}")
-        return int(data)
+        return [int(data)]
     if isinstance(data, np.ndarray):
-        return int(data.shape[0])
+        return [int(data.shape[0])]
     if isinstance(data, tuple) and len(data) == 2 and not isinstance(data[0], tuple):
-        return int(np.shape(data[0])[0])
+        return [int(np.shape(data[0])[0])]
     if isinstance(data, (list, tuple)):
-        return sum(int(np.shape(X)[0]) for X, _ in data)
+        return [int(np.shape(X)[0]) for X, _ in data]
     raise TypeError("pass n_samples as an int, an array X, (X, y) or a list of (X, y) batches "
                     f"(not a one-shot iterable), got {type(data).__name__}")
 

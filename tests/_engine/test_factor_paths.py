@@ -125,11 +125,11 @@ def test_products_through_factor_paths_are_exact(name, dtype):
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_memory_required_counts_the_path(name):
+def test_memory_bytes_counts_the_path(name):
     model, loss, theta, data = make_case(name)
     G = ghess.GGNLinearOperator(model, loss, theta, data, mode="stored", chunk_size=3)
     held = held_bytes(G)
-    # MSELoss keeps no loss state: memory_required counts K numbers per sample for it
+    # MSELoss keeps no loss state: memory_bytes counts K numbers per sample for it
     assert held == G.memory_bytes - data[0].shape[0] * model.n_outputs * 8
 
 

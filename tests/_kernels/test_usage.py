@@ -47,3 +47,24 @@ def test_stored_bytes_are_what_the_operator_holds(name, kind):
     slack = 37 * model.n_outputs * theta.itemsize if isinstance(loss, ghess.MSELoss) else 0
     assert op.memory_bytes - slack <= held <= op.memory_bytes + X.nbytes + np.asarray(y).nbytes
     del op
+
+
+def test_bypassed_pool_counts_exact_sizes():
+    """A freed 3 MiB block serves a 2.9 MiB array from the pool (counted at 3 MiB), not
+    while the pool is bypassed (memory_required's probes count exact sizes).
+    """  # noqa: D205
+    asked = int(2.9 * (1 << 20))
+    for bypass, counted in ((False, 3 << 20), (True, asked)):
+        alloc.release()
+        previous = alloc.bypass_pool(bypass)
+        try:
+            with ghess._config.computing():
+                a = np.empty(3 << 20, dtype=np.uint8)
+                del a
+                before, _ = alloc.usage()
+                b = np.empty(asked, dtype=np.uint8)
+                live, _ = alloc.usage()
+                del b
+        finally:
+            assert alloc.bypass_pool(previous) is bypass
+        assert live - before == counted

@@ -147,10 +147,10 @@ def test_hessian_trace_fuses_only_curvature_free_activation_pooling():
 
 
 @pytest.mark.parametrize("case_name", sorted(CONV_CASES), ids=lambda n: f"case={n}")
-def test_memory_required_is_what_is_held(case_name):
+def test_memory_bytes_is_what_is_held(case_name):
     c = ConvCase(case_name, n_samples=12)
     G_op = G.GGNLinearOperator(c.model, c.loss, c.theta, c.data, mode="stored", chunk_size=5)
-    # MSELoss keeps no loss state: memory_required counts K numbers per sample for it
+    # MSELoss keeps no loss state: memory_bytes counts K numbers per sample for it
     slack = c.X.shape[0] * c.model.n_outputs * 8 if isinstance(c.loss, G.MSELoss) else 0
     assert held_bytes(G_op) == G_op.memory_bytes - slack
     H = G.HessianLinearOperator(c.model, c.loss, c.theta, c.data, mode="stored", chunk_size=5)

@@ -33,6 +33,7 @@ cdef extern from *:
                           size_t* misses) nogil
     size_t GHESS_CACHE_MIN_BYTES
     void ghess_usage_reset(size_t* live, size_t* peak) nogil
+    int ghess_pool_bypass(int on) nogil
 
 _import_array()
 if ghess_pool_init(0) != 0:
@@ -84,3 +85,12 @@ def usage():
     cdef size_t live, peak
     ghess_usage_reset(&live, &peak)
     return live, peak
+
+
+def bypass_pool(bint on):
+    """Give every new array a fresh block of its exact size (``on``), or pool again.
+
+    Returns the previous setting. While bypassed, ``usage`` counts the bytes a
+    computation asks for, whatever the pool holds (the memory plan's probes).
+    """
+    return bool(ghess_pool_bypass(on))

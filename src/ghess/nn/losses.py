@@ -65,6 +65,10 @@ class Loss(abc.ABC):
     def check_targets(self, y, n_samples, n_outputs, dtype):
         """Validate targets and return them converted for the kernels."""
 
+    def example_targets(self, n_samples: int, n_outputs: int, dtype) -> np.ndarray:
+        """Return valid targets (zeros) of the right shape and dtype, for dry runs."""
+        return np.zeros((n_samples, n_outputs), dtype=dtype)
+
     @abc.abstractmethod
     def value_grad(self, z, y, scale, n_threads):
         """Return ``(sum of per-sample losses, scale * dl/dz, state for B)``."""
@@ -168,6 +172,10 @@ class CrossEntropyLoss(Loss):
                 f"CrossEntropyLoss: labels must lie in [0, {n_outputs}) for a network with "
                 f"{n_outputs} outputs, got label {bad}")
         return np.ascontiguousarray(y, dtype=np.intp)
+
+    def example_targets(self, n_samples, n_outputs, dtype):
+        """Label 0 for every sample (dry runs of a computation)."""
+        return np.zeros(n_samples, dtype=np.intp)
 
     def value_grad(self, z, y, scale, n_threads):
         """Return the summed cross-entropies, scale * (p - onehot), and the softmax p."""

@@ -27,14 +27,15 @@ from .. import _engine
 from .._config import computing, requested_threads
 from .._problem import (
     Problem,
+    batch_sizes,
     check_dtype,
     check_loss,
     check_memory_budget,
     check_mode,
     check_model,
-    count_samples,
     default_memory_budget,
     format_bytes,
+    memory_limit,
 )
 from .._typing import Batch, Data, Mode
 from .._validation import (
@@ -44,6 +45,8 @@ from .._validation import (
     check_n_threads,
     check_positive_int,
 )
+from ..nn.losses import CrossEntropyLoss
+from . import _memory
 
 if TYPE_CHECKING:
     from ..nn.losses import Loss
@@ -92,6 +95,17 @@ class _NoBackport:
 
 #: mixin of every ghess operator: SciPy's own batched matvec from 1.18 on
 BatchedMatvec = _NoBackport if _SCIPY_BATCHES_MATVEC else _BatchedMatvec
+
+
+def _peak_bytes(model, data, dtype, chunk_size, n_threads, probe_at, output_bytes_per_sample=0):
+    """``memory_required``'s figure: probes on the chunking and threads of ``data``."""
+    sizes = batch_sizes(data)
+    threads = requested_threads(check_n_threads(n_threads))
+    plan = _engine.plan_for(model, dtype.itemsize)
+    chunk = (plan.chunk_size(threads=threads) if chunk_size is None
+             else check_positive_int(chunk_size, "chunk_size"))
+    return _memory.peak_bytes(probe_at, sum(sizes), _memory.largest_chunk(sizes, chunk),
+                              threads, output_bytes_per_sample)
 
 
 def check_vectors(X, n, dtype, name="vector"):
@@ -187,6 +201,7 @@ class ChunkedOperator(BatchedMatvec, LinearOperator):
         accs = _engine.new_accumulators(model, k, self.dtype, out)
         for state in self._chunk_states():
             chunk_product(state, accs)
+            del state  # a recomputed state goes before the next is built, not after
         _engine.accumulators_to_flat(model, accs, out)
         return out
 
@@ -245,31 +260,45 @@ class CurvatureOperator(ChunkedOperator):
     @classmethod
     def memory_required(cls, model: Sequential, data: int | Batch | Sequence[Batch],
                         mode: Literal["stored", "recompute"] = "stored", *,
-                        dtype: npt.DTypeLike = np.float64, chunk_size: int | None = None,
-                        n_directions: int = 1, n_threads: int | None = None) -> int:
-        """Bytes a mode needs for ``data`` (or ``n_samples``), before anything is allocated.
+                        loss: Loss | None = None, dtype: npt.DTypeLike = np.float64,
+                        chunk_size: int | None = None, n_directions: int = 1,
+                        n_threads: int | None = None) -> int:
+        """Peak bytes of an operator on ``data`` (or ``n_samples``), before any is allocated.
 
-        ``"stored"``: the per-sample states kept for all samples.
-        ``"recompute"``: the temporaries of one pass over a chunk (``chunk_size``
-        samples, by default the operator's own choice) for ``n_directions``
-        directions at once (``matmat``, ``block`` and ``todense`` push up to
-        16 through together), on ``n_threads`` threads (the default chunk of a
-        convolutional network grows with them; ``None``: OpenMP's default, as
-        for the operators).
+        The most the operator holds at once while it is built and while it
+        multiplies ``n_directions`` vectors at once (``matmat``; ``block`` and
+        ``todense`` push 16 through together): in ``"stored"`` mode the stored
+        states (``memory_bytes`` once built) plus one chunk's temporaries, in
+        ``"recompute"`` mode one chunk's; in both the operator's private copies of
+        the data and parameters. Not counted: the caller's arrays, and the result
+        of ``todense`` or ``block``. The chunk is ``chunk_size``, by default the
+        operator's own choice on ``n_threads`` threads (``None``: OpenMP's
+        default, as for the operators).
+
+        The figure comes from two dry runs on a few synthetic samples, measured
+        exactly and scaled to the data (``docs/design.md``, "Memory"); it is an
+        upper bound of the measured peak, within a few percent. ``loss``: the
+        loss the operator will get (default ``CrossEntropyLoss()``; the losses
+        differ by at most K numbers per sample).
         """
         check_model(model)
         mode = check_mode(mode)
-        n = count_samples(data)
-        plan = _engine.plan_for(model, check_dtype(dtype).itemsize)
-        if mode == "recompute":
-            threads = requested_threads(check_n_threads(n_threads))
-            chunk = min(n, plan.chunk_size(threads=threads) if chunk_size is None
-                        else check_positive_int(chunk_size, "chunk_size"))
-            k = check_positive_int(n_directions, "n_directions")
-            return chunk * plan.working_bytes(k)
         if mode == "auto":
             raise ValueError("memory_required needs mode 'stored' or 'recompute'")
-        return n * cls._stored_bytes_per_sample(plan)
+        loss = CrossEntropyLoss() if loss is None else check_loss(loss)
+        dtype = check_dtype(dtype)
+        k = check_positive_int(n_directions, "n_directions")
+        theta = model.init_params(seed=0, dtype=dtype)
+        V = np.random.default_rng(1).standard_normal((model.n_params, k)).astype(dtype)
+
+        def probe_at(c):
+            batch = _memory.example_batch(model, loss, c, dtype)
+            return _memory.measure(
+                lambda: cls(model, loss, theta, batch, mode=mode, chunk_size=c,
+                            n_threads=n_threads, memory_budget=memory_limit()),
+                lambda op: op.matmat(V))
+
+        return _peak_bytes(model, data, dtype, chunk_size, n_threads, probe_at)
 
     # -- products -----------------------------------------------------------
     def _matmat(self, X):

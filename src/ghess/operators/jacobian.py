@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -10,9 +10,11 @@ from scipy.sparse.linalg import LinearOperator
 
 from .. import _engine
 from .._config import computing
-from .._problem import Problem, check_dtype, check_mode, check_model, count_samples
+from .._problem import Problem, check_dtype, check_mode, check_model, memory_limit
 from .._typing import Mode
-from .base import BatchedMatvec, ChunkedOperator
+from .._validation import check_positive_int
+from . import _memory
+from .base import BatchedMatvec, ChunkedOperator, _peak_bytes
 
 if TYPE_CHECKING:
     from ..nn.sequential import Sequential
@@ -80,6 +82,7 @@ class JacobianLinearOperator(ChunkedOperator):
                 stop = start + factors.n * K
                 out[:, start:stop] = Jv.transpose(1, 0, 2).reshape(k, -1)
                 start = stop
+                del factors, Jv  # recomputed factors go before the next are built
         _engine.check_finite_result(out, "the Jacobian product J v")
         return out.T
 
@@ -104,15 +107,44 @@ class JacobianLinearOperator(ChunkedOperator):
         _engine.check_finite_result(out, "the Jacobian product J^T w")
         return out.T
 
-    @staticmethod
-    def memory_required(model: Sequential, X: np.ndarray | int, mode: Mode = "stored", *,
-                        dtype: npt.DTypeLike = np.float64) -> int:
-        """Bytes the stored factors take for inputs ``X`` (or ``n_samples``); 0 to recompute."""
+    @classmethod
+    def memory_required(cls, model: Sequential, X: npt.ArrayLike | int,
+                        mode: Literal["stored", "recompute"] = "stored", *,
+                        dtype: npt.DTypeLike = np.float64, chunk_size: int | None = None,
+                        n_directions: int = 1, n_threads: int | None = None) -> int:
+        """Peak bytes of the operator on inputs ``X`` (or ``n_samples``), before any is allocated.
+
+        As :meth:`ghess.GGNLinearOperator.memory_required`, for building the
+        operator and for ``J @ V`` and ``J.T @ W`` with ``n_directions``
+        columns: these products' results and vectors have a row per output of
+        every sample, so they are counted for the whole data set.
+        """
         check_model(model)
-        if check_mode(mode) == "recompute":
-            return 0
-        plan = _engine.plan_for(model, check_dtype(dtype).itemsize)
-        return count_samples(X) * JacobianLinearOperator._stored_bytes_per_sample(plan)
+        mode = check_mode(mode)
+        if mode == "auto":
+            raise ValueError("memory_required needs mode 'stored' or 'recompute'")
+        dtype = check_dtype(dtype)
+        k = check_positive_int(n_directions, "n_directions")
+        theta = model.init_params(seed=0, dtype=dtype)
+        rng = np.random.default_rng(1)
+        V = rng.standard_normal((model.n_params, k)).astype(dtype)
+
+        def probe_at(c):
+            X_c = _memory.example_batch(model, None, c, dtype)
+            W = rng.standard_normal((c * model.n_outputs, k)).astype(dtype)
+
+            def products(op):  # one after the other, each result dropped
+                op.matmat(V)
+                op.rmatmat(W)
+
+            return _memory.measure(
+                lambda: cls(model, theta, X_c, mode=mode, chunk_size=c, n_threads=n_threads,
+                            memory_budget=memory_limit()),
+                products)
+
+        # J V's result and J^T W's copy of W: k numbers per output of every sample
+        return _peak_bytes(model, X, dtype, chunk_size, n_threads, probe_at,
+                           k * model.n_outputs * dtype.itemsize)
 
     def todense(self) -> np.ndarray:
         """Return the full (N*K, n_params) matrix; refuse above ``memory_budget``."""

@@ -45,6 +45,11 @@ typedef struct {
 
 static ghess_pool_t ghess_pool = {{0}, {0}, 0, 0, 0, 0, 0, NULL};
 
+/* while set, blocks are neither taken from the pool nor given back to it: every array
+ * gets a fresh block of exactly its size, so usage() counts what a computation asks
+ * for whatever the pool holds (memory_required's probes, ghess/operators/_memory.py) */
+static int ghess_pool_bypassed = 0;
+
 static size_t *ghess_capacity_of(void *user) { return (size_t *)((char *)user - GHESS_HEADER); }
 
 /* bytes of the handler's blocks in use (each counted at its capacity, what is resident),
@@ -65,6 +70,11 @@ static void ghess_usage_add(void *user)
 static void ghess_usage_remove(void *user)
 {
     __atomic_sub_fetch(&ghess_live_bytes, *ghess_capacity_of(user), __ATOMIC_RELAXED);
+}
+
+static int ghess_pool_bypass(int on)
+{
+    return __atomic_exchange_n(&ghess_pool_bypassed, on, __ATOMIC_RELAXED);
 }
 
 static void ghess_usage_reset(size_t *live, size_t *peak)
@@ -106,7 +116,8 @@ static void *ghess_pool_take(size_t size)
 {
     void *raw = NULL;
     int best = -1;
-    if (size < GHESS_CACHE_MIN_BYTES || ghess_pool.lock == NULL)
+    if (size < GHESS_CACHE_MIN_BYTES || ghess_pool.lock == NULL
+        || __atomic_load_n(&ghess_pool_bypassed, __ATOMIC_RELAXED))
         return NULL;
     PyThread_acquire_lock(ghess_pool.lock, WAIT_LOCK);
     for (int i = 0; i < ghess_pool.count; i++) {
@@ -129,7 +140,8 @@ static void ghess_pool_give(void *raw, size_t capacity)
 {
     void *evicted[GHESS_CACHE_SLOTS];
     int n_evicted = 0, kept = 0;
-    if (capacity >= GHESS_CACHE_MIN_BYTES && ghess_pool.lock != NULL) {
+    if (capacity >= GHESS_CACHE_MIN_BYTES && ghess_pool.lock != NULL
+        && !__atomic_load_n(&ghess_pool_bypassed, __ATOMIC_RELAXED)) {
         PyThread_acquire_lock(ghess_pool.lock, WAIT_LOCK);
         if (capacity <= ghess_pool.limit) {
             while (ghess_pool.count > 0 && (ghess_pool.count == GHESS_CACHE_SLOTS ||
