@@ -49,9 +49,12 @@ from .nn import (
 )
 from .operators import (
     EmpiricalFisherLinearOperator,
+    FisherMCLinearOperator,
     GGNLinearOperator,
     HessianLinearOperator,
     JacobianLinearOperator,
+    KFACInverseLinearOperator,
+    KFACLinearOperator,
 )
 from .optim import NewtonCG, StepRecord
 
@@ -85,9 +88,12 @@ __all__ = [
     "loss_and_grad",
     "per_sample_jacobians",
     "EmpiricalFisherLinearOperator",
+    "FisherMCLinearOperator",
     "GGNLinearOperator",
     "HessianLinearOperator",
     "JacobianLinearOperator",
+    "KFACInverseLinearOperator",
+    "KFACLinearOperator",
     "NewtonCG",
     "StepRecord",
     "top_eigenvalues",

@@ -259,6 +259,34 @@ class WeightBiasLayer(ParametricLayer):
             self.param_vjp(ctx, gy, acc, n_threads)
         return self.input_vjp(params, gy, n_threads) if need_input_grad else None
 
+    #: whether the layer has KFAC's Kronecker factors (``kfac_input_rows`` and
+    #: ``kfac_output_rows``: Linear and Conv2d)
+    has_kronecker_factors = False
+
+    def kfac_input_rows(self, ctx: dict, approx: str, n_threads: int) -> np.ndarray:
+        """Rows a (r, d_in) whose Gram sum is KFAC's input factor (before its scaling).
+
+        ``approx`` is ``"expand"`` (a row per sample and weight-sharing position)
+        or ``"reduce"`` (a row per sample, averaged over the positions).
+        """
+        raise NotImplementedError
+
+    def kfac_output_rows(self, gy: np.ndarray, approx: str) -> np.ndarray:
+        """Rows g (r, n_out) of output gradients gy (n, m, out_width) for KFAC's other factor.
+
+        ``"expand"``: a row per sample, column and position; ``"reduce"``: the
+        positions summed.
+        """
+        raise NotImplementedError
+
+    def kfac_weight_shape(self) -> tuple[int, int]:
+        """Return the shape of the weight as KFAC's matrix (n_out, d_in)."""
+        raise NotImplementedError
+
+    def kfac_positions(self) -> int:
+        """Weight-sharing positions of one sample (the output pixels of a convolution)."""
+        return 1
+
     @property
     def weight_size(self) -> int:
         """Scalars in the weight."""

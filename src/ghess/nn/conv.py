@@ -139,6 +139,36 @@ class Conv2d(Windowed, WeightBiasLayer):
         cols = ctx.get("cols")
         return self._unfold(ctx["x"], n_threads) if cols is None else cols
 
+    has_kronecker_factors = True
+
+    def kfac_weight_shape(self):
+        """Return the shape of the weight as KFAC's matrix: (out_channels, C_in kh kw)."""
+        return self.out_channels, self.patch_size
+
+    def kfac_positions(self):
+        """Output pixels: the positions that share the weight (KFC's T)."""
+        return self._geom[11] * self._geom[12]
+
+    def kfac_input_rows(self, ctx, approx, n_threads):
+        """Return the unfolded input patches as rows: (n P, C kh kw) for ``"expand"``.
+
+        For ``"reduce"`` each sample's patches averaged over the pixels: (n, C kh kw).
+        """
+        cols = self._cols(ctx, n_threads)  # (n, C kh kw, P)
+        if approx == "reduce":
+            return cols.mean(axis=2)
+        return np.ascontiguousarray(cols.transpose(0, 2, 1)).reshape(-1, self.patch_size)
+
+    def kfac_output_rows(self, gy, approx):
+        """Return the output gradients (n, m, C_out H W) as rows of C_out.
+
+        One per sample, column and pixel (``"expand"``), or summed over the pixels.
+        """
+        g = gy.reshape(gy.shape[0] * gy.shape[1], self.out_channels, -1)
+        if approx == "reduce":
+            return g.sum(axis=2)
+        return np.ascontiguousarray(g.transpose(0, 2, 1)).reshape(-1, self.out_channels)
+
     def _reads_input(self, ctx):
         """Whether the direct kernels serve this context (they read x, not phi(x))."""
         return "x" in ctx and kernels.direct_conv_supported(self._geom)

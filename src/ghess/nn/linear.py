@@ -104,6 +104,20 @@ class Linear(WeightBiasLayer):
             dense.add_grouped_rows(ry, tangent["bias"], n_threads)
         return ry
 
+    has_kronecker_factors = True
+
+    def kfac_weight_shape(self):
+        """Return the shape of the weight as KFAC's matrix: (out_features, in_features)."""
+        return self.out_features, self.in_features
+
+    def kfac_input_rows(self, ctx, approx, n_threads):
+        """Return the inputs x (n, in_features): no weight sharing, both approximations agree."""
+        return ctx["x"]
+
+    def kfac_output_rows(self, gy, approx):
+        """Return the output gradients, a row per sample and column: (n m, out_features)."""
+        return gy.reshape(-1, self.out_features)
+
     def param_vjp(self, ctx, gy, acc, n_threads):
         """dL/dW += gy^T x and dL/db += sum(gy), for k directions."""
         x = ctx["x"]

@@ -14,6 +14,7 @@ from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
+from scipy import special
 
 from .._kernels import dense
 from .._kernels.dense import OutputHessianKind
@@ -92,6 +93,38 @@ class Loss(abc.ABC):
         kind, array, factor = self.hessian_kernel_args(state, scale, x.dtype)
         dense.output_hessian_apply(kind, array, factor, x, out, n_threads)
 
+    def hessian_sqrt(self, state, z, scale):
+        """Return S (n, K, K) with ``S[i] @ S[i].T == scale * B_i``: the type-2 Fisher's columns.
+
+        ``state`` is what ``value_grad`` returned for the outputs ``z`` (n, K).
+        """
+        kind, array, factor = self.hessian_form(state, scale)
+        n, K = z.shape
+        root = np.sqrt(factor)
+        if kind == OutputHessianKind.IDENTITY:
+            return np.broadcast_to(root * np.eye(K, dtype=z.dtype), (n, K, K)).copy()
+        if kind == OutputHessianKind.DIAGONAL:
+            S = np.zeros((n, K, K), dtype=z.dtype)
+            S[:, np.arange(K), np.arange(K)] = root * np.sqrt(array)
+            return S
+        # diag(p) - p p^T = (diag(sqrt p) - p sqrt(p)^T)(...)^T, as sum(p) = 1
+        sqrt_p = np.sqrt(array)
+        S = -array[:, :, None] * sqrt_p[:, None, :]
+        S[:, np.arange(K), np.arange(K)] += sqrt_p
+        return root * S
+
+    def sample_targets(self, z: np.ndarray, rng: np.random.Generator, n_draws: int) -> np.ndarray:
+        """Draw ``n_draws`` targets per sample from the model's predictive distribution.
+
+        The distribution whose negative log-likelihood this loss is (up to
+        constants), at the outputs ``z`` (n, K); the result has a leading axis of
+        ``n_draws``. Sample by sample in order, so a data set cut into other
+        chunks draws the same targets from the same generator.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} has no predictive distribution to sample targets from "
+            "(the Monte-Carlo Fisher needs one): define sample_targets")
+
     def __call__(self, outputs: npt.ArrayLike, targets: npt.ArrayLike) -> float:
         """Loss of network outputs (N, K) against targets, as a float."""
         z = as_float_array(outputs, "outputs", ndim=2)
@@ -147,6 +180,11 @@ class MSELoss(Loss):
         """B = 2 I (times the scale)."""
         return OutputHessianKind.IDENTITY, None, 2.0 * scale
 
+    def sample_targets(self, z, rng, n_draws):
+        """Targets z + e, e ~ N(0, I / 2): (z - y)^2 is their negative log-likelihood."""
+        noise = rng.standard_normal((z.shape[0], n_draws, z.shape[1]))
+        return (z[:, None, :] + np.sqrt(0.5) * noise).astype(z.dtype).transpose(1, 0, 2)
+
 
 class CrossEntropyLoss(Loss):
     r"""Softmax cross-entropy on logits with integer labels, as ``torch.nn.CrossEntropyLoss``.
@@ -185,6 +223,15 @@ class CrossEntropyLoss(Loss):
         """B = diag(p) - p p^T (times the scale)."""
         return OutputHessianKind.SOFTMAX, state, scale
 
+    def sample_targets(self, z, rng, n_draws):
+        """Labels y ~ Categorical(softmax(z)), by inverse CDF of uniforms."""
+        z64 = z.astype(np.float64)
+        p = np.exp(z64 - z64.max(axis=1, keepdims=True))
+        cdf = np.cumsum(p, axis=1)
+        u = rng.random((z.shape[0], n_draws)) * cdf[:, -1:]
+        labels = (u[:, :, None] >= cdf[:, None, :]).sum(axis=2)
+        return np.minimum(labels, z.shape[1] - 1).T.astype(np.intp)
+
 
 class BCEWithLogitsLoss(Loss):
     r"""Binary cross-entropy on logits, as ``torch.nn.BCEWithLogitsLoss``.
@@ -214,3 +261,9 @@ class BCEWithLogitsLoss(Loss):
     def hessian_form(self, state, scale):
         """B = diag(sigma') (times the scale)."""
         return OutputHessianKind.DIAGONAL, state, scale
+
+    def sample_targets(self, z, rng, n_draws):
+        """Binary targets y ~ Bernoulli(sigma(z))."""
+        u = rng.random((z.shape[0], n_draws, z.shape[1]))
+        sigma = special.expit(z.astype(np.float64))
+        return (u < sigma[:, None, :]).astype(z.dtype).transpose(1, 0, 2)

@@ -8,16 +8,20 @@
 """
 
 from .base import ChunkedOperator, CurvatureOperator
-from .fisher import EmpiricalFisherLinearOperator
+from .fisher import EmpiricalFisherLinearOperator, FisherMCLinearOperator
 from .ggn import GGNLinearOperator
 from .hessian import HessianLinearOperator
 from .jacobian import JacobianLinearOperator
+from .kfac import KFACInverseLinearOperator, KFACLinearOperator
 
 __all__ = [
     "ChunkedOperator",
     "CurvatureOperator",
     "EmpiricalFisherLinearOperator",
+    "FisherMCLinearOperator",
     "GGNLinearOperator",
     "HessianLinearOperator",
     "JacobianLinearOperator",
+    "KFACInverseLinearOperator",
+    "KFACLinearOperator",
 ]

@@ -262,7 +262,7 @@ class CurvatureOperator(ChunkedOperator):
                         mode: Literal["stored", "recompute"] = "stored", *,
                         loss: Loss | None = None, dtype: npt.DTypeLike = np.float64,
                         chunk_size: int | None = None, n_directions: int = 1,
-                        n_threads: int | None = None) -> int:
+                        n_threads: int | None = None, **options) -> int:
         """Peak bytes of an operator on ``data`` (or ``n_samples``), before any is allocated.
 
         The most the operator holds at once while it is built and while it
@@ -279,7 +279,8 @@ class CurvatureOperator(ChunkedOperator):
         exactly and scaled to the data (``docs/design.md``, "Memory"); it is an
         upper bound of the measured peak, within a few percent. ``loss``: the
         loss the operator will get (default ``CrossEntropyLoss()``; the losses
-        differ by at most K numbers per sample).
+        differ by at most K numbers per sample). ``options``: the operator's own
+        arguments that change its memory (``mc_samples`` of the Monte-Carlo Fisher).
         """
         check_model(model)
         mode = check_mode(mode)
@@ -295,7 +296,7 @@ class CurvatureOperator(ChunkedOperator):
             batch = _memory.example_batch(model, loss, c, dtype)
             return _memory.measure(
                 lambda: cls(model, loss, theta, batch, mode=mode, chunk_size=c,
-                            n_threads=n_threads, memory_budget=memory_limit()),
+                            n_threads=n_threads, memory_budget=memory_limit(), **options),
                 lambda op: op.matmat(V))
 
         return _peak_bytes(model, data, dtype, chunk_size, n_threads, probe_at)

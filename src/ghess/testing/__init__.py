@@ -60,11 +60,13 @@ from .finite_differences import (
 )
 from .reference import (
     reference_empirical_fisher,
+    reference_fisher_mc,
     reference_forward,
     reference_ggn,
     reference_ggn_matvec,
     reference_hessian,
     reference_hessian_matvec,
+    reference_kfac,
     reference_loss,
     reference_loss_and_grad,
     reference_per_sample_jacobians,
@@ -78,6 +80,8 @@ __all__ = [
     "reference_per_sample_jacobians",
     "reference_ggn",
     "reference_empirical_fisher",
+    "reference_fisher_mc",
+    "reference_kfac",
     "reference_hessian",
     "reference_ggn_matvec",
     "reference_hessian_matvec",

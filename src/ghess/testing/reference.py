@@ -39,6 +39,8 @@ __all__ = [
     "reference_ggn",
     "reference_hessian",
     "reference_empirical_fisher",
+    "reference_fisher_mc",
+    "reference_kfac",
     "reference_ggn_matvec",
     "reference_hessian_matvec",
     "register_reference_activation",
@@ -837,6 +839,146 @@ def reference_empirical_fisher(model, loss, theta, data, damping=0.0):
             g = _sample_backward(model, params, caches, loss.factor * dl)
             F += c * np.outer(g, g)
     return F
+
+
+def reference_fisher_mc(model, loss, theta, data, mc_samples=1, seed=0, damping=0.0):
+    r"""Dense Monte-Carlo Fisher.
+
+    .. math:: F = c \sum_n \frac{1}{M} \sum_m J_n^\top \nabla_z \ell(z_n, \tilde y_{nm})
+              \nabla_z \ell(z_n, \tilde y_{nm})^\top J_n + \lambda I
+
+    with ``mc_samples`` targets per sample drawn by ``loss.sample_targets`` (the
+    loss's predictive distribution: its specification) from
+    ``numpy.random.default_rng(seed)``, sample by sample in data order, and
+    :math:`c` the loss's scale (as for the GGN).
+
+    Returns
+    -------
+    F : ndarray of shape (n_params, n_params), float64
+    """
+    theta = _theta64(model, theta)
+    batches = _batches(model, loss, data)
+    params = model.unflatten(theta)
+    c = _scale(loss, sum(X.shape[0] for X, _ in batches), model.n_outputs)
+    rng = np.random.default_rng(seed)
+    F = damping * np.eye(model.n_params)
+    for X, _ in batches:
+        J = reference_per_sample_jacobians(model, theta, X)
+        for n in range(X.shape[0]):
+            z, _ = _sample_forward(model, params, X[n])
+            draws = loss.sample_targets(z[None, :], rng, mc_samples)
+            for m in range(mc_samples):
+                _, dl, _ = _sample_loss(loss, z, draws[m, 0])
+                g = J[n].T @ dl
+                F += (c / mc_samples) * np.outer(g, g)
+    return F
+
+
+def _patches(layer, x):
+    """Unfolded patches of one input (C, H, W): (P, C*kh*kw), rows in output order.
+
+    A patch lists ``xpad[c, i sh + a dh, j sw + b dw]`` for c, a, b in C order
+    (PyTorch's weight layout).
+    """
+    out_hw = _out_size(layer, *x.shape[-2:])
+    xpad = _pad(x, layer.padding, 0.0)
+    taps = [xpad[:, rows, cols] for rows, cols in
+            (_tap(layer, a, b, out_hw) for a, b in _kernel_offsets(layer))]
+    patch = np.stack(taps, axis=1)  # (C, kh*kw, out_h, out_w)
+    return patch.reshape(patch.shape[0] * patch.shape[1], -1).T
+
+
+def _output_columns(loss, fisher_type, z, y, c, mc_samples, rng):
+    """Columns s (K, m) of a sample: S S^T is the output-space matrix KFAC approximates."""
+    value, dl, H = _sample_loss(loss, z, y)
+    if fisher_type == "type-2":  # any square root of c H: the symmetric one
+        w, Q = np.linalg.eigh(c * H)
+        return Q * np.sqrt(np.maximum(w, 0.0))
+    if fisher_type == "empirical":  # c / factor times (factor dl)(factor dl)^T
+        return np.sqrt(c * loss.factor) * dl[:, None]
+    draws = loss.sample_targets(z[None, :], rng, mc_samples)
+    return np.stack([_sample_loss(loss, z, draws[m, 0])[1] for m in range(mc_samples)],
+                    axis=1) * np.sqrt(c / mc_samples)
+
+
+def reference_kfac(model, loss, theta, data, fisher_type="type-2", kfac_approx="expand",
+                   mc_samples=1, seed=0, separate_weight_and_bias=True):
+    r"""Dense KFAC matrix: per Linear or Conv2d layer a Kronecker block, zero elsewhere.
+
+    For each sample, each of its output columns s (``S S^T`` is ``c`` times the
+    loss Hessian for ``"type-2"``; a scaled gradient at the true target for
+    ``"empirical"``, at drawn targets for ``"mc"``) is back-propagated to the
+    layer's output: ``g = D^T s`` with ``D`` the Jacobian of the network output
+    with respect to the layer output (one unit vector e_k back-propagated at a
+    time). With the layer input's patches a_t (Linear: the input, T = 1):
+
+    - ``"expand"``: ``A = 1/(N T) sum_{n,t} a a^T``, ``B = sum_{n,s,t} g_t g_t^T``;
+    - ``"reduce"``: a averaged and g summed over the T positions first, ``A = 1/N sum``.
+
+    The weight block is ``kron(B, A)`` in the weight's row-major order, the bias
+    block ``B``; or, with ``separate_weight_and_bias=False``, a ones entry
+    appended to every a and the joint block ``kron(B, A)`` over (weight, bias).
+    Every parametrised layer must be a Linear or Conv2d at the top level.
+    """
+    theta = _theta64(model, theta)
+    batches = _batches(model, loss, data)
+    params = model.unflatten(theta)
+    n_samples = sum(X.shape[0] for X, _ in batches)
+    c = _scale(loss, n_samples, model.n_outputs)
+    K = model.n_outputs
+    nodes = _model_chain(model)
+    layers = [i for i, slots in enumerate(model.layer_slots) if slots]
+    for i in layers:
+        if not isinstance(model.layers[i], (Linear, Conv2d)):
+            raise ValueError(f"reference_kfac: layer {i} ({model.layers[i]!r}) has no "
+                             "Kronecker factors")
+    joint = {i for i in layers if not separate_weight_and_bias and model.layers[i].bias}
+    A, B = {}, {}
+    rng = np.random.default_rng(seed)
+    for X, y in batches:
+        for n in range(X.shape[0]):
+            z, caches = _sample_forward(model, params, X[n])
+            S = _output_columns(loss, fisher_type, z, y[n], c, mc_samples, rng)
+            for i in layers:
+                layer = model.layers[i]
+                # D: dz/d(layer output), one output unit vector back-propagated at a time
+                D = np.stack([_chain_backward(model, nodes[i + 1:], params, caches[i + 1:],
+                                              np.eye(K)[k], np.zeros(model.n_params))
+                              for k in range(K)])
+                G = np.tensordot(S.T, D, axes=1)  # (m, *out_shape)
+                if isinstance(layer, Linear):
+                    a = caches[i]["a"][None, :]  # (T=1, d_in)
+                    g = G[:, None, :]  # (m, T=1, d_out)
+                else:
+                    a = _patches(layer, caches[i]["a"])  # (T, d_in)
+                    g = G.reshape(G.shape[0], G.shape[1], -1).transpose(0, 2, 1)
+                if kfac_approx == "reduce":
+                    a, g = a.mean(axis=0, keepdims=True), g.sum(axis=1, keepdims=True)
+                if i in joint:
+                    a = np.concatenate([a, np.ones((a.shape[0], 1))], axis=1)
+                A[i] = A.get(i, 0.0) + a.T @ a / (n_samples * a.shape[0])
+                g = g.reshape(-1, g.shape[-1])
+                B[i] = B.get(i, 0.0) + g.T @ g
+    KF = np.zeros((model.n_params, model.n_params))
+    for i in layers:
+        n_out = B[i].shape[0]
+        prefix = f"{i}."
+        w = model.param_slots[prefix + "weight"]
+        if i in joint:
+            b = model.param_slots[prefix + "bias"]
+            d = A[i].shape[0] - 1
+            # the joint index (o, j) of [W | b]: j < d the weight's (o, j), j = d the bias
+            index = np.empty((n_out, d + 1), dtype=np.intp)
+            index[:, :d] = np.arange(w.start, w.stop).reshape(n_out, d)
+            index[:, d] = np.arange(b.start, b.stop)
+            index = index.ravel()
+            KF[np.ix_(index, index)] = np.kron(B[i], A[i])
+            continue
+        KF[w.start:w.stop, w.start:w.stop] = np.kron(B[i], A[i])
+        if prefix + "bias" in model.param_slots:
+            b = model.param_slots[prefix + "bias"]
+            KF[b.start:b.stop, b.start:b.stop] = B[i]
+    return KF
 
 
 def reference_hessian(model, loss, theta, data, damping=0.0):

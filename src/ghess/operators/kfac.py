@@ -1,0 +1,249 @@
+"""KFAC: the Kronecker-factored approximation of the GGN or Fisher, and its inverse."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.sparse.linalg import LinearOperator
+
+from .._config import computing
+from .._engine.kfac import kfac_chunk, kronecker_layers
+from .._problem import Problem, check_loss, format_bytes
+from .._validation import check_damping, check_positive_int
+from .base import BLOCK_COLUMNS, BatchedMatvec, check_vectors
+from .fisher import check_seed, empirical_columns, mc_columns, type2_columns
+
+__all__ = ["KFACLinearOperator", "KFACInverseLinearOperator"]
+
+FISHER_TYPES = ("type-2", "mc", "empirical")
+KFAC_APPROX = ("expand", "reduce")
+
+
+class KFACLinearOperator(BatchedMatvec, LinearOperator):
+    r"""Kronecker-factored approximate curvature (KFAC) of the GGN or Fisher.
+
+    Each Linear or Conv2d layer's block of the curvature is approximated by a
+    Kronecker product :math:`B \otimes A` (the weight flattened in PyTorch's
+    row-major order); other blocks are zero. With :math:`a` a layer's input
+    (for a convolution: its unfolded patches, one per output pixel, KFC) and
+    :math:`g` the gradient at its output back-propagated from output columns
+    :math:`s` of each sample,
+
+    .. math::
+
+        A = \frac{1}{N T} \sum_{n,t} a_{nt} a_{nt}^\top, \qquad
+        B = \sum_{n,t} \sum_{s} g_{nts} g_{nts}^\top
+
+    (``kfac_approx="expand"``; :math:`T` the output pixels, 1 for Linear), or with
+    :math:`a` averaged and :math:`g` summed over the pixels (``"reduce"``,
+    :math:`T = 1`). The columns :math:`s` set what is approximated:
+    ``fisher_type="type-2"`` a square root of the loss Hessian :math:`B_n` (the
+    GGN), ``"mc"`` ``mc_samples`` gradients at targets drawn from the model
+    (:class:`ghess.FisherMCLinearOperator`), ``"empirical"`` the gradient at the
+    true target (:class:`ghess.EmpiricalFisherLinearOperator`); each scaled by the
+    loss's reduction as those operators are. These are curvlinops' conventions
+    (its ``KFACLinearOperator``): the matrices agree. The bias's block is
+    :math:`B` (``separate_weight_and_bias=True``), or the bias joins the weight
+    as a column of ones in :math:`a`.
+
+    One pass over the data builds every factor: a forward pass per chunk, and
+    one backward pass of its columns (as the stored GGN factors are built).
+    Products then cost two small GEMMs per layer; :meth:`inverse` inverts
+    through the factors' eigendecompositions.
+
+    Parameters
+    ----------
+    model, loss, params, data
+        As for :class:`ghess.GGNLinearOperator`. Every parametrised layer must
+        be Linear or Conv2d (others have no Kronecker factors: ValueError).
+    fisher_type : {"type-2", "mc", "empirical"}, default="type-2"
+    kfac_approx : {"expand", "reduce"}, default="expand"
+    mc_samples : int, default=1
+        Targets drawn per sample for ``"mc"`` (1 for the others).
+    seed : int, default=0
+        Seed of the draws (``numpy.random.default_rng``), sample by sample.
+    separate_weight_and_bias : bool, default=True
+    damping : float, default=0.0
+        Added multiple of the identity.
+    chunk_size, n_threads, check_deterministic
+        As for :class:`ghess.GGNLinearOperator`.
+
+    Attributes
+    ----------
+    input_factors, gradient_factors : dict
+        :math:`A` and :math:`B` per layer index.
+    """
+
+    def __init__(self, model, loss, params, data, *, fisher_type="type-2",
+                 kfac_approx="expand", mc_samples=1, seed=0, separate_weight_and_bias=True,
+                 damping=0.0, chunk_size=None, n_threads=None, check_deterministic=True):
+        check_loss(loss)
+        if fisher_type not in FISHER_TYPES:
+            raise ValueError(f"fisher_type must be one of {FISHER_TYPES}, got {fisher_type!r}")
+        if kfac_approx not in KFAC_APPROX:
+            raise ValueError(f"kfac_approx must be one of {KFAC_APPROX}, got {kfac_approx!r}")
+        self.mc_samples = check_positive_int(mc_samples, "mc_samples")
+        if fisher_type != "mc" and self.mc_samples != 1:
+            raise ValueError(f"mc_samples must be 1 for fisher_type={fisher_type!r} (it counts "
+                             f"the Monte-Carlo draws of 'mc'), got {mc_samples}")
+        self.seed = check_seed(seed)
+        self.layers = kronecker_layers(model)
+        problem = Problem(model, loss, params, data, chunk_size=chunk_size,
+                          n_threads=n_threads, private=True,
+                          check_deterministic=check_deterministic)
+        damping = check_damping(damping, model.n_params, problem.dtype)
+        if np.ndim(damping):
+            raise ValueError("KFACLinearOperator takes a scalar damping")
+        self.damping = float(damping)
+        self.fisher_type, self.kfac_approx = fisher_type, kfac_approx
+        self.separate_weight_and_bias = bool(separate_weight_and_bias)
+        self.problem, self.model, self.loss = problem, model, problem.loss
+        self.n_samples = problem.n_samples
+        super().__init__(dtype=problem.dtype, shape=(model.n_params, model.n_params))
+        self.joint = {i for i in self.layers
+                      if not self.separate_weight_and_bias and model.layers[i].bias}
+        self.input_factors, self.gradient_factors = self._build()
+
+    # -- the factors --------------------------------------------------------------
+    def _columns_fn(self, rng):
+        p, loss = self.problem, self.loss
+        if self.fisher_type == "type-2":
+            return lambda z, y: type2_columns(loss, z, y, p.scale, p.omp_threads)
+        if self.fisher_type == "empirical":
+            return lambda z, y: empirical_columns(loss, z, y, p.scale, p.omp_threads)
+        return lambda z, y: mc_columns(loss, z, p.scale, rng, self.mc_samples, p.omp_threads)
+
+    def _build(self):
+        model, p = self.model, self.problem
+        A, B = {}, {}
+        for i in self.layers:
+            n_out, d_in = self._weight_shape(i)
+            A[i] = np.zeros((d_in + (i in self.joint),) * 2, dtype=self.dtype)
+            B[i] = np.zeros((n_out, n_out), dtype=self.dtype)
+        columns = self._columns_fn(np.random.default_rng(self.seed))
+        with computing():
+            for X, y in p.chunks():
+                kfac_chunk(model, p.lparams, self.layers, X, lambda z: columns(z, y),  # noqa: B023
+                           self.kfac_approx, self.joint, A, B, p.omp_threads)
+        for i in self.layers:
+            positions = (model.layers[i].kfac_positions() if self.kfac_approx == "expand"
+                         else 1)
+            A[i] /= self.n_samples * positions
+        return A, B
+
+    def _weight_shape(self, i):
+        """(n_out, d_in): the weight as a matrix (a convolution's patches flattened)."""
+        return self.model.layers[i].kfac_weight_shape()
+
+    # -- products ------------------------------------------------------------------
+    def _apply_blocks(self, V, weight_op, bias_op):
+        """Apply per-layer maps to the rows of V (k, n_params); zero elsewhere."""
+        out = np.zeros_like(V)
+        k = V.shape[0]
+        for i in self.layers:
+            start, stop = self.model.layer_range(i)
+            n_out, d_in = self._weight_shape(i)
+            n_w = n_out * d_in
+            W = V[:, start:start + n_w].reshape(k, n_out, d_in)
+            has_bias = stop - start > n_w
+            if i in self.joint:
+                M = np.concatenate([W, V[:, start + n_w:stop, None]], axis=2)
+                R = weight_op(i, M)
+                out[:, start:start + n_w] = R[:, :, :d_in].reshape(k, -1)
+                out[:, start + n_w:stop] = R[:, :, d_in]
+            else:
+                out[:, start:start + n_w] = weight_op(i, W).reshape(k, -1)
+                if has_bias:
+                    out[:, start + n_w:stop] = bias_op(i, V[:, start + n_w:stop])
+        return out
+
+    def _apply_rows(self, V):
+        A, B = self.input_factors, self.gradient_factors
+        out = self._apply_blocks(V, lambda i, M: B[i] @ M @ A[i], lambda i, b: b @ B[i])
+        if self.damping:
+            out += self.damping * V
+        return out
+
+    def _matmat(self, X):
+        V = check_vectors(X, self.shape[1], self.dtype)
+        with computing():
+            return self._apply_rows(V).T
+
+    def _adjoint(self):
+        return self
+
+    _transpose = _adjoint
+
+    def todense(self):
+        """Return the dense matrix (n_params x n_params), BLOCK_COLUMNS unit vectors per pass."""
+        n = self.shape[0]
+        size = n * n * self.dtype.itemsize
+        if size > 4 << 30:
+            raise ValueError(f"todense needs {format_bytes(size)}; KFAC's blocks are "
+                             "input_factors and gradient_factors")
+        out = np.empty((n, n), dtype=self.dtype)
+        for start in range(0, n, BLOCK_COLUMNS):
+            stop = min(start + BLOCK_COLUMNS, n)
+            E = np.zeros((stop - start, n), dtype=self.dtype)
+            E[np.arange(stop - start), np.arange(start, stop)] = 1
+            out[:, start:stop] = self._apply_rows(E).T
+        return out
+
+    def inverse(self, damping=None, *, strategy="exact"):
+        """Return ``(KFAC + damping I)^-1`` (``strategy="exact"``) as a ``LinearOperator``.
+
+        ``damping`` defaults to the operator's own. ``"heuristic"`` inverts
+        ``(A + pi sqrt(d) I) (x) (B + sqrt(d) / pi I)`` instead, pi the ratio of the
+        factors' mean eigenvalues (Martens and Grosse's factored damping, curvlinops'
+        ``use_heuristic_damping``). Either way through the factors'
+        eigendecompositions, computed here once.
+        """
+        return KFACInverseLinearOperator(self, self.damping if damping is None else damping,
+                                         strategy=strategy)
+
+
+class KFACInverseLinearOperator(BatchedMatvec, LinearOperator):
+    """The inverse of a damped :class:`KFACLinearOperator` (see its ``inverse``)."""
+
+    def __init__(self, kfac, damping, *, strategy="exact"):
+        if strategy not in ("exact", "heuristic"):
+            raise ValueError(f"strategy must be 'exact' or 'heuristic', got {strategy!r}")
+        damping = float(check_damping(damping, kfac.shape[0], kfac.dtype))
+        if damping <= 0 and strategy == "heuristic":
+            raise ValueError(f"the heuristic damping needs damping > 0, got {damping}")
+        self.kfac, self.damping, self.strategy = kfac, damping, strategy
+        super().__init__(dtype=kfac.dtype, shape=kfac.shape)
+        self._eigen = {}
+        for i in kfac.layers:
+            A, B = kfac.input_factors[i], kfac.gradient_factors[i]
+            (la, Qa), (lb, Qb) = np.linalg.eigh(A), np.linalg.eigh(B)
+            la, lb = np.maximum(la, 0), np.maximum(lb, 0)  # PSD: rounding may dip below 0
+            bias = lb + damping  # the bias's block is B alone: damped exactly
+            if strategy == "heuristic":
+                pi = np.sqrt((la.mean() + 1e-300) / (lb.mean() + 1e-300))
+                weight = np.outer(lb + np.sqrt(damping) / pi, la + pi * np.sqrt(damping))
+            else:
+                weight = np.outer(lb, la) + damping
+            if np.any(weight <= 0) or np.any(bias <= 0):
+                raise ValueError(f"KFAC's block of layer {i} is singular: pass damping > 0")
+            self._eigen[i] = (Qa, Qb, 1.0 / weight, 1.0 / bias)
+
+    def _apply_rows(self, V):
+        def weight_op(i, M):
+            Qa, Qb, inv_w, _ = self._eigen[i]
+            return Qb @ ((Qb.T @ M @ Qa) * inv_w) @ Qa.T
+
+        def bias_op(i, b):
+            _, Qb, _, inv_b = self._eigen[i]
+            return ((b @ Qb) * inv_b) @ Qb.T
+
+        return self.kfac._apply_blocks(V, weight_op, bias_op)
+
+    def _matmat(self, X):
+        V = check_vectors(X, self.shape[1], self.dtype)
+        with computing():
+            return self._apply_rows(V).T
+
+    def _adjoint(self):
+        return self
+
+    _transpose = _adjoint
