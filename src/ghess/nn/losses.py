@@ -100,7 +100,7 @@ class Loss(abc.ABC):
         """
         kind, array, factor = self.hessian_form(state, scale)
         n, K = z.shape
-        root = np.sqrt(factor)
+        root = z.dtype.type(np.sqrt(factor))
         if kind == OutputHessianKind.IDENTITY:
             return np.broadcast_to(root * np.eye(K, dtype=z.dtype), (n, K, K)).copy()
         if kind == OutputHessianKind.DIAGONAL:
@@ -108,7 +108,7 @@ class Loss(abc.ABC):
             S[:, np.arange(K), np.arange(K)] = root * np.sqrt(array)
             return S
         # diag(p) - p p^T = (diag(sqrt p) - p sqrt(p)^T)(...)^T, as sum(p) = 1
-        sqrt_p = np.sqrt(array)
+        sqrt_p = np.sqrt(array, dtype=z.dtype)
         S = -array[:, :, None] * sqrt_p[:, None, :]
         S[:, np.arange(K), np.arange(K)] += sqrt_p
         return root * S

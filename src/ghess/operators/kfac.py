@@ -223,8 +223,10 @@ class KFACInverseLinearOperator(BatchedMatvec, LinearOperator):
                 weight = np.outer(lb + np.sqrt(damping) / pi, la + pi * np.sqrt(damping))
             else:
                 weight = np.outer(lb, la) + damping
-            if np.any(weight <= 0) or np.any(bias <= 0):
-                raise ValueError(f"KFAC's block of layer {i} is singular: pass damping > 0")
+            for block in (weight, bias):  # singular to rounding: eigenvalues of ~0
+                if block.min() <= block.size * np.finfo(block.dtype).eps * block.max():
+                    raise ValueError(f"KFAC's block of layer {i} is singular: pass "
+                                     "damping > 0")
             self._eigen[i] = (Qa, Qb, 1.0 / weight, 1.0 / bias)
 
     def _apply_rows(self, V):
