@@ -214,7 +214,10 @@ class KFACInverseLinearOperator(BatchedMatvec, LinearOperator):
         super().__init__(dtype=kfac.dtype, shape=kfac.shape)
         self._eigen = {}
         for i in kfac.layers:
-            A, B = kfac.input_factors[i], kfac.gradient_factors[i]
+            # in float64 whatever the dtype: a damping far below the factors' scale is
+            # ill-conditioned in float32 but not in float64
+            A = kfac.input_factors[i].astype(np.float64)
+            B = kfac.gradient_factors[i].astype(np.float64)
             (la, Qa), (lb, Qb) = np.linalg.eigh(A), np.linalg.eigh(B)
             la, lb = np.maximum(la, 0), np.maximum(lb, 0)  # PSD: rounding may dip below 0
             bias = lb + damping  # the bias's block is B alone: damped exactly
@@ -223,11 +226,13 @@ class KFACInverseLinearOperator(BatchedMatvec, LinearOperator):
                 weight = np.outer(lb + np.sqrt(damping) / pi, la + pi * np.sqrt(damping))
             else:
                 weight = np.outer(lb, la) + damping
-            for block in (weight, bias):  # singular to rounding: eigenvalues of ~0
-                if block.min() <= block.size * np.finfo(block.dtype).eps * block.max():
+            for block in (weight, bias):  # undamped and singular to rounding
+                if block.min() <= block.size * np.finfo(np.float64).eps * block.max():
                     raise ValueError(f"KFAC's block of layer {i} is singular: pass "
                                      "damping > 0")
-            self._eigen[i] = (Qa, Qb, 1.0 / weight, 1.0 / bias)
+            dtype = kfac.dtype
+            self._eigen[i] = (Qa.astype(dtype), Qb.astype(dtype), (1.0 / weight).astype(dtype),
+                              (1.0 / bias).astype(dtype))
 
     def _apply_rows(self, V):
         def weight_op(i, M):
