@@ -57,7 +57,7 @@ def test_kfac_inverse(name, strategy):
         assert_allclose_rel(inverse @ (K @ v + damping * v), v, 1e-8)
         damped = ghess.KFACLinearOperator(model, loss, theta, data, damping=damping)
         assert_allclose_rel(damped.inverse() @ (damped @ v), v, 1e-8)
-    else:  # symmetric positive definite, and exact where the damping split is undone
+    else:  # the factors damped separately: symmetric positive definite
         M = inverse @ np.eye(model.n_params)
         assert_allclose_rel(M, M.T, 1e-12)
         assert np.linalg.eigvalsh(M).min() > 0

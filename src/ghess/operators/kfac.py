@@ -7,7 +7,7 @@ from scipy.sparse.linalg import LinearOperator
 
 from .._config import computing
 from .._engine.kfac import kfac_chunk, kronecker_layers
-from .._problem import Problem, check_loss, format_bytes
+from .._problem import Problem, check_loss, default_memory_budget, format_bytes
 from .._validation import check_damping, check_positive_int
 from .base import BLOCK_COLUMNS, BatchedMatvec, check_vectors
 from .fisher import check_seed, empirical_columns, mc_columns, type2_columns
@@ -177,9 +177,10 @@ class KFACLinearOperator(BatchedMatvec, LinearOperator):
         """Return the dense matrix (n_params x n_params), BLOCK_COLUMNS unit vectors per pass."""
         n = self.shape[0]
         size = n * n * self.dtype.itemsize
-        if size > 4 << 30:
-            raise ValueError(f"todense needs {format_bytes(size)}; KFAC's blocks are "
-                             "input_factors and gradient_factors")
+        if size > default_memory_budget():
+            raise ValueError(f"todense needs {format_bytes(size)}, over the default memory "
+                             f"budget of {format_bytes(default_memory_budget())}; KFAC's "
+                             "blocks are input_factors and gradient_factors")
         out = np.empty((n, n), dtype=self.dtype)
         for start in range(0, n, BLOCK_COLUMNS):
             stop = min(start + BLOCK_COLUMNS, n)
