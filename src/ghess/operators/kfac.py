@@ -18,7 +18,24 @@ FISHER_TYPES = ("type-2", "mc", "empirical")
 KFAC_APPROX = ("expand", "reduce")
 
 
-class KFACLinearOperator(BatchedMatvec, LinearOperator):
+class _FactoredOperator(BatchedMatvec, LinearOperator):
+    """A symmetric operator applied block by block from KFAC's factors (``_apply_rows``)."""
+
+    def _apply_rows(self, V):
+        raise NotImplementedError
+
+    def _matmat(self, X):
+        V = check_vectors(X, self.shape[1], self.dtype)
+        with computing():
+            return self._apply_rows(V).T
+
+    def _adjoint(self):
+        return self
+
+    _transpose = _adjoint
+
+
+class KFACLinearOperator(_FactoredOperator):
     r"""Kronecker-factored approximate curvature (KFAC) of the GGN or Fisher.
 
     Each Linear or Conv2d layer's block of the curvature is approximated by a
@@ -163,16 +180,6 @@ class KFACLinearOperator(BatchedMatvec, LinearOperator):
             out += self.damping * V
         return out
 
-    def _matmat(self, X):
-        V = check_vectors(X, self.shape[1], self.dtype)
-        with computing():
-            return self._apply_rows(V).T
-
-    def _adjoint(self):
-        return self
-
-    _transpose = _adjoint
-
     def todense(self):
         """Return the dense matrix (n_params x n_params), BLOCK_COLUMNS unit vectors per pass."""
         n = self.shape[0]
@@ -202,7 +209,7 @@ class KFACLinearOperator(BatchedMatvec, LinearOperator):
                                          strategy=strategy)
 
 
-class KFACInverseLinearOperator(BatchedMatvec, LinearOperator):
+class KFACInverseLinearOperator(_FactoredOperator):
     """The inverse of a damped :class:`KFACLinearOperator` (see its ``inverse``)."""
 
     def __init__(self, kfac, damping, *, strategy="exact"):
@@ -245,13 +252,3 @@ class KFACInverseLinearOperator(BatchedMatvec, LinearOperator):
             return ((b @ Qb) * inv_b) @ Qb.T
 
         return self.kfac._apply_blocks(V, weight_op, bias_op)
-
-    def _matmat(self, X):
-        V = check_vectors(X, self.shape[1], self.dtype)
-        with computing():
-            return self._apply_rows(V).T
-
-    def _adjoint(self):
-        return self
-
-    _transpose = _adjoint
