@@ -209,3 +209,91 @@ def test_newton_cg_with_a_per_parameter_C():
         ghess.NewtonCG(model, loss, C=np.zeros(model.n_params))
     with pytest.raises(TypeError, match=r"C must be a number > 0 or a 1-D array"):
         ghess.NewtonCG(model, loss, C="big")
+
+
+# -- preconditioned CG ------------------------------------------------------------------
+
+def _mlp_problem(n=150, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, 6))
+    y = (X[:, 0] + X[:, 1] ** 2 > 1).astype(int) + (X[:, 2] > 0.5)
+    model = ghess.Sequential(ghess.Linear(6, 8), ghess.Tanh(), ghess.Linear(8, 3),
+                             input_shape=(6,))
+    return model, X, y
+
+
+@pytest.mark.parametrize("preconditioner", ["diag", "kfac"])
+def test_preconditioner_is_the_inverse_it_claims(preconditioner):
+    """The operator CG gets: (scale KFAC + d I)^-1, or 1 / (scale diag(G) + shift)."""
+    model, X, y = _mlp_problem()
+    loss = ghess.CrossEntropyLoss(reduction="sum")
+    opt = ghess.NewtonCG(model, loss, C=10.0, preconditioner=preconditioner, seed=0)
+    theta = model.init_params(seed=1)
+    v = np.random.default_rng(2).normal(size=model.n_params)
+    scale, shift = 3.0, 0.5
+    M = opt._cg_preconditioner(theta, (X, y), scale, shift)
+    if preconditioner == "kfac":
+        K = ghess.KFACLinearOperator(model, loss, theta, (X, y))
+        assert_allclose(M @ (scale * (K @ v) + shift * v), v, rtol=1e-10)
+    else:
+        d = ghess.analysis.ggn_diagonal(model, loss, theta, (X, y))
+        assert_allclose(M @ v, v / (scale * d + shift), rtol=1e-13)
+
+
+@pytest.mark.parametrize("preconditioner", ["diag", "kfac"])
+def test_preconditioned_newton_cg_descends_and_refreshes_on_schedule(preconditioner):
+    model, X, y = _mlp_problem()
+    loss = ghess.CrossEntropyLoss()
+    opt = ghess.NewtonCG(model, loss, C=100.0, subsample=0.5, seed=0,
+                         preconditioner=preconditioner, preconditioner_every=3)
+    builds = []
+    original = opt._cg_preconditioner
+
+    def spy(theta, subsample, scale, shift):
+        before = opt._preconditioner_state
+        M = original(theta, subsample, scale, shift)
+        builds.append(before is None or opt._preconditioner_state[0] is not before[0])
+        return M
+
+    opt._cg_preconditioner = spy
+    theta, history = opt.fit(model.init_params(seed=0), (X, y), n_iterations=7, verbose=False)
+    assert builds == [True, False, False, True, False, False, True]
+    objective = [h.objective for h in history]
+    assert all(b <= a for a, b in zip(objective, objective[1:]))
+    assert objective[-1] < 0.8 * loss(model.forward(model.init_params(seed=0), X), y)
+
+
+def test_preconditioned_fit_resumes_on_the_same_trajectory():
+    model, X, y = _mlp_problem()
+    loss = ghess.CrossEntropyLoss()
+
+    def make():
+        return ghess.NewtonCG(model, loss, C=100.0, subsample=0.5, seed=0,
+                              preconditioner="kfac", preconditioner_every=2)
+
+    theta0 = model.init_params(seed=0)
+    straight, history = make().fit(theta0, (X, y), n_iterations=5, verbose=False)
+    opt = make()
+
+    def fail_at_third(theta, record):
+        if len(opt.history_) == 3:
+            raise RuntimeError("stop")
+
+    with pytest.raises(RuntimeError, match="stop"):
+        opt.fit(theta0, (X, y), n_iterations=5, verbose=False, callback=fail_at_third)
+    resumed, more = opt.fit(opt.theta_, (X, y), n_iterations=2, verbose=False)
+    assert_allclose(resumed, straight, rtol=1e-12, atol=1e-14)
+    assert [r.cg_iterations for r in more] == [r.cg_iterations for r in history[3:]]
+
+
+def test_preconditioner_arguments_are_checked():
+    model, X, y = _mlp_problem()
+    loss = ghess.CrossEntropyLoss()
+    with pytest.raises(ValueError, match="preconditioner must be"):
+        ghess.NewtonCG(model, loss, preconditioner="ichol")
+    with pytest.raises(ValueError, match="preconditioner_every"):
+        ghess.NewtonCG(model, loss, preconditioner="kfac", preconditioner_every=0)
+    bn = ghess.Sequential(ghess.Linear(6, 4), ghess.BatchNorm1d(4), ghess.Linear(4, 3),
+                          input_shape=(6,))
+    with pytest.raises(ValueError, match="Linear and Conv2d layers only"):
+        ghess.NewtonCG(bn, loss, preconditioner="kfac")

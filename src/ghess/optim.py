@@ -37,6 +37,7 @@ import numpy.typing as npt
 from scipy.sparse.linalg import LinearOperator, cg
 
 from ._data import as_batches
+from ._engine.kfac import kronecker_layers
 from ._problem import check_loss, check_mode, check_model
 from ._progress import Progress
 from ._typing import Data, Mode
@@ -47,9 +48,11 @@ from ._validation import (
     check_params,
     check_positive_int,
 )
+from .analysis import ggn_diagonal
 from .functional import loss_and_grad
 from .nn.losses import CrossEntropyLoss, Loss
 from .operators.ggn import GGNLinearOperator
+from .operators.kfac import KFACLinearOperator
 
 if TYPE_CHECKING:
     from .nn.sequential import Sequential
@@ -185,6 +188,17 @@ class NewtonCG:
     n_threads : int, optional
     seed : int or numpy Generator, optional
         For the subsamples.
+    preconditioner : {None, "diag", "kfac"}, default=None
+        Preconditions CG on the damped system ``scale G_S + (lambda + 1/C) I``:
+        ``"diag"`` with the inverse of its exact diagonal (``ggn_diagonal`` on the
+        subsample), ``"kfac"`` with the inverse of ``scale KFAC(G_S) + d I``
+        (:class:`ghess.KFACLinearOperator`, type-2, on the subsample; ``d`` the mean
+        of the shift, exact for a scalar one; every parametrised layer must be
+        Linear or Conv2d).
+    preconditioner_every : int, default=1
+        Iterations between rebuilds of the preconditioner's factors (the
+        diagonal, or KFAC's Kronecker factors); in between, the kept factors
+        serve with the current damping.
 
     Attributes
     ----------
@@ -216,7 +230,8 @@ class NewtonCG:
                  ratio_high: float = 0.75, increase: float = 1.5, decrease: float = 2 / 3,
                  chunk_size: int | None = None, mode: Mode = "auto",
                  n_threads: int | None = None,
-                 seed: int | np.random.Generator | None = None) -> None:
+                 seed: int | np.random.Generator | None = None,
+                 preconditioner: str | None = None, preconditioner_every: int = 1) -> None:
         self.model = check_model(model)
         self.loss = check_loss(loss)
         self.C, self._l2 = _check_C(C, self.model.n_params)  # 1/C: 0 where no L2 term
@@ -254,6 +269,15 @@ class NewtonCG:
         self.mode = check_mode(mode)
         self.n_threads = check_n_threads(n_threads)
         self.rng = np.random.default_rng(seed)
+        if preconditioner not in (None, "diag", "kfac"):
+            raise ValueError(f"preconditioner must be None, 'diag' or 'kfac', got "
+                             f"{preconditioner!r}")
+        if preconditioner == "kfac":
+            kronecker_layers(self.model)  # a layer KFAC cannot factor: refused now
+        self.preconditioner = preconditioner
+        self.preconditioner_every = check_positive_int(preconditioner_every,
+                                                       "preconditioner_every")
+        self._preconditioner_state = None  # (factors, iterations they have served)
 
     # -- objective --------------------------------------------------------
     def objective(self, theta: np.ndarray, data: Data) -> tuple[float, np.ndarray]:
@@ -323,8 +347,9 @@ class NewtonCG:
         def count(_):
             iterations[0] += 1
 
+        M = self._cg_preconditioner(theta, (X_s, y_s), scale, lam + self._l2)
         self._stage = "the CG solve"
-        direction, _ = cg(system, -grad, rtol=self.cg_rtol, maxiter=self.cg_maxiter,
+        direction, _ = cg(system, -grad, rtol=self.cg_rtol, maxiter=self.cg_maxiter, M=M,
                           callback=count)
         slope = float(grad @ direction)
         curvature = float(direction @ (scale * (G @ direction) + self._l2 * direction))
@@ -360,6 +385,37 @@ class NewtonCG:
         return new_theta.copy() if not accepted else new_theta, record
 
     # -- a training run ---------------------------------------------------
+    def _cg_preconditioner(self, theta, subsample, scale, shift):
+        """Return CG's preconditioner for ``scale G_S + diag(shift)``, or None.
+
+        The factors (the GGN diagonal, or KFAC) are rebuilt on this iteration's
+        subsample every ``preconditioner_every`` iterations; the damping is
+        always the current one.
+        """
+        if self.preconditioner is None:
+            return None
+        factors, served = self._preconditioner_state or (None, self.preconditioner_every)
+        if served >= self.preconditioner_every:
+            self._stage = f"the {self.preconditioner} preconditioner"
+            if self.preconditioner == "kfac":
+                factors = KFACLinearOperator(self.model, self.loss, theta, subsample,
+                                             n_threads=self.n_threads)
+            else:
+                factors = ggn_diagonal(self.model, self.loss, theta, subsample,
+                                       n_threads=self.n_threads)
+            served = 0
+        self._preconditioner_state = (factors, served + 1)
+        if self.preconditioner == "diag":
+            inverse = 1.0 / (scale * factors + shift)
+            return LinearOperator(theta.shape * 2, dtype=theta.dtype,
+                                  matvec=lambda x: inverse * np.ravel(x))
+        # (scale K + d I)^-1 = (K + d/scale I)^-1 / scale, the damping kept above the
+        # rounding of the factors' largest eigenvalue product
+        top = max(la.max() * lb.max() for (la, _), (lb, _) in
+                  factors.eigendecompositions().values())
+        d = max(float(np.mean(shift)) / scale, 1e-10 * top, np.finfo(np.float64).tiny)
+        return (1.0 / scale) * factors.inverse(d)
+
     def fit(self, theta: npt.ArrayLike, data: Data, n_iterations: int = 20, *,
             validation: Data | None = None, verbose: bool = True,
             callback: Callable[[np.ndarray, StepRecord], bool | None] | None = None,
@@ -390,7 +446,7 @@ class NewtonCG:
         # iterations done, and the random state and damping after the last complete one,
         # so that fit(opt.theta_, ...) resumes on the uninterrupted trajectory
         self.theta_, self.history_ = theta, history
-        saved = (self.rng.bit_generator.state, self.damping)
+        saved = (self.rng.bit_generator.state, self.damping, self._preconditioner_state)
         rejected = 0
         if verbose:
             print(f"{'iter':>4} {'objective':>12} {'|grad|':>9} {'CG':>4} {'lambda':>9} "
@@ -404,7 +460,8 @@ class NewtonCG:
                 theta = new_theta
                 state[0] = self.theta_ = theta
                 history.append(record)
-                saved = (self.rng.bit_generator.state, self.damping)
+                saved = (self.rng.bit_generator.state, self.damping,
+                         self._preconditioner_state)
                 if validation is not None:
                     record["validation"] = self.evaluate(theta, validation)
                 if verbose:
@@ -428,11 +485,13 @@ class NewtonCG:
                         stacklevel=2)
                     break
         except KeyboardInterrupt:
-            self.rng.bit_generator.state, self.damping = saved
+            (self.rng.bit_generator.state, self.damping,
+             self._preconditioner_state) = saved
             if verbose:
                 print("interrupted: returning the last accepted parameters", file=out)
         except Exception as exc:
-            self.rng.bit_generator.state, self.damping = saved
+            (self.rng.bit_generator.state, self.damping,
+             self._preconditioner_state) = saved
             _add_note(exc, f"(in Newton-CG iteration {len(history)}; opt.theta_ holds the last "
                            f"accepted parameters and opt.history_ the {len(history)} iterations "
                            "done: fit(opt.theta_, ...) resumes)")

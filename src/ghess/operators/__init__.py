@@ -11,6 +11,7 @@ from .base import ChunkedOperator, CurvatureOperator
 from .fisher import EmpiricalFisherLinearOperator, FisherMCLinearOperator
 from .ggn import GGNLinearOperator
 from .hessian import HessianLinearOperator
+from .inverse import InverseLinearOperator
 from .jacobian import JacobianLinearOperator
 from .kfac import KFACInverseLinearOperator, KFACLinearOperator
 
@@ -21,6 +22,7 @@ __all__ = [
     "FisherMCLinearOperator",
     "GGNLinearOperator",
     "HessianLinearOperator",
+    "InverseLinearOperator",
     "JacobianLinearOperator",
     "KFACInverseLinearOperator",
     "KFACLinearOperator",

@@ -119,6 +119,7 @@ class KFACLinearOperator(_FactoredOperator):
         self.joint = {i for i in self.layers
                       if not self.separate_weight_and_bias and model.layers[i].bias}
         self.input_factors, self.gradient_factors = self._build()
+        self._eigen = None
 
     # -- the factors --------------------------------------------------------------
     def _columns_fn(self, rng):
@@ -196,6 +197,22 @@ class KFACLinearOperator(_FactoredOperator):
             out[:, start:stop] = self._apply_rows(E).T
         return out
 
+    def eigendecompositions(self):
+        """Per layer index, ``((l_A, Q_A), (l_B, Q_B))`` of the factors, in float64.
+
+        Computed once and kept: every :meth:`inverse` (any damping) reuses them.
+        Eigenvalues below zero from rounding are set to zero (the factors are PSD).
+        """
+        if self._eigen is None:
+            self._eigen = {}
+            for i in self.layers:
+                # float64 whatever the dtype: a damping far below the factors' scale is
+                # ill-conditioned in float32 but not in float64
+                la, Qa = np.linalg.eigh(self.input_factors[i].astype(np.float64))
+                lb, Qb = np.linalg.eigh(self.gradient_factors[i].astype(np.float64))
+                self._eigen[i] = ((np.maximum(la, 0), Qa), (np.maximum(lb, 0), Qb))
+        return self._eigen
+
     def inverse(self, damping=None, *, strategy="exact"):
         """Return ``(KFAC + damping I)^-1`` (``strategy="exact"``) as a ``LinearOperator``.
 
@@ -221,23 +238,17 @@ class KFACInverseLinearOperator(_FactoredOperator):
         self.kfac, self.damping, self.strategy = kfac, damping, strategy
         super().__init__(dtype=kfac.dtype, shape=kfac.shape)
         self._eigen = {}
-        for i in kfac.layers:
-            # in float64 whatever the dtype: a damping far below the factors' scale is
-            # ill-conditioned in float32 but not in float64
-            A = kfac.input_factors[i].astype(np.float64)
-            B = kfac.gradient_factors[i].astype(np.float64)
-            (la, Qa), (lb, Qb) = np.linalg.eigh(A), np.linalg.eigh(B)
-            la, lb = np.maximum(la, 0), np.maximum(lb, 0)  # PSD: rounding may dip below 0
+        for i, ((la, Qa), (lb, Qb)) in kfac.eigendecompositions().items():
             bias = lb + damping  # the bias's block is B alone: damped exactly
             if strategy == "heuristic":
                 pi = np.sqrt((la.mean() + 1e-300) / (lb.mean() + 1e-300))
                 weight = np.outer(lb + np.sqrt(damping) / pi, la + pi * np.sqrt(damping))
             else:
                 weight = np.outer(lb, la) + damping
-            for block in (weight, bias):  # undamped and singular to rounding
+            for block in (weight, bias):  # singular to rounding
                 if block.min() <= block.size * np.finfo(np.float64).eps * block.max():
-                    raise ValueError(f"KFAC's block of layer {i} is singular: pass "
-                                     "damping > 0")
+                    raise ValueError(f"KFAC's block of layer {i} plus damping={damping:g} is "
+                                     "singular to rounding: pass a larger damping")
             dtype = kfac.dtype
             self._eigen[i] = (Qa.astype(dtype), Qb.astype(dtype), (1.0 / weight).astype(dtype),
                               (1.0 / bias).astype(dtype))
