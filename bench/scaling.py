@@ -6,6 +6,9 @@ Usage::
     python bench/scaling.py                                  # 1 and 2 threads, float32
     python bench/scaling.py --threads 1 2 4 8 16 --stages    # a server, with stage times
     python bench/scaling.py --problems MLP-M --batch 2048 --dtypes float64
+    python bench/scaling.py --problems CNN-C MLP-M --batch 256 --threads 1 \
+        --operations "KFAC build" "KFAC product" "KFAC inverse product" "GGN product" \
+        --output bench/kfac                                 # KFAC beside curvlinops'
 
 For every (problem, dtype, thread count) one worker process, restricted to that many
 cores before numpy, torch or JAX start their thread pools (``bench/timing.py``), sets
@@ -46,8 +49,10 @@ from bench.competitors.common import Unavailable, to_numpy  # noqa: E402
 from bench.problems import all_problems  # noqa: E402
 from bench.report import cpu_info  # noqa: E402
 
-#: the operations compared, ghess's names first
+#: the operations compared by default, ghess's names first
 OPERATIONS = ("loss+grad", "GGN product", "Hessian product", "EF product")
+#: KFAC's, on request (``--operations``): its build, product and inverse product
+KFAC_OPERATIONS = ("KFAC build", "KFAC product", "KFAC inverse product")
 #: the batch of each problem in this mode: large enough for 16 threads
 SCALING_BATCHES = {"CNN-C": 1024, "MLP-M": 8192}
 #: ghess entries of ``bench/run.py`` left out here: stored mode is the one compared
@@ -56,18 +61,19 @@ LEFT_OUT = ("(recompute)", ", 1 thread)")
 LIBRARIES = ("ghess", "torch", "JAX", "curvlinops")
 
 
-def run_config(problem, dtype_name, threads, batch, repeats, libraries, stages):
+def run_config(problem, dtype_name, threads, batch, repeats, libraries, stages,
+               operations=OPERATIONS):
     """Time one configuration in THIS process; return a dict of results."""
     import numpy as np
 
     from bench.problems import make_setup
 
     started = time.perf_counter()
-    s = make_setup(problem, dtype_name, threads, batch=batch, ops=OPERATIONS)
+    s = make_setup(problem, dtype_name, threads, batch=batch, ops=operations)
     result = {"problem": problem, "dtype": dtype_name, "threads": threads, "batch": batch,
               "cores": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
               else None, "timings": {}, "operations": {}, "agreement": {}, "skipped": {},
-              "stages": {}}
+              "stages": {}, "operation_order": list(operations)}
     tol = 1e-10 if s.theta.dtype == np.float64 else 1e-3
     ops, refs = {}, {}
     for label, competitor in COMPETITORS:
@@ -125,6 +131,7 @@ def run_worker(problem, dtype, threads, batch, args):
     """Spawn one configuration's worker; return its result dict."""
     command = [sys.executable, __file__, "--repeats", str(args.repeats), "--budget",
                str(args.budget), "--libraries", *args.libraries,
+               "--operations", *args.operations,
                "--worker", problem, dtype, str(threads), str(batch)]
     if args.stages:
         command.append("--stages")
@@ -167,7 +174,7 @@ def write_report(results, machine, path_md, path_json):
             lines.append("")
         lines += ["| operation | library | " + " | ".join(f"{t} thr" for t in counts) + " |",
                   "|---|---|" + "---:|" * len(counts)]
-        for op in OPERATIONS:
+        for op in base.get("operation_order", OPERATIONS):
             names = [n for n, o in base["operations"].items() if o == op]
 
             def seconds(t, name):
@@ -233,6 +240,8 @@ def main():
     parser.add_argument("--budget", type=float, default=0.5,
                         help="seconds of timed repeats per operation (at least --repeats runs)")
     parser.add_argument("--libraries", nargs="+", default=list(LIBRARIES), choices=LIBRARIES)
+    parser.add_argument("--operations", nargs="+", default=list(OPERATIONS),
+                        choices=OPERATIONS + KFAC_OPERATIONS)
     parser.add_argument("--stages", action="store_true",
                         help="also time ghess's operations stage by stage")
     parser.add_argument("--output", default=HERE, help="directory for SCALING.md and "
@@ -244,7 +253,7 @@ def main():
         problem, dtype, threads, batch = args.worker
         timing.pin_to_cores(int(threads))
         result = run_config(problem, dtype, int(threads), int(batch), args.repeats,
-                            args.libraries, args.stages)
+                            args.libraries, args.stages, tuple(args.operations))
         print("RESULT " + json.dumps(result))
         return 0
     os.makedirs(args.output, exist_ok=True)

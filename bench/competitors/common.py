@@ -4,6 +4,9 @@ from typing import Callable, NamedTuple, Optional
 
 #: operations whose result is an operator, not numbers to compare
 UNCHECKED_OPS = {"GGN build", "Hessian build"}
+#: the damping of the timed KFAC inverse, (KFAC + damping I)^-1: large enough for float32
+#: (at 1e-3 curvlinops' float32 eigendecompositions differed from the float64 inverse by 2%)
+KFAC_DAMPING = 0.1
 
 
 class Op(NamedTuple):

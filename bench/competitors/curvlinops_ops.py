@@ -1,11 +1,13 @@
-"""curvlinops: its ``GGNLinearOperator`` and ``HessianLinearOperator`` times a torch vector."""
+"""curvlinops: its GGN, Hessian and KFAC operators (and KFAC's inverse) times a torch vector."""
 
-from .common import Op, Unavailable
+import functools
+
+from .common import KFAC_DAMPING, Op, Unavailable, to_numpy
 from .pytorch import import_torch, torch_twin, with_torch_flops
 
 
 def competitor(s):
-    """Return curvlinops' GGN and Hessian products with a torch vector (its fastest path)."""
+    """Return curvlinops' operations with a torch vector (its fastest path)."""
     torch = import_torch()
     try:
         import curvlinops
@@ -20,7 +22,20 @@ def competitor(s):
     G = curvlinops.GGNLinearOperator(*args, **kwargs)
     H = curvlinops.HessianLinearOperator(*args, **kwargs)
     tv = torch.from_numpy(s.v.copy())
+
+    def kfac():  # type-2, expand (as ghess's): the factors computed now, not on first use
+        K = curvlinops.KFACLinearOperator(*args, fisher_type="type-2", **kwargs)
+        K.compute_kronecker_factors()
+        return K
+
+    KF = functools.cache(kfac)
+    KF_inverse = functools.cache(lambda: curvlinops.KFACInverseLinearOperator(
+        KF(), damping=KFAC_DAMPING, use_exact_damping=True))
     ops = {"curvlinops GGN product": Op("GGN product", lambda: G @ tv),
-           "curvlinops Hessian product": Op("Hessian product", lambda: H @ tv)}
+           "curvlinops Hessian product": Op("Hessian product", lambda: H @ tv),
+           "curvlinops KFAC build": Op("KFAC build", kfac, lambda K: to_numpy(K @ tv)),
+           "curvlinops KFAC product": Op("KFAC product", lambda: KF() @ tv),
+           "curvlinops KFAC inverse product": Op("KFAC inverse product",
+                                                 lambda: KF_inverse() @ tv)}
     return with_torch_flops(torch, {name: entry for name, entry in ops.items()
                                     if s.wants(entry.op)})

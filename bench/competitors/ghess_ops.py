@@ -1,14 +1,15 @@
 """ghess's operations; each operation's ghess entry is the reference the others must match.
 
 Forward, loss+grad, GGN and Hessian products in stored and recompute mode, the GGN
-matmat with 16 columns, Jacobian products, per-sample Jacobians, and the operator
-builds, each with the flops counted from the layers (:mod:`bench.flops`).
+matmat with 16 columns, Jacobian products, per-sample Jacobians, the operator
+builds, KFAC's build (compared through its product with v), product and inverse
+product, each with the flops counted from the layers (:mod:`bench.flops`).
 """
 
 import functools
 
 from ..flops import ghess_gemm_flops
-from .common import Op, loss_grad_to_numpy
+from .common import KFAC_DAMPING, Op, loss_grad_to_numpy
 
 
 def competitor(s):
@@ -30,6 +31,12 @@ def competitor(s):
                                            "stored"))
     J = functools.cache(lambda: ghess.JacobianLinearOperator(model, theta, s.X, mode="stored",
                                                              n_threads=t))
+
+    def kfac():  # type-2 (the GGN's), expand: curvlinops' KFACLinearOperator as compared
+        return ghess.KFACLinearOperator(model, loss, theta, data, n_threads=t)
+
+    KF = functools.cache(kfac)
+    KF_inverse = functools.cache(lambda: KF().inverse(KFAC_DAMPING))
     v, V = s.v, s.V
     buffers = []
 
@@ -53,6 +60,9 @@ def competitor(s):
         "ghess Hessian product (stored)": Op("Hessian product", lambda: H() @ v),
         "ghess Hessian product (recompute)": Op("Hessian product", lambda: Hr() @ v),
         "ghess EF product (stored)": Op("EF product", lambda: EF() @ v),
+        "ghess KFAC build": Op("KFAC build", kfac, lambda K: K @ v),
+        "ghess KFAC product": Op("KFAC product", lambda: KF() @ v),
+        "ghess KFAC inverse product": Op("KFAC inverse product", lambda: KF_inverse() @ v),
         "ghess Jacobian product (stored)": Op("Jacobian product", lambda: J() @ v),
         "ghess per-sample Jacobians": Op("per-sample Jacobians", lambda: (
             ghess.per_sample_jacobians(model, theta, s.Xj, n_threads=t))),

@@ -48,6 +48,7 @@ from .nn import (
     Tanh,
 )
 from .operators import (
+    EKFACLinearOperator,
     EmpiricalFisherLinearOperator,
     FisherMCLinearOperator,
     GGNLinearOperator,
@@ -88,6 +89,7 @@ __all__ = [
     "BCEWithLogitsLoss",
     "loss_and_grad",
     "per_sample_jacobians",
+    "EKFACLinearOperator",
     "EmpiricalFisherLinearOperator",
     "FisherMCLinearOperator",
     "GGNLinearOperator",

@@ -69,3 +69,29 @@ def test_kfac_equals_curvlinops(name, fisher_type, kfac_approx, separate):
         kfac_approx=kfac_approx, separate_weight_and_bias=separate,
         check_deterministic=False), model.n_params)
     assert _rel(ours, theirs) < 1e-10
+
+
+@pytest.mark.parametrize("name", NETWORKS)
+@pytest.mark.parametrize("fisher_type", ["type-2", "empirical"])
+def test_ekfac_equals_curvlinops(name, fisher_type):
+    model, loss, theta, data, module, torch_loss, tdata = _setup(name)
+    ours = ghess.EKFACLinearOperator(model, loss, theta, data,
+                                     fisher_type=fisher_type).todense()
+    theirs = _dense(curvlinops.EKFACLinearOperator(
+        module, torch_loss, list(module.parameters()), tdata, fisher_type=fisher_type,
+        check_deterministic=False), model.n_params)
+    assert _rel(ours, theirs) < 1e-10
+
+
+@pytest.mark.parametrize("name", ["tanh-ce", "conv-relu-maxpool-ce"])
+def test_kfac_inverse_equals_curvlinops(name):
+    model, loss, theta, data, module, torch_loss, tdata = _setup(name)
+    theirs_kfac = curvlinops.KFACLinearOperator(module, torch_loss, list(module.parameters()),
+                                                tdata, fisher_type="type-2",
+                                                check_deterministic=False)
+    theirs = _dense(curvlinops.KFACInverseLinearOperator(theirs_kfac, damping=1e-3,
+                                                         use_exact_damping=True),
+                    model.n_params)
+    ours = ghess.KFACLinearOperator(model, loss, theta, data).inverse(1e-3) @ np.eye(
+        model.n_params)
+    assert _rel(ours, theirs) < 1e-8

@@ -127,3 +127,40 @@ def test_sampled_targets_follow_the_predictive_distribution():
     assert np.abs(y.mean(axis=0) - z).max() < 1e-2 and abs(y.var(axis=0).mean() - 0.5) < 1e-2
     b = ghess.BCEWithLogitsLoss().sample_targets(z, rng, 200000)
     assert np.abs(b.mean(axis=0) - 1 / (1 + np.exp(-z))).max() < 5e-3
+
+
+# -- EKFAC ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["tanh-ce", "softplus-bce", "sigmoid-mse",
+                                  "conv-relu-maxpool-ce", "conv-odd-shapes-mse"])
+@pytest.mark.parametrize("fisher_type", ["type-2", "empirical", "mc"])
+def test_ekfac_equals_the_reference(name, fisher_type):
+    model, loss, theta, data = _setup(name, 9)
+    M = 2 if fisher_type == "mc" else 1
+    for separate in (True, False):
+        E = ghess.EKFACLinearOperator(model, loss, theta, data, fisher_type=fisher_type,
+                                      mc_samples=M, seed=1, chunk_size=4,
+                                      separate_weight_and_bias=separate)
+        expected = testing.reference_ekfac(model, loss, theta, data, fisher_type, "expand", M,
+                                           1, separate)
+        assert_allclose_rel(E.todense(), expected, 1e-10)
+
+
+def test_ekfac_inverse_and_its_diagonal_in_the_eigenbasis():
+    """EKFAC's eigenvalues are the exact GGN's diagonal in KFAC's eigenbasis."""
+    model, loss, theta, data = _setup("tanh-ce", 40)
+    E = ghess.EKFACLinearOperator(model, loss, theta, data)
+    G = ghess.GGNLinearOperator(model, loss, theta, data).todense()
+    eig = E.eigendecompositions()
+    for i in E.layers:
+        (_, Qa), (_, Qb) = eig[i]
+        start = model.layer_range(i)[0]
+        n_out, d_in = model.layers[i].kfac_weight_shape()
+        block = G[start:start + n_out * d_in, start:start + n_out * d_in]
+        Q = np.kron(Qb, Qa)
+        assert_allclose_rel(np.diag(Q.T @ block @ Q),
+                            E.corrected_eigenvalues[i]["weight"].ravel(), 1e-10)
+    v = np.random.default_rng(0).normal(size=model.n_params)
+    assert_allclose_rel(E.inverse(1e-3) @ (E @ v + 1e-3 * v), v, 1e-8)
+    with pytest.raises(ValueError, match="strategy='exact' only"):
+        E.inverse(1e-3, strategy="heuristic")

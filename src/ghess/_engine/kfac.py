@@ -8,7 +8,9 @@ columns S of each sample: ``S S^T`` is the loss Hessian for the type-2 Fisher,
 the outer product of sampled gradients for the Monte-Carlo Fisher, of the true
 gradient for the empirical one). The chunk runs forward once and pulls its m
 columns back through the network once, as the stored factors are built; each
-Kronecker layer adds ``a^T a`` and ``g^T g`` with one GEMM each.
+Kronecker layer adds its Gram sums by SYRK (``dense.gram_sum``) straight from the
+layout the passes keep: a convolution's patches per sample and its gradients per
+channel and pixel, with no transposed copy.
 """
 
 import numpy as np
@@ -17,7 +19,7 @@ from .._kernels import dense
 from .passes import checked_forward
 from .plan import plan_for
 
-__all__ = ["kronecker_layers", "kfac_chunk"]
+__all__ = ["kronecker_layers", "kfac_chunk", "ekfac_chunk"]
 
 
 def kronecker_layers(model):
@@ -34,23 +36,32 @@ def kronecker_layers(model):
     return layers
 
 
-def _add_gram_with_ones(rows, out, n_threads):
-    """Add [rows, 1]^T [rows, 1] to out: the input factor of a layer whose bias joins in."""
-    d = rows.shape[1]
-    block = np.empty((d, d), dtype=rows.dtype)
-    dense.gemm_rowmajor(True, False, 1.0, rows, rows, 0.0, block, n_threads)
+def _add_gram(operand, out, n_threads, with_ones=False):
+    """Add the Gram sum of a layer's ``(X, transpose)`` operand into ``out``.
+
+    ``with_ones``: as if every vector had a 1 appended (a bias that joins the
+    weight): the last row and column get the vectors' sums and count.
+    """
+    X, transpose = operand
+    X = np.ascontiguousarray(X)
+    d = X.shape[2] if transpose else X.shape[1]
+    if not with_ones:
+        dense.gram_sum(X, transpose, out, n_threads)
+        return
+    block = np.zeros((d, d), dtype=X.dtype)
+    dense.gram_sum(X, transpose, block, n_threads)
     out[:d, :d] += block
-    sums = rows.sum(axis=0)
+    sums = X.sum(axis=(0, 1)) if transpose else X.sum(axis=(0, 2))
     out[:d, d] += sums
     out[d, :d] += sums
-    out[d, d] += rows.shape[0]
+    out[d, d] += X.shape[0] * (X.shape[1] if transpose else X.shape[2])
 
 
 def kfac_chunk(model, lparams, layers, X, columns, approx, joint, A, B, n_threads):
     """Add one chunk's Kronecker-factor sums into ``A`` and ``B`` (dicts by layer index).
 
     ``columns(z)`` returns the output columns (n, m, K) for the outputs z.
-    ``joint``: layers whose bias joins the weight (a ones column in their input rows).
+    ``joint``: layers whose bias joins the weight (a ones entry in their inputs).
     """
     ctxs, z = checked_forward(model, lparams, X, 1, n_threads)
     g = np.ascontiguousarray(columns(z))
@@ -59,13 +70,41 @@ def kfac_chunk(model, lparams, layers, X, columns, approx, joint, A, B, n_thread
     for i in range(len(model.layers) - 1, first - 1, -1):
         layer = model.layers[i]
         if i in wanted:
-            rows = layer.kfac_input_rows(ctxs[i], approx, n_threads)
-            if i in joint:
-                _add_gram_with_ones(np.ascontiguousarray(rows), A[i], n_threads)
+            _add_gram(layer.kfac_inputs(ctxs[i], approx, n_threads), A[i], n_threads,
+                      i in joint)
+            _add_gram(layer.kfac_output_grads(g, approx), B[i], n_threads)
+        if i > first:
+            g = layer.vjp(lparams[i], ctxs[i], g, None, True, n_threads)
+
+
+def ekfac_chunk(model, lparams, layers, X, columns, joint, bases, E, n_threads):
+    """Add one chunk's EKFAC eigenvalue corrections into ``E`` (dicts by layer index).
+
+    ``bases[i]`` is ``(Q_A, Q_B)`` of layer i (Q_A None for a bias alone); ``E[i]`` is
+    ``{"weight": (n_out, d_in), "bias": (n_out,)}`` or, for a joint bias,
+    ``{"weight": (n_out, d_in + 1)}``. Each sample's gradient for column c,
+    ``G = g a^T`` summed over the positions, is rotated into the Kronecker
+    eigenbasis, ``Q_B^T G Q_A``, and its squares summed.
+    """
+    ctxs, z = checked_forward(model, lparams, X, 1, n_threads)
+    g = np.ascontiguousarray(columns(z))
+    first = plan_for(model, X.dtype.itemsize).first
+    wanted = set(layers)
+    for i in range(len(model.layers) - 1, first - 1, -1):
+        layer = model.layers[i]
+        if i in wanted:
+            a, gs = layer.kfac_sample_operands(ctxs[i], g, n_threads)
+            Qa, Qb = bases[i]
+            if i in joint:  # the ones of the bias, at every position
+                a = np.concatenate([a, np.ones((a.shape[0], 1, a.shape[2]), a.dtype)], axis=1)
+            g_rot = np.matmul(Qb.T, gs)  # (n, m, n_out, T)
+            a_rot = np.matmul(Qa.T, a)  # (n, d_in, T)
+            if a.shape[2] == 1:  # no sharing: (Q_B^T g)^2 (x) (Q_A^T a)^2, one GEMM
+                E[i]["weight"] += (g_rot[..., 0] ** 2).sum(axis=1).T @ (a_rot[..., 0] ** 2)
             else:
-                dense.gemm_rowmajor(True, False, 1.0, np.ascontiguousarray(rows),
-                                    np.ascontiguousarray(rows), 1.0, A[i], n_threads)
-            grows = np.ascontiguousarray(layer.kfac_output_rows(g, approx))
-            dense.gemm_rowmajor(True, False, 1.0, grows, grows, 1.0, B[i], n_threads)
+                G = np.matmul(g_rot, a_rot[:, None].transpose(0, 1, 3, 2))
+                E[i]["weight"] += (G * G).sum(axis=(0, 1))
+            if "bias" in E[i]:
+                E[i]["bias"] += (g_rot.sum(axis=3) ** 2).sum(axis=(0, 1))
         if i > first:
             g = layer.vjp(lparams[i], ctxs[i], g, None, True, n_threads)

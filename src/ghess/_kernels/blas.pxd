@@ -6,3 +6,6 @@ cdef void gemm(bint trans_a, bint trans_b, int m, int n, int k,
                floating alpha, const floating* a, int lda,
                const floating* b, int ldb,
                floating beta, floating* c, int ldc) noexcept nogil
+
+cdef void syrk_lower(bint trans, int n, int k, floating alpha, const floating* a, int lda,
+                     floating beta, floating* c, int ldc) noexcept nogil

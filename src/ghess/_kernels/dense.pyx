@@ -32,7 +32,7 @@ from cython.parallel cimport prange
 from libc.math cimport exp, fabs, log, log1p
 from libc.stdlib cimport free, malloc
 
-from .blas cimport gemm
+from .blas cimport gemm, syrk_lower
 from .headers cimport (
     GHESS_OPENMP, GHESS_SKINNY_MAX, ghess_contract_f32, ghess_contract_f64, ghess_contract_t_f32,
     ghess_contract_t_f64, ghess_omp_max_threads, ghess_skinny_tn_f32, ghess_skinny_tn_f64,
@@ -130,6 +130,54 @@ def gemm_rowmajor(bint trans_a, bint trans_b, double alpha,
                      &a[0, 0], lda,
                      &b[start, 0] if trans_b else &b[0, start], ldb,
                      <floating> beta, &c[0, start], ldc)
+
+
+def gram_sum(const floating[:, :, ::1] X, bint transpose, floating[:, ::1] out,
+             int n_threads=1):
+    """out += sum_b X[b] X[b]^T, or with ``transpose`` sum_b X[b]^T X[b]; GIL released.
+
+    X is (batch, rows, cols), row-major. KFAC's Kronecker factors are such sums:
+    a convolution's patches (n, C kh kw, P) or output gradients (n m, C_out, P)
+    summed over samples and pixels without transposing them first, a dense
+    layer's inputs (1, n, d) with ``transpose``. Each product is a SYRK (half a
+    GEMM). Threads take contiguous blocks of the batch (with ``transpose``, of
+    the rows of the flattened (batch * rows, cols) matrix), each into its own
+    buffer; the buffers are added in thread order, so a thread count always
+    gives the same result.
+    """
+    cdef Py_ssize_t batch = X.shape[0], rows = X.shape[1], cols = X.shape[2]
+    cdef int d = <int> (cols if transpose else rows)
+    cdef Py_ssize_t units = batch * rows if transpose else batch
+    cdef Py_ssize_t t, b, i, j, start, stop, block
+    cdef int n_blocks
+    _check(out.shape[0] == d and out.shape[1] == d, "gram_sum output")
+    if units == 0 or d == 0:
+        return
+    n_blocks = 1
+    if n_threads > 1 and <double> units * rows * cols >= PARALLEL_GEMM_MIN_WORK:
+        n_blocks = <int> min(<Py_ssize_t> n_threads, units)
+    parts = np.zeros((n_blocks, d, d), dtype=np.asarray(out).dtype)
+    cdef floating[:, :, ::1] part = parts
+    block = (units + n_blocks - 1) // n_blocks
+    for t in prange(n_blocks, nogil=True, schedule='static', num_threads=n_blocks):
+        start = t * block
+        stop = min(start + block, units)
+        if start < stop:
+            if transpose:  # rows start..stop of the (batch * rows, cols) matrix
+                syrk_lower(True, d, <int> (stop - start), <floating> 1.0, &X[0, 0, 0] +
+                           start * cols, <int> cols, <floating> 1.0, &part[t, 0, 0], d)
+            else:
+                for b in range(start, stop):
+                    syrk_lower(False, d, <int> cols, <floating> 1.0, &X[b, 0, 0],
+                               <int> cols, <floating> 1.0, &part[t, 0, 0], d)
+    with nogil:
+        for t in range(n_blocks):
+            for i in range(d):
+                for j in range(i + 1):
+                    out[i, j] += part[t, i, j]
+        for i in range(d):
+            for j in range(i + 1, d):
+                out[i, j] = out[j, i]
 
 
 cdef void _skinny_tn(const floating[:, ::1] a, const floating[:, ::1] b, bint accumulate,

@@ -259,23 +259,34 @@ class WeightBiasLayer(ParametricLayer):
             self.param_vjp(ctx, gy, acc, n_threads)
         return self.input_vjp(params, gy, n_threads) if need_input_grad else None
 
-    #: whether the layer has KFAC's Kronecker factors (``kfac_input_rows`` and
-    #: ``kfac_output_rows``: Linear and Conv2d)
+    #: whether the layer has KFAC's Kronecker factors (``kfac_inputs`` and
+    #: ``kfac_output_grads``: Linear and Conv2d)
     has_kronecker_factors = False
 
-    def kfac_input_rows(self, ctx: dict, approx: str, n_threads: int) -> np.ndarray:
-        """Rows a (r, d_in) whose Gram sum is KFAC's input factor (before its scaling).
+    def kfac_inputs(self, ctx: dict, approx: str, n_threads: int) -> tuple[np.ndarray, bool]:
+        """Return the inputs whose second moment is KFAC's input factor, as a Gram operand.
 
-        ``approx`` is ``"expand"`` (a row per sample and weight-sharing position)
-        or ``"reduce"`` (a row per sample, averaged over the positions).
+        Returns ``(X, transpose)``, X of shape (batch, rows, cols): the factor's
+        sum is ``sum_b X[b] X[b]^T``, or ``sum_b X[b]^T X[b]`` with ``transpose``
+        (``dense.gram_sum``). ``approx`` is ``"expand"`` (a vector per sample and
+        weight-sharing position) or ``"reduce"`` (per sample, averaged over the
+        positions).
         """
         raise NotImplementedError
 
-    def kfac_output_rows(self, gy: np.ndarray, approx: str) -> np.ndarray:
-        """Rows g (r, n_out) of output gradients gy (n, m, out_width) for KFAC's other factor.
+    def kfac_output_grads(self, gy: np.ndarray, approx: str) -> tuple[np.ndarray, bool]:
+        """Return the output gradients gy (n, m, out_width) as KFAC's other Gram operand.
 
-        ``"expand"``: a row per sample, column and position; ``"reduce"``: the
-        positions summed.
+        As ``kfac_inputs``; ``"reduce"`` sums over the positions.
+        """
+        raise NotImplementedError
+
+    def kfac_sample_operands(self, ctx: dict, gy: np.ndarray,
+                             n_threads: int) -> tuple[np.ndarray, np.ndarray]:
+        """Return each sample's inputs (n, d_in, T) and output gradients (n, m, n_out, T).
+
+        T weight-sharing positions (1 for a dense layer): the weight gradient of
+        sample n and column c is ``g[n, c] @ a[n].T`` (EKFAC's eigenvalue correction).
         """
         raise NotImplementedError
 

@@ -149,25 +149,29 @@ class Conv2d(Windowed, WeightBiasLayer):
         """Output pixels: the positions that share the weight (KFC's T)."""
         return self._geom[11] * self._geom[12]
 
-    def kfac_input_rows(self, ctx, approx, n_threads):
-        """Return the unfolded input patches as rows: (n P, C kh kw) for ``"expand"``.
-
-        For ``"reduce"`` each sample's patches averaged over the pixels: (n, C kh kw).
-        """
-        cols = self._cols(ctx, n_threads)  # (n, C kh kw, P)
+    def kfac_inputs(self, ctx, approx, n_threads):
+        """The unfolded patches (n, C kh kw, P): ``sum_n cols_n cols_n^T`` sums every
+        pixel's patch (``"expand"``, no transposed copy); ``"reduce"`` averages each
+        sample's patches over the pixels, (1, n, C kh kw).
+        """  # noqa: D205, D401
+        cols = self._cols(ctx, n_threads)
         if approx == "reduce":
-            return cols.mean(axis=2)
-        return np.ascontiguousarray(cols.transpose(0, 2, 1)).reshape(-1, self.patch_size)
+            return cols.mean(axis=2)[None], True
+        return cols, False
 
-    def kfac_output_rows(self, gy, approx):
-        """Return the output gradients (n, m, C_out H W) as rows of C_out.
+    def kfac_sample_operands(self, ctx, gy, n_threads):
+        """Return the unfolded patches (n, C kh kw, P) and gradients (n, m, C_out, P)."""
+        return (self._cols(ctx, n_threads),
+                gy.reshape(gy.shape[0], gy.shape[1], self.out_channels, -1))
 
-        One per sample, column and pixel (``"expand"``), or summed over the pixels.
-        """
+    def kfac_output_grads(self, gy, approx):
+        """The output gradients (n, m, C_out H W) as (n m, C_out, P): ``sum G G^T`` over
+        samples, columns and pixels; ``"reduce"`` sums the pixels first, (1, n m, C_out).
+        """  # noqa: D205, D401
         g = gy.reshape(gy.shape[0] * gy.shape[1], self.out_channels, -1)
         if approx == "reduce":
-            return g.sum(axis=2)
-        return np.ascontiguousarray(g.transpose(0, 2, 1)).reshape(-1, self.out_channels)
+            return g.sum(axis=2)[None], True
+        return g, False
 
     def _reads_input(self, ctx):
         """Whether the direct kernels serve this context (they read x, not phi(x))."""

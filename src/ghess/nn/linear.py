@@ -110,13 +110,18 @@ class Linear(WeightBiasLayer):
         """Return the shape of the weight as KFAC's matrix: (out_features, in_features)."""
         return self.out_features, self.in_features
 
-    def kfac_input_rows(self, ctx, approx, n_threads):
-        """Return the inputs x (n, in_features): no weight sharing, both approximations agree."""
-        return ctx["x"]
+    def kfac_inputs(self, ctx, approx, n_threads):
+        """The inputs x (n, in_features), rows of ``X^T X``: no weight sharing, so the
+        two approximations agree."""  # noqa: D205, D209, D401
+        return ctx["x"][None], True
 
-    def kfac_output_rows(self, gy, approx):
-        """Return the output gradients, a row per sample and column: (n m, out_features)."""
-        return gy.reshape(-1, self.out_features)
+    def kfac_sample_operands(self, ctx, gy, n_threads):
+        """Return the inputs (n, in, 1) and output gradients (n, m, out, 1)."""
+        return ctx["x"][:, :, None], gy[..., None]
+
+    def kfac_output_grads(self, gy, approx):
+        """The output gradients, a row per sample and column: (1, n m, out_features)."""  # noqa: D401
+        return gy.reshape(1, -1, self.out_features), True
 
     def param_vjp(self, ctx, gy, acc, n_threads):
         """dL/dW += gy^T x and dL/db += sum(gy), for k directions."""

@@ -13,11 +13,12 @@ from .ggn import GGNLinearOperator
 from .hessian import HessianLinearOperator
 from .inverse import InverseLinearOperator
 from .jacobian import JacobianLinearOperator
-from .kfac import KFACInverseLinearOperator, KFACLinearOperator
+from .kfac import EKFACLinearOperator, KFACInverseLinearOperator, KFACLinearOperator
 
 __all__ = [
     "ChunkedOperator",
     "CurvatureOperator",
+    "EKFACLinearOperator",
     "EmpiricalFisherLinearOperator",
     "FisherMCLinearOperator",
     "GGNLinearOperator",

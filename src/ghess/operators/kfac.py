@@ -6,16 +6,37 @@ import numpy as np
 from scipy.sparse.linalg import LinearOperator
 
 from .._config import computing
-from .._engine.kfac import kfac_chunk, kronecker_layers
+from .._engine.kfac import ekfac_chunk, kfac_chunk, kronecker_layers
+from .._kernels import dense
 from .._problem import Problem, check_loss, default_memory_budget, format_bytes
 from .._validation import check_damping, check_positive_int
 from .base import BLOCK_COLUMNS, BatchedMatvec, check_vectors
 from .fisher import check_seed, empirical_columns, mc_columns, type2_columns
 
-__all__ = ["KFACLinearOperator", "KFACInverseLinearOperator"]
+__all__ = ["KFACLinearOperator", "KFACInverseLinearOperator", "EKFACLinearOperator"]
 
 FISHER_TYPES = ("type-2", "mc", "empirical")
 KFAC_APPROX = ("expand", "reduce")
+
+
+def _sandwich(L, M, R, n_threads, scale=None):
+    """Return ``L (M_k R) `` for each direction k of M (k, n, d), or with ``scale``
+    ``L ((L^T M_k R) * scale) R^T`` (a product in an eigenbasis), by threaded GEMMs."""  # noqa: D205, D209
+    out = np.empty(M.shape, dtype=M.dtype)
+    right = np.empty((M.shape[1], R.shape[1]), dtype=M.dtype)
+    for k in range(M.shape[0]):
+        Mk = np.ascontiguousarray(M[k])
+        if scale is not None:  # rotate into the basis, scale, and rotate back
+            left = np.empty((L.shape[1], Mk.shape[1]), dtype=M.dtype)
+            dense.gemm_rowmajor(True, False, 1.0, L, Mk, 0.0, left, n_threads)
+            dense.gemm_rowmajor(False, False, 1.0, left, R, 0.0, right, n_threads)
+            right *= scale
+            dense.gemm_rowmajor(False, False, 1.0, L, right, 0.0, left, n_threads)
+            dense.gemm_rowmajor(False, True, 1.0, left, R, 0.0, out[k], n_threads)
+        else:
+            dense.gemm_rowmajor(False, False, 1.0, Mk, R, 0.0, right, n_threads)
+            dense.gemm_rowmajor(False, False, 1.0, L, right, 0.0, out[k], n_threads)
+    return out
 
 
 class _FactoredOperator(BatchedMatvec, LinearOperator):
@@ -176,7 +197,9 @@ class KFACLinearOperator(_FactoredOperator):
 
     def _apply_rows(self, V):
         A, B = self.input_factors, self.gradient_factors
-        out = self._apply_blocks(V, lambda i, M: B[i] @ M @ A[i], lambda i, b: b @ B[i])
+        t = self.problem.omp_threads
+        out = self._apply_blocks(V, lambda i, M: _sandwich(B[i], M, A[i], t),
+                                 lambda i, b: b @ B[i])
         if self.damping:
             out += self.damping * V
         return out
@@ -213,6 +236,12 @@ class KFACLinearOperator(_FactoredOperator):
                 self._eigen[i] = ((np.maximum(la, 0), Qa), (np.maximum(lb, 0), Qb))
         return self._eigen
 
+    def _block_eigenvalues(self):
+        """Per layer: the eigenvalues of its weight block (n_out, d_in) and bias block
+        (n_out,), in the Kronecker eigenbasis: ``l_B l_A^T`` and ``l_B``."""  # noqa: D205, D209
+        return {i: (np.outer(lb, la), lb)
+                for i, ((la, _), (lb, _)) in self.eigendecompositions().items()}
+
     def inverse(self, damping=None, *, strategy="exact"):
         """Return ``(KFAC + damping I)^-1`` (``strategy="exact"``) as a ``LinearOperator``.
 
@@ -238,13 +267,19 @@ class KFACInverseLinearOperator(_FactoredOperator):
         self.kfac, self.damping, self.strategy = kfac, damping, strategy
         super().__init__(dtype=kfac.dtype, shape=kfac.shape)
         self._eigen = {}
+        eigenvalues = kfac._block_eigenvalues()
         for i, ((la, Qa), (lb, Qb)) in kfac.eigendecompositions().items():
-            bias = lb + damping  # the bias's block is B alone: damped exactly
+            weight, bias = eigenvalues[i]
+            # the bias's block (B alone in KFAC) is damped exactly; none: a placeholder
+            bias = (lb if bias is None else bias) + damping
             if strategy == "heuristic":
+                if isinstance(kfac, EKFACLinearOperator):
+                    raise ValueError("EKFAC's inverse takes strategy='exact' only: its "
+                                     "eigenvalues are not a product of the factors'")
                 pi = np.sqrt((la.mean() + 1e-300) / (lb.mean() + 1e-300))
                 weight = np.outer(lb + np.sqrt(damping) / pi, la + pi * np.sqrt(damping))
             else:
-                weight = np.outer(lb, la) + damping
+                weight = weight + damping
             for block in (weight, bias):  # singular to rounding
                 if block.min() <= block.size * np.finfo(np.float64).eps * block.max():
                     raise ValueError(f"KFAC's block of layer {i} plus damping={damping:g} is "
@@ -256,10 +291,81 @@ class KFACInverseLinearOperator(_FactoredOperator):
     def _apply_rows(self, V):
         def weight_op(i, M):
             Qa, Qb, inv_w, _ = self._eigen[i]
-            return Qb @ ((Qb.T @ M @ Qa) * inv_w) @ Qa.T
+            return _sandwich(Qb, M, Qa, self.kfac.problem.omp_threads, inv_w)
 
         def bias_op(i, b):
             _, Qb, _, inv_b = self._eigen[i]
             return ((b @ Qb) * inv_b) @ Qb.T
 
         return self.kfac._apply_blocks(V, weight_op, bias_op)
+
+
+class EKFACLinearOperator(KFACLinearOperator):
+    r"""Eigenvalue-corrected KFAC (George et al., 2018), with curvlinops' conventions.
+
+    KFAC's Kronecker eigenbasis :math:`Q_B \otimes Q_A` per layer, with the
+    eigenvalues replaced by the second moments of the per-sample gradients in
+    that basis:
+
+    .. math::
+
+        E = \sum_{n,s} \big( Q_B^\top G_{ns} Q_A \big)^{\odot 2}, \qquad
+        G_{ns} = \sum_t g_{nst} a_{nt}^\top,
+
+    the sum over the samples n and output columns s of the gradients whose outer
+    products KFAC's :math:`B` sums (:class:`ghess.KFACLinearOperator`), the
+    weight gradient summed over the positions t; the bias's block likewise, in
+    :math:`Q_B`. The operator is :math:`(Q_B \otimes Q_A)\, \mathrm{diag}(E)\,
+    (Q_B \otimes Q_A)^\top` per layer, which matches the exact block's diagonal
+    in that basis. A second pass over the data (a forward and a backward pass of
+    the columns per chunk, the draws of ``"mc"`` repeated) computes :math:`E`;
+    :meth:`inverse` is exact: ``(EKFAC + damping I)^-1``.
+
+    Parameters and attributes are :class:`ghess.KFACLinearOperator`'s, and
+    ``corrected_eigenvalues``: per layer ``{"weight": (n_out, d_in), "bias": (n_out,)}``
+    (a joint bias: the last column of the weight's).
+    """
+
+    def __init__(self, model, loss, params, data, **kwargs):
+        super().__init__(model, loss, params, data, **kwargs)
+        self.corrected_eigenvalues = self._correct()
+
+    def _correct(self):
+        model, p = self.model, self.problem
+        bases, E = {}, {}
+        for i, ((_, Qa), (_, Qb)) in self.eigendecompositions().items():
+            bases[i] = (Qa.astype(self.dtype), Qb.astype(self.dtype))
+            n_out, d_in = self._weight_shape(i)
+            E[i] = {"weight": np.zeros((n_out, d_in + (i in self.joint)))}
+            if model.layers[i].bias and i not in self.joint:
+                E[i]["bias"] = np.zeros(n_out)
+        columns = self._columns_fn(np.random.default_rng(self.seed))  # KFAC's draws again
+        with computing():
+            for X, y in p.chunks():
+                ekfac_chunk(model, p.lparams, self.layers, X,
+                            lambda z: columns(z, y),  # noqa: B023
+                            self.joint, bases, E, p.omp_threads)
+        return E
+
+    def _block_eigenvalues(self):
+        return {i: (E["weight"], E.get("bias")) for i, E in self.corrected_eigenvalues.items()}
+
+    def _apply_rows(self, V):
+        eigen = self.eigendecompositions()
+        dtype = self.dtype
+
+        def weight_op(i, M):
+            (_, Qa), (_, Qb) = eigen[i]
+            Qa, Qb = Qa.astype(dtype), Qb.astype(dtype)
+            W = self.corrected_eigenvalues[i]["weight"].astype(dtype)
+            return _sandwich(Qb, M, Qa, self.problem.omp_threads, W)
+
+        def bias_op(i, b):
+            _, (_, Qb) = eigen[i]
+            Qb = Qb.astype(dtype)
+            return ((b @ Qb) * self.corrected_eigenvalues[i]["bias"].astype(dtype)) @ Qb.T
+
+        out = self._apply_blocks(V, weight_op, bias_op)
+        if self.damping:
+            out += self.damping * V
+        return out

@@ -59,6 +59,7 @@ from .finite_differences import (
     finite_difference_jvp,
 )
 from .reference import (
+    reference_ekfac,
     reference_empirical_fisher,
     reference_fisher_mc,
     reference_forward,
@@ -80,6 +81,7 @@ __all__ = [
     "reference_per_sample_jacobians",
     "reference_ggn",
     "reference_empirical_fisher",
+    "reference_ekfac",
     "reference_fisher_mc",
     "reference_kfac",
     "reference_hessian",

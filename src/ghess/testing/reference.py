@@ -41,6 +41,7 @@ __all__ = [
     "reference_empirical_fisher",
     "reference_fisher_mc",
     "reference_kfac",
+    "reference_ekfac",
     "reference_ggn_matvec",
     "reference_hessian_matvec",
     "register_reference_activation",
@@ -901,6 +902,82 @@ def _output_columns(loss, fisher_type, z, y, c, mc_samples, rng):
                     axis=1) * np.sqrt(c / mc_samples)
 
 
+def _kfac_terms(model, loss, theta, data, fisher_type, mc_samples, seed):
+    """Yield, per sample, ``{layer: (a (T, d_in), g (m, T, d_out))}`` for KFAC and EKFAC.
+
+    ``a`` the layer input's patches (Linear: the input, T = 1), ``g`` each output
+    column back-propagated to the layer output: ``g = D^T s`` with ``D`` the
+    Jacobian of the network output with respect to the layer output (one unit
+    vector e_k back-propagated at a time).
+    """
+    theta = _theta64(model, theta)
+    batches = _batches(model, loss, data)
+    params = model.unflatten(theta)
+    c = _scale(loss, sum(X.shape[0] for X, _ in batches), model.n_outputs)
+    K = model.n_outputs
+    nodes = _model_chain(model)
+    layers = [i for i, slots in enumerate(model.layer_slots) if slots]
+    for i in layers:
+        if not isinstance(model.layers[i], (Linear, Conv2d)):
+            raise ValueError(f"reference KFAC: layer {i} ({model.layers[i]!r}) has no "
+                             "Kronecker factors")
+    rng = np.random.default_rng(seed)
+    for X, y in batches:
+        for n in range(X.shape[0]):
+            z, caches = _sample_forward(model, params, X[n])
+            S = _output_columns(loss, fisher_type, z, y[n], c, mc_samples, rng)
+            terms = {}
+            for i in layers:
+                layer = model.layers[i]
+                D = np.stack([_chain_backward(model, nodes[i + 1:], params, caches[i + 1:],
+                                              np.eye(K)[k], np.zeros(model.n_params))
+                              for k in range(K)])
+                G = np.tensordot(S.T, D, axes=1)  # (m, *out_shape)
+                if isinstance(layer, Linear):
+                    terms[i] = (caches[i]["a"][None, :], G[:, None, :])
+                else:
+                    terms[i] = (_patches(layer, caches[i]["a"]),
+                                G.reshape(G.shape[0], G.shape[1], -1).transpose(0, 2, 1))
+            yield terms
+
+
+def _kfac_layout(model, i, joint, block):
+    """Place a layer's (weight, bias) block matrices in parameter order; returns (index, M)."""
+    prefix = f"{i}."
+    w = model.param_slots[prefix + "weight"]
+    if i in joint:
+        b = model.param_slots[prefix + "bias"]
+        n_out = b.stop - b.start
+        d = (w.stop - w.start) // n_out
+        # the joint index (o, j) of [W | b]: j < d the weight's (o, j), j = d the bias
+        index = np.empty((n_out, d + 1), dtype=np.intp)
+        index[:, :d] = np.arange(w.start, w.stop).reshape(n_out, d)
+        index[:, d] = np.arange(b.start, b.stop)
+        return [(index.ravel(), block[0])]
+    places = [(np.arange(w.start, w.stop), block[0])]
+    if prefix + "bias" in model.param_slots:
+        b = model.param_slots[prefix + "bias"]
+        places.append((np.arange(b.start, b.stop), block[1]))
+    return places
+
+
+def _kfac_factors(model, loss, theta, data, fisher_type, kfac_approx, mc_samples, seed,
+                  joint):
+    """KFAC's A and B per layer (see ``reference_kfac``)."""
+    n_samples = sum(X.shape[0] for X, _ in _batches(model, loss, data))
+    A, B = {}, {}
+    for terms in _kfac_terms(model, loss, theta, data, fisher_type, mc_samples, seed):
+        for i, (a, g) in terms.items():
+            if kfac_approx == "reduce":
+                a, g = a.mean(axis=0, keepdims=True), g.sum(axis=1, keepdims=True)
+            if i in joint:
+                a = np.concatenate([a, np.ones((a.shape[0], 1))], axis=1)
+            A[i] = A.get(i, 0.0) + a.T @ a / (n_samples * a.shape[0])
+            g = g.reshape(-1, g.shape[-1])
+            B[i] = B.get(i, 0.0) + g.T @ g
+    return A, B
+
+
 def reference_kfac(model, loss, theta, data, fisher_type="type-2", kfac_approx="expand",
                    mc_samples=1, seed=0, separate_weight_and_bias=True):
     r"""Dense KFAC matrix: per Linear or Conv2d layer a Kronecker block, zero elsewhere.
@@ -920,65 +997,53 @@ def reference_kfac(model, loss, theta, data, fisher_type="type-2", kfac_approx="
     appended to every a and the joint block ``kron(B, A)`` over (weight, bias).
     Every parametrised layer must be a Linear or Conv2d at the top level.
     """
-    theta = _theta64(model, theta)
-    batches = _batches(model, loss, data)
-    params = model.unflatten(theta)
-    n_samples = sum(X.shape[0] for X, _ in batches)
-    c = _scale(loss, n_samples, model.n_outputs)
-    K = model.n_outputs
-    nodes = _model_chain(model)
-    layers = [i for i, slots in enumerate(model.layer_slots) if slots]
-    for i in layers:
-        if not isinstance(model.layers[i], (Linear, Conv2d)):
-            raise ValueError(f"reference_kfac: layer {i} ({model.layers[i]!r}) has no "
-                             "Kronecker factors")
-    joint = {i for i in layers if not separate_weight_and_bias and model.layers[i].bias}
-    A, B = {}, {}
-    rng = np.random.default_rng(seed)
-    for X, y in batches:
-        for n in range(X.shape[0]):
-            z, caches = _sample_forward(model, params, X[n])
-            S = _output_columns(loss, fisher_type, z, y[n], c, mc_samples, rng)
-            for i in layers:
-                layer = model.layers[i]
-                # D: dz/d(layer output), one output unit vector back-propagated at a time
-                D = np.stack([_chain_backward(model, nodes[i + 1:], params, caches[i + 1:],
-                                              np.eye(K)[k], np.zeros(model.n_params))
-                              for k in range(K)])
-                G = np.tensordot(S.T, D, axes=1)  # (m, *out_shape)
-                if isinstance(layer, Linear):
-                    a = caches[i]["a"][None, :]  # (T=1, d_in)
-                    g = G[:, None, :]  # (m, T=1, d_out)
-                else:
-                    a = _patches(layer, caches[i]["a"])  # (T, d_in)
-                    g = G.reshape(G.shape[0], G.shape[1], -1).transpose(0, 2, 1)
-                if kfac_approx == "reduce":
-                    a, g = a.mean(axis=0, keepdims=True), g.sum(axis=1, keepdims=True)
-                if i in joint:
-                    a = np.concatenate([a, np.ones((a.shape[0], 1))], axis=1)
-                A[i] = A.get(i, 0.0) + a.T @ a / (n_samples * a.shape[0])
-                g = g.reshape(-1, g.shape[-1])
-                B[i] = B.get(i, 0.0) + g.T @ g
+    joint = set() if separate_weight_and_bias else {
+        i for i, layer in enumerate(model.layers) if model.layer_slots[i] and layer.bias}
+    A, B = _kfac_factors(model, loss, theta, data, fisher_type, kfac_approx, mc_samples, seed,
+                         joint)
     KF = np.zeros((model.n_params, model.n_params))
-    for i in layers:
-        n_out = B[i].shape[0]
-        prefix = f"{i}."
-        w = model.param_slots[prefix + "weight"]
-        if i in joint:
-            b = model.param_slots[prefix + "bias"]
-            d = A[i].shape[0] - 1
-            # the joint index (o, j) of [W | b]: j < d the weight's (o, j), j = d the bias
-            index = np.empty((n_out, d + 1), dtype=np.intp)
-            index[:, :d] = np.arange(w.start, w.stop).reshape(n_out, d)
-            index[:, d] = np.arange(b.start, b.stop)
-            index = index.ravel()
-            KF[np.ix_(index, index)] = np.kron(B[i], A[i])
-            continue
-        KF[w.start:w.stop, w.start:w.stop] = np.kron(B[i], A[i])
-        if prefix + "bias" in model.param_slots:
-            b = model.param_slots[prefix + "bias"]
-            KF[b.start:b.stop, b.start:b.stop] = B[i]
+    for i in A:
+        for index, block in _kfac_layout(model, i, joint, (np.kron(B[i], A[i]), B[i])):
+            KF[np.ix_(index, index)] = block
     return KF
+
+
+def reference_ekfac(model, loss, theta, data, fisher_type="type-2", kfac_approx="expand",
+                    mc_samples=1, seed=0, separate_weight_and_bias=True):
+    r"""Dense eigenvalue-corrected KFAC: KFAC's eigenbasis, per-sample gradient moments.
+
+    With ``A = Q_A diag(.) Q_A^T`` and ``B = Q_B diag(.) Q_B^T`` the factors of
+    :func:`reference_kfac`, each layer's weight block is ``(Q_B (x) Q_A) diag(E)
+    (Q_B (x) Q_A)^T`` with ``E = sum_{n,s} (Q_B^T G_{ns} Q_A)^2`` elementwise and
+    ``G_{ns} = sum_t g_{nst} a_{nt}^T`` the gradient of sample n for column s
+    (its patches and output gradients, all T positions); the bias's block is
+    ``Q_B diag(sum_{n,s} (Q_B^T sum_t g_{nst})^2) Q_B^T``. The draws of ``"mc"``
+    are the same in both passes.
+    """
+    joint = set() if separate_weight_and_bias else {
+        i for i, layer in enumerate(model.layers) if model.layer_slots[i] and layer.bias}
+    A, B = _kfac_factors(model, loss, theta, data, fisher_type, kfac_approx, mc_samples, seed,
+                         joint)
+    Q = {i: (np.linalg.eigh(A[i])[1], np.linalg.eigh(B[i])[1]) for i in A}
+    E = {}
+    for terms in _kfac_terms(model, loss, theta, data, fisher_type, mc_samples, seed):
+        for i, (a, g) in terms.items():
+            Qa, Qb = Q[i]
+            if i in joint:
+                a = np.concatenate([a, np.ones((a.shape[0], 1))], axis=1)
+            for s in range(g.shape[0]):
+                G = g[s].T @ a  # (d_out, d_in): sum over the positions
+                Ew, Eb = E.get(i, (0.0, 0.0))
+                E[i] = (Ew + (Qb.T @ G @ Qa) ** 2, Eb + (Qb.T @ g[s].sum(axis=0)) ** 2)
+    EK = np.zeros((model.n_params, model.n_params))
+    for i in A:
+        Qa, Qb = Q[i]
+        Qw = np.kron(Qb, Qa)
+        weight = Qw @ np.diag(E[i][0].ravel()) @ Qw.T
+        bias = Qb @ np.diag(E[i][1]) @ Qb.T
+        for index, block in _kfac_layout(model, i, joint, (weight, bias)):
+            EK[np.ix_(index, index)] = block
+    return EK
 
 
 def reference_hessian(model, loss, theta, data, damping=0.0):
