@@ -94,9 +94,11 @@ class Loss(abc.ABC):
         dense.output_hessian_apply(kind, array, factor, x, out, n_threads)
 
     def hessian_sqrt(self, state, z, scale):
-        """Return S (n, K, K) with ``S[i] @ S[i].T == scale * B_i``: the type-2 Fisher's columns.
+        """Return S (n, K, r) with ``S[i] @ S[i].T == scale * B_i``: the type-2 Fisher's columns.
 
-        ``state`` is what ``value_grad`` returned for the outputs ``z`` (n, K).
+        ``state`` is what ``value_grad`` returned for the outputs ``z`` (n, K). r is
+        K, or K - 1 for the softmax's B (rank K - 1): one column fewer to
+        back-propagate.
         """
         kind, array, factor = self.hessian_form(state, scale)
         n, K = z.shape
@@ -107,11 +109,22 @@ class Loss(abc.ABC):
             S = np.zeros((n, K, K), dtype=z.dtype)
             S[:, np.arange(K), np.arange(K)] = root * np.sqrt(array)
             return S
-        # diag(p) - p p^T = (diag(sqrt p) - p sqrt(p)^T)(...)^T, as sum(p) = 1
-        sqrt_p = np.sqrt(array, dtype=z.dtype)
-        S = -array[:, :, None] * sqrt_p[:, None, :]
-        S[:, np.arange(K), np.arange(K)] += sqrt_p
-        return root * S
+        # diag(p) - p p^T = T T^T with T = (I - p 1^T) diag(sqrt p), whose columns
+        # sqrt(p_j) (e_j - p) all lie in u^perp, u = sqrt(p) (a unit vector: T u = 0). With
+        # the Householder reflection H = I - 2 w w^T, w = (u + e_K) / |u + e_K| (never
+        # short: u_K >= 0), H e_K = -u, so H's first K - 1 columns span u^perp and
+        # S = T H[:, :K-1] keeps T T^T = S S^T with K - 1 columns.
+        if K == 1:
+            return np.zeros((n, 1, 1), dtype=z.dtype)
+        p = array.astype(np.float64)
+        u = np.sqrt(p)
+        T = -p[:, :, None] * u[:, None, :]
+        T[:, np.arange(K), np.arange(K)] += u
+        w = u.copy()
+        w[:, -1] += 1.0
+        w /= np.linalg.norm(w, axis=1, keepdims=True)
+        S = T[:, :, :-1] - 2.0 * np.matmul(T, w[:, :, None]) * w[:, None, :-1]
+        return (root * S).astype(z.dtype)
 
     def sample_targets(self, z: np.ndarray, rng: np.random.Generator, n_draws: int) -> np.ndarray:
         """Draw ``n_draws`` targets per sample from the model's predictive distribution.
