@@ -57,54 +57,51 @@ def _add_gram(operand, out, n_threads, with_ones=False):
     out[d, d] += X.shape[0] * (X.shape[1] if transpose else X.shape[2])
 
 
+def _layer_gradients(model, lparams, layers, X, columns, n_threads):
+    """Yield ``(i, context, g)`` for each of ``layers``, last first: one forward pass, then
+    the output columns (n, m, K) pulled back, g being the gradient at layer i's output."""  # noqa: D205, D209
+    ctxs, z = checked_forward(model, lparams, X, 1, n_threads)
+    g = np.ascontiguousarray(columns(z))
+    first = plan_for(model, X.dtype.itemsize).first
+    wanted = set(layers)
+    for i in range(len(model.layers) - 1, first - 1, -1):
+        if i in wanted:
+            yield i, ctxs[i], g
+        if i > first:
+            g = model.layers[i].vjp(lparams[i], ctxs[i], g, None, True, n_threads)
+
+
 def kfac_chunk(model, lparams, layers, X, columns, approx, joint, A, B, n_threads):
     """Add one chunk's Kronecker-factor sums into ``A`` and ``B`` (dicts by layer index).
 
     ``columns(z)`` returns the output columns (n, m, K) for the outputs z.
     ``joint``: layers whose bias joins the weight (a ones entry in their inputs).
     """
-    ctxs, z = checked_forward(model, lparams, X, 1, n_threads)
-    g = np.ascontiguousarray(columns(z))
-    first = plan_for(model, X.dtype.itemsize).first
-    wanted = set(layers)
-    for i in range(len(model.layers) - 1, first - 1, -1):
+    for i, ctx, g in _layer_gradients(model, lparams, layers, X, columns, n_threads):
         layer = model.layers[i]
-        if i in wanted:
-            _add_gram(layer.kfac_inputs(ctxs[i], approx, n_threads), A[i], n_threads,
-                      i in joint)
-            _add_gram(layer.kfac_output_grads(g, approx), B[i], n_threads)
-        if i > first:
-            g = layer.vjp(lparams[i], ctxs[i], g, None, True, n_threads)
+        _add_gram(layer.kfac_inputs(ctx, approx, n_threads), A[i], n_threads, i in joint)
+        _add_gram(layer.kfac_output_grads(g, approx), B[i], n_threads)
 
 
 def ekfac_chunk(model, lparams, layers, X, columns, joint, bases, E, n_threads):
     """Add one chunk's EKFAC eigenvalue corrections into ``E`` (dicts by layer index).
 
-    ``bases[i]`` is ``(Q_A, Q_B)`` of layer i (Q_A None for a bias alone); ``E[i]`` is
-    ``{"weight": (n_out, d_in), "bias": (n_out,)}`` or, for a joint bias,
-    ``{"weight": (n_out, d_in + 1)}``. Each sample's gradient for column c,
-    ``G = g a^T`` summed over the positions, is rotated into the Kronecker
-    eigenbasis, ``Q_B^T G Q_A``, and its squares summed.
+    ``bases[i]`` is ``(Q_A, Q_B)`` of layer i; ``E[i]`` is ``{"weight": (n_out, d_in),
+    "bias": (n_out,)}`` or, for a joint bias, ``{"weight": (n_out, d_in + 1)}``. Each
+    sample's gradient for column c, ``G = g a^T`` summed over the positions, is
+    rotated into the Kronecker eigenbasis, ``Q_B^T G Q_A``, and its squares summed.
     """
-    ctxs, z = checked_forward(model, lparams, X, 1, n_threads)
-    g = np.ascontiguousarray(columns(z))
-    first = plan_for(model, X.dtype.itemsize).first
-    wanted = set(layers)
-    for i in range(len(model.layers) - 1, first - 1, -1):
-        layer = model.layers[i]
-        if i in wanted:
-            a, gs = layer.kfac_sample_operands(ctxs[i], g, n_threads)
-            Qa, Qb = bases[i]
-            if i in joint:  # the ones of the bias, at every position
-                a = np.concatenate([a, np.ones((a.shape[0], 1, a.shape[2]), a.dtype)], axis=1)
-            g_rot = np.matmul(Qb.T, gs)  # (n, m, n_out, T)
-            a_rot = np.matmul(Qa.T, a)  # (n, d_in, T)
-            if a.shape[2] == 1:  # no sharing: (Q_B^T g)^2 (x) (Q_A^T a)^2, one GEMM
-                E[i]["weight"] += (g_rot[..., 0] ** 2).sum(axis=1).T @ (a_rot[..., 0] ** 2)
-            else:
-                G = np.matmul(g_rot, a_rot[:, None].transpose(0, 1, 3, 2))
-                E[i]["weight"] += (G * G).sum(axis=(0, 1))
-            if "bias" in E[i]:
-                E[i]["bias"] += (g_rot.sum(axis=3) ** 2).sum(axis=(0, 1))
-        if i > first:
-            g = layer.vjp(lparams[i], ctxs[i], g, None, True, n_threads)
+    for i, ctx, g in _layer_gradients(model, lparams, layers, X, columns, n_threads):
+        a, gs = model.layers[i].kfac_sample_operands(ctx, g, n_threads)
+        Qa, Qb = bases[i]
+        if i in joint:  # the ones of the bias, at every position
+            a = np.concatenate([a, np.ones((a.shape[0], 1, a.shape[2]), a.dtype)], axis=1)
+        g_rot = np.matmul(Qb.T, gs)  # (n, m, n_out, T)
+        a_rot = np.matmul(Qa.T, a)  # (n, d_in, T)
+        if a.shape[2] == 1:  # no sharing: (Q_B^T g)^2 (x) (Q_A^T a)^2, one GEMM
+            E[i]["weight"] += (g_rot[..., 0] ** 2).sum(axis=1).T @ (a_rot[..., 0] ** 2)
+        else:
+            G = np.matmul(g_rot, a_rot[:, None].transpose(0, 1, 3, 2))
+            E[i]["weight"] += (G * G).sum(axis=(0, 1))
+        if "bias" in E[i]:
+            E[i]["bias"] += (g_rot.sum(axis=3) ** 2).sum(axis=(0, 1))
