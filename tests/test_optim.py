@@ -297,3 +297,13 @@ def test_preconditioner_arguments_are_checked():
                           input_shape=(6,))
     with pytest.raises(ValueError, match="Linear and Conv2d layers only"):
         ghess.NewtonCG(bn, loss, preconditioner="kfac")
+
+
+@pytest.mark.parametrize("preconditioner", ["diag", "kfac"])
+def test_preconditioned_float32_fit_stays_float32(preconditioner):
+    model, X, y = _mlp_problem()
+    opt = ghess.NewtonCG(model, ghess.CrossEntropyLoss(), C=100.0, subsample=0.5, seed=0,
+                         preconditioner=preconditioner)
+    theta, history = opt.fit(model.init_params(seed=0, dtype=np.float32),
+                             (X.astype(np.float32), y), n_iterations=3, verbose=False)
+    assert theta.dtype == np.float32 and history[-1].objective < history[0].objective

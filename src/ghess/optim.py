@@ -405,8 +405,9 @@ class NewtonCG:
                                        n_threads=self.n_threads)
             served = 0
         self._preconditioner_state = (factors, served + 1)
+        # in theta's dtype: a float64 preconditioner would turn a float32 solve into float64
         if self.preconditioner == "diag":
-            inverse = 1.0 / (scale * factors + shift)
+            inverse = (1.0 / (scale * factors + shift)).astype(theta.dtype)
             return LinearOperator(theta.shape * 2, dtype=theta.dtype,
                                   matvec=lambda x: inverse * np.ravel(x))
         # (scale K + d I)^-1 = (K + d/scale I)^-1 / scale, the damping kept above the
@@ -414,7 +415,9 @@ class NewtonCG:
         top = max(la.max() * lb.max() for (la, _), (lb, _) in
                   factors.eigendecompositions().values())
         d = max(float(np.mean(shift)) / scale, 1e-10 * top, np.finfo(np.float64).tiny)
-        return (1.0 / scale) * factors.inverse(d)
+        inverse, factor = factors.inverse(d), theta.dtype.type(1.0 / scale)
+        return LinearOperator(theta.shape * 2, dtype=theta.dtype,
+                              matvec=lambda x: factor * inverse.matvec(x))
 
     def fit(self, theta: npt.ArrayLike, data: Data, n_iterations: int = 20, *,
             validation: Data | None = None, verbose: bool = True,
