@@ -164,3 +164,17 @@ def test_ekfac_inverse_and_its_diagonal_in_the_eigenbasis():
     assert_allclose_rel(E.inverse(1e-3) @ (E @ v + 1e-3 * v), v, 1e-8)
     with pytest.raises(ValueError, match="strategy='exact' only"):
         E.inverse(1e-3, strategy="heuristic")
+
+
+
+@pytest.mark.parametrize("cls", [ghess.KFACLinearOperator, ghess.EKFACLinearOperator])
+@pytest.mark.parametrize("separate", [True, False])
+def test_trace_logdet_and_norm_from_the_eigenvalues(cls, separate):
+    model, loss, theta, data = _setup("conv-relu-maxpool-ce", 30)
+    op = cls(model, loss, theta, data, damping=1e-2, separate_weight_and_bias=separate)
+    dense = op.todense()
+    assert op.trace == pytest.approx(np.trace(dense), rel=1e-12)
+    assert op.frobenius_norm == pytest.approx(np.linalg.norm(dense), rel=1e-12)
+    sign, logdet = np.linalg.slogdet(dense)
+    assert sign == 1 and op.logdet == pytest.approx(logdet, rel=1e-10)
+    assert op.det == pytest.approx(np.exp(logdet), rel=1e-8)

@@ -109,6 +109,8 @@ class KFACLinearOperator(_FactoredOperator):
     ----------
     input_factors, gradient_factors : dict
         :math:`A` and :math:`B` per layer index.
+    trace, logdet, det, frobenius_norm : float
+        From the factors' eigenvalues, damping included (curvlinops' properties).
     """
 
     def __init__(self, model, loss, params, data, *, fisher_type="type-2",
@@ -241,6 +243,38 @@ class KFACLinearOperator(_FactoredOperator):
         (n_out,), in the Kronecker eigenbasis: ``l_B l_A^T`` and ``l_B``."""  # noqa: D205, D209
         return {i: (np.outer(lb, la), lb)
                 for i, ((la, _), (lb, _)) in self.eigendecompositions().items()}
+
+    def _eigenvalues(self):
+        """All eigenvalues of the (damped) operator, float64: the blocks', plus the damping."""
+        parts = []
+        for i, (weight, bias) in self._block_eigenvalues().items():
+            parts.append(weight.ravel())
+            if bias is not None and i not in self.joint and self.model.layers[i].bias:
+                parts.append(bias)
+        return np.concatenate(parts) + self.damping
+
+    @property
+    def trace(self) -> float:
+        """Trace, damping included, from the blocks' eigenvalues (no dense matrix)."""
+        return float(self._eigenvalues().sum())
+
+    @property
+    def frobenius_norm(self) -> float:
+        """Frobenius norm, damping included, from the blocks' eigenvalues."""
+        return float(np.sqrt((self._eigenvalues() ** 2).sum()))
+
+    @property
+    def logdet(self) -> float:
+        """Log-determinant, damping included (-inf when singular), from the eigenvalues."""
+        values = self._eigenvalues()
+        with np.errstate(divide="ignore"):
+            return float(np.log(values).sum()) if values.min() >= 0 else float("nan")
+
+    @property
+    def det(self) -> float:
+        """Determinant, ``exp(logdet)`` (it overflows or underflows easily: prefer logdet)."""
+        with np.errstate(over="ignore"):
+            return float(np.exp(self.logdet))
 
     def inverse(self, damping=None, *, strategy="exact"):
         """Return ``(KFAC + damping I)^-1`` (``strategy="exact"``) as a ``LinearOperator``.
