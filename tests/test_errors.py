@@ -255,3 +255,14 @@ def test_every_error_names_its_argument():
             ghess.spectral_density(G, n_lanczos=3, n_vectors=1, **kwargs,
                                    callback=lambda done, total: products.append(done))
     assert products == []  # refused before the first product
+
+
+def test_comm_must_be_a_communicator():
+    model = ghess.Sequential(ghess.Linear(3, 2), input_shape=(3,))
+    X, y = np.ones((4, 3)), np.zeros(4, dtype=int)
+    with pytest.raises(TypeError, match="comm must be an mpi4py communicator"):
+        ghess.loss_and_grad(model, ghess.CrossEntropyLoss(), model.init_params(), (X, y),
+                            comm="world")
+    with pytest.raises(ValueError, match="does not take comm yet"):
+        ghess.FisherMCLinearOperator(model, ghess.CrossEntropyLoss(), model.init_params(),
+                                     (X, y), comm=object())

@@ -55,7 +55,8 @@ class Batches:
                 yield X[start:stop], None if y is None else y[start:stop]
 
 
-def as_batches(model, loss, data, dtype, copy=False, check_deterministic=True):
+def as_batches(model, loss, data, dtype, copy=False, check_deterministic=True,
+               allow_empty=False):
     """Validate ``data`` = ``(X, y)`` or an iterable of such, for ``model`` and ``loss``.
 
     The iterable may be a list, a generator or a re-iterable such as a
@@ -64,7 +65,8 @@ def as_batches(model, loss, data, dtype, copy=False, check_deterministic=True):
     times (``check_deterministic``): two computations on a shuffling loader
     would otherwise see different data. With ``copy``, the batches are private
     read-only copies: an operator that keeps them must not see later writes into
-    the caller's buffers.
+    the caller's buffers. ``allow_empty``: batches of 0 samples (of the right
+    shape), and no batches at all, are accepted (a rank's shard of distributed data).
     """
     if isinstance(data, Batches):  # validated already (e.g. by NewtonCG); cast if needed
         batches = [(X.astype(dtype, copy=False), y if y is None or y.dtype.kind in "iu"
@@ -86,6 +88,8 @@ def as_batches(model, loss, data, dtype, copy=False, check_deterministic=True):
                 "shuffling DataLoader?): every pass over the data must be the same; use a "
                 "loader without shuffling, or pass check_deterministic=False")
     if not items:
+        if allow_empty:
+            return Batches([], 0)
         raise ValueError("data is empty: got no batches")
     if (isinstance(data, list) and len(items) == 2
             and not any(isinstance(item, (tuple, list)) for item in items)):
@@ -99,6 +103,12 @@ def as_batches(model, loss, data, dtype, copy=False, check_deterministic=True):
             raise TypeError(f"each batch must be a pair (X, y){where}, got "
                             f"{type(item).__name__}")
         X, y = item
+        if allow_empty and np.ndim(X) >= 1 and np.shape(X)[0] == 0:
+            if tuple(np.shape(X)[1:]) != tuple(model.input_shape):
+                raise ValueError(f"X must have shape (n_samples, "
+                                 f"{', '.join(map(str, model.input_shape))}), got "
+                                 f"{np.shape(X)}{where}")
+            continue  # an empty shard contributes nothing
         if y is None:
             raise TypeError(f"y is None{where}: {type(loss).__name__} needs targets for "
                             f"the {model.n_outputs} outputs")

@@ -13,6 +13,7 @@ import numpy as np
 
 from ._config import effective_threads, resolve_n_threads
 from ._data import as_batches, as_input_batches
+from ._distributed import check_agreement, check_comm, global_count_or_raise
 from ._engine.plan import plan_for
 from ._validation import SUPPORTED_DTYPES, check_n_threads, check_params, check_positive_int
 from .nn.base import Layer
@@ -158,19 +159,27 @@ class Problem:
     check_deterministic : bool, default=True
         Read a re-iterable ``data`` (a DataLoader) twice and refuse it if the two
         passes differ.
+    comm : mpi4py communicator, optional
+        ``data`` is this rank's shard (possibly empty); the ranks must agree on
+        the model, loss and parameters (checked, ``_distributed.check_agreement``),
+        and a shard that fails validation on one rank raises on every rank.
 
     Attributes
     ----------
-    params, dtype, lparams (per-layer views of params), batches, n_samples,
-    scale (the loss's reduction factor, 1 without a loss), chunk_size,
-    n_threads (as given), omp_threads (resolved), plan.
+    params, dtype, lparams (per-layer views of params), batches, n_samples (this
+    rank's), n_global (all ranks'), scale (the loss's reduction factor over all
+    ranks' samples, 1 without a loss), chunk_size, n_threads (as given),
+    omp_threads (resolved), plan, comm.
     """
 
     def __init__(self, model, loss, params, data, *, chunk_size=None, chunk_directions=1,
-                 min_chunk=16, n_threads=None, private=False, check_deterministic=True):
+                 min_chunk=16, n_threads=None, private=False, check_deterministic=True,
+                 comm=None):
+        self.comm = check_comm(comm)
         self.model = check_model(model)
         self.loss = None if loss is None else check_loss(loss)
         params = check_params(params, model.n_params)
+        check_agreement(self.comm, model, params, self.loss)
         if private:
             params = params.copy()
             params.flags.writeable = False
@@ -180,13 +189,22 @@ class Problem:
         self._omp_threads = resolve_n_threads(self.n_threads)
         chunk_size = check_positive_int(chunk_size, "chunk_size", allow_none=True)
         self.plan = plan_for(model, self.dtype.itemsize)
-        if loss is None:
-            self.batches = as_input_batches(model, data, self.dtype, copy=private)
-        else:
-            self.batches = as_batches(model, loss, data, self.dtype, copy=private,
-                                      check_deterministic=check_deterministic)
-        self.n_samples = self.batches.n_samples
-        self.scale = 1.0 if loss is None else loss.scale(self.n_samples, model.n_outputs)
+        failure = None
+        try:
+            if loss is None:
+                self.batches = as_input_batches(model, data, self.dtype, copy=private)
+            else:
+                self.batches = as_batches(model, loss, data, self.dtype, copy=private,
+                                          check_deterministic=check_deterministic,
+                                          allow_empty=self.comm is not None)
+        except (ValueError, TypeError) as exc:
+            if self.comm is None:
+                raise
+            failure = exc
+        n_local = 0 if failure else self.batches.n_samples
+        self.n_global = global_count_or_raise(self.comm, n_local, failure)
+        self.n_samples = n_local
+        self.scale = 1.0 if loss is None else loss.scale(self.n_global, model.n_outputs)
         self.lparams = model.layer_params(self.params)
         self.chunk_size = (self.plan.chunk_size(chunk_directions, min_chunk, self._omp_threads)
                            if chunk_size is None else chunk_size)

@@ -9,6 +9,7 @@ import numpy.typing as npt
 
 from . import _engine
 from ._config import computing
+from ._distributed import sum_in_rank_order
 from ._problem import Problem, check_model
 from ._typing import Data
 from ._validation import check_out
@@ -22,7 +23,7 @@ __all__ = ["loss_and_grad", "per_sample_jacobians"]
 
 def loss_and_grad(model: Sequential, loss: Loss, params: npt.ArrayLike, data: Data, *,
                   chunk_size: int | None = None, n_threads: int | None = None,
-                  check_deterministic: bool = True) -> tuple[float, np.ndarray]:
+                  check_deterministic: bool = True, comm=None) -> tuple[float, np.ndarray]:
     """Loss value and its gradient with respect to the flat parameters.
 
     Parameters
@@ -41,6 +42,10 @@ def loss_and_grad(model: Sequential, loss: Loss, params: npt.ArrayLike, data: Da
     check_deterministic : bool, default=True
         Read a re-iterable ``data`` (not a list or tuple) twice and raise
         ``ValueError`` if the passes differ (a shuffling loader).
+    comm : mpi4py communicator, optional
+        Data-parallel: ``data`` is this rank's shard (it may be empty) and the
+        result is the whole data's, the same bits on every rank (see
+        ``docs/design.md``, "MPI").
 
     Returns
     -------
@@ -48,7 +53,7 @@ def loss_and_grad(model: Sequential, loss: Loss, params: npt.ArrayLike, data: Da
     grad : ndarray of shape (n_params,), in params' dtype
     """
     p = Problem(model, loss, params, data, chunk_size=chunk_size, n_threads=n_threads,
-                check_deterministic=check_deterministic)
+                check_deterministic=check_deterministic, comm=comm)
     grad = np.zeros((1, model.n_params), dtype=p.dtype)
     accs = _engine.new_accumulators(model, 1, p.dtype, grad)  # views of grad
     total = 0.0
@@ -59,9 +64,12 @@ def loss_and_grad(model: Sequential, loss: Loss, params: npt.ArrayLike, data: Da
             total += value
             _engine.vjp_chunk(model, p.lparams, ctxs, r[:, None, :], accs, p.omp_threads)
     _engine.accumulators_to_flat(model, accs, grad)
+    if p.comm is not None:  # the whole data's: summed over the ranks in rank order
+        grad = sum_in_rank_order(p.comm, grad)
+        total = float(sum_in_rank_order(p.comm, np.array([total]))[0])
     _engine.check_finite_result(grad, "the gradient (backward pass)")
     if not np.isfinite(p.scale * total):
-        raise FloatingPointError(f"the loss summed over {p.n_samples} samples overflows")
+        raise FloatingPointError(f"the loss summed over {p.n_global} samples overflows")
     return float(p.scale * total), grad[0]
 
 

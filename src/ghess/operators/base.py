@@ -25,6 +25,7 @@ from scipy.sparse.linalg import LinearOperator
 
 from .. import _engine
 from .._config import computing, requested_threads
+from .._distributed import sum_in_rank_order
 from .._problem import (
     Problem,
     batch_sizes,
@@ -133,6 +134,7 @@ class ChunkedOperator(BatchedMatvec, LinearOperator):
     def _setup(self, problem, mode, memory_budget, shape):
         """Decide the mode under the memory budget and build the stored chunk states."""
         self.problem = problem
+        self.comm = problem.comm
         self.data = problem.batches  # the operator's private copy
         self.model = problem.model
         self.params = problem.params
@@ -203,7 +205,7 @@ class ChunkedOperator(BatchedMatvec, LinearOperator):
             chunk_product(state, accs)
             del state  # a recomputed state goes before the next is built, not after
         _engine.accumulators_to_flat(model, accs, out)
-        return out
+        return sum_in_rank_order(self.comm, out)  # the whole data's, with a comm
 
     def matmat(self, X):
         """Apply the operator to the columns of X, ``(shape[1], k)``."""
@@ -248,11 +250,12 @@ class CurvatureOperator(ChunkedOperator):
     def __init__(self, model: Sequential, loss: Loss, params: npt.ArrayLike, data: Data, *,
                  damping: float | npt.ArrayLike = 0.0, mode: Mode = "auto",
                  chunk_size: int | None = None, memory_budget: int | None = None,
-                 n_threads: int | None = None, check_deterministic: bool = True) -> None:
+                 n_threads: int | None = None, check_deterministic: bool = True,
+                 comm=None) -> None:
         check_loss(loss)  # a curvature needs a loss (None means "no loss" to Problem)
         problem = Problem(model, loss, params, data, chunk_size=chunk_size,
                           n_threads=n_threads, private=True,
-                          check_deterministic=check_deterministic)
+                          check_deterministic=check_deterministic, comm=comm)
         self.damping = check_damping(damping, model.n_params, problem.dtype)
         self.loss = problem.loss
         self._setup(problem, mode, memory_budget, (model.n_params, model.n_params))

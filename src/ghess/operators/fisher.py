@@ -185,6 +185,10 @@ class FisherMCLinearOperator(_LowRankOutputOperator):
     """
 
     def __init__(self, model, loss, params, data, *, mc_samples=1, seed=0, **kwargs):
+        if kwargs.get("comm") is not None:
+            raise ValueError("FisherMCLinearOperator does not take comm yet: its draws "
+                             "follow the samples' global order, which a rank cannot "
+                             "reproduce for its shard")
         self.mc_samples = check_positive_int(mc_samples, "mc_samples")
         self.seed = check_seed(seed)
         self._n_columns = self.mc_samples

@@ -56,6 +56,12 @@ class GGNLinearOperator(CurvatureOperator):
     check_deterministic : bool, default=True
         A re-iterable ``data`` that is not a list or tuple (a ``DataLoader``) is
         read twice and refused if the passes differ (a shuffling loader).
+    comm : mpi4py communicator, optional
+        Data-parallel: ``data`` is this rank's shard (shards may differ in size,
+        one may be empty), and every product is the whole data's, summed over the
+        ranks in rank order: the same bits on every rank, so SciPy's solvers run
+        unchanged on each (``docs/design.md``, "MPI"). The ranks must pass the same
+        model, loss and parameters (checked before any work).
 
     Examples
     --------

@@ -1,0 +1,104 @@
+"""Data-parallel computations over MPI: each rank holds a shard, results are the whole data's.
+
+ghess takes any ``mpi4py`` communicator (``comm=``); mpi4py itself is optional and
+never imported here. Every reduction is :func:`sum_in_rank_order`: the ranks'
+arrays are gathered on rank 0, added in rank order, and broadcast, so every rank
+gets the same bits whatever the MPI library's reduction tree, and SciPy's solvers
+take the same iterates on every rank (an SPMD program stays in step).
+
+Before any work, :func:`check_agreement` compares across ranks what must agree
+(the model's structure, the parameters' length, dtype and a checksum): a
+mismatch raises the same ``ValueError`` on every rank instead of a hang or a
+silently wrong sum. An exception on ONE rank (a bad shard, say) cannot be
+seen by the others, which would wait in the next collective: run MPI programs
+as ``mpiexec -n 4 python -m mpi4py script.py``, which aborts every rank when one
+raises.
+"""
+
+import hashlib
+
+import numpy as np
+
+__all__ = ["check_comm", "sum_in_rank_order", "global_count_or_raise", "check_agreement"]
+
+
+def check_comm(comm):
+    """Return ``comm`` (None, or an mpi4py communicator); TypeError otherwise."""
+    if comm is None:
+        return None
+    if not all(hasattr(comm, name) for name in ("Get_rank", "Get_size", "Gather", "Bcast",
+                                               "allgather")):
+        raise TypeError(f"comm must be an mpi4py communicator (e.g. MPI.COMM_WORLD) or "
+                        f"None, got {type(comm).__name__}")
+    return comm
+
+
+def sum_in_rank_order(comm, array):
+    """Return the sum over the ranks of ``array`` (same shape and dtype on every rank).
+
+    Gathered on rank 0, added in rank order there, broadcast: bit-identical on
+    every rank. ``comm`` None returns ``array`` itself.
+    """
+    if comm is None or comm.Get_size() == 1:
+        return array
+    send = np.ascontiguousarray(array)
+    rank, size = comm.Get_rank(), comm.Get_size()
+    parts = np.empty((size,) + send.shape, dtype=send.dtype) if rank == 0 else None
+    comm.Gather(send, parts, root=0)
+    total = np.empty_like(send)
+    if rank == 0:
+        total[...] = parts[0]
+        for part in parts[1:]:
+            total += part
+    comm.Bcast(total, root=0)
+    return total
+
+
+def global_count_or_raise(comm, count, failure=None):
+    """Return the sum of a sample count over the ranks; raise on every rank if one failed.
+
+    ``failure`` is this rank's validation error (or None): every rank learns of
+    every other's, so a bad shard on one rank ends the call on all of them with
+    the same message instead of leaving the others waiting in a collective.
+    """
+    if comm is None:
+        if failure is not None:
+            raise failure
+        return int(count)
+    everyone = comm.allgather((int(count), None if failure is None else
+                               (type(failure).__name__, str(failure))))
+    failed = [(rank, why) for rank, (_, why) in enumerate(everyone) if why is not None]
+    if failed:
+        rank, (kind, message) = failed[0]
+        error = TypeError if kind == "TypeError" else ValueError
+        raise error(f"rank {rank}'s data: {message}" + (
+            f" (and {len(failed) - 1} more rank(s) failed)" if len(failed) > 1 else ""))
+    if sum(n for n, _ in everyone) == 0:
+        raise ValueError("data is empty on every rank: got 0 samples in all")
+    return sum(n for n, _ in everyone)
+
+
+def check_agreement(comm, model, params, loss=None):
+    """Raise ValueError on every rank unless all ranks have the same model, loss and params.
+
+    Compared: the model's structure (its layers' repr and input shape), the loss
+    (its repr), the parameters' length and dtype, and a SHA-256 of their bytes.
+    """
+    if comm is None or comm.Get_size() == 1:
+        return
+    mine = {
+        "model": f"{model.input_shape} {model!r}",
+        "loss": repr(loss),
+        "params": (int(params.size), str(params.dtype)),
+        "checksum": hashlib.sha256(np.ascontiguousarray(params).tobytes()).hexdigest(),
+    }
+    everyone = comm.allgather(mine)
+    for key in ("model", "loss", "params", "checksum"):
+        differ = [r for r, other in enumerate(everyone) if other[key] != everyone[0][key]]
+        if differ:
+            what = {"model": "the model's structure", "loss": "the loss",
+                    "params": "the parameters' length or dtype",
+                    "checksum": "the parameters' values"}[key]
+            raise ValueError(f"ranks disagree on {what}: rank(s) {differ} differ from rank 0 "
+                             f"(every rank must pass the same model, loss and parameters; "
+                             f"only the data is sharded)")
