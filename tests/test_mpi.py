@@ -39,6 +39,7 @@ def test_distributed_results_equal_one_process_and_agree_across_ranks(ranks):
 
 @pytest.mark.parametrize("case, message", [
     ("params_differ", "ranks disagree on the parameters' values: rank(s) [1]"),
+    ("params_wrong_length", "rank 1's parameters: params must have length 334"),
     ("model_differs", "ranks disagree on the model's structure: rank(s) [1]"),
     ("bad_shard", "rank 1's data: X must have shape (n_samples, 1, 5, 5)"),
     ("raises_mid_run", "rank 1 fails between two products"),

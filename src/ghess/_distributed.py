@@ -78,21 +78,33 @@ def global_count_or_raise(comm, count, failure=None):
     return sum(n for n, _ in everyone)
 
 
-def check_agreement(comm, model, params, loss=None):
-    """Raise ValueError on every rank unless all ranks have the same model, loss and params.
+def check_agreement(comm, model, params, loss=None, failure=None):
+    """Raise on every rank unless all ranks have the same model, loss and params.
 
     Compared: the model's structure (its layers' repr and input shape), the loss
     (its repr), the parameters' length and dtype, and a SHA-256 of their bytes.
+    ``failure``: this rank's error in checking its parameters (``params`` then
+    None), raised on every rank with the rank that had it.
     """
     if comm is None or comm.Get_size() == 1:
+        if failure is not None:
+            raise failure
         return
     mine = {
+        "failure": None if failure is None else (type(failure).__name__, str(failure)),
         "model": f"{model.input_shape} {model!r}",
         "loss": repr(loss),
-        "params": (int(params.size), str(params.dtype)),
-        "checksum": hashlib.sha256(np.ascontiguousarray(params).tobytes()).hexdigest(),
+        "params": None if params is None else (int(params.size), str(params.dtype)),
+        "checksum": None if params is None else hashlib.sha256(
+            np.ascontiguousarray(params).tobytes()).hexdigest(),
     }
     everyone = comm.allgather(mine)
+    failed = [(rank, other["failure"]) for rank, other in enumerate(everyone)
+              if other["failure"] is not None]
+    if failed:
+        rank, (kind, message) = failed[0]
+        raise (TypeError if kind == "TypeError" else ValueError)(
+            f"rank {rank}'s parameters: {message}")
     for key in ("model", "loss", "params", "checksum"):
         differ = [r for r, other in enumerate(everyone) if other[key] != everyone[0][key]]
         if differ:

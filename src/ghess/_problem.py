@@ -178,7 +178,12 @@ class Problem:
         self.comm = check_comm(comm)
         self.model = check_model(model)
         self.loss = None if loss is None else check_loss(loss)
-        params = check_params(params, model.n_params)
+        try:
+            params = check_params(params, model.n_params)
+        except (ValueError, TypeError) as exc:
+            if self.comm is None:
+                raise
+            check_agreement(self.comm, model, None, self.loss, exc)  # raises on every rank
         check_agreement(self.comm, model, params, self.loss)
         if private:
             params = params.copy()

@@ -87,6 +87,13 @@ def params_differ():
                             comm=comm)
 
 
+def params_wrong_length():
+    model, theta, X, y = problem()
+    if rank == 1:
+        theta = theta[:-1]
+    ghess.loss_and_grad(model, ghess.CrossEntropyLoss(), theta, (X[:3], y[:3]), comm=comm)
+
+
 def model_differs():
     model, theta, X, y = problem()
     if rank == 1:
