@@ -266,3 +266,9 @@ def test_comm_must_be_a_communicator():
     with pytest.raises(ValueError, match="does not take comm yet"):
         ghess.FisherMCLinearOperator(model, ghess.CrossEntropyLoss(), model.init_params(),
                                      (X, y), comm=object())
+
+
+def test_newton_cg_comm_is_checked():
+    model = ghess.Sequential(ghess.Linear(3, 2), input_shape=(3,))
+    with pytest.raises(TypeError, match="comm must be an mpi4py communicator"):
+        ghess.NewtonCG(model, ghess.CrossEntropyLoss(), comm=3)

@@ -37,6 +37,13 @@ def test_distributed_results_equal_one_process_and_agree_across_ranks(ranks):
     assert f"OK ranks {list(range(ranks))}" in done.stdout
 
 
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_distributed_newton_cg_keeps_every_rank_in_step(ranks):
+    done = run(ranks, "newton")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"OK ranks {list(range(ranks))}" in done.stdout
+
+
 @pytest.mark.parametrize("case, message", [
     ("params_differ", "ranks disagree on the parameters' values: rank(s) [1]"),
     ("params_wrong_length", "rank 1's parameters: params must have length 334"),

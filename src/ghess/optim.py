@@ -37,6 +37,7 @@ import numpy.typing as npt
 from scipy.sparse.linalg import LinearOperator, cg
 
 from ._data import as_batches
+from ._distributed import check_comm
 from ._engine.kfac import kronecker_layers
 from ._problem import check_loss, check_mode, check_model
 from ._progress import Progress
@@ -199,6 +200,15 @@ class NewtonCG:
         Iterations between rebuilds of the preconditioner's factors (the
         diagonal, or KFAC's Kronecker factors); in between, the kept factors
         serve with the current damping.
+    comm : mpi4py communicator, optional
+        Wang, Tan and Lin's subsampled Newton, distributed: ``data`` is this
+        rank's shard, the objective, gradient and Gauss-Newton products are the
+        whole data's (bit-identical on every rank, see
+        :class:`ghess.GGNLinearOperator`), and each rank draws its part of the
+        subsample from its own shard with its own stream (``seed`` spawned per
+        rank): every rank ends each iteration with the same parameters.
+        ``subsample`` as a fraction applies to every shard; as a count, it is
+        shared in proportion to the shards. No preconditioner yet.
 
     Attributes
     ----------
@@ -231,7 +241,8 @@ class NewtonCG:
                  chunk_size: int | None = None, mode: Mode = "auto",
                  n_threads: int | None = None,
                  seed: int | np.random.Generator | None = None,
-                 preconditioner: str | None = None, preconditioner_every: int = 1) -> None:
+                 preconditioner: str | None = None, preconditioner_every: int = 1,
+                 comm=None) -> None:
         self.model = check_model(model)
         self.loss = check_loss(loss)
         self.C, self._l2 = _check_C(C, self.model.n_params)  # 1/C: 0 where no L2 term
@@ -268,10 +279,21 @@ class NewtonCG:
                            else check_positive_int(chunk_size, "chunk_size"))
         self.mode = check_mode(mode)
         self.n_threads = check_n_threads(n_threads)
+        self.comm = check_comm(comm)
+        if self.comm is not None and self.comm.Get_size() > 1:
+            if isinstance(seed, np.random.Generator):
+                raise TypeError("with comm, seed must be an int or None: each rank spawns "
+                                "its own stream from it")
+            if seed is None:  # one seed for all, broadcast: the ranks' streams then differ
+                seed = self.comm.bcast(int(np.random.SeedSequence().entropy) % 2**63, root=0)
+            seed = np.random.SeedSequence(seed).spawn(self.comm.Get_size())[
+                self.comm.Get_rank()]
         self.rng = np.random.default_rng(seed)
         if preconditioner not in (None, "diag", "kfac"):
             raise ValueError(f"preconditioner must be None, 'diag' or 'kfac', got "
                              f"{preconditioner!r}")
+        if preconditioner is not None and self.comm is not None:
+            raise ValueError("NewtonCG does not combine comm with a preconditioner yet")
         if preconditioner == "kfac":
             kronecker_layers(self.model)  # a layer KFAC cannot factor: refused now
         self.preconditioner = preconditioner
@@ -283,22 +305,42 @@ class NewtonCG:
     def objective(self, theta: np.ndarray, data: Data) -> tuple[float, np.ndarray]:
         """Return ``(f, grad f)`` over all of ``data``, accumulated in chunks."""
         value, grad = loss_and_grad(self.model, self.loss, theta, data,
-                                    chunk_size=self.chunk_size, n_threads=self.n_threads)
+                                    chunk_size=self.chunk_size, n_threads=self.n_threads,
+                                    comm=self.comm)
         l2 = self._l2 if np.isscalar(self._l2) else self._l2.astype(grad.dtype, copy=False)
         return value + 0.5 * float(theta @ (l2 * theta)), grad + l2 * theta
 
     def _prepare(self, theta, data):
         theta = check_params(theta, self.model.n_params).copy()
         batches = data if hasattr(data, "batches") else as_batches(
-            self.model, self.loss, data, theta.dtype)
+            self.model, self.loss, data, theta.dtype, allow_empty=self.comm is not None)
         n = batches.n_samples
-        size = (self.subsample if isinstance(self.subsample, numbers.Integral)
-                else max(1, int(round(self.subsample * n))))
-        if size > n:
-            raise ValueError(f"subsample of {size} samples exceeds the {n} samples of data")
-        return theta, batches, size
+        if self.comm is None:
+            size = (self.subsample if isinstance(self.subsample, numbers.Integral)
+                    else max(1, int(round(self.subsample * n))))
+            if size > n:
+                raise ValueError(f"subsample of {size} samples exceeds the {n} samples of "
+                                 "data")
+            self._counts = (n, size)
+            return theta, batches, size
+        # distributed: this rank's share of the subsample, from its own shard
+        n_global = int(self.comm.allreduce(n))
+        if isinstance(self.subsample, numbers.Integral):
+            if self.subsample > n_global:
+                raise ValueError(f"subsample of {self.subsample} samples exceeds the "
+                                 f"{n_global} samples of data (all ranks)")
+            size = int(round(self.subsample * n / n_global))
+        else:
+            size = max(1, int(round(self.subsample * n))) if n else 0
+        self._counts = (n_global, int(self.comm.allreduce(size)))
+        return theta, batches, min(size, n)
 
     def _subsample(self, batches, size):
+        if size == 0:  # a rank whose shard is empty (or too small for a share)
+            K, dtype = self.model.n_outputs, batches.batches[0][0].dtype if \
+                batches.batches else np.float64
+            return (np.empty((0,) + tuple(self.model.input_shape), dtype=dtype),
+                    self.loss.example_targets(0, K, dtype))
         index = np.sort(self.rng.choice(batches.n_samples, size=size, replace=False))
         if len(batches.batches) == 1:
             X, y = batches.batches[0]
@@ -338,9 +380,11 @@ class NewtonCG:
         self._stage = "the Gauss-Newton operator on the subsample"
         X_s, y_s = self._subsample(batches, size)
         G = GGNLinearOperator(self.model, self.loss, theta, (X_s, y_s), mode=self.mode,
+                              comm=self.comm,
                               n_threads=self.n_threads)
         # G on S uses S's own normaliser for "mean"; rescale to estimate the full GGN
-        scale = (batches.n_samples / size if self.loss.reduction == "sum" else 1.0)
+        n_all, size_all = self._counts  # over every rank, with comm
+        scale = (n_all / size_all if self.loss.reduction == "sum" else 1.0)
         system = _ShiftedScaled(G, scale, lam + self._l2)
         iterations = [0]
 
@@ -436,7 +480,8 @@ class NewtonCG:
         n_iterations = check_positive_int(n_iterations, "n_iterations")
         theta, batches, size = self._prepare(theta, data)
         if validation is not None:
-            validation = as_batches(self.model, self.loss, validation, theta.dtype)
+            validation = as_batches(self.model, self.loss, validation, theta.dtype,
+                                    allow_empty=self.comm is not None)
         out = sys.stdout if file is None else file
         try:
             value, grad = self.objective(theta, batches)
@@ -506,9 +551,14 @@ class NewtonCG:
     def evaluate(self, theta: npt.ArrayLike, data: Data) -> float:
         """Accuracy for CrossEntropyLoss, else the loss value, on ``data``."""
         batches = data if hasattr(data, "batches") else as_batches(
-            self.model, self.loss, data, np.asarray(theta).dtype)
+            self.model, self.loss, data, np.asarray(theta).dtype,
+            allow_empty=self.comm is not None)
         if isinstance(self.loss, CrossEntropyLoss):
             correct = sum(int((self.model.forward(theta, X, n_threads=self.n_threads)
                                .argmax(axis=1) == y).sum()) for X, y in batches.batches)
+            if self.comm is not None:  # every rank's shard (exact integer sums)
+                correct = int(self.comm.allreduce(correct))
+                return correct / int(self.comm.allreduce(batches.n_samples))
             return correct / batches.n_samples
-        return loss_and_grad(self.model, self.loss, theta, batches, n_threads=self.n_threads)[0]
+        return loss_and_grad(self.model, self.loss, theta, batches, n_threads=self.n_threads,
+                             comm=self.comm)[0]

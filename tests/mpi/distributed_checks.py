@@ -79,6 +79,26 @@ def agree():
           ghess.loss_and_grad(model, sum_loss, theta, (X, Y))[1], "sum reduction")
 
 
+def newton():
+    """Distributed subsampled Newton-CG: the same parameters on every rank, lower objective."""
+    model, theta, X, y = problem()
+    s = shard(len(X))
+    loss = ghess.CrossEntropyLoss()
+    for subsample in (0.5, 12):
+        opt = ghess.NewtonCG(model, loss, C=10.0, subsample=subsample, seed=0, comm=comm)
+        new, history = opt.fit(theta, (X[s], y[s]), n_iterations=4, verbose=False,
+                               validation=(X[s], y[s]))
+        same_on_every_rank(new)
+        same_on_every_rank(np.array([h.objective for h in history]))
+        objective = [h.objective for h in history]
+        assert objective[-1] < objective[0]
+        # the objective it reports is the whole data's, as one process computes it
+        value, _ = ghess.loss_and_grad(model, loss, new, (X, y))
+        close(objective[-1], value + 0.5 * float(new @ new) / 10.0, "objective")
+        accuracy = (model.forward(new, X).argmax(axis=1) == y).mean()
+        close(history[-1]["validation"], accuracy, "validation accuracy")
+
+
 def params_differ():
     model, theta, X, y = problem()
     theta = theta + (rank == 1) * 1e-9
