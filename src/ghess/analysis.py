@@ -18,6 +18,7 @@ from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
 
 from . import _engine
 from ._config import computing
+from ._distributed import sum_in_rank_order
 from ._engine.plan import chunk_size_for
 from ._problem import Problem
 from ._progress import Progress
@@ -233,16 +234,19 @@ def hutchinson_diagonal(op: LinearOperator, n_samples: int = 100, *,
 def ggn_diagonal(model: Sequential, loss: Loss, params: npt.ArrayLike, data: Data, *,
                  chunk_size: int | None = None, n_threads: int | None = None,
                  memory_budget: int = 256 << 20,
-                 check_deterministic: bool = True) -> np.ndarray:
+                 check_deterministic: bool = True, comm=None) -> np.ndarray:
     r"""Exact diagonal of the GGN, :math:`\sum_n \mathrm{diag}(J_n^\top B_n J_n)`.
 
     Computed from the per-sample factors chunk by chunk, without the n x n
     matrix: per chunk, the per-sample Jacobians ``J`` (chunk, K, n_params) and
     ``B J``, reduced immediately. ``chunk_size`` defaults to what fits
-    ``memory_budget`` bytes.
+    ``memory_budget`` bytes. ``comm``: data-parallel, as for
+    :class:`ghess.GGNLinearOperator` (the whole data's diagonal on every rank).
+    The estimators below take the distributed operators as they are: with the
+    default ``seed`` every rank draws the same vectors, so SPMD calls agree.
     """
     p = Problem(model, loss, params, data, chunk_size=chunk_size, n_threads=n_threads,
-                check_deterministic=check_deterministic)
+                check_deterministic=check_deterministic, comm=comm)
     if not check_nonnegative(memory_budget, "memory_budget") > 0:
         raise ValueError(f"memory_budget must be > 0 bytes, got {memory_budget}")
     K, P = model.n_outputs, model.n_params
@@ -264,6 +268,7 @@ def ggn_diagonal(model: Sequential, loss: Loss, params: npt.ArrayLike, data: Dat
             BJt = np.empty_like(Jt)
             loss.hessian_apply(state, Jt, p.scale, BJt, omp)
             diag += np.einsum("npk,npk->p", Jt, BJt)
+    diag = sum_in_rank_order(p.comm, diag)
     _engine.check_finite_result(diag, "the GGN diagonal")
     return diag.astype(p.dtype)
 

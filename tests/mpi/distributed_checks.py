@@ -73,6 +73,14 @@ def agree():
     same_on_every_rank(x)
     close(x, cg(ghess.GGNLinearOperator(model, loss, theta, (X, y), damping=1e-2), -ref_grad,
                 rtol=1e-10)[0], "CG solution", 1e-8)  # CG to 1e-10 amplifies rounding
+    # the GGN diagonal, and an estimator run SPMD on a distributed operator
+    close(ghess.analysis.ggn_diagonal(model, loss, theta, mine, comm=comm),
+          ghess.analysis.ggn_diagonal(model, loss, theta, (X, y)), "GGN diagonal")
+    top = ghess.analysis.top_eigenvalues(G, k=2)
+    same_on_every_rank(top)
+    close(top, ghess.analysis.top_eigenvalues(
+        ghess.GGNLinearOperator(model, loss, theta, (X, y), damping=1e-2), k=2),
+        "top eigenvalues", 1e-9)
     sum_loss = ghess.MSELoss(reduction="sum")
     Y = np.random.default_rng(3).normal(size=(len(X), 4))
     close(ghess.loss_and_grad(model, sum_loss, theta, (X[s], Y[s]), comm=comm)[1],
