@@ -56,3 +56,12 @@ def test_faults_end_every_rank_with_a_clear_message(case, message):
     assert done.returncode != 0
     assert message in done.stdout + done.stderr
     assert "OK" not in done.stdout
+
+
+def test_distributed_demo():
+    """``python -m ghess demo --distributed`` launches 2 ranks and trains the digits CNN."""
+    pytest.importorskip("sklearn")
+    done = subprocess.run([sys.executable, "-m", "ghess", "demo", "--distributed"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "every rank ended with the same parameters: True" in done.stdout
