@@ -50,6 +50,7 @@ def test_distributed_newton_cg_keeps_every_rank_in_step(ranks):
     ("model_differs", "ranks disagree on the model's structure: rank(s) [1]"),
     ("bad_shard", "rank 1's data: X must have shape (n_samples, 1, 5, 5)"),
     ("raises_mid_run", "rank 1 fails between two products"),
+    ("newton_bad_shard", "rank 1's data: CrossEntropyLoss: labels must lie in [0, 4)"),
 ])
 def test_faults_end_every_rank_with_a_clear_message(case, message):
     done = run(2, case, timeout=60)  # a hang would hit the timeout

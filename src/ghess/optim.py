@@ -37,7 +37,7 @@ import numpy.typing as npt
 from scipy.sparse.linalg import LinearOperator, cg
 
 from ._data import as_batches
-from ._distributed import check_comm
+from ._distributed import check_comm, global_count_or_raise
 from ._engine.kfac import kronecker_layers
 from ._problem import check_loss, check_mode, check_model
 from ._progress import Progress
@@ -312,8 +312,16 @@ class NewtonCG:
 
     def _prepare(self, theta, data):
         theta = check_params(theta, self.model.n_params).copy()
+        if self.comm is not None and not hasattr(data, "batches"):
+            # a bad shard on one rank raises on every rank (with the sample count)
+            failure = None
+            try:
+                data = as_batches(self.model, self.loss, data, theta.dtype, allow_empty=True)
+            except (ValueError, TypeError) as exc:
+                failure = exc
+            global_count_or_raise(self.comm, 0 if failure else data.n_samples, failure)
         batches = data if hasattr(data, "batches") else as_batches(
-            self.model, self.loss, data, theta.dtype, allow_empty=self.comm is not None)
+            self.model, self.loss, data, theta.dtype)
         n = batches.n_samples
         if self.comm is None:
             size = (self.subsample if isinstance(self.subsample, numbers.Integral)
@@ -333,6 +341,9 @@ class NewtonCG:
         else:
             size = max(1, int(round(self.subsample * n))) if n else 0
         self._counts = (n_global, int(self.comm.allreduce(size)))
+        if self._counts[1] == 0:
+            raise ValueError(f"subsample={self.subsample} gives every rank a share of 0 "
+                             "samples: ask for more")
         return theta, batches, min(size, n)
 
     def _subsample(self, batches, size):

@@ -138,6 +138,14 @@ def bad_shard():
     ghess.loss_and_grad(model, ghess.CrossEntropyLoss(), theta, (X[:3], y[:3]), comm=comm)
 
 
+def newton_bad_shard():
+    model, theta, X, y = problem()
+    if rank == 1:
+        y = y + 10  # labels out of range on one rank
+    ghess.NewtonCG(model, ghess.CrossEntropyLoss(), comm=comm).fit(
+        theta, (X[:5], y[:5]), n_iterations=1, verbose=False)
+
+
 def raises_mid_run():
     model, theta, X, y = problem()
     G = ghess.GGNLinearOperator(model, ghess.CrossEntropyLoss(), theta, (X[:3], y[:3]),
