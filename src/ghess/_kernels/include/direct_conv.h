@@ -292,34 +292,29 @@ static void ghess_dc_weight_grad_##SUFFIX(const T *gT, int M, const T *xp, const
     }                                                                                       \
 }
 
-GHESS_DEFINE_DIRECT_WGRAD_X86(GHESS_TARGET_AVX2_FMA, double, avx2_f64, __m256d, _mm256_loadu_pd,
-                              _mm256_broadcast_sd, _mm256_fmadd_pd, _mm256_setzero_pd,
-                              _mm256_storeu_pd, _mm256_add_pd, 4)
-GHESS_DEFINE_DIRECT_WGRAD_X86(GHESS_TARGET_AVX2_FMA, float, avx2_f32, __m256, _mm256_loadu_ps,
-                              _mm256_broadcast_ss, _mm256_fmadd_ps, _mm256_setzero_ps,
-                              _mm256_storeu_ps, _mm256_add_ps, 8)
-GHESS_DEFINE_DIRECT_CONV_X86(GHESS_TARGET_AVX2_FMA, double, avx2_f64, __m256d, _mm256_loadu_pd,
-                             _mm256_broadcast_sd, _mm256_fmadd_pd, _mm256_setzero_pd,
-                             _mm256_storeu_pd, _mm256_add_pd, 4)
-GHESS_DEFINE_DIRECT_CONV_X86(GHESS_TARGET_AVX2_FMA, float, avx2_f32, __m256, _mm256_loadu_ps,
-                             _mm256_broadcast_ss, _mm256_fmadd_ps, _mm256_setzero_ps,
-                             _mm256_storeu_ps, _mm256_add_ps, 8)
+/* Both kernels (forward and weight gradient) for one ISA and element type */
+#define GHESS_DEFINE_DIRECT_X86(TARGET, T, SUFFIX, VEC, LOADU, BCAST, FMA, SETZERO, STOREU, ADD, L) \
+    GHESS_DEFINE_DIRECT_WGRAD_X86(TARGET, T, SUFFIX, VEC, LOADU, BCAST, FMA, SETZERO, STOREU,  \
+                                  ADD, L)                                                     \
+    GHESS_DEFINE_DIRECT_CONV_X86(TARGET, T, SUFFIX, VEC, LOADU, BCAST, FMA, SETZERO, STOREU,   \
+                                 ADD, L)
+
+GHESS_DEFINE_DIRECT_X86(GHESS_TARGET_AVX2_FMA, double, avx2_f64, __m256d, _mm256_loadu_pd,
+                        _mm256_broadcast_sd, _mm256_fmadd_pd, _mm256_setzero_pd,
+                        _mm256_storeu_pd, _mm256_add_pd, 4)
+GHESS_DEFINE_DIRECT_X86(GHESS_TARGET_AVX2_FMA, float, avx2_f32, __m256, _mm256_loadu_ps,
+                        _mm256_broadcast_ss, _mm256_fmadd_ps, _mm256_setzero_ps,
+                        _mm256_storeu_ps, _mm256_add_ps, 8)
 
 /* AVX-512: a broadcast from memory is a set1 of the loaded scalar */
 #define GHESS_BCAST512_PD(p) _mm512_set1_pd(*(p))
 #define GHESS_BCAST512_PS(p) _mm512_set1_ps(*(p))
-GHESS_DEFINE_DIRECT_WGRAD_X86(GHESS_TARGET_AVX512, double, avx512_f64, __m512d, _mm512_loadu_pd,
-                              GHESS_BCAST512_PD, _mm512_fmadd_pd, _mm512_setzero_pd,
-                              _mm512_storeu_pd, _mm512_add_pd, 8)
-GHESS_DEFINE_DIRECT_WGRAD_X86(GHESS_TARGET_AVX512, float, avx512_f32, __m512, _mm512_loadu_ps,
-                              GHESS_BCAST512_PS, _mm512_fmadd_ps, _mm512_setzero_ps,
-                              _mm512_storeu_ps, _mm512_add_ps, 16)
-GHESS_DEFINE_DIRECT_CONV_X86(GHESS_TARGET_AVX512, double, avx512_f64, __m512d, _mm512_loadu_pd,
-                             GHESS_BCAST512_PD, _mm512_fmadd_pd, _mm512_setzero_pd,
-                             _mm512_storeu_pd, _mm512_add_pd, 8)
-GHESS_DEFINE_DIRECT_CONV_X86(GHESS_TARGET_AVX512, float, avx512_f32, __m512, _mm512_loadu_ps,
-                             GHESS_BCAST512_PS, _mm512_fmadd_ps, _mm512_setzero_ps,
-                             _mm512_storeu_ps, _mm512_add_ps, 16)
+GHESS_DEFINE_DIRECT_X86(GHESS_TARGET_AVX512, double, avx512_f64, __m512d, _mm512_loadu_pd,
+                        GHESS_BCAST512_PD, _mm512_fmadd_pd, _mm512_setzero_pd,
+                        _mm512_storeu_pd, _mm512_add_pd, 8)
+GHESS_DEFINE_DIRECT_X86(GHESS_TARGET_AVX512, float, avx512_f32, __m512, _mm512_loadu_ps,
+                        GHESS_BCAST512_PS, _mm512_fmadd_ps, _mm512_setzero_ps,
+                        _mm512_storeu_ps, _mm512_add_ps, 16)
 
 /* The kernels of an ISA level (GHESS_ISA_AVX512, else AVX2; never called at GENERIC). */
 #define GHESS_DEFINE_DIRECT_DISPATCH(T, SUFFIX)                                              \
