@@ -14,19 +14,10 @@ import numpy as np
 from .. import _engine
 from .._validation import check_positive_int
 from .base import CurvatureOperator
+from .ggn import _ForwardState
 
 __all__ = ["EmpiricalFisherLinearOperator", "FisherMCLinearOperator", "empirical_columns",
            "mc_columns", "type2_columns", "check_seed"]
-
-
-class _OutputColumns:
-    """A chunk's forward contexts and kept output-space columns (recompute mode)."""
-
-    __slots__ = ("ctxs", "kept")
-
-    def __init__(self, ctxs, kept):
-        self.ctxs = ctxs
-        self.kept = kept
 
 
 class _LowRankOutputOperator(CurvatureOperator):
@@ -46,19 +37,20 @@ class _LowRankOutputOperator(CurvatureOperator):
     def _chunk_state(self, X, y):
         """Return the chunk's stored factors, with its columns as their loss state."""
         forward = self._recompute_state(X, y)
-        return self._jacobian_factors(X, forward.ctxs, forward.kept)
+        return self._jacobian_factors(X, forward.ctxs, forward.loss_state)
 
     def _recompute_state(self, X, y):
         p = self.problem
         ctxs, z = _engine.checked_forward(self.model, p.lparams, X, 1, p.omp_threads)
-        return _OutputColumns(ctxs, _output_matrix(self._columns(z, y)))
+        # the GGN's recompute state, the kept columns in place of the loss state
+        return _ForwardState(ctxs, _output_matrix(self._columns(z, y)))
 
     def _chunk_product(self, state, tangents, accs, k):
         p, model = self.problem, self.model
-        if isinstance(state, _OutputColumns):  # recompute mode: passes
+        if isinstance(state, _ForwardState):  # recompute mode: passes
             Jv = _engine.jvp_chunk(model, p.lparams, tangents, state.ctxs, k, p.omp_threads)
-            _engine.vjp_chunk(model, p.lparams, state.ctxs, _low_rank_apply(state.kept, Jv), accs,
-                              p.omp_threads)
+            u = _low_rank_apply(state.loss_state, Jv)
+            _engine.vjp_chunk(model, p.lparams, state.ctxs, u, accs, p.omp_threads)
         else:
             Jv = _engine.factor_jvp(model, p.lparams, tangents, state, k, p.omp_threads)
             _engine.factor_vjp(model, state, _low_rank_apply(state.loss_state, Jv), accs,
