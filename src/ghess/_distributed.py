@@ -54,6 +54,21 @@ def sum_in_rank_order(comm, array):
     return total
 
 
+def _as_message(failure):
+    """Return a rank's validation error as ``(type name, message)`` to gather, or None."""
+    return None if failure is None else (type(failure).__name__, str(failure))
+
+
+def _raise_first_failure(messages, what):
+    """Raise, on every rank, the first rank's gathered error (``_as_message``), if any."""
+    failed = [(rank, m) for rank, m in enumerate(messages) if m is not None]
+    if failed:
+        rank, (kind, message) = failed[0]
+        more = f" (and {len(failed) - 1} more rank(s) failed)" if len(failed) > 1 else ""
+        raise (TypeError if kind == "TypeError" else ValueError)(
+            f"rank {rank}'s {what}: {message}{more}")
+
+
 def global_count_or_raise(comm, count, failure=None):
     """Return the sum of a sample count over the ranks; raise on every rank if one failed.
 
@@ -65,14 +80,8 @@ def global_count_or_raise(comm, count, failure=None):
         if failure is not None:
             raise failure
         return int(count)
-    everyone = comm.allgather((int(count), None if failure is None else
-                               (type(failure).__name__, str(failure))))
-    failed = [(rank, why) for rank, (_, why) in enumerate(everyone) if why is not None]
-    if failed:
-        rank, (kind, message) = failed[0]
-        error = TypeError if kind == "TypeError" else ValueError
-        raise error(f"rank {rank}'s data: {message}" + (
-            f" (and {len(failed) - 1} more rank(s) failed)" if len(failed) > 1 else ""))
+    everyone = comm.allgather((int(count), _as_message(failure)))
+    _raise_first_failure([why for _, why in everyone], "data")
     if sum(n for n, _ in everyone) == 0:
         raise ValueError("data is empty on every rank: got 0 samples in all")
     return sum(n for n, _ in everyone)
@@ -91,7 +100,7 @@ def check_agreement(comm, model, params, loss=None, failure=None):
             raise failure
         return
     mine = {
-        "failure": None if failure is None else (type(failure).__name__, str(failure)),
+        "failure": _as_message(failure),
         "model": f"{model.input_shape} {model!r}",
         "loss": repr(loss),
         "params": None if params is None else (int(params.size), str(params.dtype)),
@@ -99,12 +108,7 @@ def check_agreement(comm, model, params, loss=None, failure=None):
             np.ascontiguousarray(params).tobytes()).hexdigest(),
     }
     everyone = comm.allgather(mine)
-    failed = [(rank, other["failure"]) for rank, other in enumerate(everyone)
-              if other["failure"] is not None]
-    if failed:
-        rank, (kind, message) = failed[0]
-        raise (TypeError if kind == "TypeError" else ValueError)(
-            f"rank {rank}'s parameters: {message}")
+    _raise_first_failure([other["failure"] for other in everyone], "parameters")
     for key in ("model", "loss", "params", "checksum"):
         differ = [r for r, other in enumerate(everyone) if other[key] != everyone[0][key]]
         if differ:
