@@ -363,6 +363,7 @@ class EKFACLinearOperator(KFACLinearOperator):
     def __init__(self, model, loss, params, data, **kwargs):
         super().__init__(model, loss, params, data, **kwargs)
         self.corrected_eigenvalues = self._correct()
+        self._in_dtype = None
 
     def _correct(self):
         model, p = self.model, self.problem
@@ -385,19 +386,20 @@ class EKFACLinearOperator(KFACLinearOperator):
         return {i: (E["weight"], E.get("bias")) for i, E in self.corrected_eigenvalues.items()}
 
     def _apply_rows(self, V):
-        eigen = self.eigendecompositions()
-        dtype = self.dtype
+        if self._in_dtype is None:  # the basis and eigenvalues in the operator's dtype, once
+            self._in_dtype = {
+                i: (Qa.astype(self.dtype), Qb.astype(self.dtype),
+                    {name: E.astype(self.dtype) for name, E in
+                     self.corrected_eigenvalues[i].items()})
+                for i, ((_, Qa), (_, Qb)) in self.eigendecompositions().items()}
 
         def weight_op(i, M):
-            (_, Qa), (_, Qb) = eigen[i]
-            Qa, Qb = Qa.astype(dtype), Qb.astype(dtype)
-            W = self.corrected_eigenvalues[i]["weight"].astype(dtype)
-            return _sandwich(Qb, M, Qa, self.problem.omp_threads, W)
+            Qa, Qb, E = self._in_dtype[i]
+            return _sandwich(Qb, M, Qa, self.problem.omp_threads, E["weight"])
 
         def bias_op(i, b):
-            _, (_, Qb) = eigen[i]
-            Qb = Qb.astype(dtype)
-            return ((b @ Qb) * self.corrected_eigenvalues[i]["bias"].astype(dtype)) @ Qb.T
+            _, Qb, E = self._in_dtype[i]
+            return ((b @ Qb) * E["bias"]) @ Qb.T
 
         out = self._apply_blocks(V, weight_op, bias_op)
         if self.damping:
