@@ -98,6 +98,19 @@ class _NoBackport:
 BatchedMatvec = _NoBackport if _SCIPY_BATCHES_MATVEC else _BatchedMatvec
 
 
+def _probe_arguments(model, mode, dtype, n_directions):
+    """Check ``memory_required``'s arguments; return mode, dtype, and the probes' params and
+    directions (n_params, n_directions)."""  # noqa: D205, D209
+    check_model(model)
+    mode = check_mode(mode)
+    if mode == "auto":
+        raise ValueError("memory_required needs mode 'stored' or 'recompute'")
+    dtype = check_dtype(dtype)
+    k = check_positive_int(n_directions, "n_directions")
+    V = np.random.default_rng(1).standard_normal((model.n_params, k)).astype(dtype)
+    return mode, dtype, model.init_params(seed=0, dtype=dtype), V
+
+
 def _peak_bytes(model, data, dtype, chunk_size, n_threads, probe_at, output_bytes_per_sample=0):
     """``memory_required``'s figure: probes on the chunking and threads of ``data``."""
     sizes = batch_sizes(data)
@@ -285,15 +298,8 @@ class CurvatureOperator(ChunkedOperator):
         differ by at most K numbers per sample). ``options``: the operator's own
         arguments that change its memory (``mc_samples`` of the Monte-Carlo Fisher).
         """
-        check_model(model)
-        mode = check_mode(mode)
-        if mode == "auto":
-            raise ValueError("memory_required needs mode 'stored' or 'recompute'")
+        mode, dtype, theta, V = _probe_arguments(model, mode, dtype, n_directions)
         loss = CrossEntropyLoss() if loss is None else check_loss(loss)
-        dtype = check_dtype(dtype)
-        k = check_positive_int(n_directions, "n_directions")
-        theta = model.init_params(seed=0, dtype=dtype)
-        V = np.random.default_rng(1).standard_normal((model.n_params, k)).astype(dtype)
 
         def probe_at(c):
             batch = _memory.example_batch(model, loss, c, dtype)

@@ -10,11 +10,10 @@ from scipy.sparse.linalg import LinearOperator
 
 from .. import _engine
 from .._config import computing
-from .._problem import Problem, check_dtype, check_mode, check_model, memory_limit
+from .._problem import Problem, memory_limit
 from .._typing import Mode
-from .._validation import check_positive_int
 from . import _memory
-from .base import BatchedMatvec, ChunkedOperator, _peak_bytes
+from .base import BatchedMatvec, ChunkedOperator, _peak_bytes, _probe_arguments
 
 if TYPE_CHECKING:
     from ..nn.sequential import Sequential
@@ -119,15 +118,9 @@ class JacobianLinearOperator(ChunkedOperator):
         columns: these products' results and vectors have a row per output of
         every sample, so they are counted for the whole data set.
         """
-        check_model(model)
-        mode = check_mode(mode)
-        if mode == "auto":
-            raise ValueError("memory_required needs mode 'stored' or 'recompute'")
-        dtype = check_dtype(dtype)
-        k = check_positive_int(n_directions, "n_directions")
-        theta = model.init_params(seed=0, dtype=dtype)
-        rng = np.random.default_rng(1)
-        V = rng.standard_normal((model.n_params, k)).astype(dtype)
+        mode, dtype, theta, V = _probe_arguments(model, mode, dtype, n_directions)
+        k = V.shape[1]
+        rng = np.random.default_rng(2)
 
         def probe_at(c):
             X_c = _memory.example_batch(model, None, c, dtype)
