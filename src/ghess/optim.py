@@ -348,10 +348,9 @@ class NewtonCG:
 
     def _subsample(self, batches, size):
         if size == 0:  # a rank whose shard is empty (or too small for a share)
-            K, dtype = self.model.n_outputs, batches.batches[0][0].dtype if \
-                batches.batches else np.float64
+            dtype = batches.batches[0][0].dtype if batches.batches else np.float64
             return (np.empty((0,) + tuple(self.model.input_shape), dtype=dtype),
-                    self.loss.example_targets(0, K, dtype))
+                    self.loss.example_targets(0, self.model.n_outputs, dtype))
         index = np.sort(self.rng.choice(batches.n_samples, size=size, replace=False))
         if len(batches.batches) == 1:
             X, y = batches.batches[0]
