@@ -226,7 +226,11 @@ def test_ab_same_build_twice_gives_ratios_and_no_differences(tmp_path):
         for op in ("loss+grad", "GGN product", "Hessian product")]
     for row in rows:
         a, b, ratio = float(row[4]), float(row[5]), float(row[6])
-        assert a > 0 and b > 0 and ratio == pytest.approx(b / a, rel=0.01)
+        # the medians are printed to 0.001 ms and the ratio to 0.001: the ratio must lie
+        # within what the rounded medians allow (a tiny problem's 0.09 ms leaves ~1% slack)
+        half = 0.0005
+        assert a > half and b > half
+        assert (b - half) / (a + half) - half <= ratio <= (b + half) / (a - half) + half
         assert row[8] == "0 |"  # the same build: identical numbers
     assert "Numbers unchanged: yes" in report
 
