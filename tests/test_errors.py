@@ -263,9 +263,12 @@ def test_comm_must_be_a_communicator():
     with pytest.raises(TypeError, match="comm must be an mpi4py communicator"):
         ghess.loss_and_grad(model, ghess.CrossEntropyLoss(), model.init_params(), (X, y),
                             comm="world")
-    with pytest.raises(ValueError, match="does not take comm yet"):
-        ghess.FisherMCLinearOperator(model, ghess.CrossEntropyLoss(), model.init_params(),
-                                     (X, y), comm=object())
+    for cls in (ghess.FisherMCLinearOperator, ghess.KFACLinearOperator):
+        with pytest.raises(TypeError, match="comm must be an mpi4py communicator"):
+            cls(model, ghess.CrossEntropyLoss(), model.init_params(), (X, y), comm=object())
+    G = ghess.GGNLinearOperator(model, ghess.CrossEntropyLoss(), model.init_params(), (X, y))
+    with pytest.raises(TypeError, match="comm must be an mpi4py communicator"):
+        ghess.top_eigenvalues(G, k=1, comm=1)
 
 
 def test_newton_cg_comm_is_checked():

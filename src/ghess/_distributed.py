@@ -19,7 +19,8 @@ import hashlib
 
 import numpy as np
 
-__all__ = ["check_comm", "sum_in_rank_order", "global_count_or_raise", "check_agreement"]
+__all__ = ["check_comm", "sum_in_rank_order", "rank_counts_or_raise", "global_count_or_raise",
+           "first_sample", "check_agreement"]
 
 
 def check_comm(comm):
@@ -69,22 +70,33 @@ def _raise_first_failure(messages, what):
             f"rank {rank}'s {what}: {message}{more}")
 
 
-def global_count_or_raise(comm, count, failure=None):
-    """Return the sum of a sample count over the ranks; raise on every rank if one failed.
+def rank_counts_or_raise(comm, count, failure=None):
+    """Return every rank's sample count, in rank order; raise on every rank if one failed.
 
     ``failure`` is this rank's validation error (or None): every rank learns of
     every other's, so a bad shard on one rank ends the call on all of them with
     the same message instead of leaving the others waiting in a collective.
+    Without ``comm``: ``[count]``.
     """
     if comm is None:
         if failure is not None:
             raise failure
-        return int(count)
+        return [int(count)]
     everyone = comm.allgather((int(count), _as_message(failure)))
     _raise_first_failure([why for _, why in everyone], "data")
     if sum(n for n, _ in everyone) == 0:
         raise ValueError("data is empty on every rank: got 0 samples in all")
-    return sum(n for n, _ in everyone)
+    return [n for n, _ in everyone]
+
+
+def global_count_or_raise(comm, count, failure=None):
+    """Return the sum of a sample count over the ranks (:func:`rank_counts_or_raise`)."""
+    return sum(rank_counts_or_raise(comm, count, failure))
+
+
+def first_sample(comm, counts):
+    """Global index of this rank's first sample: the counts of the ranks before it."""
+    return 0 if comm is None else sum(counts[:comm.Get_rank()])
 
 
 def check_agreement(comm, model, params, loss=None, failure=None):

@@ -13,7 +13,7 @@ import numpy as np
 
 from ._config import effective_threads, resolve_n_threads
 from ._data import as_batches, as_input_batches
-from ._distributed import check_agreement, check_comm, global_count_or_raise
+from ._distributed import check_agreement, check_comm, first_sample, rank_counts_or_raise
 from ._engine.plan import plan_for
 from ._validation import SUPPORTED_DTYPES, check_n_threads, check_params, check_positive_int
 from .nn.base import Layer
@@ -167,7 +167,8 @@ class Problem:
     Attributes
     ----------
     params, dtype, lparams (per-layer views of params), batches, n_samples (this
-    rank's), n_global (all ranks'), scale (the loss's reduction factor over all
+    rank's), n_global (all ranks'), first_sample (the global index of this rank's
+    first sample, ranks in order; 0 without comm), scale (the loss's reduction factor over all
     ranks' samples, 1 without a loss), chunk_size, n_threads (as given),
     omp_threads (resolved), plan, comm.
     """
@@ -207,7 +208,9 @@ class Problem:
                 raise
             failure = exc
         n_local = 0 if failure else self.batches.n_samples
-        self.n_global = global_count_or_raise(self.comm, n_local, failure)
+        counts = rank_counts_or_raise(self.comm, n_local, failure)
+        self.n_global = sum(counts)
+        self.first_sample = first_sample(self.comm, counts)
         self.n_samples = n_local
         self.scale = 1.0 if loss is None else loss.scale(self.n_global, model.n_outputs)
         self.lparams = model.layer_params(self.params)

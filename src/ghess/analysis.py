@@ -3,6 +3,11 @@
 Every function takes a symmetric ``scipy.sparse.linalg.LinearOperator`` (a
 ghess GGN or Hessian operator, or any other), needs only products with it, and
 uses ``matmat`` to push blocks of vectors through at once.
+
+Data-parallel (MPI): a ghess operator built with ``comm=`` gives every rank the
+same products, and these functions draw their random vectors on rank 0 and
+broadcast them (``comm``, by default the operator's own), so an SPMD call gives
+every rank the same result whatever ``seed``.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
 
 from . import _engine
 from ._config import computing
-from ._distributed import sum_in_rank_order
+from ._distributed import check_comm, sum_in_rank_order
 from ._engine.plan import chunk_size_for
 from ._problem import Problem
 from ._progress import Progress
@@ -61,16 +66,31 @@ def _rng(seed):
     raise TypeError(f"seed must be None, an int >= 0 or a numpy Generator, got {seed!r}")
 
 
-def _probes(rng, n, k, dtype):
+def _comm_of(op, comm):
+    """Return the communicator to share random vectors over: ``comm``, else the op's."""
+    return check_comm(comm if comm is not None else getattr(op, "comm", None))
+
+
+def _shared(comm, array):
+    """``array`` as rank 0 drew it, on every rank: an SPMD call's vectors must agree."""
+    if comm is None or comm.Get_size() == 1:
+        return array
+    array = np.ascontiguousarray(array)
+    comm.Bcast(array, root=0)
+    return array
+
+
+def _probes(rng, n, k, dtype, comm=None):
     """Rademacher vectors (n, k): E[v v^T] = I with the least variance for traces."""
-    return rng.choice(np.array([-1.0, 1.0], dtype=dtype), size=(n, k))
+    return _shared(comm, rng.choice(np.array([-1.0, 1.0], dtype=dtype), size=(n, k)))
 
 
 def top_eigenvalues(op: LinearOperator, k: int = 5, *, return_eigenvectors: bool = False,
                     tol: float = 1e-8, seed: int | np.random.Generator | None = 0,
                     maxiter: int | None = None, ncv: int | None = None,
                     callback: Callable[[int, int | None], None] | None = None,
-                    progress: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+                    progress: bool = False,
+                    comm=None) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Largest ``k`` eigenvalues (algebraic), in decreasing order, by ``eigsh``.
 
     Returns ``values`` or ``(values, vectors)`` with ``vectors[:, i]`` for ``values[i]``.
@@ -78,26 +98,29 @@ def top_eigenvalues(op: LinearOperator, k: int = 5, *, return_eigenvectors: bool
     Krylov space, then ``ArpackNoConvergence`` says how many converged.
     ``callback(products, None)`` is called after every operator product, and
     ``progress=True`` shows them (a tqdm bar where installed, else a text line).
+    ``comm``: an MPI communicator over which the start vector is shared (by
+    default the operator's own, see the module's notes).
     """
     return _extreme(op, k, "LA", return_eigenvectors, tol, seed, maxiter, ncv, callback,
-                    progress)
+                    progress, comm)
 
 
 def bottom_eigenvalues(op: LinearOperator, k: int = 5, *, return_eigenvectors: bool = False,
                        tol: float = 1e-8, seed: int | np.random.Generator | None = 0,
                        maxiter: int | None = None, ncv: int | None = None,
                        callback: Callable[[int, int | None], None] | None = None,
-                       progress: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+                       progress: bool = False,
+                       comm=None) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Smallest ``k`` eigenvalues (algebraic), in increasing order, by ``eigsh``.
 
     For the Hessian these are its most negative curvatures. They often sit in a
     tight cluster around 0, where Lanczos converges slowly: bound the work with
     ``maxiter``, loosen ``tol``, or read the smallest Ritz value of
     :func:`spectral_density`'s nodes as a cheap estimate. ``callback`` and
-    ``progress`` as for :func:`top_eigenvalues`.
+    ``progress`` and ``comm`` as for :func:`top_eigenvalues`.
     """
     return _extreme(op, k, "SA", return_eigenvectors, tol, seed, maxiter, ncv, callback,
-                    progress)
+                    progress, comm)
 
 
 class _Counted(LinearOperator):
@@ -128,20 +151,22 @@ def _reporting(op, total, desc, callback, progress):
         yield _Counted(op, report) if report.active else op
 
 
-def _extreme(op, k, which, return_eigenvectors, tol, seed, maxiter, ncv, callback, progress):
+def _extreme(op, k, which, return_eigenvectors, tol, seed, maxiter, ncv, callback, progress,
+             comm):
     n = _check_operator(op)
+    comm = _comm_of(op, comm)
     k = check_positive_int(k, "k")
     check_nonnegative(tol, "tol")
     if k >= n:
         raise ValueError(f"k must be smaller than the operator size {n}, got {k}")
     name = "top" if which == "LA" else "bottom"
     with _reporting(op, None, f"{name} eigenvalues: products", callback, progress) as op:
-        return _eigsh(op, n, k, which, return_eigenvectors, tol, seed, maxiter, ncv)
+        return _eigsh(op, n, k, which, return_eigenvectors, tol, seed, maxiter, ncv, comm)
 
 
-def _eigsh(op, n, k, which, return_eigenvectors, tol, seed, maxiter, ncv):
+def _eigsh(op, n, k, which, return_eigenvectors, tol, seed, maxiter, ncv, comm):
     """Run eigsh (one retry with a larger Krylov space); arguments checked by the caller."""
-    v0 = _rng(seed).normal(size=n).astype(op.dtype)
+    v0 = _shared(comm, _rng(seed).normal(size=n).astype(op.dtype))
     try:
         values, vectors = eigsh(op, k=k, which=which, tol=tol, v0=v0, maxiter=maxiter, ncv=ncv)
     except ArpackNoConvergence:
@@ -164,20 +189,22 @@ def _eigsh(op, n, k, which, return_eigenvectors, tol, seed, maxiter, ncv):
 def hutchinson_trace(op: LinearOperator, n_samples: int = 100, *,
                      seed: int | np.random.Generator | None = 0, block: int = 16,
                      callback: Callable[[int, int | None], None] | None = None,
-                     progress: bool = False) -> tuple[float, float]:
+                     progress: bool = False, comm=None) -> tuple[float, float]:
     """Hutchinson's estimate ``mean_i v_i^T A v_i`` with Rademacher ``v_i``.
 
     Returns ``(estimate, standard_error)``. ``callback(products, n_samples)``
-    after each block of products; ``progress=True`` shows them.
+    after each block of products; ``progress=True`` shows them. ``comm`` as for
+    :func:`top_eigenvalues`.
     """
     n = _check_operator(op)
+    comm = _comm_of(op, comm)
     n_samples = check_positive_int(n_samples, "n_samples")
     block = check_positive_int(block, "block")
     rng = _rng(seed)
     values = []
     with _reporting(op, n_samples, "Hutchinson trace", callback, progress) as op:
         for start in range(0, n_samples, block):
-            V = _probes(rng, n, min(block, n_samples - start), op.dtype)
+            V = _probes(rng, n, min(block, n_samples - start), op.dtype, comm)
             values.extend(np.einsum("ij,ij->j", V, op.matmat(V)))
     values = np.asarray(values, dtype=np.float64)
     error = values.std(ddof=1) / np.sqrt(n_samples) if n_samples > 1 else np.inf
@@ -187,24 +214,26 @@ def hutchinson_trace(op: LinearOperator, n_samples: int = 100, *,
 def hutchpp_trace(op: LinearOperator, n_matvecs: int = 102, *,
                   seed: int | np.random.Generator | None = 0,
                   callback: Callable[[int, int | None], None] | None = None,
-                  progress: bool = False) -> float:
+                  progress: bool = False, comm=None) -> float:
     """Hutch++ (Meyer, Musco, Musco and Woodruff, 2021): a low-rank part exactly, the rest
     by Hutchinson; ``n_matvecs`` products in all (a multiple of 3 is used).
 
     The error falls like 1/n_matvecs instead of 1/sqrt(n_matvecs); exact for
     operators of rank below ``n_matvecs / 3``. ``callback(products, total)`` after
-    each of its three blocks of products; ``progress=True`` shows them.
+    each of its three blocks of products; ``progress=True`` shows them. ``comm``
+    as for :func:`top_eigenvalues`.
     """  # noqa: D205
     n = _check_operator(op)
+    comm = _comm_of(op, comm)
     m = check_positive_int(n_matvecs, "n_matvecs") // 3
     if m < 1:
         raise ValueError(f"n_matvecs must be at least 3, got {n_matvecs}")
     m = min(m, n)
     rng = _rng(seed)
     with _reporting(op, 3 * m, "Hutch++ trace", callback, progress) as op:
-        S = _probes(rng, n, m, op.dtype)
+        S = _probes(rng, n, m, op.dtype, comm)
         Q, _ = np.linalg.qr(op.matmat(S))
-        G = _probes(rng, n, m, op.dtype)
+        G = _probes(rng, n, m, op.dtype, comm)
         G -= Q @ (Q.T @ G)  # project out range(Q)
         exact = np.trace(Q.T @ op.matmat(Q))
         rest = np.einsum("ij,ij->", G, op.matmat(G)) / m
@@ -214,19 +243,20 @@ def hutchpp_trace(op: LinearOperator, n_matvecs: int = 102, *,
 def hutchinson_diagonal(op: LinearOperator, n_samples: int = 100, *,
                         seed: int | np.random.Generator | None = 0, block: int = 16,
                         callback: Callable[[int, int | None], None] | None = None,
-                        progress: bool = False) -> np.ndarray:
+                        progress: bool = False, comm=None) -> np.ndarray:
     """Estimate of ``diag(A)`` as ``mean_i v_i * (A v_i)`` with Rademacher ``v_i``.
 
-    ``callback`` and ``progress`` as for :func:`hutchinson_trace`.
+    ``callback``, ``progress`` and ``comm`` as for :func:`hutchinson_trace`.
     """
     n = _check_operator(op)
+    comm = _comm_of(op, comm)
     n_samples = check_positive_int(n_samples, "n_samples")
     block = check_positive_int(block, "block")
     rng = _rng(seed)
     total = np.zeros(n)
     with _reporting(op, n_samples, "Hutchinson diagonal", callback, progress) as op:
         for start in range(0, n_samples, block):
-            V = _probes(rng, n, min(block, n_samples - start), op.dtype)
+            V = _probes(rng, n, min(block, n_samples - start), op.dtype, comm)
             total += np.einsum("ij,ij->i", V, op.matmat(V))
     return total / n_samples
 
@@ -242,8 +272,7 @@ def ggn_diagonal(model: Sequential, loss: Loss, params: npt.ArrayLike, data: Dat
     ``B J``, reduced immediately. ``chunk_size`` defaults to what fits
     ``memory_budget`` bytes. ``comm``: data-parallel, as for
     :class:`ghess.GGNLinearOperator` (the whole data's diagonal on every rank).
-    The estimators below take the distributed operators as they are: with the
-    default ``seed`` every rank draws the same vectors, so SPMD calls agree.
+    The estimators take the distributed operators as they are (the module's notes).
     """
     p = Problem(model, loss, params, data, chunk_size=chunk_size, n_threads=n_threads,
                 check_deterministic=check_deterministic, comm=comm)
@@ -295,7 +324,7 @@ def spectral_density(op: LinearOperator, *, n_vectors: int = 10, n_lanczos: int 
                      grid: npt.ArrayLike | None = None, n_grid: int = 512,
                      sigma: float | None = None, seed: int | np.random.Generator | None = 0,
                      callback: Callable[[int, int | None], None] | None = None,
-                     progress: bool = False
+                     progress: bool = False, comm=None
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     r"""Spectral density by stochastic Lanczos quadrature (Ghorbani, Krishnan and Xiao, 2019).
 
@@ -315,8 +344,10 @@ def spectral_density(op: LinearOperator, *, n_vectors: int = 10, n_lanczos: int 
 
     ``callback(products, n_vectors * n_lanczos)`` after each product (a Lanczos
     run may stop early on an invariant subspace); ``progress=True`` shows them.
+    ``comm`` as for :func:`top_eigenvalues`.
     """
     n = _check_operator(op)
+    comm = _comm_of(op, comm)
     n_vectors = check_positive_int(n_vectors, "n_vectors")
     steps = min(check_positive_int(n_lanczos, "n_lanczos"), n)
     rng = _rng(seed)
@@ -336,7 +367,7 @@ def spectral_density(op: LinearOperator, *, n_vectors: int = 10, n_lanczos: int 
     weights = np.zeros((n_vectors, steps))
     with _reporting(op, n_vectors * steps, "spectral density", callback, progress) as op:
         for i in range(n_vectors):
-            alpha, beta = _lanczos(op, _probes(rng, n, 1, np.float64)[:, 0], steps)
+            alpha, beta = _lanczos(op, _probes(rng, n, 1, np.float64, comm)[:, 0], steps)
             T = np.diag(alpha) + np.diag(beta, 1) + np.diag(beta, -1)
             theta, S = np.linalg.eigh(T)
             nodes[i, :len(theta)] = theta

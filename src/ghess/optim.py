@@ -208,7 +208,8 @@ class NewtonCG:
         subsample from its own shard with its own stream (``seed`` spawned per
         rank): every rank ends each iteration with the same parameters.
         ``subsample`` as a fraction applies to every shard; as a count, it is
-        shared in proportion to the shards. No preconditioner yet.
+        shared in proportion to the shards. A preconditioner is built from every
+        rank's part of the subsample, the same on every rank.
 
     Attributes
     ----------
@@ -292,8 +293,6 @@ class NewtonCG:
         if preconditioner not in (None, "diag", "kfac"):
             raise ValueError(f"preconditioner must be None, 'diag' or 'kfac', got "
                              f"{preconditioner!r}")
-        if preconditioner is not None and self.comm is not None:
-            raise ValueError("NewtonCG does not combine comm with a preconditioner yet")
         if preconditioner == "kfac":
             kronecker_layers(self.model)  # a layer KFAC cannot factor: refused now
         self.preconditioner = preconditioner
@@ -453,10 +452,10 @@ class NewtonCG:
             self._stage = f"the {self.preconditioner} preconditioner"
             if self.preconditioner == "kfac":
                 factors = KFACLinearOperator(self.model, self.loss, theta, subsample,
-                                             n_threads=self.n_threads)
+                                             n_threads=self.n_threads, comm=self.comm)
             else:
                 factors = ggn_diagonal(self.model, self.loss, theta, subsample,
-                                       n_threads=self.n_threads)
+                                       n_threads=self.n_threads, comm=self.comm)
             served = 0
         self._preconditioner_state = (factors, served + 1)
         # in theta's dtype: a float64 preconditioner would turn a float32 solve into float64

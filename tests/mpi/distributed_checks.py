@@ -14,7 +14,7 @@ import sys
 
 import numpy as np
 from mpi4py import MPI
-from scipy.sparse.linalg import cg
+from scipy.sparse.linalg import aslinearoperator, cg
 
 import ghess
 
@@ -81,10 +81,54 @@ def agree():
     close(top, ghess.analysis.top_eigenvalues(
         ghess.GGNLinearOperator(model, loss, theta, (X, y), damping=1e-2), k=2),
         "top eigenvalues", 1e-9)
+    family(model, theta, X, y, s, v)
+    estimators(model, theta, mine)
     sum_loss = ghess.MSELoss(reduction="sum")
     Y = np.random.default_rng(3).normal(size=(len(X), 4))
     close(ghess.loss_and_grad(model, sum_loss, theta, (X[s], Y[s]), comm=comm)[1],
           ghess.loss_and_grad(model, sum_loss, theta, (X, Y))[1], "sum reduction")
+
+
+def family(model, theta, X, y, s, v):
+    """Check the MC Fisher and KFAC/EKFAC: the ranks draw the targets of one process."""
+    Y = np.random.default_rng(4).normal(size=(len(X), 4))
+    B = (np.random.default_rng(5).random(size=(len(X), 4)) < 0.5).astype(float)
+    for loss, targets in ((ghess.CrossEntropyLoss(), y), (ghess.MSELoss(), Y),
+                          (ghess.BCEWithLogitsLoss(), B)):
+        for mode in ("stored", "recompute"):
+            op = ghess.FisherMCLinearOperator(model, loss, theta, (X[s], targets[s]),
+                                              mc_samples=3, seed=7, mode=mode, chunk_size=4,
+                                              comm=comm)
+            ref = ghess.FisherMCLinearOperator(model, loss, theta, (X, targets),
+                                               mc_samples=3, seed=7)
+            close(op @ v, ref @ v, f"MC Fisher {loss!r} {mode}")
+            same_on_every_rank(op @ v)
+    loss = ghess.CrossEntropyLoss()
+    for cls in (ghess.KFACLinearOperator, ghess.EKFACLinearOperator):
+        for fisher_type in ("type-2", "mc", "empirical"):
+            kw = dict(fisher_type=fisher_type, mc_samples=2 if fisher_type == "mc" else 1,
+                      kfac_approx="reduce" if fisher_type == "mc" else "expand", seed=3)
+            op = cls(model, loss, theta, (X[s], y[s]), chunk_size=4, comm=comm, **kw)
+            ref = cls(model, loss, theta, (X, y), **kw)
+            close(op @ v, ref @ v, f"{cls.__name__} {fisher_type}")
+            inverse = op.inverse(1e-2) @ v
+            close(inverse, ref.inverse(1e-2) @ v, f"{cls.__name__} {fisher_type} inverse",
+                  1e-10)
+            same_on_every_rank(np.concatenate([op @ v, inverse, [op.logdet]]))
+
+
+def estimators(model, theta, mine):
+    """Check that the analysis helpers agree on every rank whatever the seed."""
+    G = ghess.GGNLinearOperator(model, ghess.CrossEntropyLoss(), theta, mine, comm=comm)
+    shifted = G + aslinearoperator(0.5 * np.eye(G.shape[0]))  # a SciPy sum: no .comm
+    an = ghess.analysis
+    for seed in (None, np.random.default_rng(rank)):  # differ by rank unless shared
+        same_on_every_rank(np.concatenate([
+            an.top_eigenvalues(G, k=2, seed=seed),
+            an.top_eigenvalues(shifted, k=2, seed=seed, comm=comm),
+            [an.hutchinson_trace(G, 8, seed=seed)[0], an.hutchpp_trace(G, 9, seed=seed)],
+            an.hutchinson_diagonal(G, 4, seed=seed),
+            an.spectral_density(G, n_vectors=2, n_lanczos=5, seed=seed)[1]]))
 
 
 def newton():
@@ -92,8 +136,9 @@ def newton():
     model, theta, X, y = problem()
     s = shard(len(X))
     loss = ghess.CrossEntropyLoss()
-    for subsample in (0.5, 12):
-        opt = ghess.NewtonCG(model, loss, C=10.0, subsample=subsample, seed=0, comm=comm)
+    for subsample, preconditioner in ((0.5, None), (12, None), (0.5, "kfac"), (12, "diag")):
+        opt = ghess.NewtonCG(model, loss, C=10.0, subsample=subsample, seed=0, comm=comm,
+                             preconditioner=preconditioner)
         new, history = opt.fit(theta, (X[s], y[s]), n_iterations=4, verbose=False,
                                validation=(X[s], y[s]))
         same_on_every_rank(new)

@@ -132,11 +132,21 @@ class Loss(abc.ABC):
         The distribution whose negative log-likelihood this loss is (up to
         constants), at the outputs ``z`` (n, K); the result has a leading axis of
         ``n_draws``. Sample by sample in order, so a data set cut into other
-        chunks draws the same targets from the same generator.
+        chunks draws the same targets from the same generator. Each target takes
+        exactly :meth:`random_draws_per_target` 64-bit draws of ``rng`` (uniforms
+        from ``rng.random``), so a rank of a data-parallel run can skip the draws
+        of the samples before its shard.
         """
         raise NotImplementedError(
             f"{type(self).__name__} has no predictive distribution to sample targets from "
             "(the Monte-Carlo Fisher needs one): define sample_targets")
+
+    def random_draws_per_target(self, n_outputs: int) -> int:
+        """64-bit draws of the generator that :meth:`sample_targets` takes per target."""
+        raise NotImplementedError(
+            f"{type(self).__name__} does not say how many draws of the generator a target "
+            "takes (a data-parallel Monte-Carlo Fisher needs it to skip to its shard): "
+            "define random_draws_per_target")
 
     def __call__(self, outputs: npt.ArrayLike, targets: npt.ArrayLike) -> float:
         """Loss of network outputs (N, K) against targets, as a float."""
@@ -194,9 +204,18 @@ class MSELoss(Loss):
         return OutputHessianKind.IDENTITY, None, 2.0 * scale
 
     def sample_targets(self, z, rng, n_draws):
-        """Targets z + e, e ~ N(0, I / 2): (z - y)^2 is their negative log-likelihood."""
-        noise = rng.standard_normal((z.shape[0], n_draws, z.shape[1]))
+        """Targets z + e, e ~ N(0, I / 2): (z - y)^2 is their negative log-likelihood.
+
+        The normals by inverse CDF of uniforms (one draw each, unlike numpy's
+        variable-length ziggurat); a uniform of exactly 0 is moved to 2**-54.
+        """
+        u = np.maximum(rng.random((z.shape[0], n_draws, z.shape[1])), 2.0**-54)
+        noise = special.ndtri(u)
         return (z[:, None, :] + np.sqrt(0.5) * noise).astype(z.dtype).transpose(1, 0, 2)
+
+    def random_draws_per_target(self, n_outputs):
+        """One uniform per output."""
+        return n_outputs
 
 
 class CrossEntropyLoss(Loss):
@@ -245,6 +264,10 @@ class CrossEntropyLoss(Loss):
         labels = (u[:, :, None] >= cdf[:, None, :]).sum(axis=2)
         return np.minimum(labels, z.shape[1] - 1).T.astype(np.intp)
 
+    def random_draws_per_target(self, n_outputs):
+        """One uniform per label."""
+        return 1
+
 
 class BCEWithLogitsLoss(Loss):
     r"""Binary cross-entropy on logits, as ``torch.nn.BCEWithLogitsLoss``.
@@ -280,3 +303,7 @@ class BCEWithLogitsLoss(Loss):
         u = rng.random((z.shape[0], n_draws, z.shape[1]))
         sigma = special.expit(z.astype(np.float64))
         return (u < sigma[:, None, :]).astype(z.dtype).transpose(1, 0, 2)
+
+    def random_draws_per_target(self, n_outputs):
+        """One uniform per output."""
+        return n_outputs

@@ -157,8 +157,10 @@ class FisherMCLinearOperator(_LowRankOutputOperator):
         Targets drawn per sample.
     seed : int, default=0
         Seed of the draws.
-    damping, mode, chunk_size, memory_budget, n_threads, check_deterministic
-        As for :class:`ghess.GGNLinearOperator`.
+    damping, mode, chunk_size, memory_budget, n_threads, check_deterministic, comm
+        As for :class:`ghess.GGNLinearOperator`. With ``comm`` each rank skips the
+        draws of the samples on the ranks before it: the operator is the one that
+        a single process builds on the concatenated shards.
 
     Examples
     --------
@@ -177,10 +179,6 @@ class FisherMCLinearOperator(_LowRankOutputOperator):
     """
 
     def __init__(self, model, loss, params, data, *, mc_samples=1, seed=0, **kwargs):
-        if kwargs.get("comm") is not None:
-            raise ValueError("FisherMCLinearOperator does not take comm yet: its draws "
-                             "follow the samples' global order, which a rank cannot "
-                             "reproduce for its shard")
         self.mc_samples = check_positive_int(mc_samples, "mc_samples")
         self.seed = check_seed(seed)
         self._n_columns = self.mc_samples
@@ -196,13 +194,13 @@ class FisherMCLinearOperator(_LowRankOutputOperator):
         return _low_rank_bytes(plan, self._n_columns)
 
     def _chunk_states(self):
-        self._rng = np.random.default_rng(self.seed)  # the same draws for every pass
+        self._rng = None  # the same draws for every pass
         return super()._chunk_states()
 
     def _columns(self, z, y):
         p = self.problem
         if self._rng is None:
-            self._rng = np.random.default_rng(self.seed)
+            self._rng = target_stream(self.seed, p, self.mc_samples)
         return mc_columns(self.loss, z, p.scale, self._rng, self.mc_samples, p.omp_threads)
 
 
@@ -235,6 +233,20 @@ def type2_columns(loss, z, y, scale, n_threads):
     """Return the columns of a square root S of ``scale * B_n``: (n, K, K), sum s s^T = B."""
     _, _, state = _engine.checked_loss(loss, z, y, scale, n_threads)
     return np.ascontiguousarray(loss.hessian_sqrt(state, z, scale).transpose(0, 2, 1))
+
+
+def target_stream(seed, problem, n_draws):
+    """``numpy.random.default_rng(seed)`` at the draws of ``problem``'s first sample.
+
+    With a ``comm``, a rank skips the draws of the samples on the ranks before
+    it (``Loss.random_draws_per_target`` each), so the ranks draw the targets
+    that one process draws on the concatenated data.
+    """
+    rng = np.random.default_rng(seed)
+    if problem.comm is not None:  # asked on every rank: a loss without it fails on all
+        per_sample = n_draws * problem.loss.random_draws_per_target(problem.model.n_outputs)
+        rng.bit_generator.advance(problem.first_sample * per_sample)
+    return rng
 
 
 def check_seed(seed):

@@ -6,12 +6,13 @@ import numpy as np
 from scipy.sparse.linalg import LinearOperator
 
 from .._config import computing
+from .._distributed import sum_in_rank_order
 from .._engine.kfac import ekfac_chunk, kfac_chunk, kronecker_layers
 from .._kernels import dense
 from .._problem import Problem, check_loss, default_memory_budget, format_bytes
 from .._validation import check_damping, check_positive_int
 from .base import BLOCK_COLUMNS, BatchedMatvec, check_vectors
-from .fisher import check_seed, empirical_columns, mc_columns, type2_columns
+from .fisher import check_seed, empirical_columns, mc_columns, target_stream, type2_columns
 
 __all__ = ["KFACLinearOperator", "KFACInverseLinearOperator", "EKFACLinearOperator"]
 
@@ -104,6 +105,10 @@ class KFACLinearOperator(_FactoredOperator):
         Added multiple of the identity.
     chunk_size, n_threads, check_deterministic
         As for :class:`ghess.GGNLinearOperator`.
+    comm : mpi4py communicator, optional
+        ``data`` is this rank's shard: the factors are summed over the ranks (in
+        rank order, bit-identical on every rank) and ``"mc"`` draws what one
+        process draws on the concatenated shards.
 
     Attributes
     ----------
@@ -115,7 +120,8 @@ class KFACLinearOperator(_FactoredOperator):
 
     def __init__(self, model, loss, params, data, *, fisher_type="type-2",
                  kfac_approx="expand", mc_samples=1, seed=0, separate_weight_and_bias=True,
-                 damping=0.0, chunk_size=None, n_threads=None, check_deterministic=True):
+                 damping=0.0, chunk_size=None, n_threads=None, check_deterministic=True,
+                 comm=None):
         check_loss(loss)
         if fisher_type not in FISHER_TYPES:
             raise ValueError(f"fisher_type must be one of {FISHER_TYPES}, got {fisher_type!r}")
@@ -129,7 +135,7 @@ class KFACLinearOperator(_FactoredOperator):
         self.layers = kronecker_layers(model)
         problem = Problem(model, loss, params, data, chunk_size=chunk_size,
                           n_threads=n_threads, private=True,
-                          check_deterministic=check_deterministic)
+                          check_deterministic=check_deterministic, comm=comm)
         damping = check_damping(damping, model.n_params, problem.dtype)
         if np.ndim(damping):
             raise ValueError("KFACLinearOperator takes a scalar damping")
@@ -137,7 +143,7 @@ class KFACLinearOperator(_FactoredOperator):
         self.fisher_type, self.kfac_approx = fisher_type, kfac_approx
         self.separate_weight_and_bias = bool(separate_weight_and_bias)
         self.problem, self.model, self.loss = problem, model, problem.loss
-        self.n_samples = problem.n_samples
+        self.n_samples, self.comm = problem.n_samples, problem.comm
         super().__init__(dtype=problem.dtype, shape=(model.n_params, model.n_params))
         self.joint = {i for i in self.layers
                       if not self.separate_weight_and_bias and model.layers[i].bias}
@@ -160,16 +166,23 @@ class KFACLinearOperator(_FactoredOperator):
             n_out, d_in = self._weight_shape(i)
             A[i] = np.zeros((d_in + (i in self.joint),) * 2, dtype=self.dtype)
             B[i] = np.zeros((n_out, n_out), dtype=self.dtype)
-        columns = self._columns_fn(np.random.default_rng(self.seed))
+        columns = self._columns_fn(self._target_stream())
         with computing():
             for X, y in p.chunks():
                 kfac_chunk(model, p.lparams, self.layers, X, lambda z: columns(z, y),  # noqa: B023
                            self.kfac_approx, self.joint, A, B, p.omp_threads)
-        for i in self.layers:
+        for i in self.layers:  # with comm: the sums over every rank's samples
+            A[i], B[i] = sum_in_rank_order(self.comm, A[i]), sum_in_rank_order(self.comm, B[i])
             positions = (model.layers[i].kfac_positions() if self.kfac_approx == "expand"
                          else 1)
-            A[i] /= self.n_samples * positions
+            A[i] /= p.n_global * positions
         return A, B
+
+    def _target_stream(self):
+        """Return the generator of ``"mc"``'s draws at this rank's first sample, else None."""
+        if self.fisher_type != "mc":
+            return None
+        return target_stream(self.seed, self.problem, self.mc_samples)
 
     def _weight_shape(self, i):
         """(n_out, d_in): the weight as a matrix (a convolution's patches flattened)."""
@@ -374,13 +387,14 @@ class EKFACLinearOperator(KFACLinearOperator):
             E[i] = {"weight": np.zeros((n_out, d_in + (i in self.joint)))}
             if model.layers[i].bias and i not in self.joint:
                 E[i]["bias"] = np.zeros(n_out)
-        columns = self._columns_fn(np.random.default_rng(self.seed))  # KFAC's draws again
+        columns = self._columns_fn(self._target_stream())  # KFAC's draws again
         with computing():
             for X, y in p.chunks():
                 ekfac_chunk(model, p.lparams, self.layers, X,
                             lambda z: columns(z, y),  # noqa: B023
                             self.joint, bases, E, p.omp_threads)
-        return E
+        return {i: {name: sum_in_rank_order(self.comm, part) for name, part in E[i].items()}
+                for i in E}
 
     def _block_eigenvalues(self):
         return {i: (E["weight"], E.get("bias")) for i, E in self.corrected_eigenvalues.items()}
