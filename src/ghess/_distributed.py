@@ -1,10 +1,11 @@
 """Data-parallel computations over MPI: each rank holds a shard, results are the whole data's.
 
 ghess takes any ``mpi4py`` communicator (``comm=``); mpi4py itself is optional and
-never imported here. Every reduction is :func:`sum_in_rank_order`: the ranks'
-arrays are gathered on rank 0, added in rank order, and broadcast, so every rank
-gets the same bits whatever the MPI library's reduction tree, and SciPy's solvers
-take the same iterates on every rank (an SPMD program stays in step).
+never imported here. Every reduction is :func:`sum_in_rank_order`: each rank
+adds one slice of the ranks' arrays in rank order and the slices are gathered
+on every rank, so every rank gets the same bits whatever the MPI library's
+reduction tree, and SciPy's solvers take the same iterates on every rank (an
+SPMD program stays in step).
 
 Before any work, :func:`check_agreement` compares across ranks what must agree
 (the model's structure, the parameters' length, dtype and a checksum): a
@@ -27,8 +28,8 @@ def check_comm(comm):
     """Return ``comm`` (None, or an mpi4py communicator); TypeError otherwise."""
     if comm is None:
         return None
-    if not all(hasattr(comm, name) for name in ("Get_rank", "Get_size", "Gather", "Bcast",
-                                               "allgather")):
+    if not all(hasattr(comm, name) for name in ("Get_rank", "Get_size", "Alltoallv",
+                                               "Allgatherv", "Bcast", "allgather")):
         raise TypeError(f"comm must be an mpi4py communicator (e.g. MPI.COMM_WORLD) or "
                         f"None, got {type(comm).__name__}")
     return comm
@@ -37,22 +38,36 @@ def check_comm(comm):
 def sum_in_rank_order(comm, array):
     """Return the sum over the ranks of ``array`` (same shape and dtype on every rank).
 
-    Gathered on rank 0, added in rank order there, broadcast: bit-identical on
-    every rank. ``comm`` None returns ``array`` itself.
+    A reduce-scatter then an allgather, both by hand: rank j receives every
+    rank's j-th slice of the flattened array (``Alltoallv``), adds the slices in
+    rank order, and the summed slices are gathered on every rank
+    (``Allgatherv``). Each rank sends and receives ``2 (P - 1) / P`` times the
+    array's bytes, as a ring allreduce does, but the order of the additions is
+    fixed (rank 0's part, plus rank 1's, ...): bit-identical on every rank
+    whatever the MPI library. ``comm`` None returns ``array`` itself.
     """
     if comm is None or comm.Get_size() == 1:
         return array
-    send = np.ascontiguousarray(array)
+    send = np.ascontiguousarray(array).reshape(-1)
     rank, size = comm.Get_rank(), comm.Get_size()
-    parts = np.empty((size,) + send.shape, dtype=send.dtype) if rank == 0 else None
-    comm.Gather(send, parts, root=0)
+    counts, displs = slice_bounds(send.size, size)
+    mine = counts[rank]
+    parts = np.empty((size, mine), dtype=send.dtype)
+    comm.Alltoallv([send, (counts, displs)],
+                   [parts, ([mine] * size, [i * mine for i in range(size)])])
+    summed = parts[0].copy()
+    for part in parts[1:]:
+        summed += part
     total = np.empty_like(send)
-    if rank == 0:
-        total[...] = parts[0]
-        for part in parts[1:]:
-            total += part
-    comm.Bcast(total, root=0)
-    return total
+    comm.Allgatherv(summed, [total, (counts, displs)])
+    return total.reshape(np.shape(array))
+
+
+def slice_bounds(n, size):
+    """Return the counts and offsets of ``size`` contiguous slices of ``n`` items, even."""
+    counts = [n // size + (i < n % size) for i in range(size)]
+    displs = [sum(counts[:i]) for i in range(size)]
+    return counts, displs
 
 
 def _as_message(failure):

@@ -47,7 +47,22 @@ def close(a, b, what, rtol=1e-12):
     assert err <= rtol, f"{what}: relative error {err:.2e}"
 
 
+def reduction():
+    """Check the reduction is the rank-order sum, for any length (below the rank count too)."""
+    from ghess._distributed import sum_in_rank_order
+
+    for shape in ((1,), (2,), (7, 3), (1000,)):
+        mine = np.random.default_rng(rank).normal(size=shape) * 10.0 ** rank
+        total = sum_in_rank_order(comm, mine)
+        expected = comm.allgather(mine)[0].copy()
+        for part in comm.allgather(mine)[1:]:
+            expected += part
+        assert total.shape == shape and np.array_equal(total, expected), shape
+        same_on_every_rank(total)
+
+
 def agree():
+    reduction()
     model, theta, X, y = problem()
     s = shard(len(X))
     mine = (X[s], y[s])
