@@ -303,3 +303,32 @@ def test_stage_times_are_exclusive():
     assert median >= 0.05
     assert scaling.karp_flatt(2.0, 2) == 0 and scaling.karp_flatt(1.0, 2) == 1
     assert abs(scaling.karp_flatt(4.0, 8) - 1 / 7) < 1e-12
+
+
+def test_mpi_scaling_reports_ranks_bytes_and_model(tmp_path):
+    # bench/mpi.py end to end on a tiny conv net (a smoke test, not a timing test)
+    pytest.importorskip("mpi4py")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "mpi.py"), "--problems",
+                           "tiny-cnn", "--budget", "0", "--output", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    if "no mpiexec" in proc.stderr:
+        pytest.skip("no mpiexec")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = (tmp_path / "MPI.md").read_text()
+    runs = json.loads((tmp_path / "mpi.json").read_text())["runs"]
+    assert "## tiny-cnn, N = 16, float32" in report and "Shards on 2 ranks: [8, 8]." in report
+    run = runs["tiny-cnn float32"]
+    assert set(run) == {"1 rank", "2 ranks", "1 proc, 1 thr", "1 proc, 2 thr", "network"}
+    itemsize, n_params = 4, 4 * 9 + 4 + 64 * 3 + 3
+    for op in ("GGN product", "Hessian product"):
+        # a product is one reduction: half the vector each way per rank on 2 ranks
+        assert run["2 ranks"]["collectives"][f"{op} @16"] == [
+            ["Alltoallv", n_params * itemsize], ["Allgatherv", n_params * itemsize]]
+        assert run["2 ranks"]["sent"][f"{op} @16"] == n_params * itemsize
+        assert re.search(rf"\| {op} \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+x \| "
+                         rf"[\d.]+x \| {n_params * itemsize:,} \| 1 Allgatherv, 1 Alltoallv \|",
+                         report)
+    for scale in (16, 160):  # the model at every rank count, for the data and 10x it
+        assert re.search(rf"\| GGN product \| {scale} \| cluster \| 1\.0 \|( [\d.]+ \|){{8}}",
+                         report)
+    assert run["network"]["alpha"] >= 0 and run["network"]["bandwidth"] > 0
