@@ -16,7 +16,7 @@ as ``mpiexec -n 4 python -m mpi4py script.py``, which aborts every rank when one
 raises.
 """
 
-import hashlib
+import zlib
 
 import numpy as np
 
@@ -118,7 +118,8 @@ def check_agreement(comm, model, params, loss=None, failure=None):
     """Raise on every rank unless all ranks have the same model, loss and params.
 
     Compared: the model's structure (its layers' repr and input shape), the loss
-    (its repr), the parameters' length and dtype, and a SHA-256 of their bytes.
+    (its repr), the parameters' length and dtype, and a CRC-32 of their bytes (read in
+    place: 0.6 ms for 2.7 MB, where a copy and a SHA-256 took 3 ms in every call).
     ``failure``: this rank's error in checking its parameters (``params`` then
     None), raised on every rank with the rank that had it.
     """
@@ -131,8 +132,8 @@ def check_agreement(comm, model, params, loss=None, failure=None):
         "model": f"{model.input_shape} {model!r}",
         "loss": repr(loss),
         "params": None if params is None else (int(params.size), str(params.dtype)),
-        "checksum": None if params is None else hashlib.sha256(
-            np.ascontiguousarray(params).tobytes()).hexdigest(),
+        "checksum": None if params is None else zlib.crc32(
+            memoryview(np.ascontiguousarray(params)).cast("B")),
     }
     everyone = comm.allgather(mine)
     _raise_first_failure([other["failure"] for other in everyone], "parameters")
