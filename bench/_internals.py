@@ -59,3 +59,10 @@ def ghess_isa():
     from ghess._kernels import conv
 
     return conv.ISA_NAMES[conv.isa()]
+
+
+def rank_order_sum(comm, array):
+    """Sum ``array`` over the MPI ranks as ghess does (``bench/mpi.py`` times it alone)."""
+    from ghess._distributed import sum_in_rank_order
+
+    return sum_in_rank_order(comm, array)
