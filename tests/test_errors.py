@@ -271,6 +271,33 @@ def test_comm_must_be_a_communicator():
         ghess.top_eigenvalues(G, k=1, comm=1)
 
 
+def test_distributed_draws_need_a_loss_that_says_what_a_target_draws():
+    # refused before any collective, on every rank alike (a rank with an empty shard makes
+    # no draw and would otherwise wait for the others)
+    class OneRank:  # the methods of an mpi4py communicator, one rank
+        Alltoallv = Allgatherv = Bcast = allgather = None
+
+        def Get_rank(self):  # noqa: N802
+            return 0
+
+        def Get_size(self):  # noqa: N802
+            return 1
+
+    class Unsaid(ghess.MSELoss):
+        random_draws_per_target = ghess.nn.Loss.random_draws_per_target
+
+    model = ghess.Sequential(ghess.Linear(3, 2), input_shape=(3,))
+    data = (np.ones((4, 3)), np.zeros((4, 2)))
+    for make in (lambda: ghess.FisherMCLinearOperator(model, Unsaid(), model.init_params(),
+                                                      data, comm=OneRank()),
+                 lambda: ghess.KFACLinearOperator(model, Unsaid(), model.init_params(), data,
+                                                  fisher_type="mc", comm=OneRank())):
+        with pytest.raises(NotImplementedError, match="define random_draws_per_target"):
+            make()
+    # without comm nothing is skipped, and nothing is asked
+    ghess.FisherMCLinearOperator(model, Unsaid(), model.init_params(), data)
+
+
 def test_newton_cg_comm_is_checked():
     model = ghess.Sequential(ghess.Linear(3, 2), input_shape=(3,))
     with pytest.raises(TypeError, match="comm must be an mpi4py communicator"):

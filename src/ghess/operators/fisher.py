@@ -12,6 +12,7 @@ state.
 import numpy as np
 
 from .. import _engine
+from .._problem import check_loss, check_model
 from .._validation import check_positive_int
 from .base import CurvatureOperator
 from .ggn import _ForwardState
@@ -181,6 +182,7 @@ class FisherMCLinearOperator(_LowRankOutputOperator):
     def __init__(self, model, loss, params, data, *, mc_samples=1, seed=0, **kwargs):
         self.mc_samples = check_positive_int(mc_samples, "mc_samples")
         self.seed = check_seed(seed)
+        check_skippable_draws(loss, model, kwargs.get("comm"))
         self._n_columns = self.mc_samples
         self._rng = None
         super().__init__(model, loss, params, data, **kwargs)
@@ -247,6 +249,16 @@ def target_stream(seed, problem, n_draws):
         per_sample = n_draws * problem.loss.random_draws_per_target(problem.model.n_outputs)
         rng.bit_generator.advance(problem.first_sample * per_sample)
     return rng
+
+
+def check_skippable_draws(loss, model, comm):
+    """Before any collective: with ``comm`` the loss must say what a target draws.
+
+    Raised here, on every rank alike, and not at the first draw, which a rank with
+    an empty shard never makes (it would wait for the others in a collective).
+    """
+    if comm is not None:
+        check_loss(loss).random_draws_per_target(check_model(model).n_outputs)
 
 
 def check_seed(seed):

@@ -12,7 +12,14 @@ from .._kernels import dense
 from .._problem import Problem, check_loss, default_memory_budget, format_bytes
 from .._validation import check_damping, check_positive_int
 from .base import BLOCK_COLUMNS, BatchedMatvec, check_vectors
-from .fisher import check_seed, empirical_columns, mc_columns, target_stream, type2_columns
+from .fisher import (
+    check_seed,
+    check_skippable_draws,
+    empirical_columns,
+    mc_columns,
+    target_stream,
+    type2_columns,
+)
 
 __all__ = ["KFACLinearOperator", "KFACInverseLinearOperator", "EKFACLinearOperator"]
 
@@ -132,6 +139,8 @@ class KFACLinearOperator(_FactoredOperator):
             raise ValueError(f"mc_samples must be 1 for fisher_type={fisher_type!r} (it counts "
                              f"the Monte-Carlo draws of 'mc'), got {mc_samples}")
         self.seed = check_seed(seed)
+        if fisher_type == "mc":
+            check_skippable_draws(loss, model, comm)
         self.layers = kronecker_layers(model)
         problem = Problem(model, loss, params, data, chunk_size=chunk_size,
                           n_threads=n_threads, private=True,
