@@ -168,9 +168,9 @@ class Problem:
     ----------
     params, dtype, lparams (per-layer views of params), batches, n_samples (this
     rank's), n_global (all ranks'), first_sample (the global index of this rank's
-    first sample, ranks in order; 0 without comm), scale (the loss's reduction factor over all
-    ranks' samples, 1 without a loss), chunk_size, n_threads (as given),
-    omp_threads (resolved), plan, comm.
+    first sample, ranks in order; 0 without comm), scale (the loss's reduction
+    factor over all ranks' samples, 1 without a loss), chunk_size, n_threads (as
+    given), omp_threads (resolved), plan, comm.
     """
 
     def __init__(self, model, loss, params, data, *, chunk_size=None, chunk_directions=1,
