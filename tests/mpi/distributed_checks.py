@@ -59,6 +59,13 @@ def reduction():
             expected += part
         assert total.shape == shape and np.array_equal(total, expected), shape
         same_on_every_rank(total)
+    # several arrays in one reduction: each as if reduced alone
+    from ghess._distributed import sum_all_in_rank_order
+
+    arrays = [np.random.default_rng(rank + 10).normal(size=shape) for shape in
+              ((3, 3), (1,), (5,))]
+    for packed, array in zip(sum_all_in_rank_order(comm, arrays), arrays):
+        assert np.array_equal(packed, sum_in_rank_order(comm, array))
 
 
 def agree():

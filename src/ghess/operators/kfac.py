@@ -6,7 +6,7 @@ import numpy as np
 from scipy.sparse.linalg import LinearOperator
 
 from .._config import computing
-from .._distributed import sum_in_rank_order
+from .._distributed import sum_all_in_rank_order
 from .._engine.kfac import ekfac_chunk, kfac_chunk, kronecker_layers
 from .._kernels import dense
 from .._problem import Problem, check_loss, default_memory_budget, format_bytes
@@ -180,8 +180,10 @@ class KFACLinearOperator(_FactoredOperator):
             for X, y in p.chunks():
                 kfac_chunk(model, p.lparams, self.layers, X, lambda z: columns(z, y),  # noqa: B023
                            self.kfac_approx, self.joint, A, B, p.omp_threads)
-        for i in self.layers:  # with comm: the sums over every rank's samples
-            A[i], B[i] = sum_in_rank_order(self.comm, A[i]), sum_in_rank_order(self.comm, B[i])
+        if self.comm is not None:  # the sums over every rank's samples, in one reduction
+            summed = sum_all_in_rank_order(self.comm, [*A.values(), *B.values()])
+            A, B = dict(zip(A, summed[:len(A)])), dict(zip(B, summed[len(A):]))
+        for i in self.layers:
             positions = (model.layers[i].kfac_positions() if self.kfac_approx == "expand"
                          else 1)
             A[i] /= p.n_global * positions
@@ -402,8 +404,11 @@ class EKFACLinearOperator(KFACLinearOperator):
                 ekfac_chunk(model, p.lparams, self.layers, X,
                             lambda z: columns(z, y),  # noqa: B023
                             self.joint, bases, E, p.omp_threads)
-        return {i: {name: sum_in_rank_order(self.comm, part) for name, part in E[i].items()}
-                for i in E}
+        parts = [(i, name) for i in E for name in E[i]]
+        summed = sum_all_in_rank_order(self.comm, [E[i][name] for i, name in parts])
+        for (i, name), part in zip(parts, summed):
+            E[i][name] = part
+        return E
 
     def _block_eigenvalues(self):
         return {i: (E["weight"], E.get("bias")) for i, E in self.corrected_eigenvalues.items()}
