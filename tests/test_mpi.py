@@ -44,6 +44,12 @@ def test_distributed_newton_cg_keeps_every_rank_in_step(ranks):
     assert f"OK ranks {list(range(ranks))}" in done.stdout
 
 
+def test_distributed_newton_cg_reports_once_and_stops_together():
+    done = run(3, "newton_reports")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "OK ranks [0, 1, 2]" in done.stdout
+
+
 @pytest.mark.parametrize("case, message", [
     ("params_differ", "ranks disagree on the parameters' values: rank(s) [1]"),
     ("params_wrong_length", "rank 1's parameters: params must have length 334"),

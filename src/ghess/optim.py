@@ -484,9 +484,13 @@ class NewtonCG:
         is given. ``callback(theta, record)`` may return True to stop early.
         ``progress=True`` shows the iterations (a tqdm bar where installed, else a
         text line on stderr). A KeyboardInterrupt stops the run and returns the
-        last ACCEPTED theta.
+        last ACCEPTED theta. With ``comm``, only rank 0 prints and shows progress,
+        and a callback that returns True on any rank stops every rank after the
+        same iteration.
         """
         n_iterations = check_positive_int(n_iterations, "n_iterations")
+        if self.comm is not None and self.comm.Get_rank() != 0:
+            verbose = progress = False  # rank 0 reports for all: they take the same steps
         theta, batches, size = self._prepare(theta, data)
         if validation is not None:
             validation = as_batches(self.model, self.loss, validation, theta.dtype,
@@ -527,7 +531,10 @@ class NewtonCG:
                           f"{record.step_size:6.3g} {record.time:6.2f}s"
                           + (f"  {record['validation']:.4f}" if validation else ""),
                           file=out, flush=True)
-                if callback is not None and callback(theta, record):
+                stop = callback is not None and bool(callback(theta, record))
+                if self.comm is not None:  # one rank's stop stops all, in the same iteration
+                    stop = int(self.comm.allreduce(int(stop))) > 0
+                if stop:
                     break
                 rejected = 0 if record.accepted else rejected + 1
                 # at a minimiser no step decreases f either: only a large gradient is stuck

@@ -174,6 +174,21 @@ def newton():
         close(history[-1]["validation"], accuracy, "validation accuracy")
 
 
+def newton_reports():
+    """Check that only rank 0 prints, and that one rank's callback stop stops every rank."""
+    import io
+
+    model, theta, X, y = problem()
+    s = shard(len(X))
+    out = io.StringIO()
+    opt = ghess.NewtonCG(model, ghess.CrossEntropyLoss(), subsample=0.5, seed=0, comm=comm)
+    _, history = opt.fit(theta, (X[s], y[s]), n_iterations=5, file=out,
+                         callback=lambda theta, record: rank == size - 1 and record is not None
+                         and len(opt.history_) == 2)
+    assert len(history) == 2, len(history)
+    assert (out.getvalue().count("\n") == 3) == (rank == 0), out.getvalue()
+
+
 def params_differ():
     model, theta, X, y = problem()
     theta = theta + (rank == 1) * 1e-9
