@@ -7,7 +7,7 @@ uses ``matmat`` to push blocks of vectors through at once.
 Data-parallel (MPI): a ghess operator built with ``comm=`` gives every rank the
 same products, and these functions draw their random vectors on rank 0 and
 broadcast them (``comm``, by default the operator's own), so an SPMD call gives
-every rank the same result whatever ``seed``.
+every rank the same result whatever ``seed``; ``progress`` shows on rank 0 only.
 """
 
 from __future__ import annotations
@@ -145,8 +145,9 @@ class _Counted(LinearOperator):
 
 
 @contextlib.contextmanager
-def _reporting(op, total, desc, callback, progress):
+def _reporting(op, total, desc, callback, progress, comm):
     """Yield ``op`` (checked already), counting its products for ``callback``/``progress``."""
+    progress = progress and (comm is None or comm.Get_rank() == 0)  # one bar, not P
     with Progress(total, desc, progress, callback) as report:
         yield _Counted(op, report) if report.active else op
 
@@ -160,7 +161,7 @@ def _extreme(op, k, which, return_eigenvectors, tol, seed, maxiter, ncv, callbac
     if k >= n:
         raise ValueError(f"k must be smaller than the operator size {n}, got {k}")
     name = "top" if which == "LA" else "bottom"
-    with _reporting(op, None, f"{name} eigenvalues: products", callback, progress) as op:
+    with _reporting(op, None, f"{name} eigenvalues: products", callback, progress, comm) as op:
         return _eigsh(op, n, k, which, return_eigenvectors, tol, seed, maxiter, ncv, comm)
 
 
@@ -202,7 +203,7 @@ def hutchinson_trace(op: LinearOperator, n_samples: int = 100, *,
     block = check_positive_int(block, "block")
     rng = _rng(seed)
     values = []
-    with _reporting(op, n_samples, "Hutchinson trace", callback, progress) as op:
+    with _reporting(op, n_samples, "Hutchinson trace", callback, progress, comm) as op:
         for start in range(0, n_samples, block):
             V = _probes(rng, n, min(block, n_samples - start), op.dtype, comm)
             values.extend(np.einsum("ij,ij->j", V, op.matmat(V)))
@@ -230,7 +231,7 @@ def hutchpp_trace(op: LinearOperator, n_matvecs: int = 102, *,
         raise ValueError(f"n_matvecs must be at least 3, got {n_matvecs}")
     m = min(m, n)
     rng = _rng(seed)
-    with _reporting(op, 3 * m, "Hutch++ trace", callback, progress) as op:
+    with _reporting(op, 3 * m, "Hutch++ trace", callback, progress, comm) as op:
         S = _probes(rng, n, m, op.dtype, comm)
         Q, _ = np.linalg.qr(op.matmat(S))
         G = _probes(rng, n, m, op.dtype, comm)
@@ -254,7 +255,7 @@ def hutchinson_diagonal(op: LinearOperator, n_samples: int = 100, *,
     block = check_positive_int(block, "block")
     rng = _rng(seed)
     total = np.zeros(n)
-    with _reporting(op, n_samples, "Hutchinson diagonal", callback, progress) as op:
+    with _reporting(op, n_samples, "Hutchinson diagonal", callback, progress, comm) as op:
         for start in range(0, n_samples, block):
             V = _probes(rng, n, min(block, n_samples - start), op.dtype, comm)
             total += np.einsum("ij,ij->i", V, op.matmat(V))
@@ -365,7 +366,7 @@ def spectral_density(op: LinearOperator, *, n_vectors: int = 10, n_lanczos: int 
                              f"shape {grid.shape} and dtype {grid.dtype}")
     nodes = np.full((n_vectors, steps), np.nan)
     weights = np.zeros((n_vectors, steps))
-    with _reporting(op, n_vectors * steps, "spectral density", callback, progress) as op:
+    with _reporting(op, n_vectors * steps, "spectral density", callback, progress, comm) as op:
         for i in range(n_vectors):
             alpha, beta = _lanczos(op, _probes(rng, n, 1, np.float64, comm)[:, 0], steps)
             T = np.diag(alpha) + np.diag(beta, 1) + np.diag(beta, -1)
