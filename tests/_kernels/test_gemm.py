@@ -98,3 +98,32 @@ def test_sum_rows_into_adds_the_column_sums(dtype, n, m):
         results.append(out)
     for out in results[1:]:
         np.testing.assert_array_equal(out, results[0])
+
+
+@pytest.mark.parametrize("dtype, rtol", [(np.float64, 1e-12), (np.float32, 1e-4)])
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("n_threads", [1, 2])
+@pytest.mark.parametrize("batch, rows, cols", [  # the last two split over 2 threads either way
+    (3, 37, 70), (1, 300, 33), (2, 1, 1), (40, 20, 3), (64, 40, 100)])
+def test_gram_sum_adds_the_full_symmetric_gram_matrix(batch, rows, cols, transpose, n_threads,
+                                                      dtype, rtol):
+    # KFAC's factors: out += sum_b X_b X_b^T (or X_b^T X_b over the flattened rows), by SYRK
+    # into the lower triangle, mirrored; a thread count splits the units into buffers
+    rng = np.random.default_rng(batch + rows)
+    X = rng.normal(size=(batch, rows, cols)).astype(dtype)
+    d = cols if transpose else rows
+    start = rng.normal(size=(d, d)).astype(dtype)
+    start = start + start.T  # out accumulates: a symmetric start stays symmetric
+    out = start.copy()
+    dense.gram_sum(X, transpose, out, n_threads)
+    X64 = X.astype(np.float64)
+    flat = X64.reshape(-1, cols)
+    expected = start + (flat.T @ flat if transpose else np.einsum("bij,bkj->ik", X64, X64))
+    np.testing.assert_allclose(out, expected, rtol=rtol, atol=rtol * np.abs(expected).max())
+    assert np.array_equal(out, out.T)
+    again = start.copy()
+    dense.gram_sum(X, transpose, again, n_threads)
+    assert np.array_equal(again, out)  # a fixed thread count gives the same bits
+    empty = start.copy()
+    dense.gram_sum(X[:0], transpose, empty, n_threads)
+    assert np.array_equal(empty, start)

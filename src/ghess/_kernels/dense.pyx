@@ -148,7 +148,7 @@ def gram_sum(const floating[:, :, ::1] X, bint transpose, floating[:, ::1] out,
     cdef Py_ssize_t batch = X.shape[0], rows = X.shape[1], cols = X.shape[2]
     cdef int d = <int> (cols if transpose else rows)
     cdef Py_ssize_t units = batch * rows if transpose else batch
-    cdef Py_ssize_t t, b, i, j, start, stop, block
+    cdef Py_ssize_t t, i, j, start, stop, block
     cdef int n_blocks
     _check(out.shape[0] == d and out.shape[1] == d, "gram_sum output")
     if units == 0 or d == 0:
@@ -156,28 +156,61 @@ def gram_sum(const floating[:, :, ::1] X, bint transpose, floating[:, ::1] out,
     n_blocks = 1
     if n_threads > 1 and <double> units * rows * cols >= PARALLEL_GEMM_MIN_WORK:
         n_blocks = <int> min(<Py_ssize_t> n_threads, units)
-    parts = np.zeros((n_blocks, d, d), dtype=np.asarray(out).dtype)
-    cdef floating[:, :, ::1] part = parts
+    cdef floating[:, :, ::1] part
+    if n_blocks == 1:  # one SYRK straight into out's lower triangle: no buffer to add
+        with nogil:
+            _gram_block(X, transpose, 0, units, &out[0, 0], d)
+            _mirror_lower(out, d)
+        return
+    parts = np.empty((n_blocks, d, d), dtype=np.asarray(out).dtype)
+    part = parts
     block = (units + n_blocks - 1) // n_blocks
     for t in prange(n_blocks, nogil=True, schedule='static', num_threads=n_blocks):
         start = t * block
         stop = min(start + block, units)
-        if start < stop:
-            if transpose:  # rows start..stop of the (batch * rows, cols) matrix
-                syrk_lower(True, d, <int> (stop - start), <floating> 1.0, &X[0, 0, 0] +
-                           start * cols, <int> cols, <floating> 1.0, &part[t, 0, 0], d)
-            else:
-                for b in range(start, stop):
-                    syrk_lower(False, d, <int> cols, <floating> 1.0, &X[b, 0, 0],
-                               <int> cols, <floating> 1.0, &part[t, 0, 0], d)
-    with nogil:
+        _zero_lower(&part[t, 0, 0], d)  # an empty block's buffer still counts (as zeros)
+        _gram_block(X, transpose, start, stop, &part[t, 0, 0], d)
+    # the buffers added in thread order, rows shared out between the threads
+    for i in prange(d, nogil=True, schedule='static', num_threads=n_blocks):
         for t in range(n_blocks):
-            for i in range(d):
-                for j in range(i + 1):
-                    out[i, j] += part[t, i, j]
-        for i in range(d):
-            for j in range(i + 1, d):
-                out[i, j] = out[j, i]
+            for j in range(i + 1):
+                out[i, j] += part[t, i, j]
+    _mirror_lower(out, d)
+
+
+cdef void _gram_block(const floating[:, :, ::1] X, bint transpose, Py_ssize_t start,
+                      Py_ssize_t stop, floating* c, int d) noexcept nogil:
+    # c's lower triangle += the Gram sum of units start..stop (see gram_sum)
+    cdef Py_ssize_t cols = X.shape[2], b
+    if start >= stop:
+        return
+    if transpose:  # rows start..stop of the (batch * rows, cols) matrix
+        syrk_lower(True, d, <int> (stop - start), <floating> 1.0, &X[0, 0, 0] + start * cols,
+                   <int> cols, <floating> 1.0, c, d)
+    else:
+        for b in range(start, stop):
+            syrk_lower(False, d, <int> cols, <floating> 1.0, &X[b, 0, 0], <int> cols,
+                       <floating> 1.0, c, d)
+
+
+cdef void _zero_lower(floating* a, Py_ssize_t d) noexcept nogil:
+    cdef Py_ssize_t i, j
+    for i in range(d):
+        for j in range(i + 1):
+            a[i * d + j] = 0
+
+
+cdef void _mirror_lower(floating[:, ::1] a, Py_ssize_t d) noexcept nogil:
+    # a[i, j] = a[j, i] above the diagonal, in 32 x 32 tiles: the strided reads of a
+    # column stay in cache
+    cdef Py_ssize_t i0, j0, i, j, i1, j1
+    for i0 in range(0, d, 32):
+        i1 = min(i0 + 32, d)
+        for j0 in range(i0, d, 32):
+            j1 = min(j0 + 32, d)
+            for i in range(i0, i1):
+                for j in range(max(j0, i + 1), j1):
+                    a[i, j] = a[j, i]
 
 
 cdef void _skinny_tn(const floating[:, ::1] a, const floating[:, ::1] b, bint accumulate,
