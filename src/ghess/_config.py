@@ -113,22 +113,26 @@ alloc.set_limit(_pool_limit_from_environment())
 
 
 def _isa_from_environment():
-    """Return the direct convolutions' ISA level: ``GHESS_ISA``, capped at the CPU's.
+    """Return the kernels' ISA level from ``GHESS_ISA`` (None: unset), capped by set_isa.
 
-    ``avx512``, ``avx2`` or ``generic`` (no direct convolutions: im2col + BLAS); unset:
-    AVX2 where the CPU has it (``conv.DEFAULT_ISA``). Other levels let one machine test
-    and time every path; asking for more than the CPU has gives what it has.
+    ``avx512``, ``avx2`` or ``generic`` (the direct convolutions off: im2col + BLAS; the
+    other C kernels at their baseline build) for every kernel. Unset, each module takes
+    its default (``conv.DEFAULT_ISA``, ``dense.DEFAULT_ISA``): what measured fastest.
+    Other levels let one machine test and time every path; asking for more than the CPU
+    has gives what it has.
     """
     value = os.environ.get("GHESS_ISA", "").strip().lower()
     if not value:
-        return conv.DEFAULT_ISA
+        return None
     if value not in conv.ISA_NAMES:
         raise ValueError(f"GHESS_ISA must be one of {', '.join(conv.ISA_NAMES)}, "
                          f"got {value!r}")
     return conv.ISA_NAMES.index(value)
 
 
-conv.set_isa(_isa_from_environment())
+_ISA = _isa_from_environment()
+conv.set_isa(conv.DEFAULT_ISA if _ISA is None else _ISA)
+dense.set_isa(dense.DEFAULT_ISA if _ISA is None else _ISA)
 
 
 def release_memory() -> int:
@@ -213,7 +217,8 @@ def show_config(file=None) -> None:
         f"OpenMP:    {'on' if dense.openmp_enabled() else 'off'}",
         f"threads:   {resolve_n_threads(None)} (OpenMP default; n_threads= overrides)",
         f"ISA:       {conv.ISA_NAMES[conv.isa()]} (direct convolutions; generic: im2col + "
-        f"BLAS; the CPU runs {conv.ISA_NAMES[conv.CPU_ISA]}; GHESS_ISA caps it)",
+        f"BLAS; the CPU runs {conv.ISA_NAMES[conv.CPU_ISA]}; GHESS_ISA caps it), "
+        f"{conv.ISA_NAMES[dense.isa()]} (contractions, skinny GEMM, activations)",
     ]
     try:
         for info in _threadpool_controller().info():

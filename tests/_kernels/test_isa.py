@@ -1,9 +1,12 @@
-"""The ISA levels of the direct convolutions: every level the CPU runs gives the same numbers.
+"""The ISA levels of the kernels: every level the CPU runs gives the same numbers.
 
 The suite runs the default level (AVX2 where the CPU has it); these tests run every
 direct-convolution level the CPU supports, AVX-512 included (the same bits: every lane
 runs the same FMAs) and, in a child process with ``GHESS_ISA=generic``, the im2col path
-(the same numbers to rounding).
+(the same numbers to rounding). The C kernels of dense layers (contractions with the
+stored factors, the skinny GEMM, the activations) are built for the baseline, AVX2 and
+AVX-512 and run here at every level the CPU supports: the activations give the same
+bits, the sums agree to rounding (their vector lanes differ).
 """
 
 import os
@@ -15,7 +18,7 @@ import pytest
 from conftest import ConvCase
 
 import ghess
-from ghess._kernels import conv
+from ghess._kernels import conv, dense
 
 LEVELS = [level for level in (1, 2) if level <= conv.CPU_ISA]
 
@@ -45,6 +48,61 @@ def test_levels_give_the_same_bits(name, dtype, restore_isa):
             np.testing.assert_array_equal(a, b)
 
 
+DENSE_LEVELS = list(range(dense.CPU_ISA + 1))
+
+
+@pytest.fixture
+def restore_dense_isa():
+    level = dense.isa()
+    yield
+    dense.set_isa(level)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_dense_levels_give_the_same_activations(dtype, restore_dense_isa):
+    # a grid through the branch points (0, the clamps of exp near +-36.7, 87 and 708) and
+    # a length off every vector width, values, f' and f''
+    x = np.concatenate([np.linspace(-800, 800, 1601), np.linspace(-40, 40, 4001),
+                        np.random.default_rng(0).normal(size=1003) * 3]).astype(dtype)
+    for kind in dense.ActivationKind:
+        results = []
+        for level in DENSE_LEVELS:
+            assert dense.set_isa(level) == level
+            out = [np.empty_like(x) for _ in range(3)]
+            dense.activation_forward(kind, 0.7, 20.0, x, *out, 1)
+            results.append(out)
+        for other in results[1:]:
+            for a, b in zip(results[0], other):
+                np.testing.assert_array_equal(a, b, err_msg=kind.name)
+
+
+@pytest.mark.parametrize("dtype, rtol", [(np.float64, 1e-13), (np.float32, 2e-5)])
+def test_dense_levels_agree_on_the_products(dtype, rtol, restore_dense_isa):
+    # the contractions (stored GGN and Hessian products, K = 11 outputs: a four-row pass
+    # and a remainder) and the skinny GEMM (the weight gradient of the 11-output layer)
+    rng = np.random.default_rng(1)
+    model = ghess.Sequential(ghess.Linear(37, 29), ghess.GELU(), ghess.Linear(29, 23),
+                             ghess.Tanh(), ghess.Linear(23, 11), input_shape=(37,))
+    X, y = rng.normal(size=(45, 37)).astype(dtype), rng.integers(0, 11, size=45)
+    theta = model.init_params(seed=2, dtype=dtype)
+    v = rng.normal(size=model.n_params).astype(dtype)
+    loss = ghess.CrossEntropyLoss()
+    results = []
+    for level in DENSE_LEVELS:
+        dense.set_isa(level)
+        G = ghess.GGNLinearOperator(model, loss, theta, (X, y), mode="stored")
+        H = ghess.HessianLinearOperator(model, loss, theta, (X, y), mode="stored")
+        results.append((ghess.loss_and_grad(model, loss, theta, (X, y))[1], G @ v, H @ v))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert np.linalg.norm(a - b) <= rtol * np.linalg.norm(a)
+
+
+def test_dense_set_isa_is_capped_at_the_cpu(restore_dense_isa):
+    assert dense.set_isa(5) == dense.CPU_ISA == dense.isa()
+    assert dense.set_isa(-1) == 0 == dense.isa()
+
+
 def test_set_isa_is_capped_at_the_cpu(restore_isa):
     assert conv.set_isa(5) == conv.CPU_ISA
     assert conv.set_isa(-1) == 0
@@ -53,11 +111,13 @@ def test_set_isa_is_capped_at_the_cpu(restore_isa):
 
 CHILD = """
 import numpy as np, ghess, sys
-from ghess._kernels import conv
+from ghess._kernels import conv, dense
 from ghess.testing import reference_ggn, reference_loss_and_grad
 sys.path.insert(0, {tests!r})
 from conftest import ConvCase
 assert conv.isa() == 0 and not conv.direct_conv_supported((1, 4, 4, 3, 3, 1, 1, 1, 1, 1, 1, 4, 4))
+from ghess._kernels import dense
+assert dense.isa() == 0  # the C kernels' baseline build too
 c = ConvCase("resnet-ce", n_samples=5)
 v = np.random.default_rng(0).normal(size=c.model.n_params)
 G = ghess.GGNLinearOperator(c.model, c.loss, c.theta, c.data)

@@ -6,6 +6,9 @@
 cdef extern from "portability.h":
     int GHESS_OPENMP  # 1 when built with OpenMP
     int ghess_omp_max_threads() nogil  # OpenMP's default number of threads, 1 without
+    int ghess_cpu_isa()  # the best ISA level this CPU runs (0 baseline, 1 AVX2, 2 AVX-512)
+    int ghess_set_isa_level(int level)  # this module's C kernels' level, capped; returned
+    int ghess_isa_level  # the level in use (the baseline until set_isa)
 
 cdef extern from "contract.h" nogil:
     # per-sample products with a Jacobian factor D (K, m): J v and J^T w
@@ -58,7 +61,6 @@ cdef extern from "direct_conv.h" nogil:
     # stride-1 (in width) convolutions without im2col, AVX-512 or AVX2 + FMA (at run time)
     ctypedef struct ghess_dc_geom:
         int C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, out_h, out_w
-    int ghess_cpu_isa()
     int ghess_dc_vector_length(int isa, int is_double)
     Py_ssize_t ghess_dc_padded_size(const ghess_dc_geom* g)
     void ghess_dc_offsets(const ghess_dc_geom* g, int* off)

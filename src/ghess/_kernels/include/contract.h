@@ -8,16 +8,17 @@
  * (j, c) dot, or per sample with k = 1, is dominated by call and packing
  * overhead, even with the rows in cache; these loops take four rows of D per
  * pass (eight in the transpose), so u (or out) is read once per pass, and
- * `omp simd` lets the compiler reassociate the sums into vector lanes. On
- * x86-64 glibc an AVX2 clone is built beside the baseline one (see portability.h).
- * Results depend only on the sample, not on the thread count.
+ * `omp simd` lets the compiler reassociate the sums into vector lanes. Built for
+ * the baseline, AVX2 and AVX-512, the level in use picked at run time (GHESS_ISA,
+ * portability.h); the lanes differ, so the levels agree to rounding. Results depend
+ * only on the sample and the level, not on the thread count.
  */
 #ifndef GHESS_CONTRACT_H
 #define GHESS_CONTRACT_H
 
 #include <stddef.h>
 
-#include "portability.h" /* GHESS_CLONES, GHESS_SIMD, GHESS_SIMD_SUM1, GHESS_SIMD_SUM4 */
+#include "portability.h" /* GHESS_ISA_VARIANTS, GHESS_ISA_CALL, GHESS_SIMD, GHESS_SIMD_SUM* */
 
 /* One pass of the transpose over rows c.. of D: dst = (or +=) the weighted sum EXPR of
  * those rows at column o. Up to eight rows per pass: dst is read and written once per
@@ -38,12 +39,12 @@
 /* Columns of the transpose per block: out's block stays in L1 across the K rows. */
 #define GHESS_CONTRACT_BLOCK 1024
 
-#define GHESS_DEFINE_CONTRACT(T, SUFFIX)                                                  \
-GHESS_CLONES                                                                              \
-static void ghess_contract_##SUFFIX(const T *restrict D, const T *restrict u,             \
-                                    T *restrict out, ptrdiff_t K, ptrdiff_t m,            \
-                                    ptrdiff_t k, int accumulate)                          \
+/* J v: one build (NAME) at one ISA level (ATTR) */
+#define GHESS_DEFINE_CONTRACT(T, NAME, UNUSED, ATTR)                                      \
+ATTR static void NAME(const T *restrict D, const T *restrict u, T *restrict out,          \
+                      ptrdiff_t K, ptrdiff_t m, ptrdiff_t k, int accumulate)              \
 {                                                                                         \
+    GHESS_NO_CONTRACT                                                                     \
     for (ptrdiff_t j = 0; j < k; j++) {                                                   \
         const T *restrict uj = u + j * m;                                                 \
         T *restrict oj = out + j * K;                                                     \
@@ -73,13 +74,14 @@ static void ghess_contract_##SUFFIX(const T *restrict D, const T *restrict u,   
             oj[c] = accumulate ? oj[c] + s0 : s0;                                         \
         }                                                                                 \
     }                                                                                     \
-}                                                                                         \
-                                                                                          \
-GHESS_CLONES                                                                              \
-static void ghess_contract_t_##SUFFIX(const T *restrict D, const T *restrict w,           \
-                                      T *restrict out, ptrdiff_t K, ptrdiff_t m,          \
-                                      ptrdiff_t k, int accumulate)                        \
+}
+
+/* J^T w: one build (NAME) at one ISA level (ATTR) */
+#define GHESS_DEFINE_CONTRACT_T(T, NAME, UNUSED, ATTR)                                    \
+ATTR static void NAME(const T *restrict D, const T *restrict w, T *restrict out,          \
+                      ptrdiff_t K, ptrdiff_t m, ptrdiff_t k, int accumulate)              \
 {                                                                                         \
+    GHESS_NO_CONTRACT                                                                     \
     for (ptrdiff_t j = 0; j < k; j++) {                                                   \
         const T *restrict wj = w + j * K;                                                 \
         for (ptrdiff_t o0 = 0; o0 < m; o0 += GHESS_CONTRACT_BLOCK) {                      \
@@ -121,7 +123,22 @@ static void ghess_contract_t_##SUFFIX(const T *restrict D, const T *restrict w, 
     }                                                                                     \
 }
 
-GHESS_DEFINE_CONTRACT(double, f64)
-GHESS_DEFINE_CONTRACT(float, f32)
+/* every level's builds, and the function that calls the one in use */
+#define GHESS_DEFINE_CONTRACTS(T, SUFFIX)                                                 \
+GHESS_ISA_VARIANTS(GHESS_DEFINE_CONTRACT, T, ghess_contract_##SUFFIX, 0)                  \
+GHESS_ISA_VARIANTS(GHESS_DEFINE_CONTRACT_T, T, ghess_contract_t_##SUFFIX, 0)              \
+static void ghess_contract_##SUFFIX(const T *D, const T *u, T *out, ptrdiff_t K,          \
+                                    ptrdiff_t m, ptrdiff_t k, int accumulate)             \
+{                                                                                         \
+    GHESS_ISA_CALL(ghess_contract_##SUFFIX, (D, u, out, K, m, k, accumulate));            \
+}                                                                                         \
+static void ghess_contract_t_##SUFFIX(const T *D, const T *w, T *out, ptrdiff_t K,        \
+                                      ptrdiff_t m, ptrdiff_t k, int accumulate)           \
+{                                                                                         \
+    GHESS_ISA_CALL(ghess_contract_t_##SUFFIX, (D, w, out, K, m, k, accumulate));          \
+}
+
+GHESS_DEFINE_CONTRACTS(double, f64)
+GHESS_DEFINE_CONTRACTS(float, f32)
 
 #endif

@@ -30,35 +30,15 @@
 #include <stddef.h>
 #include <string.h>
 
-#include "portability.h" /* GHESS_X86_INTRINSICS, GHESS_TARGET_AVX2_FMA */
+#include "portability.h" /* GHESS_X86_INTRINSICS, GHESS_TARGET_*, GHESS_ISA_*, ghess_cpu_isa */
 
 #define GHESS_DC_MR 6
 /* elements readable past the end of a padded input (one vector's overrun: 16 floats) */
 #define GHESS_DC_SLACK 16
-/* the ISA levels of ghess_cpu_isa */
-#define GHESS_ISA_GENERIC 0
-#define GHESS_ISA_AVX2 1
-#define GHESS_ISA_AVX512 2
 
 #if GHESS_X86_INTRINSICS
 #include <immintrin.h>
 #endif
-
-/* The best level this CPU runs: AVX-512 (x86-64-v4), AVX2 + FMA, or neither. */
-static int ghess_cpu_isa(void)
-{
-#if GHESS_X86_INTRINSICS
-    __builtin_cpu_init();
-    if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")))
-        return GHESS_ISA_GENERIC;
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl"))
-        return GHESS_ISA_AVX512;
-    return GHESS_ISA_AVX2;
-#else
-    return GHESS_ISA_GENERIC;
-#endif
-}
 
 /* The vector length (elements) of the kernels at an ISA level, for doubles or floats. */
 static int ghess_dc_vector_length(int isa, int is_double)

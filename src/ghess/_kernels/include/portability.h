@@ -1,6 +1,10 @@
 /* Compiler, CPU and OpenMP tests of the C kernels, in one place.
  *
- *   GHESS_CLONES           before a function: an AVX2 clone beside the baseline one
+ *   GHESS_ISA_GENERIC, GHESS_ISA_AVX2, GHESS_ISA_AVX512, ghess_cpu_isa()
+ *                          the instruction-set levels, and the best this CPU runs
+ *   GHESS_ISA_VARIANTS, GHESS_ISA_CALL, ghess_set_isa_level()
+ *                          a kernel built once per level, and the call of the build
+ *                          of the level in use (set at import: GHESS_ISA)
  *   GHESS_X86_INTRINSICS   1 where <immintrin.h> and GHESS_TARGET_AVX2_FMA are usable
  *   GHESS_TARGET_AVX2_FMA  before a function: compile it for AVX2 + FMA
  *   GHESS_TARGET_AVX512    before a function: compile it for AVX-512 (F, BW, DQ, VL)
@@ -16,17 +20,6 @@
 
 #include <stdlib.h> /* on glibc, defines __GLIBC__ (tested below) through <features.h> */
 
-/* Function multiversioning: the compiler builds an AVX2 clone beside the baseline (SSE2)
- * one and the dynamic loader picks one at load time. That goes through an ifunc, which
- * only glibc provides, and clang supports target_clones from version 14. FMA is left out,
- * so that elementwise code (vecmath.h's tanh) rounds alike in both clones. */
-#if defined(__x86_64__) && defined(__GLIBC__) && \
-    ((defined(__GNUC__) && !defined(__clang__)) || (defined(__clang__) && __clang_major__ >= 14))
-#define GHESS_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define GHESS_CLONES
-#endif
-
 /* Intrinsics for kernels written for AVX2 + FMA explicitly (direct_conv.h). They are
  * compiled for those instructions whatever the baseline, so callers must check the CPU
  * at run time (__builtin_cpu_supports) before calling them. */
@@ -40,6 +33,73 @@
 #define GHESS_X86_INTRINSICS 0
 #define GHESS_TARGET_AVX2_FMA
 #define GHESS_TARGET_AVX512
+#endif
+
+/* The instruction-set levels. */
+#define GHESS_ISA_GENERIC 0
+#define GHESS_ISA_AVX2 1
+#define GHESS_ISA_AVX512 2
+
+/* The best level this CPU runs: AVX-512 (x86-64-v4), AVX2 + FMA, or neither. */
+static int ghess_cpu_isa(void)
+{
+#if GHESS_X86_INTRINSICS
+    __builtin_cpu_init();
+    if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")))
+        return GHESS_ISA_GENERIC;
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl"))
+        return GHESS_ISA_AVX512;
+    return GHESS_ISA_AVX2;
+#else
+    return GHESS_ISA_GENERIC;
+#endif
+}
+
+/* Kernels written in plain C (contract.h, skinny.h, vecmath.h) are built once per level:
+ * GHESS_ISA_VARIANTS(DEFINE, T, NAME, ...) expands DEFINE(T, NAME_vL, ..., ATTRIBUTE) for
+ * the baseline (L = 0), AVX2 (1) and AVX-512 (2; x86-64 with GCC or clang only), and
+ * GHESS_ISA_CALL(NAME, (args)) calls the build of the level in use. The level is one per
+ * module (ghess_set_isa_level, from set_isa at import; the baseline until then), never
+ * above ghess_cpu_isa(). No build contracts a * b + c into an FMA: the AVX2 target has no
+ * FMA and the AVX-512 one is told not to, so elementwise kernels give the same bits at
+ * every level (sums vectorised over lanes may round differently). */
+static int ghess_isa_level = GHESS_ISA_GENERIC;
+
+static int ghess_set_isa_level(int level)
+{
+    int cpu = ghess_cpu_isa();
+    ghess_isa_level = level < GHESS_ISA_GENERIC ? GHESS_ISA_GENERIC : (level > cpu ? cpu : level);
+    return ghess_isa_level;
+}
+
+#if GHESS_X86_INTRINSICS
+#define GHESS_ATTR_AVX2 __attribute__((target("avx2")))
+#if defined(__clang__) /* no optimize attribute: the pragma in GHESS_NO_CONTRACT instead */
+#define GHESS_ATTR_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl")))
+#define GHESS_NO_CONTRACT _Pragma("clang fp contract(off)")
+#else
+#define GHESS_ATTR_AVX512 \
+    __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl"), optimize("fp-contract=off")))
+#define GHESS_NO_CONTRACT
+#endif
+#define GHESS_ISA_VARIANTS(DEFINE, T, NAME, ...)                                          \
+    DEFINE(T, NAME##_v0, __VA_ARGS__, )                                                   \
+    DEFINE(T, NAME##_v1, __VA_ARGS__, GHESS_ATTR_AVX2)                                    \
+    DEFINE(T, NAME##_v2, __VA_ARGS__, GHESS_ATTR_AVX512)
+#define GHESS_ISA_CALL(NAME, ARGS)                                                        \
+    do {                                                                                  \
+        if (ghess_isa_level >= GHESS_ISA_AVX512)                                          \
+            NAME##_v2 ARGS;                                                               \
+        else if (ghess_isa_level == GHESS_ISA_AVX2)                                       \
+            NAME##_v1 ARGS;                                                               \
+        else                                                                              \
+            NAME##_v0 ARGS;                                                               \
+    } while (0)
+#else
+#define GHESS_NO_CONTRACT
+#define GHESS_ISA_VARIANTS(DEFINE, T, NAME, ...) DEFINE(T, NAME##_v0, __VA_ARGS__, )
+#define GHESS_ISA_CALL(NAME, ARGS) NAME##_v0 ARGS
 #endif
 
 /* `omp simd` lets the compiler vectorise loops it would otherwise keep in order, the

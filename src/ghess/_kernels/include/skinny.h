@@ -18,7 +18,7 @@
 
 #include <stddef.h>
 
-#include "portability.h" /* GHESS_CLONES, GHESS_SIMD */
+#include "portability.h" /* GHESS_ISA_VARIANTS, GHESS_ISA_CALL, GHESS_SIMD */
 
 /* Largest m taken here: by m = 16, BLAS's packing pays off (in float64 first). */
 #define GHESS_SKINNY_MAX 12
@@ -26,14 +26,13 @@
 /* Bytes of one output row per column block: m rows of it plus four rows of b stay in L1. */
 #define GHESS_SKINNY_BLOCK_BYTES 1024
 
-#define GHESS_DEFINE_SKINNY(T, SUFFIX)                                                    \
-GHESS_CLONES                                                                              \
-static void ghess_skinny_tn_##SUFFIX(const T *restrict a, ptrdiff_t lda,                  \
-                                     const T *restrict b, ptrdiff_t ldb,                  \
-                                     T *restrict out, ptrdiff_t ldo,                      \
-                                     ptrdiff_t m, ptrdiff_t k, ptrdiff_t n,               \
-                                     int accumulate)                                      \
+/* one build (NAME) at one ISA level (ATTR) */
+#define GHESS_DEFINE_SKINNY(T, NAME, UNUSED, ATTR)                                        \
+ATTR static void NAME(const T *restrict a, ptrdiff_t lda, const T *restrict b,            \
+                      ptrdiff_t ldb, T *restrict out, ptrdiff_t ldo, ptrdiff_t m,         \
+                      ptrdiff_t k, ptrdiff_t n, int accumulate)                           \
 {                                                                                         \
+    GHESS_NO_CONTRACT                                                                     \
     const ptrdiff_t block = GHESS_SKINNY_BLOCK_BYTES / (ptrdiff_t)sizeof(T);              \
     for (ptrdiff_t o0 = 0; o0 < n; o0 += block) {                                         \
         ptrdiff_t len = n - o0 < block ? n - o0 : block;                                  \
@@ -70,7 +69,18 @@ static void ghess_skinny_tn_##SUFFIX(const T *restrict a, ptrdiff_t lda,        
     }                                                                                     \
 }
 
-GHESS_DEFINE_SKINNY(double, f64)
-GHESS_DEFINE_SKINNY(float, f32)
+/* every level's builds, and the function that calls the one in use */
+#define GHESS_DEFINE_SKINNIES(T, SUFFIX)                                                  \
+GHESS_ISA_VARIANTS(GHESS_DEFINE_SKINNY, T, ghess_skinny_tn_##SUFFIX, 0)                   \
+static void ghess_skinny_tn_##SUFFIX(const T *a, ptrdiff_t lda, const T *b, ptrdiff_t ldb, \
+                                     T *out, ptrdiff_t ldo, ptrdiff_t m, ptrdiff_t k,     \
+                                     ptrdiff_t n, int accumulate)                         \
+{                                                                                         \
+    GHESS_ISA_CALL(ghess_skinny_tn_##SUFFIX, (a, lda, b, ldb, out, ldo, m, k, n,          \
+                                              accumulate));                               \
+}
+
+GHESS_DEFINE_SKINNIES(double, f64)
+GHESS_DEFINE_SKINNIES(float, f32)
 
 #endif

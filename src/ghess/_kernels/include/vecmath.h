@@ -18,7 +18,7 @@
 #include <string.h>
 #include <stddef.h>
 
-#include "portability.h" /* GHESS_CLONES */
+#include "portability.h" /* GHESS_ISA_VARIANTS, GHESS_ISA_CALL, GHESS_NO_CONTRACT */
 
 /* 1/k! for k = 2..18, each rounded once */
 #define GHESS_INV_FACT_2 0.5
@@ -183,14 +183,14 @@ static inline float ghess_tanhf(float x)
 }
 
 /* y = tanh(x); d1 = 1 - y^2 and d2 = -2 y (1 - y^2) where non-NULL, for float64
- * (ghess_tanh_block) and float32 (ghess_tanhf_block). Where the platform allows it, an
- * AVX2 clone is built beside the baseline (SSE2) one and picked at load time, without
- * FMA so that both clones round alike (GHESS_CLONES, portability.h). */
-#define GHESS_DEFINE_TANH_BLOCK(T, NAME, TANH)                                              \
-GHESS_CLONES                                                                                \
-static void NAME(const T *restrict x, T *restrict y, T *restrict d1, T *restrict d2,        \
-                 ptrdiff_t n)                                                               \
+ * (ghess_tanh_block) and float32 (ghess_tanhf_block). Built for the baseline (SSE2),
+ * AVX2 and AVX-512, picked at run time, all without FMA so that every level rounds alike
+ * (GHESS_ISA_VARIANTS, portability.h). One build at one level (ATTR): */
+#define GHESS_DEFINE_TANH_BLOCK_AT(T, NAME, TANH, ATTR)                                     \
+ATTR static void NAME(const T *restrict x, T *restrict y, T *restrict d1, T *restrict d2,   \
+                      ptrdiff_t n)                                                          \
 {                                                                                           \
+    GHESS_NO_CONTRACT                                                                       \
     /* one pass per variant: each output is written while t is in a register */             \
     ptrdiff_t i;                                                                            \
     T t;                                                                                    \
@@ -214,6 +214,14 @@ static void NAME(const T *restrict x, T *restrict y, T *restrict d1, T *restrict
             for (i = 0; i < n; i++)                                                         \
                 d2[i] = (T)-2 * y[i] * ((T)1 - y[i] * y[i]);                                \
     }                                                                                       \
+}
+
+/* every level's builds, and the function that calls the one in use */
+#define GHESS_DEFINE_TANH_BLOCK(T, NAME, TANH)                                              \
+GHESS_ISA_VARIANTS(GHESS_DEFINE_TANH_BLOCK_AT, T, NAME, TANH)                               \
+static void NAME(const T *x, T *y, T *d1, T *d2, ptrdiff_t n)                               \
+{                                                                                           \
+    GHESS_ISA_CALL(NAME, (x, y, d1, d2, n));                                                \
 }
 
 GHESS_DEFINE_TANH_BLOCK(double, ghess_tanh_block, ghess_tanh)
@@ -336,12 +344,12 @@ GHESS_DEFINE_NORMAL_PAIR(float, ghess_normalf_pair, GHESS_LITERAL_F, ghess_erfcf
 
 /* BODY reads v (the input) and p0 (the kind's parameter) and sets fy = f(v), f1 = f'(v)
  * and f2 = f''(v); each loop variant writes what is asked for, and the compiler drops
- * what it does not write. */
-#define GHESS_DEFINE_ACTIVATION_BLOCK(T, NAME, BODY)                                        \
-GHESS_CLONES                                                                                \
-static void NAME(const T *restrict x, T *restrict y, T *restrict d1, T *restrict d2,        \
-                 ptrdiff_t n, double p0_)                                                   \
+ * what it does not write. One build at one ISA level (ATTR), as the tanh blocks: */
+#define GHESS_DEFINE_ACTIVATION_BLOCK_AT(T, NAME, BODY, ATTR)                               \
+ATTR static void NAME(const T *restrict x, T *restrict y, T *restrict d1, T *restrict d2,   \
+                      ptrdiff_t n, double p0_)                                              \
 {                                                                                           \
+    GHESS_NO_CONTRACT                                                                       \
     const T p0 = (T)p0_;                                                                    \
     ptrdiff_t i;                                                                            \
     (void)p0;                                                                               \
@@ -373,6 +381,14 @@ static void NAME(const T *restrict x, T *restrict y, T *restrict d1, T *restrict
                 d2[i] = f2;                                                                 \
             }                                                                               \
     }                                                                                       \
+}
+
+/* every level's builds, and the function that calls the one in use */
+#define GHESS_DEFINE_ACTIVATION_BLOCK(T, NAME, BODY)                                        \
+GHESS_ISA_VARIANTS(GHESS_DEFINE_ACTIVATION_BLOCK_AT, T, NAME, BODY)                         \
+static void NAME(const T *x, T *y, T *d1, T *d2, ptrdiff_t n, double p0)                    \
+{                                                                                           \
+    GHESS_ISA_CALL(NAME, (x, y, d1, d2, n, p0));                                            \
 }
 
 #define GHESS_SIGMOID_BODY(PAIR)                                                            \
