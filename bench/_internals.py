@@ -55,10 +55,11 @@ def stage_hooks():
 
 
 def ghess_isa():
-    """Return the ISA level of ghess's direct convolutions in use, by name (``GHESS_ISA``)."""
-    from ghess._kernels import conv
+    """Return the ISA levels of ghess's kernels in use, by name (``GHESS_ISA``)."""
+    from ghess._kernels import conv, dense
 
-    return conv.ISA_NAMES[conv.isa()]
+    return (f"direct convolutions {conv.ISA_NAMES[conv.isa()]}, other C kernels "
+            f"{conv.ISA_NAMES[dense.isa()]}")
 
 
 def rank_order_sum(comm, array):

@@ -158,8 +158,8 @@ def write_report(results, machine, path_md, path_json):
         by_config.setdefault((r["problem"], r["dtype"], r["batch"]), {})[r["threads"]] = r
     lines = ["# Thread scaling of ghess and its rivals", "",
              f"CPU: {machine['cpu']}, {machine['logical_cpus']} logical CPUs, vector ISA: "
-             f"{' '.join(machine['isa']) or 'none of AVX2/AVX-512'}; ghess's direct "
-             f"convolutions: {machine.get('ghess_isa', 'unknown')}. "
+             f"{' '.join(machine['isa']) or 'none of AVX2/AVX-512'}; ghess's ISA levels: "
+             f"{machine.get('ghess_isa', 'unknown')}. "
              + ", ".join(f"{k} {v}" for k, v in machine.get("versions", {}).items()) + ".",
              "", "Medians (ms) of interleaved rounds, one worker process per thread count "
              "restricted to that many cores; `(x S)` is the speed-up over the same library's "
