@@ -58,7 +58,8 @@ static int ghess_cpu_isa(void)
 
 /* Kernels written in plain C (contract.h, skinny.h, vecmath.h) are built once per level:
  * GHESS_ISA_VARIANTS(DEFINE, T, NAME, ...) expands DEFINE(T, NAME_vL, ..., ATTRIBUTE) for
- * the baseline (L = 0), AVX2 (1) and AVX-512 (2; x86-64 with GCC or clang only), and
+ * the baseline (L = 0), AVX2 (1) and AVX-512 (2; x86-64 with GCC or clang only); C99
+ * wants at least one argument in "...": a DEFINE that needs none takes an unused one. And
  * GHESS_ISA_CALL(NAME, (args)) calls the build of the level in use. The level is one per
  * module (ghess_set_isa_level, from set_isa at import; the baseline until then), never
  * above ghess_cpu_isa(). No build contracts a * b + c into an FMA: the AVX2 target has no
