@@ -24,7 +24,8 @@ The model: on P ranks one call costs ``T_c(N / P)``, the one-process one-thread 
 a shard of that size (measured here at every shard size down to one sample), plus the
 collectives the counting wrapper recorded, each at ``alpha`` per message and ``beta``
 per byte (ghess's reduction is a reduce-scatter and an allgather by hand: ``2 (P - 1)``
-messages and ``2 (P - 1) / P`` of the vector's bytes per rank). ``alpha`` and ``beta``
+messages and ``2 (P - 1) / P`` of the vector's bytes per rank; a small one, one
+allgather). ``alpha`` and ``beta``
 are fitted to the reduction's measured times on 2 ranks here (shared memory), and the
 model is also given for a cluster network with the ``NETWORK`` figures (an assumption,
 stated in the report). It is checked against the 2-rank measurement. Results:
@@ -72,8 +73,9 @@ class CountingComm:
     """An mpi4py communicator that records every collective and the bytes this rank sends.
 
     ``log`` holds ``(kind, payload bytes)``: the vector's bytes for ``Alltoallv`` and
-    ``Allgatherv`` (the reduction's two halves), a pickled object's for the lower-case
-    collectives; ``sent`` the bytes this rank hands to the others.
+    ``Allgatherv`` (a reduction's two halves), a rank's bytes for ``Allgather`` (a small
+    array's reduction), a pickled object's for the lower-case collectives; ``sent`` the
+    bytes this rank hands to the others.
     """
 
     def __init__(self, comm):
@@ -89,6 +91,12 @@ class CountingComm:
         self.log.append(("Alltoallv", array.nbytes))
         self.sent += (sum(counts) - counts[self._rank]) * array.itemsize
         return self._comm.Alltoallv(send, recv)
+
+    def Allgather(self, send, recv):  # noqa: N802
+        """Record a small array's reduction (gathered whole)."""
+        self.log.append(("Allgather", send.nbytes))
+        self.sent += send.nbytes * (self._size - 1)
+        return self._comm.Allgather(send, recv)
 
     def Allgatherv(self, send, recv):  # noqa: N802
         """Record the allgather half of a reduction."""
@@ -269,7 +277,7 @@ def collective_time(kind, payload, ranks, net):
     steps = math.ceil(math.log2(ranks))
     if kind in ("Alltoallv", "Allgatherv"):  # pairwise: P - 1 messages of 1/P each
         return (ranks - 1) * (alpha + payload / ranks * beta)
-    if kind == "allgather":  # ring: P - 1 messages of the object
+    if kind in ("allgather", "Allgather"):  # ring: P - 1 messages of the object
         return (ranks - 1) * (alpha + payload * beta)
     if kind == "allreduce":  # recursive doubling of a scalar
         return steps * (alpha + payload * beta)

@@ -275,7 +275,7 @@ def test_distributed_draws_need_a_loss_that_says_what_a_target_draws():
     # refused before any collective, on every rank alike (a rank with an empty shard makes
     # no draw and would otherwise wait for the others)
     class OneRank:  # the methods of an mpi4py communicator, one rank
-        Alltoallv = Allgatherv = Bcast = allgather = None
+        Allgather = Alltoallv = Allgatherv = Bcast = allgather = None
 
         def Get_rank(self):  # noqa: N802
             return 0

@@ -28,11 +28,17 @@ def check_comm(comm):
     """Return ``comm`` (None, or an mpi4py communicator); TypeError otherwise."""
     if comm is None:
         return None
-    if not all(hasattr(comm, name) for name in ("Get_rank", "Get_size", "Alltoallv",
-                                               "Allgatherv", "Bcast", "allgather")):
+    if not all(hasattr(comm, name) for name in ("Get_rank", "Get_size", "Allgather",
+                                               "Alltoallv", "Allgatherv", "Bcast",
+                                               "allgather")):
         raise TypeError(f"comm must be an mpi4py communicator (e.g. MPI.COMM_WORLD) or "
                         f"None, got {type(comm).__name__}")
     return comm
+
+
+#: below this many bytes gathered in all, a sum is one allgather and the whole sum on
+#: every rank: latency, not bandwidth, is what a scalar's reduction costs
+SMALL_REDUCTION_BYTES = 64 << 10
 
 
 def sum_in_rank_order(comm, array):
@@ -44,12 +50,21 @@ def sum_in_rank_order(comm, array):
     (``Allgatherv``). Each rank sends and receives ``2 (P - 1) / P`` times the
     array's bytes, as a ring allreduce does, but the order of the additions is
     fixed (rank 0's part, plus rank 1's, ...): bit-identical on every rank
-    whatever the MPI library. ``comm`` None returns ``array`` itself.
+    whatever the MPI library. A small array (``SMALL_REDUCTION_BYTES`` over all
+    ranks) is allgathered whole and summed on every rank in the same order, in
+    one collective. ``comm`` None returns ``array`` itself.
     """
     if comm is None or comm.Get_size() == 1:
         return array
     send = np.ascontiguousarray(array).reshape(-1)
     rank, size = comm.Get_rank(), comm.Get_size()
+    if send.nbytes * size <= SMALL_REDUCTION_BYTES:  # one collective instead of two
+        parts = np.empty((size, send.size), dtype=send.dtype)
+        comm.Allgather(send, parts)
+        total = parts[0].copy()
+        for part in parts[1:]:  # the same additions in the same order: the same bits
+            total += part
+        return total.reshape(np.shape(array))
     counts, displs = slice_bounds(send.size, size)
     mine = counts[rank]
     parts = np.empty((size, mine), dtype=send.dtype)

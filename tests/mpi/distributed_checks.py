@@ -51,7 +51,7 @@ def reduction():
     """Check the reduction is the rank-order sum, for any length (below the rank count too)."""
     from ghess._distributed import sum_in_rank_order
 
-    for shape in ((1,), (2,), (7, 3), (1000,)):
+    for shape in ((1,), (2,), (7, 3), (1000,), (20011,), (3, 4001)):  # small, then sliced
         mine = np.random.default_rng(rank).normal(size=shape) * 10.0 ** rank
         total = sum_in_rank_order(comm, mine)
         expected = comm.allgather(mine)[0].copy()
@@ -63,7 +63,7 @@ def reduction():
     from ghess._distributed import sum_all_in_rank_order
 
     arrays = [np.random.default_rng(rank + 10).normal(size=shape) for shape in
-              ((3, 3), (1,), (5,))]
+              ((3, 3), (1,), (5,), (9000,))]
     for packed, array in zip(sum_all_in_rank_order(comm, arrays), arrays):
         assert np.array_equal(packed, sum_in_rank_order(comm, array))
 
