@@ -36,8 +36,7 @@ from .blas cimport gemm, syrk_lower
 from .headers cimport (
     GHESS_OPENMP, GHESS_SKINNY_MAX, ghess_contract_f32, ghess_contract_f64, ghess_contract_t_f32,
     ghess_contract_t_f64, ghess_cpu_isa, ghess_isa_level, ghess_omp_max_threads,
-    ghess_set_isa_level,
-    ghess_skinny_tn_f32, ghess_skinny_tn_f64,
+    ghess_set_isa_level, ghess_skinny_tn_f32, ghess_skinny_tn_f64,
     ghess_elu_block, ghess_eluf_block, ghess_gelu_block, ghess_gelu_tanh_block,
     ghess_gelu_tanhf_block, ghess_geluf_block,
     ghess_sigmoid_block, ghess_sigmoidf_block, ghess_silu_block, ghess_siluf_block,

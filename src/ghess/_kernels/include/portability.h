@@ -18,8 +18,6 @@
 #ifndef GHESS_PORTABILITY_H
 #define GHESS_PORTABILITY_H
 
-#include <stdlib.h> /* on glibc, defines __GLIBC__ (tested below) through <features.h> */
-
 /* Intrinsics for kernels written for AVX2 + FMA explicitly (direct_conv.h). They are
  * compiled for those instructions whatever the baseline, so callers must check the CPU
  * at run time (__builtin_cpu_supports) before calling them. */
