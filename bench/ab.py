@@ -6,6 +6,8 @@ Usage::
     python bench/ab.py --a /path/to/venv-a/bin/python --b /path/to/venv-b/bin/python
     python bench/ab.py --a ... --b ... --threads 1 2 --problems MLP-M CNN-C --rounds 40
     python bench/ab.py --a ... --b ... --quick     # tiny problems, to prove it works
+    python bench/ab.py --a $PY --b $PY --a-env GHESS_ISA=avx2 --b-env GHESS_ISA=avx512
+                                                   # one build, two ISA levels
 
 For each thread count, one long-lived worker process per build (this script with
 ``--worker``, run by that build's interpreter) is pinned to the same ``threads``
@@ -74,7 +76,8 @@ def worker(threads, outdir):
 
     info = {"python": sys.executable, "python_version": platform.python_version(),
             "ghess": ghess.__version__, "ghess_path": os.path.dirname(ghess.__file__),
-            "numpy": np.__version__, "cores": cores}
+            "numpy": np.__version__, "cores": cores,
+            "GHESS_ISA": os.environ.get("GHESS_ISA", "(unset)")}
     try:
         from threadpoolctl import threadpool_info
 
@@ -152,11 +155,11 @@ def _setup(command, threads, outdir):
 class Worker:
     """One build's worker process, and the commands the driver sends it."""
 
-    def __init__(self, python, threads, outdir):
+    def __init__(self, python, threads, outdir, env=None):
         self.proc = subprocess.Popen(
             [python, os.path.abspath(__file__), "--worker", str(threads), outdir],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=thread_env(threads),
-            text=True, bufsize=1)
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            env={**thread_env(threads), **(env or {})}, text=True, bufsize=1)
         self.info = self._read()
 
     def _read(self):
@@ -318,7 +321,10 @@ def report(machine, builds, rows, args):
         blas = ", ".join(info.get("blas", [])) or "unknown"
         lines.append(f"- {side}: `{info['python']}` (Python {info['python_version']}), "
                      f"ghess {info['ghess']} from `{info['ghess_path']}`, "
-                     f"numpy {info['numpy']}, BLAS {blas}")
+                     f"numpy {info['numpy']}, BLAS {blas}, GHESS_ISA "
+                     f"{info.get('GHESS_ISA', 'unknown')}"
+                     + "".join(f", {k}={v}" for k, v in builds.get(f"{side} env", {}).items()
+                               if k != "GHESS_ISA"))
     rounds = (f"{args.rounds} rounds" if args.rounds else
               f"rounds sized for about {args.budget:g} s of calls per operation and build "
               "(5 to 100)")
@@ -349,6 +355,17 @@ def report(machine, builds, rows, args):
     return lines
 
 
+def parse_env(values, option):
+    """``["VAR=VALUE", ...]`` as a dict; a clear error for anything else."""
+    env = {}
+    for value in values:
+        name, sep, setting = value.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"{option} takes VAR=VALUE pairs, got {value!r}")
+        env[name] = setting
+    return env
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--a", help="Python interpreter of build A (the reference)")
@@ -367,6 +384,10 @@ def main():
                         help="Markdown file to write")
     parser.add_argument("--quick", action="store_true",
                         help="tiny problems, 1 thread, 3 rounds of 3 calls")
+    parser.add_argument("--a-env", nargs="+", default=[], metavar="VAR=VALUE",
+                        help="environment of A's workers (e.g. GHESS_ISA=avx2)")
+    parser.add_argument("--b-env", nargs="+", default=[], metavar="VAR=VALUE",
+                        help="environment of B's workers (e.g. GHESS_ISA=avx512)")
     parser.add_argument("--worker", nargs=2, metavar=("THREADS", "DIR"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -378,16 +399,18 @@ def main():
     if args.quick:
         args.problems, args.threads, args.rounds, args.calls = list(QUICK_PROBLEMS), [1], 3, 3
 
+    envs = {side: parse_env(values, f"--{side.lower()}-env")
+            for side, values in (("A", args.a_env), ("B", args.b_env))}
     machine = machine_info()
     outdir = tempfile.mkdtemp(prefix="ghess-ab-")
-    rows, builds = [], {}
+    rows, builds = [], {"A env": envs["A"], "B env": envs["B"]}
     print(HEADER, file=sys.stderr, flush=True)
     try:
         for threads in args.threads:
             workers = {}
             try:
                 for side, python in (("A", args.a), ("B", args.b)):
-                    workers[side] = Worker(python, threads, outdir)
+                    workers[side] = Worker(python, threads, outdir, envs[side])
                     builds[side] = workers[side].info
                 for problem in args.problems:
                     for dtype in args.dtype:

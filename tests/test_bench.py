@@ -233,6 +233,16 @@ def test_ab_same_build_twice_gives_ratios_and_no_differences(tmp_path):
         assert (b - half) / (a + half) - half <= ratio <= (b + half) / (a - half) + half
         assert row[8] == "0 |"  # the same build: identical numbers
     assert "Numbers unchanged: yes" in report
+    assert report.count("GHESS_ISA (unset)") == 2  # each side's ISA setting is named
+
+
+def test_ab_environment_per_side():
+    ab = _load_bench("ab")
+    assert ab.parse_env(["GHESS_ISA=avx2", "X=a=b", "EMPTY="], "--a-env") == {
+        "GHESS_ISA": "avx2", "X": "a=b", "EMPTY": ""}
+    for bad in (["GHESS_ISA"], ["=avx2"]):
+        with pytest.raises(SystemExit, match="--b-env takes VAR=VALUE pairs"):
+            ab.parse_env(bad, "--b-env")
 
 
 def test_ab_max_rel_diff_and_interval(tmp_path):
