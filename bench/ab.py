@@ -323,7 +323,7 @@ def report(machine, builds, rows, args):
                      f"ghess {info['ghess']} from `{info['ghess_path']}`, "
                      f"numpy {info['numpy']}, BLAS {blas}, GHESS_ISA "
                      f"{info.get('GHESS_ISA', 'unknown')}"
-                     + "".join(f", {k}={v}" for k, v in builds.get(f"{side} env", {}).items()
+                     + "".join(f", {k}={v}" for k, v in info.get("env", {}).items()
                                if k != "GHESS_ISA"))
     rounds = (f"{args.rounds} rounds" if args.rounds else
               f"rounds sized for about {args.budget:g} s of calls per operation and build "
@@ -403,7 +403,7 @@ def main():
             for side, values in (("A", args.a_env), ("B", args.b_env))}
     machine = machine_info()
     outdir = tempfile.mkdtemp(prefix="ghess-ab-")
-    rows, builds = [], {"A env": envs["A"], "B env": envs["B"]}
+    rows, builds = [], {}
     print(HEADER, file=sys.stderr, flush=True)
     try:
         for threads in args.threads:
@@ -411,7 +411,7 @@ def main():
             try:
                 for side, python in (("A", args.a), ("B", args.b)):
                     workers[side] = Worker(python, threads, outdir, envs[side])
-                    builds[side] = workers[side].info
+                    builds[side] = {**workers[side].info, "env": envs[side]}
                 for problem in args.problems:
                     for dtype in args.dtype:
                         rows += compare(workers, problem, dtype, threads, args, outdir)
