@@ -311,6 +311,7 @@ class NewtonCG:
 
     def _prepare(self, theta, data):
         theta = check_params(theta, self.model.n_params).copy()
+        n_global = None
         if self.comm is not None and not hasattr(data, "batches"):
             # a bad shard on one rank raises on every rank (with the sample count)
             failure = None
@@ -318,7 +319,8 @@ class NewtonCG:
                 data = as_batches(self.model, self.loss, data, theta.dtype, allow_empty=True)
             except (ValueError, TypeError) as exc:
                 failure = exc
-            global_count_or_raise(self.comm, 0 if failure else data.n_samples, failure)
+            n_global = global_count_or_raise(self.comm, 0 if failure else data.n_samples,
+                                             failure)
         batches = data if hasattr(data, "batches") else as_batches(
             self.model, self.loss, data, theta.dtype)
         n = batches.n_samples
@@ -331,7 +333,8 @@ class NewtonCG:
             self._counts = (n, size)
             return theta, batches, size
         # distributed: this rank's share of the subsample, from its own shard
-        n_global = int(self.comm.allreduce(n))
+        if n_global is None:  # batches validated already: only their count to share
+            n_global = int(self.comm.allreduce(n))
         if isinstance(self.subsample, numbers.Integral):
             if self.subsample > n_global:
                 raise ValueError(f"subsample of {self.subsample} samples exceeds the "
