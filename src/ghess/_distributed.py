@@ -61,21 +61,23 @@ def sum_in_rank_order(comm, array):
     if send.nbytes * size <= SMALL_REDUCTION_BYTES:  # one collective instead of two
         parts = np.empty((size, send.size), dtype=send.dtype)
         comm.Allgather(send, parts)
-        total = parts[0].copy()
-        for part in parts[1:]:  # the same additions in the same order: the same bits
-            total += part
-        return total.reshape(np.shape(array))
+        return _rank_order_total(parts).reshape(np.shape(array))
     counts, displs = slice_bounds(send.size, size)
     mine = counts[rank]
     parts = np.empty((size, mine), dtype=send.dtype)
     comm.Alltoallv([send, (counts, displs)],
                    [parts, ([mine] * size, [i * mine for i in range(size)])])
-    summed = parts[0].copy()
-    for part in parts[1:]:
-        summed += part
     total = np.empty_like(send)
-    comm.Allgatherv(summed, [total, (counts, displs)])
+    comm.Allgatherv(_rank_order_total(parts), [total, (counts, displs)])
     return total.reshape(np.shape(array))
+
+
+def _rank_order_total(parts):
+    """``parts[0] + parts[1] + ...`` added in that order: both paths' bits are these."""
+    total = parts[0].copy()
+    for part in parts[1:]:
+        total += part
+    return total
 
 
 def sum_all_in_rank_order(comm, arrays):
