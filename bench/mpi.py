@@ -195,10 +195,7 @@ def run_worker(args):
         from mpi4py import MPI
         comm = CountingComm(MPI.COMM_WORLD)
     rank, size = (0, 1) if comm is None else (comm.Get_rank(), comm.Get_size())
-    allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-    if allowed:  # rank r on its own core(s)
-        os.sched_setaffinity(0, allowed[(rank * args.threads) % len(allowed):][:args.threads]
-                             or allowed[:args.threads])
+    timing.pin_to_cores(args.threads, skip=rank * args.threads)  # rank r on its own core(s)
     from bench.problems import make_setup
 
     result = {"problem": args.problem, "dtype": args.dtype, "threads": args.threads,

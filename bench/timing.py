@@ -26,12 +26,19 @@ BUDGET = 1.0
 SETTLE = 0.2
 
 
-def pin_to_cores(threads):
-    """Restrict this process to ``threads`` of the cores it may use; return them."""
+def pin_to_cores(threads, skip=0):
+    """Restrict this process to ``threads`` of the cores it may use; return them.
+
+    ``skip``: cores to leave to others first (an MPI rank r of t threads skips r t),
+    wrapping around when there are not enough.
+    """
     if not hasattr(os, "sched_setaffinity"):
         return None
     allowed = sorted(os.sched_getaffinity(0))
-    cores = allowed[:threads] if threads <= len(allowed) else allowed
+    if threads > len(allowed):
+        cores = allowed
+    else:
+        cores = allowed[skip % len(allowed):][:threads] or allowed[:threads]
     os.sched_setaffinity(0, cores)
     return cores
 
