@@ -132,6 +132,7 @@ def _isa_from_environment():
 
 _ISA = _isa_from_environment()
 conv.set_isa(conv.DEFAULT_ISA if _ISA is None else _ISA)
+conv.set_maps_isa(conv.MAPS_DEFAULT_ISA if _ISA is None else _ISA)
 dense.set_isa(dense.DEFAULT_ISA if _ISA is None else _ISA)
 
 
@@ -218,7 +219,8 @@ def show_config(file=None) -> None:
         f"threads:   {resolve_n_threads(None)} (OpenMP default; n_threads= overrides)",
         f"ISA:       {conv.ISA_NAMES[conv.isa()]} (direct convolutions; generic: im2col + "
         f"BLAS; the CPU runs {conv.ISA_NAMES[conv.CPU_ISA]}; GHESS_ISA caps it), "
-        f"{conv.ISA_NAMES[dense.isa()]} (contractions, skinny GEMM, activations)",
+        f"{conv.ISA_NAMES[dense.isa()]} (contractions, skinny GEMM, activations), "
+        f"{conv.ISA_NAMES[conv.maps_isa()]} (pooling, bias and batch-norm maps)",
     ]
     try:
         for info in _threadpool_controller().info():

@@ -98,6 +98,10 @@ def _pool_geometries():
         if out_h >= 1 and out_w >= 1:
             out.append(tuple(int(v) for v in (C, H, W, kh, kw, sh, sw, ph, pw, 1, 1,
                                               out_h, out_w)))
+    # 2x2 windows at stride 2 (their own vectorised path): even and odd sizes, rows of
+    # one and of more outputs than an AVX-512 vector holds
+    for C, H, W in [(2, 4, 4), (1, 5, 7), (3, 2, 2), (2, 6, 40), (1, 3, 35)]:
+        out.append((C, H, W, 2, 2, 2, 2, 0, 0, 1, 1, H // 2, W // 2))
     return out
 
 
@@ -112,7 +116,7 @@ def test_maxpool_forward_matches_naive_loop(geom, dtype):
     x = rng.integers(-2, 3, size=(3, C * H * W)).astype(dtype)
     m = C * geom[11] * geom[12]
     y = np.full((3, m), np.nan, dtype=dtype)
-    arg = np.full((3, m), -1, dtype=np.intp)
+    arg = np.full((3, m), -1, dtype=np.int32)
     _conv.maxpool_forward(x, y, arg, geom, 2)
     for i in range(3):
         want_y, want_arg = _naive_maxpool(x[i], *geom)
@@ -158,13 +162,19 @@ def test_unfold_same_width_path_matches_naive_and_reads_in_bounds(geom, dtype):
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("with_gain", [False, True])
-def test_gather_and_scatter_add_against_loops(dtype, with_gain):
+@pytest.mark.parametrize("distinct", [False, True])
+def test_gather_and_scatter_add_against_loops(dtype, with_gain, distinct):
     # the max-pooling JVP/VJP, and with a gain the fused activation + max-pooling step
-    # of factor paths; repeated indices (overlapping windows) must add up
+    # of factor paths; repeated indices (overlapping windows) must add up, and distinct
+    # ones (disjoint windows: the kernel's vectorised path) land once each
     rng = np.random.default_rng(1)
-    n, k, in_width, out_width = 3, 2, 7, 5
-    index = rng.integers(0, in_width, size=(n, out_width)).astype(np.intp)
-    index[:, 1] = index[:, 0]  # a repeated argmax in every sample
+    n, k, in_width, out_width = 3, 2, 37, 21
+    if distinct:
+        index = np.stack([rng.permutation(in_width)[:out_width] for _ in range(n)])
+    else:
+        index = rng.integers(0, in_width, size=(n, out_width))
+        index[:, 1] = index[:, 0]  # a repeated argmax in every sample
+    index = index.astype(np.int32)
     gain = (rng.normal(size=(n, out_width)).astype(dtype) if with_gain
             else np.empty((0, 0), dtype=dtype))
     scale = gain if with_gain else np.ones((n, out_width), dtype=dtype)
@@ -177,7 +187,7 @@ def test_gather_and_scatter_add_against_loops(dtype, with_gain):
 
     g = rng.normal(size=(n, k, out_width)).astype(dtype)
     back = np.full((n, k, in_width), np.nan, dtype=dtype)  # zeroed by the kernel
-    _conv.scatter_add(g, index, gain, back, 2)
+    _conv.scatter_add(g, index, gain, back, distinct, 2)
     expected = np.zeros((n, k, in_width), dtype=np.float64)
     for i, j, o in itertools.product(range(n), range(k), range(out_width)):
         expected[i, j, index[i, o]] += scale[i, o] * g[i, j, o]

@@ -6,7 +6,8 @@ runs the same FMAs) and, in a child process with ``GHESS_ISA=generic``, the im2c
 (the same numbers to rounding). The C kernels of dense layers (contractions with the
 stored factors, the skinny GEMM, the activations) are built for the baseline, AVX2 and
 AVX-512 and run here at every level the CPU supports: the activations give the same
-bits, the sums agree to rounding (their vector lanes differ).
+bits, the sums agree to rounding (their vector lanes differ). The pooling and per-channel
+kernels are built the same way and give the same bits at every level.
 """
 
 import os
@@ -98,6 +99,70 @@ def test_dense_levels_agree_on_the_products(dtype, rtol, restore_dense_isa):
             assert np.linalg.norm(a - b) <= rtol * np.linalg.norm(a)
 
 
+@pytest.fixture
+def restore_maps_isa():
+    level = conv.maps_isa()
+    yield
+    conv.set_maps_isa(level)
+
+
+def _maps_results(dtype):
+    """Every pooling and per-channel kernel on one grid: a tuple of output arrays."""
+    rng = np.random.default_rng(4)
+    n, k = 3, 2
+    out = []
+    # max pooling: 2x2 at stride 2 on rows longer and shorter than an AVX-512 vector,
+    # and a padded 3x3 window; rounded values make ties, which go to the first maximum
+    for geom in [(3, 10, 70, 2, 2, 2, 2, 0, 0, 1, 1, 5, 35),
+                 (2, 8, 8, 2, 2, 2, 2, 0, 0, 1, 1, 4, 4),
+                 (2, 7, 9, 3, 3, 2, 2, 1, 1, 1, 1, 4, 5),
+                 (2, 7, 9, 3, 2, 1, 2, 0, 0, 1, 1, 5, 4)]:
+        C, H, W, oh, ow = geom[0], geom[1], geom[2], geom[11], geom[12]
+        x = np.round(rng.normal(size=(n, C * H * W)), 1).astype(dtype)
+        y = np.empty((n, C * oh * ow), dtype)
+        argmax = np.empty(y.shape, np.int32)
+        conv.maxpool_forward(x, y, argmax, geom, 2)
+        gain = rng.normal(size=y.shape).astype(dtype)
+        rx = rng.normal(size=(n, k, C * H * W)).astype(dtype)
+        ry = np.empty((n, k, y.shape[1]), dtype)
+        conv.gather(rx, argmax, gain, ry, 2)
+        back = np.empty_like(rx)
+        conv.scatter_add(ry, argmax, gain, back, geom[5] >= geom[3] and geom[6] >= geom[4], 2)
+        avg, avg_back = np.empty_like(y), np.empty_like(x)
+        conv.avgpool_forward(x, avg, geom, 2)
+        conv.avgpool_backward(avg, avg_back, geom, 2)
+        out += [y, argmax, ry, back, avg, avg_back]
+    # per-channel maps and sums: 5 channels of 67 positions (off every vector width)
+    g = rng.normal(size=(n, k, 5 * 67)).astype(dtype)
+    biased = g.copy()
+    conv.channel_bias_add(biased, rng.normal(size=(k, 5)).astype(dtype), 2)
+    affine = np.empty_like(g)
+    conv.channel_affine(g, rng.normal(size=(1, 5)).astype(dtype),
+                        rng.normal(size=(k, 5)).astype(dtype), affine, False, 2)
+    sums, dots = np.zeros((k, 5), dtype), np.zeros((k, 5), dtype)
+    conv.channel_bias_grad(g, sums, 2)
+    conv.channel_dot(g, biased, dots, 2)
+    return tuple(out) + (biased, affine, sums, dots)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_maps_levels_give_the_same_bits(dtype, restore_maps_isa):
+    # pooling (max: the 2x2 vectorised path, short rows, other windows; its gather and
+    # scatter; average), bias and batch-norm maps and the pairwise channel sums
+    results = []
+    for level in range(conv.CPU_ISA + 1):
+        assert conv.set_maps_isa(level) == level == conv.maps_isa()
+        results.append(_maps_results(dtype))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_maps_set_isa_is_capped_at_the_cpu(restore_maps_isa):
+    assert conv.set_maps_isa(5) == conv.CPU_ISA == conv.maps_isa()
+    assert conv.set_maps_isa(-1) == 0 == conv.maps_isa()
+
+
 def test_dense_set_isa_is_capped_at_the_cpu(restore_dense_isa):
     assert dense.set_isa(5) == dense.CPU_ISA == dense.isa()
     assert dense.set_isa(-1) == 0 == dense.isa()
@@ -117,7 +182,7 @@ sys.path.insert(0, {tests!r})
 from conftest import ConvCase
 assert conv.isa() == 0 and not conv.direct_conv_supported((1, 4, 4, 3, 3, 1, 1, 1, 1, 1, 1, 4, 4))
 from ghess._kernels import dense
-assert dense.isa() == 0  # the C kernels' baseline build too
+assert dense.isa() == 0 and conv.maps_isa() == 0  # the C kernels' baseline builds too
 c = ConvCase("resnet-ce", n_samples=5)
 v = np.random.default_rng(0).normal(size=c.model.n_params)
 G = ghess.GGNLinearOperator(c.model, c.loss, c.theta, c.data)

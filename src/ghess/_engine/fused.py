@@ -8,7 +8,7 @@ tangents and cotangents both go "take the window's argmax, times f' there".
 import numpy as np
 
 from .._kernels import conv as kernels
-from ..nn.pooling import NO_GAIN
+from ..nn.pooling import ARGMAX_DTYPE, NO_GAIN
 
 __all__ = ["ActivationMaxPool"]
 
@@ -48,7 +48,7 @@ class ActivationMaxPool:
 
     def factor_bytes(self, input_shape, itemsize, input_is_data):
         """Bytes per sample of the step's context: the argmax and f' there."""
-        return self.pool.out_width * (np.dtype(np.intp).itemsize + itemsize)
+        return self.pool.out_width * (ARGMAX_DTYPE.itemsize + itemsize)
 
     kept_bytes = factor_bytes
 
@@ -73,7 +73,8 @@ class ActivationMaxPool:
         if not need_input_grad:
             return None
         gx = np.empty((gy.shape[0], gy.shape[1], self.pool.in_width), dtype=gy.dtype)
-        kernels.scatter_add(gy, ctx["argmax"], ctx["gain"], gx, n_threads)
+        kernels.scatter_add(gy, ctx["argmax"], ctx["gain"], gx, self.pool.windows_disjoint,
+                            n_threads)
         return gx
 
     def rvjp(self, params, tangent, ctx, g, rx, rgy, acc, need_input_grad, n_threads,

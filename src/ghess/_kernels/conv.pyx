@@ -35,12 +35,18 @@ from cython.parallel cimport prange, threadid
 from libc.string cimport memcpy, memset
 
 from .blas cimport gemm
+from libc.stdint cimport int32_t
+
 from .headers cimport (
-    GHESS_DC_MR, ghess_dc_forward_f32, ghess_dc_forward_f64, ghess_dc_geom,
-    ghess_dc_grad_panels_size, ghess_dc_offsets, ghess_dc_pack_grad_f32, ghess_dc_pack_grad_f64,
-    ghess_dc_pack_weights_f32, ghess_dc_pack_weights_f64, ghess_dc_pad_f32, ghess_dc_pad_f64,
-    ghess_dc_padded_size, ghess_dc_vector_length, ghess_dc_weight_grad_f32,
-    ghess_dc_weight_grad_f64, ghess_cpu_isa,
+    GHESS_DC_MR, ghess_avgpool_f32, ghess_avgpool_f64, ghess_avgpool_t_f32,
+    ghess_avgpool_t_f64, ghess_channel_affine_f32, ghess_channel_affine_f64, ghess_cpu_isa,
+    ghess_dc_forward_f32, ghess_dc_forward_f64, ghess_dc_geom, ghess_dc_grad_panels_size,
+    ghess_dc_offsets, ghess_dc_pack_grad_f32, ghess_dc_pack_grad_f64, ghess_dc_pack_weights_f32,
+    ghess_dc_pack_weights_f64, ghess_dc_pad_f32, ghess_dc_pad_f64, ghess_dc_padded_size,
+    ghess_dc_vector_length, ghess_dc_weight_grad_f32, ghess_dc_weight_grad_f64,
+    ghess_gather_f32, ghess_gather_f64, ghess_isa_level, ghess_maxpool_f32, ghess_maxpool_f64,
+    ghess_pairwise_sum_f32, ghess_pairwise_sum_f64, ghess_scatter_f32, ghess_scatter_f64,
+    ghess_set_isa_level,
 )
 
 
@@ -231,6 +237,25 @@ def set_isa(int level):
 def isa():
     """Return the ISA level in use (an index into ``ISA_NAMES``)."""
     return _isa
+
+
+#: the level of the pooling and per-channel kernels (include/pooling.h, channel.h) unless
+#: GHESS_ISA asks for another: the best the CPU runs
+MAPS_DEFAULT_ISA = CPU_ISA
+
+
+def set_maps_isa(int level):
+    """Use the pooling and per-channel kernels of ISA level ``level`` (0-2), capped; return it.
+
+    ``ghess._config`` calls it once at import, from ``GHESS_ISA``, as ``set_isa`` for the
+    direct convolutions. Every level gives the same bits.
+    """
+    return ghess_set_isa_level(level)
+
+
+def maps_isa():
+    """Return the ISA level of the pooling and per-channel kernels."""
+    return ghess_isa_level
 
 
 def direct_conv_supported(geom):
@@ -440,66 +465,30 @@ def channel_bias_add(floating[:, :, ::1] out,        # IN/OUT (n, k, M*P)
                      const floating[:, ::1] bias,    # IN     (kb, M)
                      int n_threads):
     """out[i, j, m*P:(m+1)*P] += bias[j or 0, m]."""
-    cdef Py_ssize_t n = out.shape[0], i
-    cdef int k = out.shape[1], kb = bias.shape[0], M = bias.shape[1], j, m, p, P
+    cdef Py_ssize_t n = out.shape[0], i, P
+    cdef int k = out.shape[1], kb = bias.shape[0], M = bias.shape[1]
     _check(kb == 1 or kb == k, "channel_bias_add directions")
     _check(M > 0 and out.shape[2] % M == 0, "channel_bias_add out")
     P = out.shape[2] // M
+    if n == 0 or k == 0 or P == 0:
+        return
     for i in prange(n, nogil=True, schedule='static', num_threads=n_threads):
-        for j in range(k):
-            for m in range(M):
-                for p in range(P):
-                    out[i, j, m * P + p] += bias[j if kb > 1 else 0, m]
+        if floating is double:
+            ghess_channel_affine_f64(&out[i, 0, 0], k, NULL, 0, &bias[0, 0], kb, &out[i, 0, 0],
+                                     k, M, P, 0)
+        else:
+            ghess_channel_affine_f32(&out[i, 0, 0], k, NULL, 0, &bias[0, 0], kb, &out[i, 0, 0],
+                                     k, M, P, 0)
 
 
-cdef inline double _term(const floating* x, const floating* y, Py_ssize_t p,
-                         bint dot) noexcept nogil:
-    return <double> x[p] * y[p] if dot else <double> x[p]
-
-
-cdef double _pairwise(const floating* x, const floating* y, Py_ssize_t count) noexcept nogil:
-    # The sum of x[:count] (y NULL) or the dot product of x and y, pairwise as NumPy sums:
-    # blocks of up to 128 terms in 8 interleaved partial sums, the blocks combined
-    # pairwise. The error grows with log2(count) ulp instead of count (a bias sums
-    # N * H * W terms: 1e-13 off on 33x33 maps when summed in one chain), and the 8
-    # independent chains run several times faster than one. (``dot`` is the same for a
-    # whole call: the compiler takes the branch out of the loops.)
-    cdef bint dot = y != NULL
-    cdef double r0, r1, r2, r3, r4, r5, r6, r7, total
-    cdef Py_ssize_t p, half
-    if count <= 128:
-        if count < 8:
-            total = 0.0
-            for p in range(count):
-                total = total + _term(x, y, p, dot)
-            return total
-        r0 = _term(x, y, 0, dot)
-        r1 = _term(x, y, 1, dot)
-        r2 = _term(x, y, 2, dot)
-        r3 = _term(x, y, 3, dot)
-        r4 = _term(x, y, 4, dot)
-        r5 = _term(x, y, 5, dot)
-        r6 = _term(x, y, 6, dot)
-        r7 = _term(x, y, 7, dot)
-        p = 8
-        while p + 8 <= count:
-            r0 = r0 + _term(x, y, p, dot)
-            r1 = r1 + _term(x, y, p + 1, dot)
-            r2 = r2 + _term(x, y, p + 2, dot)
-            r3 = r3 + _term(x, y, p + 3, dot)
-            r4 = r4 + _term(x, y, p + 4, dot)
-            r5 = r5 + _term(x, y, p + 5, dot)
-            r6 = r6 + _term(x, y, p + 6, dot)
-            r7 = r7 + _term(x, y, p + 7, dot)
-            p = p + 8
-        total = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
-        while p < count:
-            total = total + _term(x, y, p, dot)
-            p = p + 1
-        return total
-    half = (count // 2) // 8 * 8
-    return (_pairwise(x, y, half)
-            + _pairwise(x + half, y + half if dot else NULL, count - half))
+cdef inline double _pairwise(const floating* x, const floating* y,
+                             Py_ssize_t count) noexcept nogil:
+    # the sum of x[:count] (y NULL) or the dot product of x and y, pairwise in double
+    # (include/channel.h: log2(count) ulp of error, at the module's ISA level)
+    if floating is double:
+        return ghess_pairwise_sum_f64(x, y, count)
+    else:
+        return ghess_pairwise_sum_f32(x, y, count)
 
 
 def channel_bias_grad(const floating[:, :, ::1] g,   # IN     (n, k, M*P)
@@ -531,30 +520,25 @@ def channel_affine(const floating[:, :, ::1] x,      # IN     (n, kx, M*P), kx i
     An operand with one row (x's direction axis, scale or shift) serves every
     direction; shift with no rows adds nothing.
     """
-    cdef Py_ssize_t n = out.shape[0], i
+    cdef Py_ssize_t n = out.shape[0], i, P
     cdef int k = out.shape[1], kx = x.shape[1], ks = scale.shape[0], kb = shift.shape[0]
-    cdef int M = scale.shape[1], j, m, p, P
-    cdef floating a, b
-    cdef const floating* xr
-    cdef floating* yr
+    cdef int M = scale.shape[1]
     _check(M > 0 and out.shape[2] % M == 0 and x.shape[0] == n
            and x.shape[2] == out.shape[2], "channel_affine shapes")
     _check((kx == 1 or kx == k) and (ks == 1 or ks == k) and kb in (0, 1, k)
            and (kb == 0 or shift.shape[1] == M), "channel_affine directions")
     P = out.shape[2] // M
+    if n == 0 or k == 0 or P == 0:
+        return
     for i in prange(n, nogil=True, schedule='static', num_threads=n_threads):
-        for j in range(k):
-            for m in range(M):
-                a = scale[j if ks > 1 else 0, m]
-                b = shift[j if kb > 1 else 0, m] if kb > 0 else 0
-                xr = &x[i, j if kx > 1 else 0, m * P]
-                yr = &out[i, j, m * P]
-                if accumulate:
-                    for p in range(P):
-                        yr[p] = yr[p] + (a * xr[p] + b)
-                else:
-                    for p in range(P):
-                        yr[p] = a * xr[p] + b
+        if floating is double:
+            ghess_channel_affine_f64(&x[i, 0, 0], kx, &scale[0, 0], ks,
+                                     &shift[0, 0] if kb > 0 else NULL, kb, &out[i, 0, 0],
+                                     k, M, P, accumulate)
+        else:
+            ghess_channel_affine_f32(&x[i, 0, 0], kx, &scale[0, 0], ks,
+                                     &shift[0, 0] if kb > 0 else NULL, kb, &out[i, 0, 0],
+                                     k, M, P, accumulate)
 
 
 def channel_dot(const floating[:, :, ::1] g,   # IN     (n, k, M*P)
@@ -607,81 +591,28 @@ def conv_sample_jacobian(const floating[:, :, ::1] D,     # IN  (n, K, M*P)
 # Pooling
 # ---------------------------------------------------------------------------
 
-cdef void _maxpool_unpadded(const floating* x, floating* y, Py_ssize_t* argmax,
-                            Geometry* g) noexcept nogil:
-    # One sample's window maxima when no window reaches into padding. The running
-    # maximum is updated by selects, not jumps: after ReLU, which element of a window
-    # wins is unpredictable, and a mispredicted branch per element cost ~2 ns.
-    cdef int c, oi, oj, a, b
-    cdef Py_ssize_t index, best_index, row, o = 0
-    cdef floating best, value
-    cdef bint better
-    for c in range(g.C):
-        for oi in range(g.out_h):
-            for oj in range(g.out_w):
-                row = (<Py_ssize_t> c * g.H + oi * g.sh) * g.W + oj * g.sw
-                best_index = row
-                best = x[row]
-                for a in range(g.kh):
-                    for b in range(g.kw):
-                        index = row + <Py_ssize_t> a * g.dh * g.W + b * g.dw
-                        value = x[index]
-                        # strict '>' keeps the first maximum, as PyTorch
-                        better = value > best
-                        best = value if better else best
-                        best_index = index if better else best_index
-                y[o] = best
-                argmax[o] = best_index
-                o += 1
-
-
 def maxpool_forward(const floating[:, ::1] x,     # IN  (n, C*H*W)
                     floating[:, ::1] y,           # OUT (n, C*out_h*out_w)
-                    Py_ssize_t[:, ::1] argmax,    # OUT (n, C*out_h*out_w) index into x[i]
+                    int32_t[:, ::1] argmax,       # OUT (n, C*out_h*out_w) index into x[i]
                     tuple geom, int n_threads):
     """Max over each window (padding is -inf); argmax is the FIRST maximum, row-major."""
     cdef Geometry g = _geometry(geom)
-    cdef Py_ssize_t n = x.shape[0], i, best_index, index
-    cdef int c, oi, oj, a, b, ih, iw, o
-    cdef floating best, value
-    cdef bint found
+    cdef Py_ssize_t n = x.shape[0], i
     _check(x.shape[1] == g.C * g.H * g.W, "maxpool_forward x")
     _check(y.shape[0] == n and y.shape[1] == g.C * g.out_h * g.out_w, "maxpool_forward y")
     _check(argmax.shape[0] == n and argmax.shape[1] == y.shape[1], "maxpool_forward argmax")
-    if g.ph == 0 and g.pw == 0:
-        # every window lies inside the input: no bounds tests, no branches
-        for i in prange(n, nogil=True, schedule='static', num_threads=n_threads):
-            _maxpool_unpadded(&x[i, 0], &y[i, 0], &argmax[i, 0], &g)
+    _check(x.shape[1] < 2 ** 31, "maxpool_forward: int32 indices")
+    if n == 0 or y.shape[1] == 0:
         return
     for i in prange(n, nogil=True, schedule='static', num_threads=n_threads):
-        for c in range(g.C):
-            for oi in range(g.out_h):
-                for oj in range(g.out_w):
-                    found = False
-                    best = 0
-                    best_index = 0
-                    for a in range(g.kh):
-                        ih = oi * g.sh - g.ph + a * g.dh
-                        if ih < 0 or ih >= g.H:
-                            continue
-                        for b in range(g.kw):
-                            iw = oj * g.sw - g.pw + b * g.dw
-                            if iw < 0 or iw >= g.W:
-                                continue
-                            index = (<Py_ssize_t> c * g.H + ih) * g.W + iw
-                            value = x[i, index]
-                            # strict '>' keeps the first maximum, as PyTorch
-                            if not found or value > best:
-                                found = True
-                                best = value
-                                best_index = index
-                    o = (c * g.out_h + oi) * g.out_w + oj
-                    y[i, o] = best
-                    argmax[i, o] = best_index
+        if floating is double:
+            ghess_maxpool_f64(&x[i, 0], &y[i, 0], &argmax[i, 0], &g)
+        else:
+            ghess_maxpool_f32(&x[i, 0], &y[i, 0], &argmax[i, 0], &g)
 
 
 def gather(const floating[:, :, ::1] x,          # IN  (n, k, in_width)
-           const Py_ssize_t[:, ::1] index,       # IN  (n, out_width)
+           const int32_t[:, ::1] index,          # IN  (n, out_width)
            const floating[:, ::1] gain,          # IN  (n, out_width), or (0, 0): all ones
            floating[:, :, ::1] out,              # OUT (n, k, out_width)
            int n_threads):
@@ -690,41 +621,46 @@ def gather(const floating[:, :, ::1] x,          # IN  (n, k, in_width)
     With a gain, the JVP of an activation and the max-pooling after it in one
     pass: gain is f' at the argmax.
     """
-    cdef Py_ssize_t n = x.shape[0], k = x.shape[1], m = out.shape[2], i, j, o
+    cdef Py_ssize_t n = x.shape[0], k = x.shape[1], w = x.shape[2], m = out.shape[2], i
     cdef bint scaled = gain.shape[0] > 0
     _check(index.shape[0] == n and index.shape[1] == m, "gather index")
     _check(out.shape[0] == n and out.shape[1] == k, "gather out")
     _check(not scaled or (gain.shape[0] == n and gain.shape[1] == m), "gather gain")
+    if n == 0 or k == 0 or m == 0:
+        return
     for i in prange(n, nogil=True, schedule='static', num_threads=n_threads):
-        for j in range(k):
-            if scaled:
-                for o in range(m):
-                    out[i, j, o] = gain[i, o] * x[i, j, index[i, o]]
-            else:
-                for o in range(m):
-                    out[i, j, o] = x[i, j, index[i, o]]
+        if floating is double:
+            ghess_gather_f64(&x[i, 0, 0], w, &index[i, 0], &gain[i, 0] if scaled else NULL,
+                             &out[i, 0, 0], m, k)
+        else:
+            ghess_gather_f32(&x[i, 0, 0], w, &index[i, 0], &gain[i, 0] if scaled else NULL,
+                             &out[i, 0, 0], m, k)
 
 
 def scatter_add(const floating[:, :, ::1] g,     # IN  (n, k, out_width)
-                const Py_ssize_t[:, ::1] index,  # IN  (n, out_width), values < in_width
+                const int32_t[:, ::1] index,     # IN  (n, out_width), values < in_width
                 const floating[:, ::1] gain,     # IN  (n, out_width), or (0, 0): all ones
                 floating[:, :, ::1] out,         # OUT (n, k, in_width), zeroed here
-                int n_threads):
-    """out[i, j, index[i, o]] += gain[i, o] * g[i, j, o]  (max-pooling VJP; see gather)."""
-    cdef Py_ssize_t n = g.shape[0], k = g.shape[1], m = g.shape[2], i, j, o
+                bint distinct, int n_threads):
+    """out[i, j, index[i, o]] += gain[i, o] * g[i, j, o]  (max-pooling VJP; see gather).
+
+    distinct: no sample's indices repeat (the windows do not overlap), which lets the
+    loop vectorise; with repeats the additions run in order of o.
+    """
+    cdef Py_ssize_t n = g.shape[0], k = g.shape[1], m = g.shape[2], w = out.shape[2], i
     cdef bint scaled = gain.shape[0] > 0
     _check(index.shape[0] == n and index.shape[1] == m, "scatter_add index")
     _check(out.shape[0] == n and out.shape[1] == k, "scatter_add out")
     _check(not scaled or (gain.shape[0] == n and gain.shape[1] == m), "scatter_add gain")
+    if n == 0 or k == 0 or w == 0:
+        return
     for i in prange(n, nogil=True, schedule='static', num_threads=n_threads):
-        for j in range(k):
-            memset(&out[i, j, 0], 0, out.shape[2] * sizeof(floating))
-            if scaled:
-                for o in range(m):
-                    out[i, j, index[i, o]] += gain[i, o] * g[i, j, o]
-            else:
-                for o in range(m):
-                    out[i, j, index[i, o]] += g[i, j, o]
+        if floating is double:
+            ghess_scatter_f64(&g[i, 0, 0], m, &index[i, 0], &gain[i, 0] if scaled else NULL,
+                              &out[i, 0, 0], w, k, distinct)
+        else:
+            ghess_scatter_f32(&g[i, 0, 0], m, &index[i, 0], &gain[i, 0] if scaled else NULL,
+                              &out[i, 0, 0], w, k, distinct)
 
 
 def avgpool_forward(const floating[:, ::1] x,    # IN  (m, C*H*W)
@@ -733,24 +669,15 @@ def avgpool_forward(const floating[:, ::1] x,    # IN  (m, C*H*W)
     """Mean over each window, padded zeros included (divisor kh * kw)."""
     cdef Geometry g = _geometry(geom)
     cdef Py_ssize_t m = x.shape[0], i
-    cdef int c, oi, oj, a, b, ih, iw
-    cdef double acc, inv = 1.0 / (g.kh * g.kw)
     _check(x.shape[1] == g.C * g.H * g.W, "avgpool_forward x")
     _check(y.shape[0] == m and y.shape[1] == g.C * g.out_h * g.out_w, "avgpool_forward y")
+    if m == 0 or y.shape[1] == 0:
+        return
     for i in prange(m, nogil=True, schedule='static', num_threads=n_threads):
-        for c in range(g.C):
-            for oi in range(g.out_h):
-                for oj in range(g.out_w):
-                    acc = 0.0
-                    for a in range(g.kh):
-                        ih = oi * g.sh - g.ph + a * g.dh
-                        if ih < 0 or ih >= g.H:
-                            continue
-                        for b in range(g.kw):
-                            iw = oj * g.sw - g.pw + b * g.dw
-                            if 0 <= iw < g.W:
-                                acc = acc + x[i, (c * g.H + ih) * g.W + iw]
-                    y[i, (c * g.out_h + oi) * g.out_w + oj] = <floating> (acc * inv)
+        if floating is double:
+            ghess_avgpool_f64(&x[i, 0], &y[i, 0], &g)
+        else:
+            ghess_avgpool_f32(&x[i, 0], &y[i, 0], &g)
 
 
 def avgpool_backward(const floating[:, ::1] gy,  # IN  (m, C*out_h*out_w)
@@ -759,22 +686,12 @@ def avgpool_backward(const floating[:, ::1] gy,  # IN  (m, C*out_h*out_w)
     """Transpose of avgpool_forward: spread each output's gradient over its window."""
     cdef Geometry g = _geometry(geom)
     cdef Py_ssize_t m = gy.shape[0], i
-    cdef int c, oi, oj, a, b, ih, iw
-    cdef floating share
-    cdef double inv = 1.0 / (g.kh * g.kw)
     _check(gy.shape[1] == g.C * g.out_h * g.out_w, "avgpool_backward gy")
     _check(gx.shape[0] == m and gx.shape[1] == g.C * g.H * g.W, "avgpool_backward gx")
+    if m == 0 or gx.shape[1] == 0:
+        return
     for i in prange(m, nogil=True, schedule='static', num_threads=n_threads):
-        memset(&gx[i, 0], 0, gx.shape[1] * sizeof(floating))
-        for c in range(g.C):
-            for oi in range(g.out_h):
-                for oj in range(g.out_w):
-                    share = <floating> (gy[i, (c * g.out_h + oi) * g.out_w + oj] * inv)
-                    for a in range(g.kh):
-                        ih = oi * g.sh - g.ph + a * g.dh
-                        if ih < 0 or ih >= g.H:
-                            continue
-                        for b in range(g.kw):
-                            iw = oj * g.sw - g.pw + b * g.dw
-                            if 0 <= iw < g.W:
-                                gx[i, (c * g.H + ih) * g.W + iw] += share
+        if floating is double:
+            ghess_avgpool_t_f64(&gy[i, 0], &gx[i, 0], &g)
+        else:
+            ghess_avgpool_t_f32(&gy[i, 0], &gx[i, 0], &g)

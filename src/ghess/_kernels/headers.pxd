@@ -3,6 +3,9 @@
 # Every header listed here is #included by every module that cimports this file; the
 # static functions a module does not call are not compiled into it.
 
+from libc.stdint cimport int32_t
+
+
 cdef extern from "portability.h":
     int GHESS_OPENMP  # 1 when built with OpenMP
     int ghess_omp_max_threads() nogil  # OpenMP's default number of threads, 1 without
@@ -57,10 +60,41 @@ cdef extern from "vecmath.h" nogil:
     void ghess_geluf_block(const float* x, float* y, float* d1, float* d2, Py_ssize_t n,
                            double p0)
 
-cdef extern from "direct_conv.h" nogil:
-    # stride-1 (in width) convolutions without im2col, AVX-512 or AVX2 + FMA (at run time)
+cdef extern from "geometry.h" nogil:
+    # a convolution's or pooling window's geometry (ghess.nn._window's 13 ints)
     ctypedef struct ghess_dc_geom:
         int C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, out_h, out_w
+
+cdef extern from "pooling.h" nogil:
+    # one sample's max and average pooling, and max pooling's JVP (gather) and VJP (scatter)
+    void ghess_maxpool_f64(const double* x, double* y, int32_t* argmax, const ghess_dc_geom* g)
+    void ghess_maxpool_f32(const float* x, float* y, int32_t* argmax, const ghess_dc_geom* g)
+    void ghess_gather_f64(const double* x, Py_ssize_t in_width, const int32_t* index,
+                          const double* gain, double* out, Py_ssize_t m, Py_ssize_t k)
+    void ghess_gather_f32(const float* x, Py_ssize_t in_width, const int32_t* index,
+                          const float* gain, float* out, Py_ssize_t m, Py_ssize_t k)
+    void ghess_scatter_f64(const double* g, Py_ssize_t m, const int32_t* index, const double* gain,
+                           double* out, Py_ssize_t in_width, Py_ssize_t k, int distinct)
+    void ghess_scatter_f32(const float* g, Py_ssize_t m, const int32_t* index, const float* gain,
+                           float* out, Py_ssize_t in_width, Py_ssize_t k, int distinct)
+    void ghess_avgpool_f64(const double* x, double* y, const ghess_dc_geom* g)
+    void ghess_avgpool_f32(const float* x, float* y, const ghess_dc_geom* g)
+    void ghess_avgpool_t_f64(const double* gy, double* gx, const ghess_dc_geom* g)
+    void ghess_avgpool_t_f32(const float* gy, float* gx, const ghess_dc_geom* g)
+
+cdef extern from "channel.h" nogil:
+    # per-channel affine maps (bias, batch norm) and pairwise sums in double (see the header)
+    void ghess_channel_affine_f64(const double* x, int kx, const double* a, int ka,
+                                  const double* b, int kb, double* y, int k, int M,
+                                  Py_ssize_t P, int accumulate)
+    void ghess_channel_affine_f32(const float* x, int kx, const float* a, int ka,
+                                  const float* b, int kb, float* y, int k, int M,
+                                  Py_ssize_t P, int accumulate)
+    double ghess_pairwise_sum_f64(const double* x, const double* y, Py_ssize_t count)
+    double ghess_pairwise_sum_f32(const float* x, const float* y, Py_ssize_t count)
+
+cdef extern from "direct_conv.h" nogil:
+    # stride-1 (in width) convolutions without im2col, AVX-512 or AVX2 + FMA (at run time)
     int ghess_dc_vector_length(int isa, int is_double)
     Py_ssize_t ghess_dc_padded_size(const ghess_dc_geom* g)
     void ghess_dc_offsets(const ghess_dc_geom* g, int* off)

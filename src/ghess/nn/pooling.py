@@ -10,6 +10,9 @@ __all__ = ["MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d"]
 
 #: the ``gain`` argument of the gather/scatter kernels that stands for all ones
 NO_GAIN = {np.dtype(t).char: np.empty((0, 0), dtype=t) for t in (np.float32, np.float64)}
+#: max pooling's argmax: an index into one sample's input (int32 halves the bytes the
+#: JVP and VJP read; a pooling input of 2**31 elements per sample is refused)
+ARGMAX_DTYPE = np.dtype(np.int32)
 
 
 class _Pool2d(Windowed, Layer):
@@ -39,6 +42,9 @@ class _Pool2d(Windowed, Layer):
     def output_shape(self, input_shape):
         """(channels, out_h, out_w); records the geometry."""
         C, _, _ = spatial_input(self, input_shape)
+        if int(np.prod(input_shape, dtype=object)) >= 2 ** 31:
+            raise ValueError(f"{type(self).__name__}: an input of fewer than 2**31 elements "
+                             f"per sample is supported, got shape {tuple(input_shape)}")
         self._geom = self._geometry(input_shape)
         self._input_shape = tuple(input_shape)
         return (C, self._geom[11], self._geom[12])
@@ -72,7 +78,7 @@ class MaxPool2d(_Pool2d):
         """Window maxima; keeps the index of each maximum."""
         n = x.shape[0]
         y = np.empty((n, self.out_width), dtype=x.dtype)
-        argmax = np.empty((n, self.out_width), dtype=np.intp)
+        argmax = np.empty((n, self.out_width), dtype=ARGMAX_DTYPE)
         kernels.maxpool_forward(x, y, argmax, self._geom, n_threads)
         ctx["argmax"] = argmax
         return y
@@ -90,12 +96,18 @@ class MaxPool2d(_Pool2d):
         if not need_input_grad:
             return None
         gx = np.empty((gy.shape[0], gy.shape[1], self.in_width), dtype=gy.dtype)
-        kernels.scatter_add(gy, ctx["argmax"], NO_GAIN[gy.dtype.char], gx, n_threads)
+        kernels.scatter_add(gy, ctx["argmax"], NO_GAIN[gy.dtype.char], gx,
+                            self.windows_disjoint, n_threads)
         return gx
+
+    @property
+    def windows_disjoint(self):
+        """Whether no input element lies in two windows (stride >= kernel size)."""
+        return all(s >= k for s, k in zip(self.stride, self.kernel_size))
 
     def kept_bytes(self, input_shape, itemsize, input_is_data):
         """Bytes per sample its forward context keeps: the argmax indices."""
-        return self.out_width * np.dtype(np.intp).itemsize
+        return self.out_width * ARGMAX_DTYPE.itemsize
 
     factor_bytes = kept_bytes
 

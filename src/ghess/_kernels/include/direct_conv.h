@@ -30,6 +30,7 @@
 #include <stddef.h>
 #include <string.h>
 
+#include "geometry.h"    /* ghess_dc_geom */
 #include "portability.h" /* GHESS_X86_INTRINSICS, GHESS_TARGET_*, GHESS_ISA_*, ghess_cpu_isa */
 
 #define GHESS_DC_MR 6
@@ -46,10 +47,6 @@ static int ghess_dc_vector_length(int isa, int is_double)
     return (isa == GHESS_ISA_AVX512 ? 16 : 8) / (is_double ? 2 : 1);
 }
 
-/* Geometry: (C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, out_h, out_w), as ghess.nn._window */
-typedef struct {
-    int C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, out_h, out_w;
-} ghess_dc_geom;
 
 static ptrdiff_t ghess_dc_padded_size(const ghess_dc_geom *g)
 {

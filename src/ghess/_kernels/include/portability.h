@@ -2,7 +2,7 @@
  *
  *   GHESS_ISA_GENERIC, GHESS_ISA_AVX2, GHESS_ISA_AVX512, ghess_cpu_isa()
  *                          the instruction-set levels, and the best this CPU runs
- *   GHESS_ISA_VARIANTS, GHESS_ISA_CALL, ghess_set_isa_level()
+ *   GHESS_ISA_VARIANTS, GHESS_ISA_CALL, GHESS_ISA_SELECT, ghess_set_isa_level()
  *                          a kernel built once per level, and the call of the build
  *                          of the level in use (set at import: GHESS_ISA)
  *   GHESS_X86_INTRINSICS   1 where <immintrin.h> and GHESS_TARGET_AVX2_FMA are usable
@@ -58,7 +58,9 @@ static int ghess_cpu_isa(void)
  * GHESS_ISA_VARIANTS(DEFINE, T, NAME, ...) expands DEFINE(T, NAME_vL, ..., ATTRIBUTE) for
  * the baseline (L = 0), AVX2 (1) and AVX-512 (2; x86-64 with GCC or clang only); C99
  * wants at least one argument in "...": a DEFINE that needs none takes an unused one. And
- * GHESS_ISA_CALL(NAME, (args)) calls the build of the level in use. The level is one per
+ * GHESS_ISA_CALL(NAME, (args)) calls the build of the level in use (GHESS_ISA_SELECT(NAME) is
+ * that build, for a call whose result is wanted; GHESS_ISA_CALL_AT(level, NAME, (args)) the
+ * build of a level at most the one in use). The level is one per
  * module (ghess_set_isa_level, from set_isa at import; the baseline until then), never
  * above ghess_cpu_isa(). No build contracts a * b + c into an FMA: the AVX2 target has no
  * FMA and the AVX-512 one is told not to, so elementwise kernels give the same bits at
@@ -86,18 +88,25 @@ static int ghess_set_isa_level(int level)
     DEFINE(T, NAME##_v0, __VA_ARGS__, )                                                   \
     DEFINE(T, NAME##_v1, __VA_ARGS__, GHESS_ATTR_AVX2)                                    \
     DEFINE(T, NAME##_v2, __VA_ARGS__, GHESS_ATTR_AVX512)
-#define GHESS_ISA_CALL(NAME, ARGS)                                                        \
+#define GHESS_ISA_SELECT(NAME)                                                            \
+    (ghess_isa_level >= GHESS_ISA_AVX512 ? NAME##_v2                                      \
+                                         : ghess_isa_level == GHESS_ISA_AVX2 ? NAME##_v1  \
+                                                                             : NAME##_v0)
+#define GHESS_ISA_CALL_AT(LEVEL, NAME, ARGS)                                              \
     do {                                                                                  \
-        if (ghess_isa_level >= GHESS_ISA_AVX512)                                          \
+        if ((LEVEL) >= GHESS_ISA_AVX512)                                                  \
             NAME##_v2 ARGS;                                                               \
-        else if (ghess_isa_level == GHESS_ISA_AVX2)                                       \
+        else if ((LEVEL) == GHESS_ISA_AVX2)                                               \
             NAME##_v1 ARGS;                                                               \
         else                                                                              \
             NAME##_v0 ARGS;                                                               \
     } while (0)
+#define GHESS_ISA_CALL(NAME, ARGS) GHESS_ISA_CALL_AT(ghess_isa_level, NAME, ARGS)
 #else
 #define GHESS_NO_CONTRACT
 #define GHESS_ISA_VARIANTS(DEFINE, T, NAME, ...) DEFINE(T, NAME##_v0, __VA_ARGS__, )
+#define GHESS_ISA_SELECT(NAME) NAME##_v0
+#define GHESS_ISA_CALL_AT(LEVEL, NAME, ARGS) NAME##_v0 ARGS
 #define GHESS_ISA_CALL(NAME, ARGS) NAME##_v0 ARGS
 #endif
 
