@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import numpy as np
 import pytest
@@ -102,6 +103,15 @@ def test_input_that_overflows_the_cast_says_so():
     X[1, 2] = 1e39
     with pytest.raises(ValueError, match=r"X overflows float32: 1e\+39 at index \(1, 2\)"):
         ghess.loss_and_grad(c.model, c.loss, c.theta, (X, c.y))
+    # a vector for a float32 operator likewise (it said "contains NaN or Inf", with
+    # NumPy's raw cast warning beside it)
+    G = ghess.GGNLinearOperator(c.model, c.loss, c.theta, c.data)
+    v = np.zeros(c.model.n_params)
+    v[3] = 1e39
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match=r"vector overflows float32: 1e\+39 at index \(3,"):
+            G @ v
 
 
 # -- Newton-CG keeps its progress ------------------------------------------------
@@ -159,6 +169,35 @@ def test_newton_cg_stops_with_a_warning_when_every_step_is_rejected():
     assert_array_equal(theta, opt.theta_)
 
 
+def test_newton_cg_with_overflowing_targets_stops_with_a_clear_error():
+    # float64 targets of 1e152 with a summed squared error: the objective (1e306) is
+    # finite, but CG's products overflow. Before, every step was rejected in silence
+    # (a NaN direction has no descent slope) and the rejection stop never fired.
+    model = ghess.Sequential(ghess.Linear(4, 3), input_shape=(4,))
+    rng = np.random.default_rng(0)
+    X, Y = rng.normal(size=(50, 4)), rng.normal(size=(50, 3)) * 1e152
+    opt = ghess.NewtonCG(model, ghess.MSELoss(reduction="sum"), subsample=0.5, seed=0)
+    with pytest.raises(FloatingPointError, match="CG solve overflowed in float64") as info:
+        opt.fit(model.init_params(seed=0), (X, Y), n_iterations=30, verbose=False)
+    if sys.version_info >= (3, 11):
+        assert any("iteration 0" in note for note in info.value.__notes__)
+    assert opt.history_ == []
+
+
+def test_newton_cg_float32_overflow_in_cg_says_overflow_not_bad_input():
+    # the objective fits float32 (1.7e36) but CG's iterates do not: a FloatingPointError
+    # naming the CG solve, where the operator used to say the vector had NaN or Inf
+    model = ghess.Sequential(ghess.Linear(4, 3), input_shape=(4,))
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(50, 4)).astype(np.float32)
+    Y = (rng.normal(size=(50, 3)) * 1e17).astype(np.float32)
+    opt = ghess.NewtonCG(model, ghess.MSELoss(reduction="sum"), subsample=0.5, seed=0)
+    with pytest.raises(FloatingPointError, match="CG solve overflowed in float32") as info:
+        opt.fit(model.init_params(seed=0, dtype=np.float32), (X, Y), verbose=False)
+    if sys.version_info >= (3, 11):
+        assert any("stage: the CG solve" in note for note in info.value.__notes__)
+
+
 def test_newton_cg_initial_objective_overflow_says_so():
     model = ghess.Sequential(ghess.Linear(4, 3), input_shape=(4,))
     c = Case("sigmoid-mse")
@@ -205,6 +244,17 @@ def test_zero_columns_give_empty_results():
     assert J.rmatmat(np.zeros((J.shape[0], 0))).shape == (n, 0)
     G = ghess.GGNLinearOperator(c.model, c.loss, c.theta, c.data)
     assert G.matvec(np.zeros((0, n))).shape == (0, n)
+    # the curvature family and the inverses too (KFAC's reshaped the empty block)
+    kfac = ghess.KFACLinearOperator(c.model, c.loss, c.theta, c.data)
+    for op in (ghess.EmpiricalFisherLinearOperator(c.model, c.loss, c.theta, c.data),
+               ghess.FisherMCLinearOperator(c.model, c.loss, c.theta, c.data),
+               kfac, kfac.inverse(damping=1e-3),
+               ghess.EKFACLinearOperator(c.model, c.loss, c.theta, c.data),
+               ghess.InverseLinearOperator(G)):
+        name = type(op).__name__
+        assert op.matmat(np.zeros((n, 0))).shape == (n, 0), name
+        assert op.matvec(np.zeros((0, n))).shape == (0, n), name
+        assert op.rmatmat(np.zeros((n, 0))).shape == (n, 0), name
 
 
 @pytest.mark.parametrize("argument", ["stride", "padding", "kernel_size"])
@@ -223,6 +273,20 @@ def test_negative_tolerance_and_memory_budget_are_refused():
         ghess.top_eigenvalues(G, 2, tol=-1)
     with pytest.raises(ValueError, match="memory_budget must be"):
         ghess.ggn_diagonal(c.model, c.loss, c.theta, c.data, memory_budget=-1)
+    with pytest.raises(ValueError, match="memory_budget must be"):
+        ghess.GGNLinearOperator(c.model, c.loss, c.theta, c.data, memory_budget=float("nan"))
+
+
+def test_memory_budget_as_a_real_number_of_bytes_is_taken_and_checked():
+    # 1e13 as the issue wrote it: taken as bytes (it was a TypeError), and above what the
+    # process may use it warns, in ggn_diagonal as in the operators
+    c = Case("tanh-ce")
+    G = ghess.GGNLinearOperator(c.model, c.loss, c.theta, c.data, memory_budget=2e8)
+    assert G.memory_budget == 200_000_000
+    with pytest.warns(RuntimeWarning, match="exceeds the"):
+        ghess.GGNLinearOperator(c.model, c.loss, c.theta, c.data, memory_budget=1e15)
+    with pytest.warns(RuntimeWarning, match="exceeds the"):
+        ghess.ggn_diagonal(c.model, c.loss, c.theta, c.data, memory_budget=1e15)
 
 
 def test_jacobian_todense_works_in_column_blocks():
@@ -248,6 +312,31 @@ def test_default_memory_budget_honours_rlimit_as():
     assert done.returncode == 0, done.stderr
     limit, budget = map(int, done.stdout.split())
     assert limit <= 6 << 30 and budget == min(4 << 30, limit // 4)
+
+
+def test_cgroup_limits_of_the_process_own_cgroup_and_its_ancestors_count(tmp_path):
+    # a fake hierarchy: the v1 memory controller's limit on this process's nested cgroup
+    # (the audit found only the mount root read) and a v2 limit on an ancestor, "max"
+    # (no limit) on the v2 cgroup itself and none at either root
+    from ghess._problem import _cgroup_memory_limits
+
+    v1, v2 = tmp_path / "v1", tmp_path / "v2"
+    (v1 / "jobs" / "job7").mkdir(parents=True)
+    (v1 / "jobs" / "job7" / "memory.limit_in_bytes").write_text("2147483648\n")
+    (v1 / "memory.limit_in_bytes").write_text(str(2 ** 63 - 4096))  # v1's "none"
+    (v2 / "user.slice" / "session-3.scope").mkdir(parents=True)
+    (v2 / "user.slice" / "memory.max").write_text("3221225472\n")
+    (v2 / "user.slice" / "session-3.scope" / "memory.max").write_text("max\n")
+    proc = tmp_path / "cgroup"
+    proc.write_text("4:memory:/jobs/job7\n3:cpu,cpuacct:/elsewhere\n"
+                    "0::/user.slice/session-3.scope\n")
+    mounts = ((str(v2), "memory.max"), (str(v1), "memory.limit_in_bytes"))
+    assert sorted(_cgroup_memory_limits(str(proc), mounts)) == [2 << 30, 3 << 30]
+    # in a container (the path is "/"), the mount's root is the container's cgroup
+    proc.write_text("0::/\n")
+    (v2 / "memory.max").write_text("1073741824\n")
+    assert _cgroup_memory_limits(str(proc), mounts) == [1 << 30]
+    assert _cgroup_memory_limits(str(tmp_path / "absent"), ()) == []
 
 
 def test_memory_budget_above_the_machine_warns():

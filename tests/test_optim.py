@@ -74,7 +74,8 @@ def test_records_are_consistent():
         new_theta, record = opt.step(theta, (X, y))
         value, grad = opt.objective(new_theta, (X, y))
         assert set(record) == {"objective", "grad_norm", "grad_max", "cg_iterations", "damping",
-                               "step_size", "accepted", "backtracks", "ratio", "time"}
+                               "step_size", "accepted", "backtracks", "ratio",
+                               "predicted_decrease", "time"}
         assert_allclose(record.objective, value, rtol=1e-14)
         assert_allclose(record.grad_norm, np.linalg.norm(grad), rtol=1e-12)
         assert_allclose(record.grad_max, np.max(np.abs(grad)), rtol=1e-12)

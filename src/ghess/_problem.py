@@ -108,16 +108,58 @@ def memory_limit() -> int:
             limits.append(soft)
     except (ImportError, OSError, ValueError):  # not on this platform
         pass
-    for path in ("/sys/fs/cgroup/memory.max",  # cgroup v2
-                 "/sys/fs/cgroup/memory/memory.limit_in_bytes"):  # cgroup v1
-        try:
-            with open(path) as f:
-                value = f.read().strip()
-        except OSError:
-            continue
-        if value.isdigit() and 0 < int(value) < (1 << 60):  # v1 writes ~2**63 for "none"
-            limits.append(int(value))
+    limits.extend(_cgroup_memory_limits())
     return min(limits)
+
+
+#: (mount point, limit file) of the cgroup memory controllers: v2 (unified, or the unified
+#: part of a hybrid mount) and v1
+_CGROUP_MOUNTS = (("/sys/fs/cgroup", "memory.max"),
+                  ("/sys/fs/cgroup/unified", "memory.max"),
+                  ("/sys/fs/cgroup/memory", "memory.limit_in_bytes"))
+
+
+def _cgroup_memory_limits(proc_cgroup="/proc/self/cgroup", mounts=_CGROUP_MOUNTS):
+    """Return the memory limits of this process's cgroups: its own and its ancestors'.
+
+    ``/proc/self/cgroup`` names the process's cgroup in each hierarchy (``0::/path`` for
+    v2, ``N:memory:/path`` for v1's memory controller); a limit set on any cgroup from
+    there up to the mount's root applies. In a container the path is usually ``/``: the
+    mount's root is then the container's own cgroup.
+    """
+    paths = {"/"}
+    try:
+        with open(proc_cgroup) as f:
+            for line in f:
+                parts = line.rstrip("\n").split(":", 2)
+                if len(parts) == 3 and (parts[1] == "" or "memory" in parts[1].split(",")):
+                    paths.add(parts[2] or "/")
+    except OSError:
+        pass
+    found = []
+    for mount, name in mounts:
+        for path in paths:
+            directory = os.path.normpath(mount + "/" + path.strip("/"))
+            while True:  # the cgroup and its ancestors, up to the mount
+                value = _read_limit(os.path.join(directory, name))
+                if value is not None:
+                    found.append(value)
+                if len(directory) <= len(mount):
+                    break
+                directory = os.path.dirname(directory)
+    return found
+
+
+def _read_limit(path):
+    """Return a cgroup limit file's bytes, or None (absent, unreadable, "max": no limit)."""
+    try:
+        with open(path) as f:
+            value = f.read().strip()
+    except OSError:
+        return None
+    if value.isdigit() and 0 < int(value) < (1 << 60):  # v1 writes ~2**63 for "none"
+        return int(value)
+    return None
 
 
 def default_memory_budget() -> int:
@@ -125,14 +167,23 @@ def default_memory_budget() -> int:
     return int(min(4 << 30, memory_limit() // 4))
 
 
-def check_memory_budget(memory_budget) -> int:
-    """Validate an explicit budget (bytes > 0); warn when it exceeds what the process may use."""
+def check_memory_budget(memory_budget, stacklevel=4) -> int:
+    """Validate an explicit budget (bytes > 0); warn when it exceeds what the process may use.
+
+    A real number of bytes (``4e9``) is taken as the int below it.
+    """
+    if (isinstance(memory_budget, numbers.Real)
+            and not isinstance(memory_budget, (bool, np.bool_, numbers.Integral))):
+        if not np.isfinite(memory_budget) or memory_budget < 1:
+            raise ValueError(f"memory_budget must be a finite number of bytes >= 1, got "
+                             f"{memory_budget!r}")
+        memory_budget = int(memory_budget)
     budget = check_positive_int(memory_budget, "memory_budget")
     limit = memory_limit()
     if budget > limit:
         warnings.warn(f"memory_budget of {format_bytes(budget)} exceeds the {format_bytes(limit)} "
                       "this process may use (physical memory, RLIMIT_AS, cgroup): stored mode "
-                      "may run out of memory", RuntimeWarning, stacklevel=4)
+                      "may run out of memory", RuntimeWarning, stacklevel=stacklevel)
     return budget
 
 

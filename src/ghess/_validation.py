@@ -75,6 +75,15 @@ def as_float_array(x, name, *, dtype=None, ndim=None, allow_empty=True) -> np.nd
     if not allow_empty and arr.size == 0:
         raise ValueError(f"{name} is empty (shape {arr.shape})")
     target = compute_dtype(arr.dtype) if dtype is None else np.dtype(dtype)
+    return cast_finite(arr, target, name)
+
+
+def cast_finite(arr, target, name):
+    """``arr`` as a contiguous array of ``target``; ValueError naming ``name`` unless finite.
+
+    A value that is finite but overflows ``target`` in the cast (1e39 to float32) is
+    reported as an overflow, not as NaN or Inf.
+    """
     with np.errstate(over="ignore"):  # an overflow in the cast is reported below, by name
         out = np.ascontiguousarray(arr, dtype=target)
     if out.dtype.kind == "f" and not all_finite(out):

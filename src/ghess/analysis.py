@@ -25,7 +25,7 @@ from . import _engine
 from ._config import computing
 from ._distributed import check_comm, sum_in_rank_order
 from ._engine.plan import chunk_size_for
-from ._problem import Problem
+from ._problem import Problem, check_memory_budget
 from ._progress import Progress
 from ._typing import Data
 from ._validation import as_array, check_nonnegative, check_positive_int
@@ -277,8 +277,7 @@ def ggn_diagonal(model: Sequential, loss: Loss, params: npt.ArrayLike, data: Dat
     """
     p = Problem(model, loss, params, data, chunk_size=chunk_size, n_threads=n_threads,
                 check_deterministic=check_deterministic, comm=comm)
-    if not check_nonnegative(memory_budget, "memory_budget") > 0:
-        raise ValueError(f"memory_budget must be > 0 bytes, got {memory_budget}")
+    memory_budget = check_memory_budget(memory_budget, stacklevel=3)
     K, P = model.n_outputs, model.n_params
     if chunk_size is None:  # dense per-sample J and B J: 3 K P numbers per sample
         p.chunk_size = int(chunk_size_for(3 * K * P * p.dtype.itemsize, memory_budget,

@@ -68,7 +68,8 @@ class StepRecord(dict):
     (the 2-norm and the largest absolute entry of grad f at the returned theta),
     ``cg_iterations``, ``damping`` (lambda used for this step), ``step_size``
     (alpha, 0 when rejected), ``accepted``, ``backtracks``, ``ratio`` (actual /
-    predicted reduction), ``time`` (seconds).
+    predicted reduction), ``predicted_decrease`` (what the quadratic model promised for
+    the full CG step: ``-(g.d + d.G d / 2)``, >= 0), ``time`` (seconds).
     """
 
     def __getattr__(self, name):
@@ -125,6 +126,21 @@ def _check_positive_real(value, name):
     return float(value)
 
 
+def _check_iterate(x):
+    """Raise FloatingPointError when CG hands the system a non-finite vector.
+
+    CG's own arithmetic overflowed (its vectors are products of the gradient with the
+    system): that is not the caller's input, as the operator's "contains NaN or Inf"
+    would say.
+    """
+    x = np.asarray(x)
+    if x.dtype.kind == "f" and not np.isfinite(x).all():
+        raise FloatingPointError(
+            f"the CG solve overflowed in {x.dtype}: an iterate is not finite (the gradient "
+            "or the curvature is too large for the dtype; scale the data or the targets "
+            "down, or use float64)")
+
+
 class _ShiftedScaled(LinearOperator):
     """``scale * G + diag(shift)`` for a ghess GGN operator G (keeps its fast matmat).
 
@@ -137,9 +153,11 @@ class _ShiftedScaled(LinearOperator):
         super().__init__(dtype=G.dtype, shape=G.shape)
 
     def _matvec(self, x):
+        _check_iterate(x)
         return self.scale * self.G.matvec(x) + self.shift * np.asarray(x).reshape(-1)
 
     def _matmat(self, X):
+        _check_iterate(X)
         shift = self.shift[:, None] if self.shift.ndim else self.shift
         return self.scale * self.G.matmat(X) + shift * X
 
@@ -405,9 +423,19 @@ class NewtonCG:
 
         M = self._cg_preconditioner(theta, (X_s, y_s), scale, lam + self._l2)
         self._stage = "the CG solve"
-        direction, _ = cg(system, -grad, rtol=self.cg_rtol, maxiter=self.cg_maxiter, M=M,
-                          callback=count)
-        slope = float(grad @ direction)
+        with np.errstate(over="ignore", invalid="ignore"):  # checked just below
+            direction, _ = cg(system, -grad, rtol=self.cg_rtol, maxiter=self.cg_maxiter,
+                              M=M, callback=count)
+            slope = float(grad @ direction)
+            # CG's first step is a positive multiple of -grad, a descent direction, unless
+            # its arithmetic overflows (SciPy then returns zeros) or |grad|^2 underflows
+            breakdown = not slope < 0 and float(grad @ grad) > 0
+        _check_iterate(direction)
+        if not np.isfinite(slope) or breakdown:
+            raise FloatingPointError(
+                f"the CG solve overflowed in {theta.dtype}: the slope of its direction along "
+                f"the gradient is {slope} (gradient norm {float(np.linalg.norm(grad)):.3g}, "
+                f"objective {value:.3g}); scale the data or the targets down, or use float64")
         curvature = float(direction @ (scale * (G @ direction) + self._l2 * direction))
         alpha, accepted, backtracks = 1.0, False, 0
         new_theta, new_value, new_grad = theta, value, grad
@@ -435,6 +463,7 @@ class NewtonCG:
             grad_max=float(np.max(np.abs(new_grad))),
             cg_iterations=iterations[0], damping=lam, step_size=alpha if accepted else 0.0,
             accepted=accepted, backtracks=backtracks, ratio=ratio,
+            predicted_decrease=max(0.0, -(slope + 0.5 * curvature)),
             time=time.perf_counter() - start)
         if _state is not None:
             _state[3], _state[4] = new_value, new_grad
@@ -540,8 +569,9 @@ class NewtonCG:
                 if stop:
                     break
                 rejected = 0 if record.accepted else rejected + 1
-                # at a minimiser no step decreases f either: only a large gradient is stuck
-                converged = record.grad_norm <= np.sqrt(np.finfo(theta.dtype).eps) * max(
+                # at a minimiser no step decreases f either: rejections are convergence
+                # when the decrease the model predicts is below the rounding of f
+                converged = record.predicted_decrease <= 16 * np.finfo(theta.dtype).eps * max(
                     1.0, abs(record.objective))
                 if rejected >= self.max_rejections and not converged:
                     warnings.warn(

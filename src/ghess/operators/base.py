@@ -40,8 +40,8 @@ from .._problem import (
 )
 from .._typing import Batch, Data, Mode
 from .._validation import (
-    all_finite,
     as_array,
+    cast_finite,
     check_damping,
     check_n_threads,
     check_positive_int,
@@ -130,10 +130,7 @@ def check_vectors(X, n, dtype, name="vector"):
                         f"got dtype {X.dtype}")
     if X.ndim != 2 or X.shape[0] != n:
         raise ValueError(f"{name} must have {n} rows, got shape {X.shape}")
-    V = np.ascontiguousarray(X.T, dtype=dtype)
-    if not all_finite(V):
-        raise ValueError(f"{name} contains NaN or Inf")
-    return V
+    return np.ascontiguousarray(cast_finite(X, dtype, name).T)
 
 
 class ChunkedOperator(BatchedMatvec, LinearOperator):

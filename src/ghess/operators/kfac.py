@@ -55,6 +55,8 @@ class _FactoredOperator(BatchedMatvec, LinearOperator):
 
     def _matmat(self, X):
         V = check_vectors(X, self.shape[1], self.dtype)
+        if V.shape[0] == 0:  # no columns: an empty result, as SciPy's operators give
+            return np.zeros((self.shape[0], 0), dtype=self.dtype)
         with computing():
             return self._apply_rows(V).T
 
