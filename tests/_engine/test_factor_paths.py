@@ -89,15 +89,15 @@ def test_path_steps_fuse_an_activation_and_the_max_pooling_after_it():
 
 def test_pooled_factor_bytes():
     model, _, _, _ = make_case("conv-relu-maxpool")
-    K, itemsize, intp = 3, 8, np.dtype(np.intp).itemsize
+    K, itemsize, index = 3, 8, 4  # argmax: int32
     plan = _engine.plan_for(model, itemsize).factors
     # layer 0: D at the pooled 3x2x2 output; ReLU and max-pooling are one path step,
     # which keeps the argmax of 3x2x2 and ReLU's f' there
-    assert plan[0].bytes == K * 12 * itemsize + 12 * (itemsize + intp)
+    assert plan[0].bytes == K * 12 * itemsize + 12 * (itemsize + index)
     assert plan[0].bytes < K * 48 * itemsize  # D at the conv output
     # layer 3: D at the flattened 4x1x1 input of the last Linear is its weight: only
     # the argmax of 4x1x1 and f' there are kept per sample
-    assert plan[3].bytes == 4 * (itemsize + intp)
+    assert plan[3].bytes == 4 * (itemsize + index)
     assert plan[7].bytes == 0  # the output layer's D is the identity
 
 
