@@ -40,7 +40,8 @@ def stage_hooks():
     ``kernels``: (label, module) of the Cython kernel modules, whose functions the
     layers and the engine call through the module; ``steps``: the engine's own
     step classes (fused activation + max-pooling); ``finiteness``: the modules
-    that call ``all_finite`` (the engine's passes; the checks of inputs and vectors); ``engine``: the package whose ``prepare_tangents``,
+    that call ``all_finite`` (the engine's passes; the checks of inputs and
+    vectors); ``engine``: the package whose ``prepare_tangents``,
     ``new_accumulators`` and ``accumulators_to_flat`` the operators call.
     """
     from ghess import _engine, _validation
