@@ -88,6 +88,8 @@ def test_float32_forward_overflow_names_the_layer():
         ghess.loss_and_grad(c.model, c.loss, theta, c.data)
     with pytest.raises(FloatingPointError, match="forward pass overflowed at layer 4"):
         ghess.HessianLinearOperator(c.model, c.loss, theta, c.data, mode="stored")
+    with pytest.raises(FloatingPointError, match="forward pass overflowed at layer 4"):
+        c.model.forward(theta, c.X)  # it returned the infinities
 
 
 def test_product_overflow_is_reported():
@@ -264,6 +266,15 @@ def test_huge_geometry_is_refused_by_name(argument):
         ghess.Conv2d(1, 2, **kwargs)
     with pytest.raises(ValueError, match="Linear: out_features must be at most"):
         ghess.Linear(3, 2**40)
+
+
+def test_geometry_past_32_bit_indices_is_refused_when_the_model_is_built():
+    # a padding that fits an int but makes a padded map of 2**62 elements: refused by the
+    # model, where it used to pass and fail in forward with NumPy's dimension error
+    for layer in (ghess.Conv2d(1, 2, 3, padding=2**30), ghess.MaxPool2d(3, padding=1)):
+        shape = (1, 8, 8) if isinstance(layer, ghess.Conv2d) else (2**14, 2**9, 2**9)
+        with pytest.raises(ValueError, match="fewer than 2\\*\\*31 elements per sample"):
+            ghess.Sequential(layer, input_shape=shape)
 
 
 def test_negative_tolerance_and_memory_budget_are_refused():

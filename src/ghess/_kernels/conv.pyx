@@ -45,7 +45,8 @@ from .headers cimport (
     ghess_dc_pack_weights_f64, ghess_dc_pad_f32, ghess_dc_pad_f64, ghess_dc_padded_size,
     ghess_dc_vector_length, ghess_dc_weight_grad_f32, ghess_dc_weight_grad_f64,
     ghess_gather_f32, ghess_gather_f64, ghess_isa_level, ghess_maxpool_f32, ghess_maxpool_f64,
-    ghess_pairwise_sum_f32, ghess_pairwise_sum_f64, ghess_scatter_f32, ghess_scatter_f64,
+    ghess_pairwise_sum_f32, ghess_pairwise_sum_f64, ghess_pairwise_sum_samples_f32,
+    ghess_pairwise_sum_samples_f64, ghess_scatter_f32, ghess_scatter_f64,
     ghess_set_isa_level,
 )
 
@@ -500,13 +501,18 @@ def channel_bias_grad(const floating[:, :, ::1] g,   # IN     (n, k, M*P)
     cdef double acc
     _check(g.shape[1] == k and M > 0 and g.shape[2] % M == 0, "channel_bias_grad")
     P = g.shape[2] // M
-    # one output per (j, m), summed in a fixed order: thread-count independent
+    if n == 0 or P == 0:
+        return
+    # one output per (j, m), summed in a fixed order: thread-count independent. Each
+    # sample's positions pairwise; the samples (a chunk: tens to a few thousand) add up
+    # in order
     for jm in prange(k * M, nogil=True, schedule='static', num_threads=n_threads):
-        acc = 0.0
-        # each sample's positions pairwise; the samples (a chunk: tens to a few thousand)
-        # add up in order
-        for i in range(n):
-            acc = acc + _pairwise(&g[i, jm // M, (jm % M) * P], NULL, P)
+        if floating is double:
+            acc = ghess_pairwise_sum_samples_f64(&g[0, jm // M, (jm % M) * P], k * M * P,
+                                                 NULL, 0, n, P)
+        else:
+            acc = ghess_pairwise_sum_samples_f32(&g[0, jm // M, (jm % M) * P], k * M * P,
+                                                 NULL, 0, n, P)
         out[jm // M, jm % M] += <floating> acc
 
 
@@ -555,13 +561,20 @@ def channel_dot(const floating[:, :, ::1] g,   # IN     (n, k, M*P)
     _check(g.shape[1] == k and M > 0 and g.shape[2] % M == 0 and x.shape[0] == n
            and x.shape[2] == g.shape[2] and (kx == 1 or kx == k), "channel_dot shapes")
     P = g.shape[2] // M
+    if n == 0 or P == 0:
+        return
     # one output per (j, m), summed in a fixed order: thread-count independent
     for jm in prange(k * M, nogil=True, schedule='static', num_threads=n_threads):
         j = jm // M
         m = jm % M
-        acc = 0.0
-        for i in range(n):
-            acc = acc + _pairwise(&g[i, j, m * P], &x[i, j if kx > 1 else 0, m * P], P)
+        if floating is double:
+            acc = ghess_pairwise_sum_samples_f64(&g[0, j, m * P], k * M * P,
+                                                 &x[0, j if kx > 1 else 0, m * P], kx * M * P,
+                                                 n, P)
+        else:
+            acc = ghess_pairwise_sum_samples_f32(&g[0, j, m * P], k * M * P,
+                                                 &x[0, j if kx > 1 else 0, m * P], kx * M * P,
+                                                 n, P)
         out[j, m] += <floating> acc
 
 

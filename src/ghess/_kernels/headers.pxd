@@ -92,6 +92,10 @@ cdef extern from "channel.h" nogil:
                                   Py_ssize_t P, int accumulate)
     double ghess_pairwise_sum_f64(const double* x, const double* y, Py_ssize_t count)
     double ghess_pairwise_sum_f32(const float* x, const float* y, Py_ssize_t count)
+    double ghess_pairwise_sum_samples_f64(const double* x, Py_ssize_t x_stride, const double* y,
+                                          Py_ssize_t y_stride, Py_ssize_t n, Py_ssize_t count)
+    double ghess_pairwise_sum_samples_f32(const float* x, Py_ssize_t x_stride, const float* y,
+                                          Py_ssize_t y_stride, Py_ssize_t n, Py_ssize_t count)
 
 cdef extern from "direct_conv.h" nogil:
     # stride-1 (in width) convolutions without im2col, AVX-512 or AVX2 + FMA (at run time)

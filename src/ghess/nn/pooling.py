@@ -11,7 +11,7 @@ __all__ = ["MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d"]
 #: the ``gain`` argument of the gather/scatter kernels that stands for all ones
 NO_GAIN = {np.dtype(t).char: np.empty((0, 0), dtype=t) for t in (np.float32, np.float64)}
 #: max pooling's argmax: an index into one sample's input (int32 halves the bytes the
-#: JVP and VJP read; a pooling input of 2**31 elements per sample is refused)
+#: JVP and VJP read; ``_window`` refuses inputs of 2**31 elements per sample)
 ARGMAX_DTYPE = np.dtype(np.int32)
 
 
@@ -42,9 +42,6 @@ class _Pool2d(Windowed, Layer):
     def output_shape(self, input_shape):
         """(channels, out_h, out_w); records the geometry."""
         C, _, _ = spatial_input(self, input_shape)
-        if int(np.prod(input_shape, dtype=object)) >= 2 ** 31:
-            raise ValueError(f"{type(self).__name__}: an input of fewer than 2**31 elements "
-                             f"per sample is supported, got shape {tuple(input_shape)}")
         self._geom = self._geometry(input_shape)
         self._input_shape = tuple(input_shape)
         return (C, self._geom[11], self._geom[12])

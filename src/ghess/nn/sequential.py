@@ -245,7 +245,13 @@ class Sequential:
 
     def forward(self, theta: npt.ArrayLike, X: npt.ArrayLike, *,
                 n_threads: int | None = None) -> np.ndarray:
-        """Network outputs z of shape (N, K), computed in theta's dtype."""
+        """Network outputs z of shape (N, K), computed in theta's dtype.
+
+        Outputs that overflow (from finite inputs and parameters) raise
+        ``FloatingPointError`` naming the first layer whose outputs are not finite.
+        """
+        from .._engine.passes import checked_forward  # the engine builds on nn: not at import
+
         theta = check_params(theta, self.n_params)
         X = self.check_inputs(X, theta.dtype)
         lparams = self.layer_params(theta)
@@ -253,7 +259,7 @@ class Sequential:
         omp = resolve_n_threads(check_n_threads(n_threads))
         with computing():
             for start in range(0, X.shape[0], FORWARD_CHUNK):
-                _, z = self.forward_chunk(lparams, X[start:start + FORWARD_CHUNK], 0, omp)
+                _, z = checked_forward(self, lparams, X[start:start + FORWARD_CHUNK], 0, omp)
                 out[start:start + z.shape[0]] = z
         return out
 

@@ -2,6 +2,8 @@
  *
  *   ghess_channel_affine   y[j, m, :] (+)= a[j, m] x[j, m, :] + b[j, m]   (bias, batch norm)
  *   ghess_pairwise_sum     sum of x[:count] (y NULL) or of x[:count] * y[:count], in double
+ *   ghess_pairwise_sum_samples
+ *                          the same over n samples' rows, added in sample order
  *
  * The biases' and batch norm's gradients are pairwise sums over each channel's positions.
  * Each function is built once per ISA level (GHESS_ISA_VARIANTS) and called at the
@@ -52,7 +54,32 @@ ATTR static void NAME(const T *x, int kx, const T *restrict a, int ka, const T *
  * The error grows with log2(count) ulp instead of count (a bias sums N * H * W terms:
  * 1e-13 off on 33x33 maps when summed in one chain), and the 8 independent chains run
  * several times faster than one. Terms are doubles: float32 data sums in double. */
-#define GHESS_PAIRWISE_TERM(p) (y ? (double)x[p] * (double)y[p] : (double)x[p])
+#define GHESS_PAIRWISE_BLOCK(TERM)                                                        \
+    do {                                                                                  \
+        if (count < 8) {                                                                  \
+            for (ptrdiff_t p = 0; p < count; p++)                                         \
+                total += TERM(p);                                                         \
+            break;                                                                        \
+        }                                                                                 \
+        double r0 = TERM(0), r1 = TERM(1), r2 = TERM(2), r3 = TERM(3);                    \
+        double r4 = TERM(4), r5 = TERM(5), r6 = TERM(6), r7 = TERM(7);                    \
+        ptrdiff_t p = 8;                                                                  \
+        for (; p + 8 <= count; p += 8) {                                                  \
+            r0 += TERM(p);                                                                \
+            r1 += TERM(p + 1);                                                            \
+            r2 += TERM(p + 2);                                                            \
+            r3 += TERM(p + 3);                                                            \
+            r4 += TERM(p + 4);                                                            \
+            r5 += TERM(p + 5);                                                            \
+            r6 += TERM(p + 6);                                                            \
+            r7 += TERM(p + 7);                                                            \
+        }                                                                                 \
+        total = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7));                        \
+        for (; p < count; p++)                                                            \
+            total += TERM(p);                                                             \
+    } while (0)
+#define GHESS_PAIRWISE_SUM_TERM(p) ((double)x[p])
+#define GHESS_PAIRWISE_DOT_TERM(p) ((double)x[p] * (double)y[p])
 #define GHESS_DEFINE_PAIRWISE(T, NAME, UNUSED, ATTR)                                      \
 ATTR static double NAME(const T *x, const T *y, ptrdiff_t count)                          \
 {                                                                                         \
@@ -62,22 +89,21 @@ ATTR static double NAME(const T *x, const T *y, ptrdiff_t count)                
         return NAME(x, y, half) + NAME(x + half, y ? y + half : NULL, count - half);      \
     }                                                                                     \
     double total = 0.0;                                                                   \
-    if (count < 8) {                                                                      \
-        for (ptrdiff_t p = 0; p < count; p++)                                             \
-            total += GHESS_PAIRWISE_TERM(p);                                              \
-        return total;                                                                     \
-    }                                                                                     \
-    double r[8];                                                                          \
-    for (int q = 0; q < 8; q++)                                                           \
-        r[q] = GHESS_PAIRWISE_TERM(q);                                                    \
-    ptrdiff_t p = 8;                                                                      \
-    for (; p + 8 <= count; p += 8)                                                        \
-        for (int q = 0; q < 8; q++)                                                       \
-            r[q] += GHESS_PAIRWISE_TERM(p + q);                                           \
-    total = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));            \
-    for (; p < count; p++)                                                                \
-        total += GHESS_PAIRWISE_TERM(p);                                                  \
+    if (y)                                                                                \
+        GHESS_PAIRWISE_BLOCK(GHESS_PAIRWISE_DOT_TERM);                                    \
+    else                                                                                  \
+        GHESS_PAIRWISE_BLOCK(GHESS_PAIRWISE_SUM_TERM);                                    \
     return total;                                                                         \
+}                                                                                         \
+/* and over n samples (x + i * x_stride, y + i * y_stride), added in sample order: one   */ \
+/* channel's bias or batch-norm scale gradient, with one dispatch per channel            */ \
+ATTR static double NAME##_samples(const T *x, ptrdiff_t x_stride, const T *y,             \
+                                  ptrdiff_t y_stride, ptrdiff_t n, ptrdiff_t count)       \
+{                                                                                         \
+    double acc = 0.0;                                                                     \
+    for (ptrdiff_t i = 0; i < n; i++)                                                     \
+        acc = acc + NAME(x + i * x_stride, y ? y + i * y_stride : NULL, count);           \
+    return acc;                                                                           \
 }
 
 /* every level's builds, and the functions that call the one in use */
@@ -93,7 +119,14 @@ static void ghess_channel_affine_##SUFFIX(const T *x, int kx, const T *a, int ka
 }                                                                                         \
 static double ghess_pairwise_sum_##SUFFIX(const T *x, const T *y, ptrdiff_t count)        \
 {                                                                                         \
-    return GHESS_ISA_SELECT(ghess_pairwise_sum_##SUFFIX)(x, y, count);                    \
+    return GHESS_ISA_SELECT(ghess_pairwise_sum_##SUFFIX, )(x, y, count);                  \
+}                                                                                         \
+static double ghess_pairwise_sum_samples_##SUFFIX(const T *x, ptrdiff_t x_stride,         \
+                                                  const T *y, ptrdiff_t y_stride,         \
+                                                  ptrdiff_t n, ptrdiff_t count)           \
+{                                                                                         \
+    return GHESS_ISA_SELECT(ghess_pairwise_sum_##SUFFIX, _samples)(x, x_stride, y,        \
+                                                                   y_stride, n, count);   \
 }
 
 GHESS_DEFINE_CHANNEL(double, f64)

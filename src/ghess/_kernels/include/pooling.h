@@ -175,6 +175,19 @@ ATTR static void NAME(const T *restrict g, ptrdiff_t m, const int32_t *restrict 
     }                                                                                     \
 }
 
+/* The taps [lo, hi) of a window starting at `start` (step d, k taps) that fall inside
+ * [0, size): the loops over a window then run without a bounds test per tap. */
+static inline void ghess_window_taps(int start, int k, int d, int size, int *lo, int *hi)
+{
+    int a = 0, b = k;
+    while (a < k && start + a * d < 0)
+        a++;
+    while (b > a && start + (b - 1) * d >= size)
+        b--;
+    *lo = a;
+    *hi = b;
+}
+
 /* average pooling (the window's sum in double, in row-major order, times 1/(kh kw)) */
 #define GHESS_DEFINE_AVGPOOL(T, NAME, UNUSED, ATTR)                                       \
 ATTR static void NAME(const T *restrict x, T *restrict y, const ghess_dc_geom *g)         \
@@ -183,21 +196,23 @@ ATTR static void NAME(const T *restrict x, T *restrict y, const ghess_dc_geom *g
     const double inv = 1.0 / (g->kh * g->kw);                                             \
     ptrdiff_t o = 0;                                                                      \
     for (int c = 0; c < g->C; c++)                                                        \
-        for (int oi = 0; oi < g->out_h; oi++)                                             \
+        for (int oi = 0; oi < g->out_h; oi++) {                                           \
+            const int i0 = oi * g->sh - g->ph;                                            \
+            int a0, a1;                                                                   \
+            ghess_window_taps(i0, g->kh, g->dh, g->H, &a0, &a1);                          \
             for (int oj = 0; oj < g->out_w; oj++, o++) {                                  \
+                const int j0 = oj * g->sw - g->pw;                                        \
+                int b0, b1;                                                               \
+                ghess_window_taps(j0, g->kw, g->dw, g->W, &b0, &b1);                      \
                 double acc = 0.0;                                                         \
-                for (int a = 0; a < g->kh; a++) {                                         \
-                    const int ih = oi * g->sh - g->ph + a * g->dh;                        \
-                    if (ih < 0 || ih >= g->H)                                             \
-                        continue;                                                         \
-                    for (int b = 0; b < g->kw; b++) {                                     \
-                        const int iw = oj * g->sw - g->pw + b * g->dw;                    \
-                        if (iw >= 0 && iw < g->W)                                         \
-                            acc += x[((ptrdiff_t)c * g->H + ih) * g->W + iw];             \
-                    }                                                                     \
+                for (int a = a0; a < a1; a++) {                                           \
+                    const T *xr = x + ((ptrdiff_t)c * g->H + i0 + a * g->dh) * g->W + j0; \
+                    for (int b = b0; b < b1; b++)                                         \
+                        acc += xr[b * g->dw];                                             \
                 }                                                                         \
                 y[o] = (T)(acc * inv);                                                    \
             }                                                                             \
+        }                                                                                 \
 }
 
 /* its transpose: gx zeroed, then each output's gradient over kh kw spread on its window */
@@ -209,20 +224,22 @@ ATTR static void NAME(const T *restrict gy, T *restrict gx, const ghess_dc_geom 
     memset(gx, 0, sizeof(T) * (size_t)g->C * g->H * g->W);                                \
     ptrdiff_t o = 0;                                                                      \
     for (int c = 0; c < g->C; c++)                                                        \
-        for (int oi = 0; oi < g->out_h; oi++)                                             \
+        for (int oi = 0; oi < g->out_h; oi++) {                                           \
+            const int i0 = oi * g->sh - g->ph;                                            \
+            int a0, a1;                                                                   \
+            ghess_window_taps(i0, g->kh, g->dh, g->H, &a0, &a1);                          \
             for (int oj = 0; oj < g->out_w; oj++, o++) {                                  \
+                const int j0 = oj * g->sw - g->pw;                                        \
+                int b0, b1;                                                               \
+                ghess_window_taps(j0, g->kw, g->dw, g->W, &b0, &b1);                      \
                 const T share = (T)(gy[o] * inv);                                         \
-                for (int a = 0; a < g->kh; a++) {                                         \
-                    const int ih = oi * g->sh - g->ph + a * g->dh;                        \
-                    if (ih < 0 || ih >= g->H)                                             \
-                        continue;                                                         \
-                    for (int b = 0; b < g->kw; b++) {                                     \
-                        const int iw = oj * g->sw - g->pw + b * g->dw;                    \
-                        if (iw >= 0 && iw < g->W)                                         \
-                            gx[((ptrdiff_t)c * g->H + ih) * g->W + iw] += share;          \
-                    }                                                                     \
+                for (int a = a0; a < a1; a++) {                                           \
+                    T *gr = gx + ((ptrdiff_t)c * g->H + i0 + a * g->dh) * g->W + j0;      \
+                    for (int b = b0; b < b1; b++)                                         \
+                        gr[b * g->dw] += share;                                           \
                 }                                                                         \
             }                                                                             \
+        }                                                                                 \
 }
 
 /* every level's builds, and the functions that call the one in use */

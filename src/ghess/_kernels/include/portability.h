@@ -58,9 +58,9 @@ static int ghess_cpu_isa(void)
  * GHESS_ISA_VARIANTS(DEFINE, T, NAME, ...) expands DEFINE(T, NAME_vL, ..., ATTRIBUTE) for
  * the baseline (L = 0), AVX2 (1) and AVX-512 (2; x86-64 with GCC or clang only); C99
  * wants at least one argument in "...": a DEFINE that needs none takes an unused one. And
- * GHESS_ISA_CALL(NAME, (args)) calls the build of the level in use (GHESS_ISA_SELECT(NAME) is
- * that build, for a call whose result is wanted; GHESS_ISA_CALL_AT(level, NAME, (args)) the
- * build of a level at most the one in use). The level is one per
+ * GHESS_ISA_CALL(NAME, (args)) calls the build of the level in use (GHESS_ISA_SELECT(NAME,
+ * TAIL) is that build, NAME_vL TAIL, for a call whose result is wanted; GHESS_ISA_CALL_AT(level,
+ * NAME, (args)) the build of a level at most the one in use). The level is one per
  * module (ghess_set_isa_level, from set_isa at import; the baseline until then), never
  * above ghess_cpu_isa(). No build contracts a * b + c into an FMA: the AVX2 target has no
  * FMA and the AVX-512 one is told not to, so elementwise kernels give the same bits at
@@ -88,10 +88,10 @@ static int ghess_set_isa_level(int level)
     DEFINE(T, NAME##_v0, __VA_ARGS__, )                                                   \
     DEFINE(T, NAME##_v1, __VA_ARGS__, GHESS_ATTR_AVX2)                                    \
     DEFINE(T, NAME##_v2, __VA_ARGS__, GHESS_ATTR_AVX512)
-#define GHESS_ISA_SELECT(NAME)                                                            \
-    (ghess_isa_level >= GHESS_ISA_AVX512 ? NAME##_v2                                      \
-                                         : ghess_isa_level == GHESS_ISA_AVX2 ? NAME##_v1  \
-                                                                             : NAME##_v0)
+#define GHESS_ISA_SELECT(NAME, TAIL)                                                      \
+    (ghess_isa_level >= GHESS_ISA_AVX512                                                  \
+         ? NAME##_v2##TAIL                                                                \
+         : ghess_isa_level == GHESS_ISA_AVX2 ? NAME##_v1##TAIL : NAME##_v0##TAIL)
 #define GHESS_ISA_CALL_AT(LEVEL, NAME, ARGS)                                              \
     do {                                                                                  \
         if ((LEVEL) >= GHESS_ISA_AVX512)                                                  \
@@ -105,7 +105,7 @@ static int ghess_set_isa_level(int level)
 #else
 #define GHESS_NO_CONTRACT
 #define GHESS_ISA_VARIANTS(DEFINE, T, NAME, ...) DEFINE(T, NAME##_v0, __VA_ARGS__, )
-#define GHESS_ISA_SELECT(NAME) NAME##_v0
+#define GHESS_ISA_SELECT(NAME, TAIL) NAME##_v0##TAIL
 #define GHESS_ISA_CALL_AT(LEVEL, NAME, ARGS) NAME##_v0 ARGS
 #define GHESS_ISA_CALL(NAME, ARGS) NAME##_v0 ARGS
 #endif
