@@ -667,6 +667,9 @@ def scatter_add(const floating[:, :, ::1] g,     # IN  (n, k, out_width)
     _check(not scaled or (gain.shape[0] == n and gain.shape[1] == m), "scatter_add gain")
     if n == 0 or k == 0 or w == 0:
         return
+    if m == 0:  # no outputs: nothing lands
+        out[:, :, :] = 0
+        return
     for i in prange(n, nogil=True, schedule='static', num_threads=n_threads):
         if floating is double:
             ghess_scatter_f64(&g[i, 0, 0], m, &index[i, 0], &gain[i, 0] if scaled else NULL,
