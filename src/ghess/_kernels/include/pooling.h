@@ -200,31 +200,41 @@ static inline void ghess_window_taps(int start, int k, int d, int size, int *lo,
     *hi = b;
 }
 
+/* Every window of one sample, output o at (c, oi, oj) in order, with its taps inside the
+ * input: rows a0 <= a < a1 from row i0, columns b0 <= b < b1 from column j0 (steps dh, dw);
+ * the statement (the variadic argument) runs once per window. */
+#define GHESS_POOL_WINDOWS(g, ...)                                                        \
+    do {                                                                                  \
+        ptrdiff_t o = 0;                                                                  \
+        for (int c = 0; c < (g)->C; c++)                                                  \
+            for (int oi = 0; oi < (g)->out_h; oi++) {                                     \
+                const int i0 = oi * (g)->sh - (g)->ph;                                    \
+                int a0, a1;                                                               \
+                ghess_window_taps(i0, (g)->kh, (g)->dh, (g)->H, &a0, &a1);                \
+                for (int oj = 0; oj < (g)->out_w; oj++, o++) {                            \
+                    const int j0 = oj * (g)->sw - (g)->pw;                                \
+                    int b0, b1;                                                           \
+                    ghess_window_taps(j0, (g)->kw, (g)->dw, (g)->W, &b0, &b1);            \
+                    __VA_ARGS__                                                           \
+                }                                                                         \
+            }                                                                             \
+    } while (0)
+
 /* average pooling (the window's sum in double, in row-major order, times 1/(kh kw)) */
 #define GHESS_DEFINE_AVGPOOL(T, NAME, UNUSED, ATTR)                                       \
 ATTR static void NAME(const T *restrict x, T *restrict y, const ghess_dc_geom *g)         \
 {                                                                                         \
     GHESS_NO_CONTRACT                                                                     \
     const double inv = 1.0 / (g->kh * g->kw);                                             \
-    ptrdiff_t o = 0;                                                                      \
-    for (int c = 0; c < g->C; c++)                                                        \
-        for (int oi = 0; oi < g->out_h; oi++) {                                           \
-            const int i0 = oi * g->sh - g->ph;                                            \
-            int a0, a1;                                                                   \
-            ghess_window_taps(i0, g->kh, g->dh, g->H, &a0, &a1);                          \
-            for (int oj = 0; oj < g->out_w; oj++, o++) {                                  \
-                const int j0 = oj * g->sw - g->pw;                                        \
-                int b0, b1;                                                               \
-                ghess_window_taps(j0, g->kw, g->dw, g->W, &b0, &b1);                      \
-                double acc = 0.0;                                                         \
-                for (int a = a0; a < a1; a++) {                                           \
-                    const T *xr = x + ((ptrdiff_t)c * g->H + i0 + a * g->dh) * g->W + j0; \
-                    for (int b = b0; b < b1; b++)                                         \
-                        acc += xr[b * g->dw];                                             \
-                }                                                                         \
-                y[o] = (T)(acc * inv);                                                    \
-            }                                                                             \
+    GHESS_POOL_WINDOWS(g, {                                                               \
+        double acc = 0.0;                                                                 \
+        for (int a = a0; a < a1; a++) {                                                   \
+            const T *xr = x + ((ptrdiff_t)c * g->H + i0 + a * g->dh) * g->W + j0;         \
+            for (int b = b0; b < b1; b++)                                                 \
+                acc += xr[b * g->dw];                                                     \
         }                                                                                 \
+        y[o] = (T)(acc * inv);                                                            \
+    });                                                                                   \
 }
 
 /* its transpose: gx zeroed, then each output's gradient over kh kw spread on its window */
@@ -234,24 +244,14 @@ ATTR static void NAME(const T *restrict gy, T *restrict gx, const ghess_dc_geom 
     GHESS_NO_CONTRACT                                                                     \
     const double inv = 1.0 / (g->kh * g->kw);                                             \
     memset(gx, 0, sizeof(T) * (size_t)g->C * g->H * g->W);                                \
-    ptrdiff_t o = 0;                                                                      \
-    for (int c = 0; c < g->C; c++)                                                        \
-        for (int oi = 0; oi < g->out_h; oi++) {                                           \
-            const int i0 = oi * g->sh - g->ph;                                            \
-            int a0, a1;                                                                   \
-            ghess_window_taps(i0, g->kh, g->dh, g->H, &a0, &a1);                          \
-            for (int oj = 0; oj < g->out_w; oj++, o++) {                                  \
-                const int j0 = oj * g->sw - g->pw;                                        \
-                int b0, b1;                                                               \
-                ghess_window_taps(j0, g->kw, g->dw, g->W, &b0, &b1);                      \
-                const T share = (T)(gy[o] * inv);                                         \
-                for (int a = a0; a < a1; a++) {                                           \
-                    T *gr = gx + ((ptrdiff_t)c * g->H + i0 + a * g->dh) * g->W + j0;      \
-                    for (int b = b0; b < b1; b++)                                         \
-                        gr[b * g->dw] += share;                                           \
-                }                                                                         \
-            }                                                                             \
+    GHESS_POOL_WINDOWS(g, {                                                               \
+        const T share = (T)(gy[o] * inv);                                                 \
+        for (int a = a0; a < a1; a++) {                                                   \
+            T *gr = gx + ((ptrdiff_t)c * g->H + i0 + a * g->dh) * g->W + j0;              \
+            for (int b = b0; b < b1; b++)                                                 \
+                gr[b * g->dw] += share;                                                   \
         }                                                                                 \
+    });                                                                                   \
 }
 
 /* every level's builds, and the functions that call the one in use */
