@@ -32,11 +32,10 @@ import numpy as np
 
 from cython cimport floating
 from cython.parallel cimport prange, threadid
+from libc.stdint cimport int32_t
 from libc.string cimport memcpy, memset
 
 from .blas cimport gemm
-from libc.stdint cimport int32_t
-
 from .headers cimport (
     GHESS_DC_MR, ghess_avgpool_f32, ghess_avgpool_f64, ghess_avgpool_t_f32,
     ghess_avgpool_t_f64, ghess_channel_affine_f32, ghess_channel_affine_f64, ghess_cpu_isa,

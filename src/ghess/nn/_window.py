@@ -57,11 +57,11 @@ class Windowed:
                 f"{H + 2 * ph}x{W + 2 * pw} (input {H}x{W}, padding {ph}x{pw})")
         out_h = (H + 2 * ph - span_h) // sh + 1
         out_w = (W + 2 * pw - span_w) // sw + 1
-        # the kernels index a sample's padded input and its outputs with 32-bit ints
+        # the kernels index a sample's padded input (and so a pooling's outputs, never more)
+        # with 32-bit ints
         padded = C * (H + 2 * ph) * (W + 2 * pw)
-        if padded >= 2 ** 31 or C * out_h * out_w >= 2 ** 31:
+        if padded >= 2 ** 31:
             raise ValueError(
-                f"{self!r}: the padded input ({C}x{H + 2 * ph}x{W + 2 * pw}) and the output "
-                f"({C}x{out_h}x{out_w}) must each have fewer than 2**31 elements per sample "
-                f"(input {H}x{W}, padding {ph}x{pw})")
+                f"{self!r}: the padded input ({C}x{H + 2 * ph}x{W + 2 * pw}) must have fewer "
+                f"than 2**31 elements per sample (input {H}x{W}, padding {ph}x{pw})")
         return (C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, out_h, out_w)
