@@ -19,8 +19,9 @@
 
 /* One sample's k directions of M channels of P positions. An operand with one row (the
  * direction axis of x: kx == 1, of a: ka == 1, of b: kb == 1) serves every direction; b
- * NULL adds nothing; a NULL is a scale of 1 (a bias alone). y may be x (in place): each
- * position is read before it is written, so `omp simd` holds without restrict. */
+ * NULL adds nothing; a NULL is a bias alone, y = x + b (accumulate is not read). y may be
+ * x (in place, with kx == k): each position is read before it is written, so `omp simd`
+ * holds without restrict. */
 #define GHESS_DEFINE_CHANNEL_AFFINE(T, NAME, UNUSED, ATTR)                                \
 ATTR static void NAME(const T *x, int kx, const T *restrict a, int ka, const T *restrict b, \
                       int kb, T *y, int k, int M, ptrdiff_t P,                            \

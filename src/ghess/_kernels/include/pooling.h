@@ -28,9 +28,9 @@
 #include "portability.h" /* GHESS_ISA_VARIANTS, GHESS_ISA_CALL, GHESS_NO_CONTRACT, GHESS_SIMD */
 
 /* best, bi = v, at if v > best (strict: the first maximum stays). In the scalar loops
- * (windows other than 2x2) the index is chosen by a mask, not a conditional, which GCC
- * turned into a branch: after ReLU which element wins is unpredictable, and the branches
- * ran 4x slower than selects. */
+ * (the tails of 2x2 rows, and other windows) the index is chosen by a mask, not a
+ * conditional, which GCC turned into a branch there: after ReLU which element wins is
+ * unpredictable, and the branches ran 4x slower than selects. */
 #define GHESS_POOL_TAKE(v, at, best, bi)                                                  \
     do {                                                                                  \
         const int32_t take_ = -(int32_t)((v) > (best));                                   \
