@@ -66,6 +66,29 @@ def test_kfac_inverse(name, strategy):
         K.inverse(0.0)
 
 
+@pytest.mark.parametrize("dtype, rtol", [(np.float64, 1e-11), (np.float32, 1e-4)])
+@pytest.mark.parametrize("separate", [True, False])
+def test_kfac_inverse_over_the_input_factors_range_equals_the_dense_inverse(dtype, rtol,
+                                                                            separate):
+    # 6 samples into a layer of 20 inputs (and 16 hidden units): A has rank <= 6 (7 with
+    # a joint bias), so the inverse product runs its GEMMs over A's range and multiplies
+    # its null space by 1/damping; the result must be the dense inverse's
+    model = ghess.Sequential(ghess.Linear(20, 16), ghess.Tanh(), ghess.Linear(16, 4),
+                             input_shape=(20,))
+    loss = ghess.CrossEntropyLoss()
+    rng = np.random.default_rng(4)
+    X, y = rng.normal(size=(6, 20)).astype(dtype), rng.integers(0, 4, size=6)
+    theta = model.init_params(seed=0, dtype=dtype)
+    K = ghess.KFACLinearOperator(model, loss, theta, (X, y), separate_weight_and_bias=separate)
+    damping = 1e-2
+    inverse = K.inverse(damping)
+    assert all(entry[4] for entry in inverse._eigen.values())  # the range path, every layer
+    dense = np.linalg.inv(K.todense().astype(np.float64) + damping * np.eye(model.n_params))
+    V = rng.normal(size=(model.n_params, 3))
+    assert_allclose_rel(inverse @ V.astype(dtype), dense @ V, rtol)
+    assert_allclose_rel(inverse @ (K @ V + damping * V), V, 1e-8 if dtype == np.float64 else 1e-3)
+
+
 def test_kfac_errors():
     model, loss, theta, data = _setup("tanh-ce")
     with pytest.raises(ValueError, match="fisher_type"):

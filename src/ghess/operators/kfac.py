@@ -47,6 +47,26 @@ def _sandwich(L, M, R, n_threads, scale=None):
     return out
 
 
+def _sandwich_null(Qb, M, Qr, scale, null_scale, n_threads):
+    """``_sandwich(Qb, M, Q_A, n_threads, scale)`` where the columns of Q_A outside ``Qr``
+    span A's null space and their eigenvalues are all ``null_scale``:
+    ``(Qb ((Qb^T M_k Qr) * scale) - M_k Qr null_scale) Qr^T + M_k null_scale``, by GEMMs
+    over ``r = Qr.shape[1]`` columns instead of all ``d_in``."""  # noqa: D205, D209
+    out = np.empty(M.shape, dtype=M.dtype)
+    n_out, r = M.shape[1], Qr.shape[1]
+    P, left, T = (np.empty((n_out, r), dtype=M.dtype) for _ in range(3))
+    for k in range(M.shape[0]):
+        Mk = np.ascontiguousarray(M[k])
+        dense.gemm_rowmajor(False, False, 1.0, Mk, Qr, 0.0, P, n_threads)
+        dense.gemm_rowmajor(True, False, 1.0, Qb, P, 0.0, left, n_threads)
+        left *= scale
+        np.multiply(P, -null_scale, out=T)
+        dense.gemm_rowmajor(False, False, 1.0, Qb, left, 1.0, T, n_threads)
+        np.multiply(Mk, null_scale, out=out[k])
+        dense.gemm_rowmajor(False, True, 1.0, T, Qr, 1.0, out[k], n_threads)
+    return out
+
+
 class _FactoredOperator(BatchedMatvec, LinearOperator):
     """A symmetric operator applied block by block from KFAC's factors (``_apply_rows``)."""
 
@@ -328,6 +348,9 @@ class KFACInverseLinearOperator(_FactoredOperator):
         super().__init__(dtype=kfac.dtype, shape=kfac.shape)
         self._eigen = {}
         eigenvalues = kfac._block_eigenvalues()
+        # KFAC's exact inverse: its weight block's eigenvalues are l_B l_A^T + damping
+        exact_kfac = (strategy == "exact" and damping > 0
+                      and not isinstance(kfac, EKFACLinearOperator))
         for i, ((la, Qa), (lb, Qb)) in kfac.eigendecompositions().items():
             weight, bias = eigenvalues[i]
             # the bias's block (B alone in KFAC) is damped exactly; none: a placeholder
@@ -345,16 +368,36 @@ class KFACInverseLinearOperator(_FactoredOperator):
                     raise ValueError(f"KFAC's block of layer {i} plus damping={damping:g} is "
                                      "singular to rounding: pass a larger damping")
             dtype = kfac.dtype
+            kept = self._input_range(la) if exact_kfac else None
+            if kept is not None:  # A's null space: B l_A + d is d there, exactly
+                Qa, weight = np.ascontiguousarray(Qa[:, kept]), np.ascontiguousarray(
+                    weight[:, kept])
             self._eigen[i] = (Qa.astype(dtype), Qb.astype(dtype), (1.0 / weight).astype(dtype),
-                              (1.0 / bias).astype(dtype))
+                              (1.0 / bias).astype(dtype), kept is not None)
+
+    @staticmethod
+    def _input_range(la):
+        """Return the input factor's eigenvectors outside its null space (None: all).
+
+        An eigenvalue within ``d_in`` ulp of the largest is zero to the accuracy of the
+        eigendecomposition (a factor summed from fewer vectors than its size, as on a
+        subsample, has such a null space); in those directions the damped block is the
+        damping alone, so the inverse product runs its GEMMs over the other ``r``
+        columns only (``_sandwich_null``), when ``r`` is below 90% of ``d_in``.
+        """
+        kept = la > la.size * np.finfo(np.float64).eps * la.max()
+        return kept if 0 < kept.sum() < 0.9 * la.size else None
 
     def _apply_rows(self, V):
         def weight_op(i, M):
-            Qa, Qb, inv_w, _ = self._eigen[i]
+            Qa, Qb, inv_w, _, null = self._eigen[i]
+            if null:
+                return _sandwich_null(Qb, M, Qa, inv_w, M.dtype.type(1.0 / self.damping),
+                                      self.kfac.problem.omp_threads)
             return _sandwich(Qb, M, Qa, self.kfac.problem.omp_threads, inv_w)
 
         def bias_op(i, b):
-            _, Qb, _, inv_b = self._eigen[i]
+            _, Qb, _, inv_b, _ = self._eigen[i]
             return ((b @ Qb) * inv_b) @ Qb.T
 
         return self.kfac._apply_blocks(V, weight_op, bias_op)
