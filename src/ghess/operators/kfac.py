@@ -49,7 +49,7 @@ def _sandwich(L, M, R, n_threads, scale=None):
 
 def _sandwich_null(Qb, M, Qr, scale, null_scale, n_threads):
     """``_sandwich(Qb, M, Q_A, n_threads, scale)`` where the columns of Q_A outside ``Qr``
-    span A's null space and their eigenvalues are all ``null_scale``:
+    span A's null space and every entry of ``scale`` in those columns is ``null_scale``:
     ``(Qb ((Qb^T M_k Qr) * scale) - M_k Qr null_scale) Qr^T + M_k null_scale``, by GEMMs
     over ``r = Qr.shape[1]`` columns instead of all ``d_in``."""  # noqa: D205, D209
     out = np.empty(M.shape, dtype=M.dtype)
