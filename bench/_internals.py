@@ -40,17 +40,18 @@ def stage_hooks():
     ``kernels``: (label, module) of the Cython kernel modules, whose functions the
     layers and the engine call through the module; ``steps``: the engine's own
     step classes (fused activation + max-pooling); ``finiteness``: the modules
-    that call ``all_finite`` (the engine's passes; the checks of inputs and
-    vectors); ``engine``: the package whose ``prepare_tangents``,
+    that call ``all_finite`` (the engine's passes; the checks of inputs, and of
+    the operators' vectors); ``engine``: the package whose ``prepare_tangents``,
     ``new_accumulators`` and ``accumulators_to_flat`` the operators call.
     """
     from ghess import _engine, _validation
     from ghess._engine import fused, passes
     from ghess._kernels import conv, dense
+    from ghess.operators import base
 
     return {"kernels": (("dense", dense), ("conv", conv)),
             "steps": (fused.ActivationMaxPool,),
-            "finiteness": (passes, _validation),
+            "finiteness": (passes, _validation, base),
             "engine": _engine}
 
 

@@ -43,6 +43,7 @@ from ._problem import check_loss, check_mode, check_model
 from ._progress import Progress
 from ._typing import Data, Mode
 from ._validation import (
+    all_finite,
     as_array,
     check_damping,
     check_n_threads,
@@ -134,7 +135,7 @@ def _check_iterate(x):
     would say.
     """
     x = np.asarray(x)
-    if x.dtype.kind == "f" and not np.isfinite(x).all():
+    if x.dtype.kind == "f" and not all_finite(x):
         raise FloatingPointError(
             f"the CG solve overflowed in {x.dtype}: an iterate is not finite (the gradient "
             "or the curvature is too large for the dtype; scale the data or the targets "

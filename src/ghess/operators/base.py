@@ -40,6 +40,7 @@ from .._problem import (
 )
 from .._typing import Batch, Data, Mode
 from .._validation import (
+    all_finite,
     as_array,
     cast_finite,
     check_damping,
@@ -130,7 +131,11 @@ def check_vectors(X, n, dtype, name="vector"):
                         f"got dtype {X.dtype}")
     if X.ndim != 2 or X.shape[0] != n:
         raise ValueError(f"{name} must have {n} rows, got shape {X.shape}")
-    return np.ascontiguousarray(cast_finite(X, dtype, name).T)
+    with np.errstate(over="ignore"):  # an overflow in the cast is reported below, by name
+        V = np.ascontiguousarray(X.T, dtype=dtype)  # one copy, in the kernels' layout
+    if not all_finite(V):
+        cast_finite(X, dtype, name)  # raises, naming the entry and whether it overflowed
+    return V
 
 
 class ChunkedOperator(BatchedMatvec, LinearOperator):

@@ -40,7 +40,8 @@
 
 /* 2x2 windows at stride 2 without padding (the common case): one output row's windows
  * read two input rows, and the loop over them vectorises (the conditionals become vector
- * selects; see ghess_maxpool for rows shorter than an AVX-512 vector). */
+ * selects; ghess_maxpool sends rows with a long tail past whole AVX-512 vectors to the
+ * AVX2 build). */
 #define GHESS_DEFINE_MAXPOOL2(T, NAME, UNUSED, ATTR)                                      \
 ATTR static void NAME(const T *restrict x, T *restrict y, int32_t *restrict argmax,       \
                       const ghess_dc_geom *g)                                             \
