@@ -59,7 +59,7 @@ def ghess_isa():
     """Return the ISA levels of ghess's kernels in use, by name (``GHESS_ISA``)."""
     from ghess._kernels import conv, dense
 
-    return (f"direct convolutions {conv.ISA_NAMES[conv.isa()]}, other C kernels "
+    return (f"direct convolutions {conv.isa_name()}, other C kernels "
             f"{conv.ISA_NAMES[dense.isa()]}")
 
 

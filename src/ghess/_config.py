@@ -117,7 +117,8 @@ def _isa_from_environment():
 
     ``avx512``, ``avx2`` or ``generic`` (the direct convolutions off: im2col + BLAS; the
     other C kernels at their baseline build) for every kernel. Unset, each module takes
-    its default (``conv.DEFAULT_ISA``, ``dense.DEFAULT_ISA``): what measured fastest.
+    its default (``conv.DEFAULT_ISA``: per layer the faster of AVX2 and AVX-512, timed
+    at its first call; ``dense.DEFAULT_ISA``: what measured fastest).
     Other levels let one machine test and time every path; asking for more than the CPU
     has gives what it has.
     """
@@ -130,8 +131,28 @@ def _isa_from_environment():
     return conv.ISA_NAMES.index(value)
 
 
+def _conv_isa_from_environment():
+    """Return the direct convolutions' level from ``GHESS_CONV_ISA`` (None: unset).
+
+    ``measured``, ``avx512``, ``avx2`` or ``generic``: the direct convolutions alone,
+    over ``GHESS_ISA``, so that their AVX2 and AVX-512 builds can be timed against the
+    per-layer choice with every other kernel at its default.
+    """
+    value = os.environ.get("GHESS_CONV_ISA", "").strip().lower()
+    if not value:
+        return None
+    if value == "measured":
+        return conv.ISA_MEASURED
+    if value not in conv.ISA_NAMES:
+        raise ValueError(f"GHESS_CONV_ISA must be one of measured, {', '.join(conv.ISA_NAMES)}, "
+                         f"got {value!r}")
+    return conv.ISA_NAMES.index(value)
+
+
 _ISA = _isa_from_environment()
-conv.set_isa(conv.DEFAULT_ISA if _ISA is None else _ISA)
+_CONV_ISA = _conv_isa_from_environment()
+conv.set_isa(_CONV_ISA if _CONV_ISA is not None else
+             conv.DEFAULT_ISA if _ISA is None else _ISA)
 conv.set_maps_isa(conv.MAPS_DEFAULT_ISA if _ISA is None else _ISA)
 dense.set_isa(dense.DEFAULT_ISA if _ISA is None else _ISA)
 
@@ -217,8 +238,9 @@ def show_config(file=None) -> None:
         f"scipy:     {scipy.__version__}",
         f"OpenMP:    {'on' if dense.openmp_enabled() else 'off'}",
         f"threads:   {resolve_n_threads(None)} (OpenMP default; n_threads= overrides)",
-        f"ISA:       {conv.ISA_NAMES[conv.isa()]} (direct convolutions; generic: im2col + "
-        f"BLAS; the CPU runs {conv.ISA_NAMES[conv.CPU_ISA]}; GHESS_ISA caps it), "
+        f"ISA:       {conv.isa_name()} (direct convolutions; measured: AVX2 or AVX-512 per "
+        f"layer, whichever runs faster; generic: im2col + BLAS; the CPU runs "
+        f"{conv.ISA_NAMES[conv.CPU_ISA]}; GHESS_ISA caps it), "
         f"{conv.ISA_NAMES[dense.isa()]} (contractions, skinny GEMM, activations), "
         f"{conv.ISA_NAMES[conv.maps_isa()]} (pooling, bias and batch-norm maps)",
     ]

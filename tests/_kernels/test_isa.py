@@ -1,8 +1,9 @@
 """The ISA levels of the kernels: every level the CPU runs gives the same numbers.
 
-The suite runs the default level (AVX2 where the CPU has it); these tests run every
-direct-convolution level the CPU supports, AVX-512 included (the same bits: every lane
-runs the same FMAs) and, in a child process with ``GHESS_ISA=generic``, the im2col path
+The suite runs the default level (on an AVX-512 CPU, per layer the faster of AVX2 and
+AVX-512, timed at its first call); these tests run every direct-convolution level the CPU
+supports, AVX-512 included, and that per-layer choice (the same bits: every lane runs
+the same FMAs) and, in a child process with ``GHESS_ISA=generic``, the im2col path
 (the same numbers to rounding). The C kernels of dense layers (contractions with the
 stored factors, the skinny GEMM, the activations) are built for the baseline, AVX2 and
 AVX-512 and run here at every level the CPU supports: the activations give the same
@@ -22,6 +23,8 @@ import ghess
 from ghess._kernels import conv, dense
 
 LEVELS = [level for level in (1, 2) if level <= conv.CPU_ISA]
+#: the same, with the per-layer choice between them where there is one to make
+LEVELS_AND_MEASURED = LEVELS + ([conv.ISA_MEASURED] if conv.CPU_ISA == 2 else [])
 
 
 @pytest.fixture
@@ -38,8 +41,9 @@ def test_levels_give_the_same_bits(name, dtype, restore_isa):
     c = ConvCase(name, dtype=dtype, n_samples=7)
     v = np.random.default_rng(0).normal(size=c.model.n_params).astype(dtype)
     results = []
-    for level in LEVELS:
+    for level in LEVELS_AND_MEASURED:
         assert conv.set_isa(level) == level
+        conv.forget_measured_isa()
         G = ghess.GGNLinearOperator(c.model, c.loss, c.theta, c.data, n_threads=2)
         H = ghess.HessianLinearOperator(c.model, c.loss, c.theta, c.data, n_threads=2)
         value, grad = ghess.loss_and_grad(c.model, c.loss, c.theta, c.data)
@@ -170,8 +174,47 @@ def test_dense_set_isa_is_capped_at_the_cpu(restore_dense_isa):
 
 def test_set_isa_is_capped_at_the_cpu(restore_isa):
     assert conv.set_isa(5) == conv.CPU_ISA
-    assert conv.set_isa(-1) == 0
+    assert conv.set_isa(-5) == 0
     assert not conv.direct_conv_supported((1, 4, 4, 3, 3, 1, 1, 1, 1, 1, 1, 4, 4))
+    # measured: a choice only between AVX2 and AVX-512; without both, the best there is
+    expected = conv.ISA_MEASURED if conv.CPU_ISA == 2 else conv.CPU_ISA
+    assert conv.set_isa(conv.ISA_MEASURED) == expected == conv.isa()
+    assert conv.isa_name() == ("measured" if conv.CPU_ISA == 2 else
+                               conv.ISA_NAMES[conv.CPU_ISA])
+
+
+@pytest.mark.skipif(conv.CPU_ISA < 2, reason="no AVX-512: nothing to choose between")
+def test_measured_level_is_chosen_once_per_layer_and_kernel(restore_isa):
+    conv.set_isa(conv.ISA_MEASURED)
+    conv.forget_measured_isa()
+    c = ConvCase("conv-relu-maxpool-ce", dtype=np.float32, n_samples=7)
+    first = ghess.loss_and_grad(c.model, c.loss, c.theta, c.data)
+    choices = conv.measured_isa_choices()
+    kinds = {key[0] for key in choices}
+    assert kinds == {"forward", "weight gradient"}  # the input gradient is a forward
+    assert set(choices.values()) <= {1, 2}
+    assert {key[4] for key in choices} == {"float32"}
+    # a second call reuses the choices (none timed again, none added) and the numbers
+    second = ghess.loss_and_grad(c.model, c.loss, c.theta, c.data)
+    assert conv.measured_isa_choices() == choices
+    np.testing.assert_array_equal(first[1], second[1])
+    # a level forced by set_isa is used as it is, whatever was measured
+    conv.set_isa(1)
+    np.testing.assert_array_equal(ghess.loss_and_grad(c.model, c.loss, c.theta, c.data)[1],
+                                  first[1])
+
+
+def test_direct_kernels_refuse_a_level_the_cpu_lacks():
+    geom = (1, 6, 6, 3, 3, 1, 1, 1, 1, 1, 1, 6, 6)  # 3x3, padding 1: 6x6 -> 6x6
+    if not conv.direct_conv_supported(geom):
+        pytest.skip("no direct convolutions on this CPU")
+    x = np.ones((2, 36))
+    with pytest.raises(ValueError, match="level above the CPU"):
+        conv.conv_forward_direct(np.ones((4, 9)), np.empty(0), x, np.empty((2, 4 * 36)), geom,
+                                 1, False, conv.CPU_ISA + 1)
+    with pytest.raises(ValueError, match="level above the CPU"):
+        conv.conv_weight_grad_direct(np.ones((2, 1, 4 * 36)), x, np.zeros((1, 4, 9)), geom, 1,
+                                     conv.CPU_ISA + 1)
 
 
 CHILD = """

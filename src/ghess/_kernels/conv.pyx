@@ -28,6 +28,8 @@ Design notes
    samples, added into the output: ``accumulate``), ``g phi(R{x})^T`` and
    ``W^T R{g} + V^T g``.
 """
+import time
+
 import numpy as np
 
 from cython cimport floating
@@ -212,31 +214,89 @@ def unfold(const floating[:, ::1] x,        # IN  (m, C*H*W)
 ISA_NAMES = ("generic", "avx2", "avx512")
 #: the best this CPU runs (2: AVX-512 F/BW/DQ/VL, 1: AVX2 + FMA, 0: neither)
 CPU_ISA = ghess_cpu_isa()
-#: the level used unless GHESS_ISA asks for another: AVX2 where the CPU has it. The
-#: AVX-512 kernels ran 5-20% slower than the AVX2 ones on an AMD EPYC (Zen 4, which
-#: splits 512-bit vectors into two 256-bit halves: no more flops per cycle, and rows of
-#: 8 or 16 positions fill half or all of a 16-float vector); they are the default only
-#: once measured faster on a CPU with full-width AVX-512 (docs/design.md, "Measurements")
-DEFAULT_ISA = min(CPU_ISA, 1)
-# the level in use: set once, at import (ghess._config, GHESS_ISA), at most CPU_ISA
+#: ``set_isa(ISA_MEASURED)``: each direct-convolution call runs the faster of the AVX2
+#: and AVX-512 builds for its kernel, geometry, channel count and dtype, timed once on a
+#: few of the call's own samples (``measured_isa_choices``). Both builds give the same
+#: bits, so the choice changes the speed only. Which is faster depends on the CPU and on
+#: the layer: on a Zen 4 EPYC (512-bit vectors as two 256-bit halves) AVX-512 ran 2-13%
+#: faster on CNN-C's 32x32 and 16x16 layers but 1.3-1.9x slower where a row of 8 output
+#: positions or 16 output channels fills half of a 16-float vector (docs/design.md,
+#: "Measurements"); a CPU with full-width AVX-512 moves the balance towards it.
+ISA_MEASURED = -1
+#: the level used unless GHESS_ISA asks for another: measured per layer where the CPU has
+#: AVX-512, else the best it has
+DEFAULT_ISA = ISA_MEASURED if CPU_ISA == 2 else CPU_ISA
+# the level in use (or ISA_MEASURED): set once, at import (ghess._config, GHESS_ISA)
 cdef int _isa = DEFAULT_ISA
+# ISA_MEASURED's choices: (kernel, geometry, channels, K, is_double) -> level
+cdef dict _measured = {}
+#: AVX-512 is chosen only when at least this much faster (a tie keeps the narrower build)
+MEASURED_MARGIN = 0.97
+#: samples of the call timed per level, and the alternating rounds of each
+MEASURED_SAMPLES = 8
+MEASURED_ROUNDS = 5
 
 
 def set_isa(int level):
     """Use the direct convolutions of ISA level ``level`` (0-2), at most ``CPU_ISA``; return it.
 
-    ``ghess._config`` calls it once at import, from ``GHESS_ISA``. Level 0 turns the
-    direct convolutions off (im2col + BLAS), which changes what layers keep: set it
-    before building any model's plan. Levels 1 and 2 give the same bits.
+    ``ISA_MEASURED`` (-1) picks AVX2 or AVX-512 per layer by timing both (on a CPU
+    with AVX-512; elsewhere it is the best level the CPU has). ``ghess._config`` calls
+    it once at import, from ``GHESS_ISA``. Level 0 turns the direct convolutions off
+    (im2col + BLAS), which changes what layers keep: set it before building any model's
+    plan. Levels 1 and 2 give the same bits.
     """
     global _isa
-    _isa = max(0, min(level, CPU_ISA))
+    if level == ISA_MEASURED:
+        _isa = ISA_MEASURED if CPU_ISA == 2 else CPU_ISA
+    else:
+        _isa = max(0, min(level, CPU_ISA))
     return _isa
 
 
 def isa():
-    """Return the ISA level in use (an index into ``ISA_NAMES``)."""
+    """Return the ISA level in use (an index into ``ISA_NAMES``), or ``ISA_MEASURED``."""
     return _isa
+
+
+def isa_name(level=None):
+    """Name ``level`` (default: the one in use): an ``ISA_NAMES`` entry or ``"measured"``."""
+    level = _isa if level is None else level
+    return "measured" if level == ISA_MEASURED else ISA_NAMES[level]
+
+
+def measured_isa_choices():
+    """``ISA_MEASURED``'s choices so far: ``{(kernel, geometry, channels, K, dtype): level}``."""
+    return {(kind, geom, channels, K, "float64" if is_double else "float32"): level
+            for (kind, geom, channels, K, is_double), level in _measured.items()}
+
+
+def forget_measured_isa():
+    """Drop ``ISA_MEASURED``'s choices: the next call of each kernel times both builds again."""
+    _measured.clear()
+
+
+def _faster_level(run):
+    """Time ``run(level)`` at AVX2 and AVX-512 in alternating rounds; return the faster level."""
+    best = {1: float("inf"), 2: float("inf")}
+    run(1)  # warm-up: page in the scratch buffers and the code
+    for _ in range(MEASURED_ROUNDS):
+        for level in (1, 2):
+            start = time.perf_counter()
+            run(level)
+            best[level] = min(best[level], time.perf_counter() - start)
+    return 2 if best[2] < MEASURED_MARGIN * best[1] else 1
+
+
+cdef int _level_for(str kind, tuple geom, int channels, int K, bint is_double, run) except -1:
+    # the level a call runs at: the one set, or ISA_MEASURED's choice (measured now if new)
+    if _isa != ISA_MEASURED:
+        return _isa
+    key = (kind, geom, channels, K, is_double)
+    level = _measured.get(key)
+    if level is None:
+        level = _measured[key] = _faster_level(run)
+    return level
 
 
 #: the level of the pooling and per-channel kernels (include/pooling.h, channel.h) unless
@@ -260,17 +320,20 @@ def maps_isa():
 
 def direct_conv_supported(geom):
     """Whether ``conv_forward_direct`` runs on this CPU for this geometry (None: no)."""
-    return _isa > 0 and geom is not None and len(geom) == 13 and geom[6] == 1
+    return _isa != 0 and geom is not None and len(geom) == 13 and geom[6] == 1
 
 
 def conv_forward_direct(const floating[:, ::1] weights,  # IN  (M, C*kh*kw)
                         const floating[::1] bias,         # IN  (M,), or (0,): no bias
                         const floating[:, ::1] x,         # IN  (n, C*H*W)
                         floating[:, ::1] out,             # OUT or IN/OUT (n, M*P)
-                        tuple geom, int n_threads, bint accumulate=False):
-    """out[i] (+)= weights @ im2col(x[i]) (+ bias per channel), without the im2col buffer."""
+                        tuple geom, int n_threads, bint accumulate=False, int level=-2):
+    """out[i] (+)= weights @ im2col(x[i]) (+ bias per channel), without the im2col buffer.
+
+    ``level``: the ISA level to run (1 or 2); by default the one set (``set_isa``).
+    """
     cdef Geometry g = _geometry(geom)
-    cdef Py_ssize_t n = x.shape[0], i
+    cdef Py_ssize_t n = x.shape[0], i, s
     cdef int M = weights.shape[0], K = weights.shape[1], t
     cdef int P = g.out_h * g.out_w
     _check(direct_conv_supported(geom), "conv_forward_direct needs AVX2 and width stride 1")
@@ -281,6 +344,12 @@ def conv_forward_direct(const floating[:, ::1] weights,  # IN  (M, C*kh*kw)
     if n == 0 or M == 0 or P == 0:
         return
     dtype = np.float64 if floating is double else np.float32
+    _check(level <= CPU_ISA, "conv_forward_direct level above the CPU's")
+    if level < 1:
+        s = min(n, MEASURED_SAMPLES)
+        level = _level_for("forward", geom, M, K, floating is double, lambda lv: (
+            conv_forward_direct(weights, bias, x[:s], np.empty((s, M * P), dtype=dtype),
+                                geom, 1, False, lv)))
     # (M + MR - 1) // MR panels; not -(-M // MR): cdivision truncates toward zero
     cdef floating[::1] packed = np.empty((M + GHESS_DC_MR - 1) // GHESS_DC_MR * GHESS_DC_MR * K,
                                          dtype=dtype)
@@ -297,27 +366,28 @@ def conv_forward_direct(const floating[:, ::1] weights,  # IN  (M, C*kh*kw)
         t = threadid()
         if floating is double:
             ghess_dc_pad_f64(&x[i, 0], &g, &padded[t, 0])
-            ghess_dc_forward_f64(_isa, &packed[0], b, M, &padded[t, 0], &offsets[0], &g,
+            ghess_dc_forward_f64(level, &packed[0], b, M, &padded[t, 0], &offsets[0], &g,
                                  &out[i, 0], accumulate)
         else:
             ghess_dc_pad_f32(&x[i, 0], &g, &padded[t, 0])
-            ghess_dc_forward_f32(_isa, &packed[0], b, M, &padded[t, 0], &offsets[0], &g,
+            ghess_dc_forward_f32(level, &packed[0], b, M, &padded[t, 0], &offsets[0], &g,
                                  &out[i, 0], accumulate)
 
 
 def conv_weight_grad_direct(const floating[:, :, ::1] g,  # IN  (n, k, M*P)
                             const floating[:, ::1] x,     # IN  (n, C*H*W)
                             floating[:, :, ::1] out,      # IN/OUT (k, M, C*kh*kw)
-                            tuple geom, int n_threads):
+                            tuple geom, int n_threads, int level=-2):
     """out[j] += sum_i g[i, j] @ im2col(x[i])^T (weight gradients), without im2col.
 
     The k directions share the input, so they are k*M channels of one pass.
+    ``level``: the ISA level to run (1 or 2); by default the one set (``set_isa``).
     """
     cdef Geometry gm = _geometry(geom)
-    cdef Py_ssize_t n = g.shape[0], i, kk, e
+    cdef Py_ssize_t n = g.shape[0], i, kk, e, s
     cdef int k = g.shape[1], M = out.shape[1], K = out.shape[2], t, km
     cdef int P = gm.out_h * gm.out_w
-    cdef int L = ghess_dc_vector_length(_isa, floating is double)
+    cdef int L
     _check(direct_conv_supported(geom), "conv_weight_grad_direct needs AVX2/FMA, stride 1")
     _check(K == gm.C * gm.kh * gm.kw and x.shape[0] == n and x.shape[1] == gm.C * gm.H * gm.W,
            "conv_weight_grad_direct x/out")
@@ -326,6 +396,13 @@ def conv_weight_grad_direct(const floating[:, :, ::1] g,  # IN  (n, k, M*P)
     if n == 0 or km == 0 or K == 0:
         return
     dtype = np.float64 if floating is double else np.float32
+    _check(level <= CPU_ISA, "conv_weight_grad_direct level above the CPU's")
+    if level < 1:
+        s = min(n, MEASURED_SAMPLES)
+        level = _level_for("weight gradient", geom, km, K, floating is double, lambda lv: (
+            conv_weight_grad_direct(g[:s], x[:s], np.zeros((k, M, K), dtype=dtype), geom, 1,
+                                    lv)))
+    L = ghess_dc_vector_length(level, floating is double)
     cdef int[::1] offsets = np.empty(K, dtype=np.intc)
     cdef floating[:, ::1] padded = np.empty((n_threads, ghess_dc_padded_size(&gm)), dtype=dtype)
     cdef floating[:, ::1] panels = np.empty((n_threads, ghess_dc_grad_panels_size(km, P, L)),
@@ -337,12 +414,12 @@ def conv_weight_grad_direct(const floating[:, :, ::1] g,  # IN  (n, k, M*P)
         if floating is double:
             ghess_dc_pad_f64(&x[i, 0], &gm, &padded[t, 0])
             ghess_dc_pack_grad_f64(L, &g[i, 0, 0], km, P, &panels[t, 0])
-            ghess_dc_weight_grad_f64(_isa, &panels[t, 0], km, &padded[t, 0], &offsets[0], &gm,
+            ghess_dc_weight_grad_f64(level, &panels[t, 0], km, &padded[t, 0], &offsets[0], &gm,
                                      &work[t, 0, 0])
         else:
             ghess_dc_pad_f32(&x[i, 0], &gm, &padded[t, 0])
             ghess_dc_pack_grad_f32(L, &g[i, 0, 0], km, P, &panels[t, 0])
-            ghess_dc_weight_grad_f32(_isa, &panels[t, 0], km, &padded[t, 0], &offsets[0], &gm,
+            ghess_dc_weight_grad_f32(level, &panels[t, 0], km, &padded[t, 0], &offsets[0], &gm,
                                      &work[t, 0, 0])
     # out (k*M, K) += the per-thread (K, k*M) sums, transposed, in thread order
     with nogil:
