@@ -182,7 +182,7 @@ def _cpu_line():
 def report(results, args):
     """Markdown: per dtype and thread count, each layer's three products."""
     lines = ["# Convolutions one by one: ghess's direct kernels beside PyTorch's (oneDNN)", "",
-             f"`python bench/conv_layers.py {' '.join(sys.argv[1:])}`".replace("  ", " "),
+             f"`{' '.join(['python bench/conv_layers.py', *sys.argv[1:]])}`",
              f"on {time.strftime('%Y-%m-%d')}: each Conv2d layer of CNN-S and CNN-C with "
              f"its real input ({args.samples} samples, seed 0), timed alone in interleaved "
              "rounds (medians, ms). *ratio*: PyTorch's faster layout's time over ghess's "

@@ -18,7 +18,8 @@
  * last row) and stores only its own. Available on x86-64 with GCC or Clang,
  * checked at run time (ghess_cpu_isa); elsewhere ghess uses the im2col path.
  *
- * Two builds of each kernel, chosen per call by the caller's ISA level: AVX-512
+ * Two builds of each kernel, chosen per call by the caller (conv.pyx: the level set, or
+ * per layer the faster of the two, timed at its first call): AVX-512
  * (vectors of 16 floats / 8 doubles) and AVX2 + FMA (8 / 4). Every lane runs the same
  * sequence of FMAs in both (a lane is one output position in the forward kernel, one
  * output channel in the weight gradient, and the sums over k or p run in the same
