@@ -340,3 +340,23 @@ def test_mpi_scaling_reports_ranks_bytes_and_model(tmp_path):
         assert re.search(rf"\| GGN product \| {scale} \| cluster \| 1\.0 \|( [\d.]+ \|){{8}}",
                          report)
     assert run["network"]["alpha"] >= 0 and run["network"]["bandwidth"] > 0
+
+
+def test_conv_layers_times_each_convolution_beside_pytorch(tmp_path):
+    pytest.importorskip("torch")
+    script = os.path.join(ROOT, "bench", "conv_layers.py")
+    proc = subprocess.run([sys.executable, script, "--threads", "1", "--dtypes", "float64",
+                           "--samples", "2", "--budget", "0.01", "--output", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    with open(tmp_path / "conv_layers.json") as fh:
+        (result,) = json.load(fh)
+    rows = result["rows"]
+    # CNN-S's two convolutions and CNN-C's three, each checked against PyTorch
+    assert [row["layer"].split(":")[0] for row in rows] == [
+        "CNN-S conv1", "CNN-S conv2", "CNN-C conv1", "CNN-C conv2", "CNN-C conv3"]
+    for row in rows:
+        assert len(row["errors"]) == 6 and max(row["errors"].values()) < 1e-12, row
+        assert len(row["times"]) == 9 and min(row["times"].values()) > 0
+    report = (tmp_path / "CONV_LAYERS.md").read_text()
+    assert "## float64, 1 thread(s)" in report and report.count("| all layers |") == 3
