@@ -232,7 +232,10 @@ cdef int _isa = DEFAULT_ISA
 cdef dict _measured = {}
 #: AVX-512 is chosen only when at least this much faster (a tie keeps the narrower build)
 MEASURED_MARGIN = 0.97
-#: samples of the call timed per level, and the alternating rounds of each
+#: a timed run takes as many of the call's samples as fill about this many seconds, from
+#: 1 to MEASURED_SAMPLES (so a large layer's choice costs about 2 x MEASURED_ROUNDS of its
+#: samples, a small one's about 20 ms), in MEASURED_ROUNDS alternating rounds per level
+MEASURED_RUN_SECONDS = 2e-3
 MEASURED_SAMPLES = 8
 MEASURED_ROUNDS = 5
 
@@ -276,26 +279,32 @@ def forget_measured_isa():
     _measured.clear()
 
 
-def _faster_level(run):
-    """Time ``run(level)`` at AVX2 and AVX-512 in alternating rounds; return the faster level."""
+def _faster_level(run, n):
+    """Time ``run(level, samples)`` at AVX2 and AVX-512 in alternating rounds on up to ``n``
+    samples; return the faster level (AVX2 unless AVX-512 takes under MEASURED_MARGIN of its
+    time: a tie keeps the narrower build)."""  # noqa: D205, D209
+    start = time.perf_counter()
+    run(1, 1)  # warm-up on one sample, which also sizes the timed runs
+    one = max(time.perf_counter() - start, 1e-9)
+    samples = max(1, min(n, MEASURED_SAMPLES, int(MEASURED_RUN_SECONDS / one)))
     best = {1: float("inf"), 2: float("inf")}
-    run(1)  # warm-up: page in the scratch buffers and the code
     for _ in range(MEASURED_ROUNDS):
         for level in (1, 2):
             start = time.perf_counter()
-            run(level)
+            run(level, samples)
             best[level] = min(best[level], time.perf_counter() - start)
     return 2 if best[2] < MEASURED_MARGIN * best[1] else 1
 
 
-cdef int _level_for(str kind, tuple geom, int channels, int K, bint is_double, run) except -1:
+cdef int _level_for(str kind, tuple geom, int channels, int K, bint is_double, Py_ssize_t n,
+                    run) except -1:
     # the level a call runs at: the one set, or ISA_MEASURED's choice (measured now if new)
     if _isa != ISA_MEASURED:
         return _isa
     key = (kind, geom, channels, K, is_double)
     level = _measured.get(key)
     if level is None:
-        level = _measured[key] = _faster_level(run)
+        level = _measured[key] = _faster_level(run, n)
     return level
 
 
@@ -333,7 +342,7 @@ def conv_forward_direct(const floating[:, ::1] weights,  # IN  (M, C*kh*kw)
     ``level``: the ISA level to run (1 or 2); by default the one set (``set_isa``).
     """
     cdef Geometry g = _geometry(geom)
-    cdef Py_ssize_t n = x.shape[0], i, s
+    cdef Py_ssize_t n = x.shape[0], i
     cdef int M = weights.shape[0], K = weights.shape[1], t
     cdef int P = g.out_h * g.out_w
     _check(direct_conv_supported(geom), "conv_forward_direct needs AVX2 and width stride 1")
@@ -346,8 +355,7 @@ def conv_forward_direct(const floating[:, ::1] weights,  # IN  (M, C*kh*kw)
     dtype = np.float64 if floating is double else np.float32
     _check(level <= CPU_ISA, "conv_forward_direct level above the CPU's")
     if level < 1:
-        s = min(n, MEASURED_SAMPLES)
-        level = _level_for("forward", geom, M, K, floating is double, lambda lv: (
+        level = _level_for("forward", geom, M, K, floating is double, n, lambda lv, s: (
             conv_forward_direct(weights, bias, x[:s], np.empty((s, M * P), dtype=dtype),
                                 geom, 1, False, lv)))
     # (M + MR - 1) // MR panels; not -(-M // MR): cdivision truncates toward zero
@@ -384,7 +392,7 @@ def conv_weight_grad_direct(const floating[:, :, ::1] g,  # IN  (n, k, M*P)
     ``level``: the ISA level to run (1 or 2); by default the one set (``set_isa``).
     """
     cdef Geometry gm = _geometry(geom)
-    cdef Py_ssize_t n = g.shape[0], i, kk, e, s
+    cdef Py_ssize_t n = g.shape[0], i, kk, e
     cdef int k = g.shape[1], M = out.shape[1], K = out.shape[2], t, km
     cdef int P = gm.out_h * gm.out_w
     cdef int L
@@ -398,8 +406,7 @@ def conv_weight_grad_direct(const floating[:, :, ::1] g,  # IN  (n, k, M*P)
     dtype = np.float64 if floating is double else np.float32
     _check(level <= CPU_ISA, "conv_weight_grad_direct level above the CPU's")
     if level < 1:
-        s = min(n, MEASURED_SAMPLES)
-        level = _level_for("weight gradient", geom, km, K, floating is double, lambda lv: (
+        level = _level_for("weight gradient", geom, km, K, floating is double, n, lambda lv, s: (
             conv_weight_grad_direct(g[:s], x[:s], np.zeros((k, M, K), dtype=dtype), geom, 1,
                                     lv)))
     L = ghess_dc_vector_length(level, floating is double)
