@@ -219,9 +219,10 @@ CPU_ISA = ghess_cpu_isa()
 #: few of the call's own samples (``measured_isa_choices``). Both builds give the same
 #: bits, so the choice changes the speed only. Which is faster depends on the CPU and on
 #: the layer: on a Zen 4 EPYC (512-bit vectors as two 256-bit halves) AVX-512 ran 2-13%
-#: faster on CNN-C's 32x32 and 16x16 layers but 1.3-1.9x slower where a row of 8 output
-#: positions or 16 output channels fills half of a 16-float vector (docs/design.md,
-#: "Measurements"); a CPU with full-width AVX-512 moves the balance towards it.
+#: faster on CNN-C's 32x32 and 16x16 layers, but 1.8-1.9x slower on its 8x8 layer (a row
+#: of 8 output positions fills half of a 16-float vector) and 1.3x slower on CNN-S's first
+#: (one input channel, 9 taps, 16 outputs) (docs/design.md, "Measurements"); a CPU with
+#: full-width AVX-512 moves the balance towards it.
 ISA_MEASURED = -1
 #: the level used unless GHESS_ISA asks for another: measured per layer where the CPU has
 #: AVX-512, else the best it has
