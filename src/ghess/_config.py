@@ -112,45 +112,31 @@ def _pool_limit_from_environment():
 alloc.set_limit(_pool_limit_from_environment())
 
 
-def _isa_from_environment():
-    """Return the kernels' ISA level from ``GHESS_ISA`` (None: unset), capped by set_isa.
+def _level_from_environment(variable, levels):
+    """Return the ISA level that environment variable ``variable`` names (None: unset).
 
-    ``avx512``, ``avx2`` or ``generic`` (the direct convolutions off: im2col + BLAS; the
-    other C kernels at their baseline build) for every kernel. Unset, each module takes
-    its default (``conv.DEFAULT_ISA``: per layer the faster of AVX2 and AVX-512, timed
-    at its first call; ``dense.DEFAULT_ISA``: what measured fastest).
-    Other levels let one machine test and time every path; asking for more than the CPU
-    has gives what it has.
+    ``levels`` maps each name it may take to its level; asking for more than the CPU
+    has gives what it has (``set_isa`` caps it).
     """
-    value = os.environ.get("GHESS_ISA", "").strip().lower()
+    value = os.environ.get(variable, "").strip().lower()
     if not value:
         return None
-    if value not in conv.ISA_NAMES:
-        raise ValueError(f"GHESS_ISA must be one of {', '.join(conv.ISA_NAMES)}, "
-                         f"got {value!r}")
-    return conv.ISA_NAMES.index(value)
+    if value not in levels:
+        raise ValueError(f"{variable} must be one of {', '.join(levels)}, got {value!r}")
+    return levels[value]
 
 
-def _conv_isa_from_environment():
-    """Return the direct convolutions' level from ``GHESS_CONV_ISA`` (None: unset).
-
-    ``measured``, ``avx512``, ``avx2`` or ``generic``: the direct convolutions alone,
-    over ``GHESS_ISA``, so that their AVX2 and AVX-512 builds can be timed against the
-    per-layer choice with every other kernel at its default.
-    """
-    value = os.environ.get("GHESS_CONV_ISA", "").strip().lower()
-    if not value:
-        return None
-    if value == "measured":
-        return conv.ISA_MEASURED
-    if value not in conv.ISA_NAMES:
-        raise ValueError(f"GHESS_CONV_ISA must be one of measured, {', '.join(conv.ISA_NAMES)}, "
-                         f"got {value!r}")
-    return conv.ISA_NAMES.index(value)
-
-
-_ISA = _isa_from_environment()
-_CONV_ISA = _conv_isa_from_environment()
+_LEVELS = {name: level for level, name in enumerate(conv.ISA_NAMES)}
+# GHESS_ISA: avx512, avx2 or generic (the direct convolutions off: im2col + BLAS; the
+# other C kernels at their baseline build) for every kernel, so that one machine can
+# test and time every path. Unset, each module takes its default (conv.DEFAULT_ISA: per
+# layer the faster of AVX2 and AVX-512, timed at its first call; dense.DEFAULT_ISA: what
+# measured fastest).
+_ISA = _level_from_environment("GHESS_ISA", _LEVELS)
+# GHESS_CONV_ISA: the direct convolutions alone, over GHESS_ISA (measured as well), so
+# that their AVX2 and AVX-512 builds can be timed against the per-layer choice with
+# every other kernel at its default
+_CONV_ISA = _level_from_environment("GHESS_CONV_ISA", {"measured": conv.ISA_MEASURED, **_LEVELS})
 conv.set_isa(_CONV_ISA if _CONV_ISA is not None else
              conv.DEFAULT_ISA if _ISA is None else _ISA)
 conv.set_maps_isa(conv.MAPS_DEFAULT_ISA if _ISA is None else _ISA)

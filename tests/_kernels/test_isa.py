@@ -248,3 +248,24 @@ def test_generic_level_from_the_environment_runs_im2col():
                          env=dict(os.environ, GHESS_ISA="sse9"), capture_output=True,
                          text=True, timeout=300)
     assert bad.returncode != 0 and "GHESS_ISA must be one of generic, avx2, avx512" in bad.stderr
+
+
+def test_conv_level_from_the_environment_sets_the_direct_convolutions_alone():
+    code = ("import ghess; from ghess._kernels import conv, dense; "
+            "print(conv.isa_name(), dense.isa(), conv.maps_isa())")
+    measured = conv.ISA_MEASURED if conv.CPU_ISA == 2 else conv.CPU_ISA
+    for value, expected in (("avx2", min(conv.CPU_ISA, 1)), ("generic", 0),
+                            ("measured", measured)):
+        done = subprocess.run([sys.executable, "-c", code],
+                              env=dict(os.environ, GHESS_CONV_ISA=value, GHESS_ISA=""),
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        name, dense_level, maps_level = done.stdout.split()
+        assert name == conv.isa_name(expected)
+        # the other kernels keep their defaults
+        assert (int(dense_level), int(maps_level)) == (dense.DEFAULT_ISA, conv.MAPS_DEFAULT_ISA)
+    bad = subprocess.run([sys.executable, "-c", "import ghess"],
+                         env=dict(os.environ, GHESS_CONV_ISA="sse9"), capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode != 0
+    assert "GHESS_CONV_ISA must be one of measured, generic, avx2, avx512" in bad.stderr
