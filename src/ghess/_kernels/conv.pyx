@@ -356,9 +356,9 @@ def conv_forward_direct(const floating[:, ::1] weights,  # IN  (M, C*kh*kw)
     dtype = np.float64 if floating is double else np.float32
     _check(level <= CPU_ISA, "conv_forward_direct level above the CPU's")
     if level < 1:
+        scratch = np.empty((min(n, MEASURED_SAMPLES), M * P), dtype=dtype)  # one for every run
         level = _level_for("forward", geom, M, K, floating is double, n, lambda lv, s: (
-            conv_forward_direct(weights, bias, x[:s], np.empty((s, M * P), dtype=dtype),
-                                geom, 1, False, lv)))
+            conv_forward_direct(weights, bias, x[:s], scratch[:s], geom, 1, False, lv)))
     # (M + MR - 1) // MR panels; not -(-M // MR): cdivision truncates toward zero
     cdef floating[::1] packed = np.empty((M + GHESS_DC_MR - 1) // GHESS_DC_MR * GHESS_DC_MR * K,
                                          dtype=dtype)
@@ -407,9 +407,9 @@ def conv_weight_grad_direct(const floating[:, :, ::1] g,  # IN  (n, k, M*P)
     dtype = np.float64 if floating is double else np.float32
     _check(level <= CPU_ISA, "conv_weight_grad_direct level above the CPU's")
     if level < 1:
+        scratch = np.zeros((k, M, K), dtype=dtype)  # one for every run; its sums are unused
         level = _level_for("weight gradient", geom, km, K, floating is double, n, lambda lv, s: (
-            conv_weight_grad_direct(g[:s], x[:s], np.zeros((k, M, K), dtype=dtype), geom, 1,
-                                    lv)))
+            conv_weight_grad_direct(g[:s], x[:s], scratch, geom, 1, lv)))
     L = ghess_dc_vector_length(level, floating is double)
     cdef int[::1] offsets = np.empty(K, dtype=np.intc)
     cdef floating[:, ::1] padded = np.empty((n_threads, ghess_dc_padded_size(&gm)), dtype=dtype)
