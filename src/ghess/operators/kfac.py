@@ -370,10 +370,11 @@ class KFACInverseLinearOperator(_FactoredOperator):
             dtype = kfac.dtype
             kept = self._input_range(la) if exact_kfac else None
             if kept is not None:  # A's null space: B l_A + d is d there, exactly
-                Qa, weight = np.ascontiguousarray(Qa[:, kept]), np.ascontiguousarray(
-                    weight[:, kept])
-            self._eigen[i] = (Qa.astype(dtype), Qb.astype(dtype), (1.0 / weight).astype(dtype),
-                              (1.0 / bias).astype(dtype), kept is not None)
+                Qa, weight = Qa[:, kept], weight[:, kept]
+            # C order for the GEMM wrapper (a boolean column selection is not)
+            self._eigen[i] = (np.ascontiguousarray(Qa, dtype=dtype), Qb.astype(dtype),
+                              (1.0 / weight).astype(dtype), (1.0 / bias).astype(dtype),
+                              kept is not None)
 
     @staticmethod
     def _input_range(la):
