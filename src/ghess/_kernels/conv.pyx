@@ -298,15 +298,31 @@ def _faster_level(run, n):
 
 
 cdef int _level_for(str kind, tuple geom, int channels, int K, bint is_double, Py_ssize_t n,
-                    run) except -1:
-    # the level a call runs at: the one set, or ISA_MEASURED's choice (measured now if new)
+                    make_run) except -1:
+    # the level a call runs at: the one set, or ISA_MEASURED's choice (measured now if new,
+    # with the ``run`` that ``make_run()`` builds: its scratch exists only while timing)
     if _isa != ISA_MEASURED:
         return _isa
     key = (kind, geom, channels, K, is_double)
     level = _measured.get(key)
     if level is None:
-        level = _measured[key] = _faster_level(run, n)
+        level = _measured[key] = _faster_level(make_run(), n)
     return level
+
+
+def _forward_run(weights, bias, x, tuple geom, Py_ssize_t width, dtype):
+    """``run(level, samples)`` of ``conv_forward_direct`` on x's first samples, on one
+    thread, into one scratch output shared by every run."""  # noqa: D205, D209
+    scratch = np.empty((min(x.shape[0], MEASURED_SAMPLES), width), dtype=dtype)
+    return lambda level, s: conv_forward_direct(weights, bias, x[:s], scratch[:s], geom, 1,
+                                                False, level)
+
+
+def _weight_grad_run(g, x, tuple geom, tuple out_shape, dtype):
+    """``run(level, samples)`` of ``conv_weight_grad_direct`` on the first samples, on one
+    thread, into one scratch output shared by every run (its sums are unused)."""  # noqa: D205, D209
+    scratch = np.zeros(out_shape, dtype=dtype)
+    return lambda level, s: conv_weight_grad_direct(g[:s], x[:s], scratch, geom, 1, level)
 
 
 #: the level of the pooling and per-channel kernels (include/pooling.h, channel.h) unless
@@ -356,9 +372,8 @@ def conv_forward_direct(const floating[:, ::1] weights,  # IN  (M, C*kh*kw)
     dtype = np.float64 if floating is double else np.float32
     _check(level <= CPU_ISA, "conv_forward_direct level above the CPU's")
     if level < 1:
-        scratch = np.empty((min(n, MEASURED_SAMPLES), M * P), dtype=dtype)  # one for every run
-        level = _level_for("forward", geom, M, K, floating is double, n, lambda lv, s: (
-            conv_forward_direct(weights, bias, x[:s], scratch[:s], geom, 1, False, lv)))
+        level = _level_for("forward", geom, M, K, floating is double, n,
+                           lambda: _forward_run(weights, bias, x, geom, M * P, dtype))
     # (M + MR - 1) // MR panels; not -(-M // MR): cdivision truncates toward zero
     cdef floating[::1] packed = np.empty((M + GHESS_DC_MR - 1) // GHESS_DC_MR * GHESS_DC_MR * K,
                                          dtype=dtype)
@@ -407,9 +422,8 @@ def conv_weight_grad_direct(const floating[:, :, ::1] g,  # IN  (n, k, M*P)
     dtype = np.float64 if floating is double else np.float32
     _check(level <= CPU_ISA, "conv_weight_grad_direct level above the CPU's")
     if level < 1:
-        scratch = np.zeros((k, M, K), dtype=dtype)  # one for every run; its sums are unused
-        level = _level_for("weight gradient", geom, km, K, floating is double, n, lambda lv, s: (
-            conv_weight_grad_direct(g[:s], x[:s], scratch, geom, 1, lv)))
+        level = _level_for("weight gradient", geom, km, K, floating is double, n,
+                           lambda: _weight_grad_run(g, x, geom, (k, M, K), dtype))
     L = ghess_dc_vector_length(level, floating is double)
     cdef int[::1] offsets = np.empty(K, dtype=np.intc)
     cdef floating[:, ::1] padded = np.empty((n_threads, ghess_dc_padded_size(&gm)), dtype=dtype)
