@@ -49,9 +49,28 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+# A worker of ``_parallel`` runs its chunks' kernels on one thread: its siblings hold
+# the other cores.
+_worker = threading.local()
+
+
+@contextlib.contextmanager
+def kernels_on_one_thread():
+    """Inside the block, in this thread only, ``effective_threads`` is 1."""
+    previous = getattr(_worker, "single", False)
+    _worker.single = True
+    try:
+        yield
+    finally:
+        _worker.single = previous
+
+
 def effective_threads(n_threads: int) -> int:
-    """Return the threads the kernels may use: ``n_threads``, or 1 in an unsafe forked child."""
+    """Return the threads the kernels may use: ``n_threads``; 1 in an unsafe forked child,
+    or in a worker thread of ``_parallel``."""  # noqa: D205, D209
     global _threads_used, _fork_warned
+    if n_threads > 1 and getattr(_worker, "single", False):
+        return 1
     if n_threads > 1 and _OPENMP:
         if _forked_after_threads:
             if not _fork_warned:

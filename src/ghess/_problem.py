@@ -265,7 +265,8 @@ class Problem:
         self.n_samples = n_local
         self.scale = 1.0 if loss is None else loss.scale(self.n_global, model.n_outputs)
         self.lparams = model.layer_params(self.params)
-        self.chunk_size = (self.plan.chunk_size(chunk_directions, min_chunk, self._omp_threads)
+        self.chunk_size = (self.plan.chunk_size(chunk_directions, min_chunk, self._omp_threads,
+                                                [X.shape[0] for X, _ in self.batches.batches])
                            if chunk_size is None else chunk_size)
 
     @property

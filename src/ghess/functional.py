@@ -10,6 +10,7 @@ import numpy.typing as npt
 from . import _engine
 from ._config import computing
 from ._distributed import sum_in_rank_order
+from ._parallel import contiguous_runs, run_workers, worker_count
 from ._problem import Problem, check_model
 from ._typing import Data
 from ._validation import check_out
@@ -55,15 +56,29 @@ def loss_and_grad(model: Sequential, loss: Loss, params: npt.ArrayLike, data: Da
     p = Problem(model, loss, params, data, chunk_size=chunk_size, n_threads=n_threads,
                 check_deterministic=check_deterministic, comm=comm)
     grad = np.zeros((1, model.n_params), dtype=p.dtype)
-    accs = _engine.new_accumulators(model, 1, p.dtype, grad)  # views of grad
-    total = 0.0
-    with computing():
-        for X, y in p.chunks():
+    chunks = list(p.chunks())
+    runs = contiguous_runs(len(chunks), worker_count(len(chunks), p.omp_threads))
+
+    def run(w):  # a worker's chunks in turn: its loss sum, its gradient in grad's layout
+        part = grad if w == 0 else np.zeros_like(grad)
+        accs = _engine.new_accumulators(model, 1, p.dtype, part)  # views of part
+        total = 0.0
+        for i in runs[w]:
+            X, y = chunks[i]
             ctxs, z = _engine.checked_forward(model, p.lparams, X, 1, p.omp_threads)
             value, r, _ = _engine.checked_loss(loss, z, y, p.scale, p.omp_threads)
             total += value
             _engine.vjp_chunk(model, p.lparams, ctxs, r[:, None, :], accs, p.omp_threads)
-    _engine.accumulators_to_flat(model, accs, grad)
+            del ctxs, z, r  # this chunk's temporaries go before the next chunk's
+        _engine.accumulators_to_flat(model, accs, part)
+        return total, part
+
+    with computing():
+        parts = run_workers(len(runs), run)
+    total = parts[0][0]
+    for value, part in parts[1:]:  # in worker order: the same bits on every call
+        total += value
+        grad += part
     if p.comm is not None:  # the whole data's: summed over the ranks in rank order
         grad = sum_in_rank_order(p.comm, grad)
         total = float(sum_in_rank_order(p.comm, np.array([total]))[0])
@@ -110,14 +125,22 @@ def per_sample_jacobians(model: Sequential, params: npt.ArrayLike, X: npt.ArrayL
         J = np.empty(shape, dtype=p.dtype)  # every element is written below
     else:
         J = check_out(out, shape, p.dtype, inputs=(X, params))
-    start = 0
-    with computing():
-        for Xc, _ in p.chunks():
+    chunks = [Xc for Xc, _ in p.chunks()]
+    starts = np.cumsum([0] + [Xc.shape[0] for Xc in chunks[:-1]])
+    runs = contiguous_runs(len(chunks), worker_count(len(chunks), p.omp_threads))
+
+    def run(w):  # each chunk writes its own rows of J
+        for i in runs[w]:
+            Xc, start = chunks[i], int(starts[i])
             n = Xc.shape[0]
             ctxs, _ = _engine.checked_forward(model, p.lparams, Xc, 1, p.omp_threads)
             factors = _engine.jacobian_factors(model, p.lparams, ctxs, n, p.dtype,
                                                p.omp_threads, paths=False)
+            del ctxs
             _engine.factor_sample_jacobians(model, factors, J[start:start + n], p.omp_threads)
+            del factors
             _engine.check_finite_result(J[start:start + n], "the per-sample Jacobians")
-            start += n
+
+    with computing():
+        run_workers(len(runs), run)
     return J

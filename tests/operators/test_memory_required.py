@@ -10,6 +10,7 @@ import pytest
 from conftest import CASES, CONV_CASES, make_data, measured_peak
 
 import ghess
+from ghess._parallel import worker_count
 
 CURVATURE = {"ggn": ghess.GGNLinearOperator, "hessian": ghess.HessianLinearOperator,
              "ef": ghess.EmpiricalFisherLinearOperator}
@@ -25,8 +26,33 @@ def _case(name, n_samples, dtype=np.float64):
     return model, loss, model.init_params(seed=1, dtype=dtype), X, y
 
 
-def _assert_bound(required, peak):
-    assert peak <= required <= 1.2 * peak, (required, peak, required / peak)
+def _assert_bound(required, peak, workers=1):
+    """Check that ``required`` bounds ``peak``, within 20% on one worker.
+
+    With several workers (``ghess._parallel``: 2 or more threads and as many
+    chunks) the figure is the worst case, every worker at its chunk's peak at
+    once; when the peaks land in time is up to the scheduler, so the measured
+    peak lies anywhere from one worker's peak up to that.
+    """
+    assert peak <= required <= 1.2 * workers * peak, (required, peak, required / peak)
+
+
+def _workers(op):
+    """Workers that share out ``op``'s chunks (``ghess._parallel``)."""
+    n_chunks = sum(-(-X.shape[0] // op.chunk_size) for X, _ in op.data.batches)
+    threads = op.problem.omp_threads if op._chunks_in_any_order else 1
+    return worker_count(n_chunks, threads)
+
+
+def _peak(build, apply):
+    """``measured_peak``, and the workers of the operator measured."""
+    workers = []
+
+    def counted(op):
+        workers.append(_workers(op))
+        apply(op)
+
+    return measured_peak(build, counted), workers[0]
 
 
 @pytest.mark.parametrize("name", NETWORKS)
@@ -35,7 +61,8 @@ def _assert_bound(required, peak):
 def test_memory_required_bounds_the_peak(name, kind, mode):
     model, loss, theta, X, y = _case(name, 45)
     rng = np.random.default_rng(2)
-    for k, chunk_size, n_threads in ((1, None, 1), (5, 7, 2), (16, 20, None)):
+    # one worker (1 thread; 2 threads on one chunk), then two workers (2 threads)
+    for k, chunk_size, n_threads in ((1, None, 1), (4, 45, 2), (5, 7, 2), (16, 20, None)):
         V = rng.normal(size=(model.n_params, k))
         kw = dict(mode=mode, chunk_size=chunk_size, n_threads=n_threads)
         if kind == "jacobian":
@@ -48,15 +75,15 @@ def test_memory_required_bounds_the_peak(name, kind, mode):
                 op @ V  # noqa: B023
                 op.T @ W  # noqa: B023
 
-            peak = measured_peak(lambda: cls(model, theta, X, **kw), products)  # noqa: B023
+            peak, workers = _peak(lambda: cls(model, theta, X, **kw), products)  # noqa: B023
         else:
             cls = CURVATURE[kind]
             required = cls.memory_required(model, (X, y), mode, loss=loss,
                                            chunk_size=chunk_size, n_directions=k,
                                            n_threads=n_threads)
-            peak = measured_peak(lambda: cls(model, loss, theta, (X, y), **kw),  # noqa: B023
-                                 lambda op: op @ V)  # noqa: B023
-        _assert_bound(required, peak)
+            peak, workers = _peak(lambda: cls(model, loss, theta, (X, y), **kw),  # noqa: B023
+                                  lambda op: op @ V)  # noqa: B023
+        _assert_bound(required, peak, workers)
 
 
 def test_memory_required_over_several_batches_and_float32():
@@ -66,11 +93,11 @@ def test_memory_required_over_several_batches_and_float32():
     for mode in ("stored", "recompute"):
         required = ghess.HessianLinearOperator.memory_required(
             model, batches, mode, loss=loss, dtype=np.float32, chunk_size=8, n_directions=3)
-        peak = measured_peak(
+        peak, workers = _peak(
             lambda: ghess.HessianLinearOperator(model, loss, theta, batches,  # noqa: B023
                                                 mode=mode, chunk_size=8),  # noqa: B023
             lambda op: op @ V)
-        _assert_bound(required, peak)
+        _assert_bound(required, peak, workers)
 
 
 def test_memory_required_at_megabytes():
@@ -85,10 +112,10 @@ def test_memory_required_at_megabytes():
     for cls in (ghess.GGNLinearOperator, ghess.HessianLinearOperator):
         for mode in ("stored", "recompute"):
             required = cls.memory_required(model, (X, y), mode)
-            peak = measured_peak(lambda: cls(model, loss, theta, (X, y), mode=mode),  # noqa: B023
-                                 lambda op: op @ v)
+            peak, workers = _peak(lambda: cls(model, loss, theta, (X, y), mode=mode),  # noqa: B023
+                                  lambda op: op @ v)
             assert peak > 4 << 20
-            _assert_bound(required, peak)
+            _assert_bound(required, peak, workers)
 
 
 @pytest.mark.parametrize("n_samples", [300, 1000])
@@ -106,11 +133,11 @@ def test_memory_required_with_pooled_blocks_reused_across_sizes(n_samples, k):
     V = rng.normal(size=(model.n_params, k))
     J = ghess.JacobianLinearOperator
     _assert_bound(J.memory_required(model, X, "stored", n_directions=k),
-                  measured_peak(lambda: J(model, theta, X, mode="stored"), lambda op: op @ V))
+                  *_peak(lambda: J(model, theta, X, mode="stored"), lambda op: op @ V))
     G, loss = ghess.GGNLinearOperator, ghess.CrossEntropyLoss()
     _assert_bound(G.memory_required(model, (X, y), "stored", n_directions=k),
-                  measured_peak(lambda: G(model, loss, theta, (X, y), mode="stored"),
-                                lambda op: op @ V))
+                  *_peak(lambda: G(model, loss, theta, (X, y), mode="stored"),
+                         lambda op: op @ V))
 
 
 def test_stored_peak_is_the_held_bytes_and_one_chunk():

@@ -361,37 +361,45 @@ def test_default_chunk_is_larger_without_convolutions():
     assert _engine.plan_for(conv, 8).chunk_size() == CHUNK_BYTES // per_sample
 
 
-def test_conv_chunks_grow_with_threads():
-    """A conv net's default chunk holds the 1-thread chunk's samples per thread.
-
-    Its kernels split a chunk's samples over the threads: each thread keeps its
-    cache-sized share, and the per-chunk costs that threads do not shrink keep their
-    share of the work. Dense networks keep their chunk. ``memory_required`` sizes the
-    recompute mode's chunk the same way, for the threads it is told.
-    """
+def test_chunks_on_several_threads():
+    """On T threads the data is cut into a multiple of T chunks of at most the 1-thread
+    size, as many workers' equal shares (``ghess._parallel``); with fewer than the
+    minimum per thread a conv net's one chunk holds the 1-thread chunk's samples per
+    thread (its kernels split them over the threads), and a dense net keeps its chunk.
+    ``memory_required`` sizes the chunk the same way, for the threads it is told.
+    """  # noqa: D205
     from ghess import _engine
     from ghess._engine.plan import CHUNK_BYTES
 
     conv = ghess.Sequential(ghess.Conv2d(3, 8, 3), ghess.ReLU(), ghess.Flatten(),
                             ghess.Linear(8 * 30 * 30, 10), input_shape=(3, 32, 32))
     plan = _engine.plan_for(conv, 8)
-    per_sample = plan.working_bytes(1)
-    assert plan.chunk_size(threads=3) == 3 * CHUNK_BYTES // per_sample
-    assert plan.chunk_size(minimum=400, threads=3) == 1200  # the minimum is per thread too
+    one = CHUNK_BYTES // plan.working_bytes(1)
+    assert plan.chunk_size(batch_sizes=[2000]) == one
+    for threads, sizes in ((3, [2000]), (2, [2000]), (4, [1000, 333]), (2, [33])):
+        chunk = plan.chunk_size(threads=threads, batch_sizes=sizes)
+        count = sum(-(-n // chunk) for n in sizes)
+        assert chunk <= one and count % threads == 0, (threads, sizes, chunk, count)
+        assert chunk >= min(one // 2, -(-sum(sizes) // threads))
+    # 40 < 3 * 16 samples: one chunk, three times the budget
+    assert plan.chunk_size(threads=3, batch_sizes=[40]) == 3 * CHUNK_BYTES // plan.working_bytes(1)
+    assert plan.chunk_size(minimum=400, threads=3, batch_sizes=[1000]) == 1200
     dense = ghess.Sequential(ghess.Linear(784, 512), ghess.ReLU(), ghess.Linear(512, 10),
                              input_shape=(784,))
-    assert _engine.plan_for(dense, 8).chunk_size(threads=3) == \
-        _engine.plan_for(dense, 8).chunk_size()
+    dense_plan = _engine.plan_for(dense, 8)
+    assert dense_plan.chunk_size(threads=3, batch_sizes=[40]) == dense_plan.chunk_size()
+    assert dense_plan.chunk_size(threads=2, batch_sizes=[1000]) == 500
     theta = conv.init_params(seed=0)
     X, y = np.zeros((2000, 3, 32, 32)), np.zeros(2000, dtype=int)
     for threads in (1, 2):
         op = ghess.GGNLinearOperator(conv, ghess.CrossEntropyLoss(), theta, (X, y),
                                      mode="recompute", n_threads=threads)
-        assert op.chunk_size == plan.chunk_size(threads=threads)
+        assert op.chunk_size == plan.chunk_size(threads=threads, batch_sizes=[2000])
         # memory_required probes that chunk: the same as asking for it
         assert ghess.GGNLinearOperator.memory_required(conv, X, "recompute", n_threads=threads) \
             == ghess.GGNLinearOperator.memory_required(conv, X, "recompute",
-                                                       chunk_size=op.chunk_size)
+                                                       chunk_size=op.chunk_size,
+                                                       n_threads=threads)
     with pytest.raises(ValueError, match="n_threads"):
         ghess.GGNLinearOperator.memory_required(conv, X, "recompute", n_threads=0)
 

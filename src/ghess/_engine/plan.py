@@ -33,6 +33,25 @@ def chunk_size_for(bytes_per_sample, budget, minimum=1, maximum=MAX_CHUNK):
     return size if maximum is None else min(size, maximum)
 
 
+def chunk_for_workers(chunk, batch_sizes, workers, minimum):
+    """The largest chunk size up to ``chunk`` that cuts the batches into a multiple of
+    ``workers`` chunks (``_data.Batches.chunks``), down to half of ``chunk`` (and not
+    below ``minimum``); failing that, the one giving the next multiple of chunks up."""  # noqa: D205, D209, D401
+    n = sum(batch_sizes)
+    count = sum(-(-b // chunk) for b in batch_sizes)
+    target = workers * -(-count // workers)
+    first = None
+    while True:
+        size = min(chunk, max(minimum, -(-n // target)))
+        if first is None:
+            first = size
+        if sum(-(-b // size) for b in batch_sizes) % workers == 0:
+            return size
+        if size <= max(minimum, chunk // 2):
+            return first
+        target += workers
+
+
 def param_layer_indices(model):
     """Return the indices of the layers that own parameters."""
     return [i for i, slots in enumerate(model.layer_slots) if slots]
@@ -198,20 +217,29 @@ class Plan:
         return (4 * self._widths + 3 * k * self._widths + 4 * k * self._n_outputs
                 + (1 + k) * self._work) * self.itemsize
 
-    def chunk_size(self, k=1, minimum=16, threads=1):
+    def chunk_size(self, k=1, minimum=16, threads=1, batch_sizes=()):
         """Default samples per chunk for passes with ``k`` directions on ``threads`` threads.
 
         Dense layers want many samples per chunk (the chunk is a GEMM
         dimension); convolutions run per-sample GEMMs and want chunks whose
         temporaries stay in cache (``chunk_budget``; measurements in
-        ``docs/design.md``, "Measurements"). Their kernels split a chunk's
-        samples over the threads, so such a network gets ``threads`` times
-        the budget and the minimum: each thread keeps the samples (and the
-        cache) it has alone, and the costs of a chunk that do not shrink with
-        threads (Python between kernels, starting parallel regions) keep
-        their share of the work (up to ``MAX_CHUNK_THREADS``, which bounds
-        the temporaries).
+        ``docs/design.md``, "Measurements").
+
+        On several threads, data of ``batch_sizes`` samples with at least
+        ``minimum`` per thread is cut into a multiple of ``threads`` chunks of
+        at most the 1-thread size, so that as many workers (``_parallel``) get
+        equal shares, each chunk on one thread. With fewer samples the chunks
+        run one at a time on all the threads, and a network of convolutions
+        gets ``threads`` times the budget and the minimum (up to
+        ``MAX_CHUNK_THREADS``): its kernels split a chunk's samples over the
+        threads, each keeping a cache-sized share, and the costs of a chunk
+        that do not shrink with threads keep their share of the work.
         """
+        chunk = chunk_size_for(self.working_bytes(k), self.chunk_budget, minimum)
+        if threads <= 1:
+            return chunk
+        if sum(batch_sizes) >= threads * minimum:
+            return chunk_for_workers(chunk, batch_sizes, threads, minimum)
         scale = min(threads, MAX_CHUNK_THREADS) if self.cache_sized else 1
         return chunk_size_for(self.working_bytes(k), self.chunk_budget * scale,
                               minimum * scale)

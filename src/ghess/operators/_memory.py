@@ -80,13 +80,14 @@ def probe_sizes(chunk, threads):
     return upper // 2, upper
 
 
-def peak_bytes(probe_at, n_samples, chunk, threads, output_bytes_per_sample=0):
+def peak_bytes(probe_at, n_samples, chunk, threads, output_bytes_per_sample=0, workers=1):
     """Peak bytes for ``n_samples`` cut into chunks of at most ``chunk`` samples.
 
     ``probe_at(c)`` returns the :class:`Probe` of an operator on ``c`` samples in
     one chunk. ``output_bytes_per_sample``: bytes per sample of the products'
     results and vectors that grow with the data set, not the chunk (the
     Jacobian's ``J v`` and ``J^T w``): counted per sample of the data.
+    ``workers``: chunks built or multiplied at once, each with its temporaries.
     """
     small, large = probe_sizes(chunk, threads)
     a, b = probe_at(small), probe_at(large)
@@ -98,8 +99,8 @@ def peak_bytes(probe_at, n_samples, chunk, threads, output_bytes_per_sample=0):
         return max(hi + slope * (samples - large), 0.0)
 
     held = at("held", n_samples)
-    build = at("build", chunk)
-    product = (at("product", chunk, output_bytes_per_sample)
+    build = workers * at("build", chunk)
+    product = (workers * at("product", chunk, output_bytes_per_sample)
                + output_bytes_per_sample * n_samples)
     return math.ceil(MARGIN * (held + max(build, product)))
 

@@ -26,6 +26,7 @@ from scipy.sparse.linalg import LinearOperator
 from .. import _engine
 from .._config import computing, requested_threads
 from .._distributed import sum_in_rank_order
+from .._parallel import contiguous_runs, map_chunks, run_workers, worker_count
 from .._problem import (
     Problem,
     batch_sizes,
@@ -112,15 +113,26 @@ def _probe_arguments(model, mode, dtype, n_directions):
     return mode, dtype, model.init_params(seed=0, dtype=dtype), V
 
 
-def _peak_bytes(model, data, dtype, chunk_size, n_threads, probe_at, output_bytes_per_sample=0):
-    """``memory_required``'s figure: probes on the chunking and threads of ``data``."""
+def _peak_bytes(model, data, dtype, chunk_size, n_threads, probe_at, output_bytes_per_sample=0,
+                in_any_order=True):
+    """``memory_required``'s figure: probes on the chunking and threads of ``data``.
+
+    ``probe_at(c, threads)`` measures an operator on c samples in one chunk. Where
+    the chunks go to several workers (``_parallel``; ``in_any_order``: the operator
+    lets them), each worker's chunk runs on one thread: the probes run so, and
+    their temporaries count once per worker.
+    """
     sizes = batch_sizes(data)
     threads = requested_threads(check_n_threads(n_threads))
     plan = _engine.plan_for(model, dtype.itemsize)
-    chunk = (plan.chunk_size(threads=threads) if chunk_size is None
+    chunk = (plan.chunk_size(threads=threads, batch_sizes=sizes) if chunk_size is None
              else check_positive_int(chunk_size, "chunk_size"))
-    return _memory.peak_bytes(probe_at, sum(sizes), _memory.largest_chunk(sizes, chunk),
-                              threads, output_bytes_per_sample)
+    n_chunks = sum(-(-n // chunk) for n in sizes)
+    workers = worker_count(n_chunks, threads) if in_any_order else 1
+    probe_threads = 1 if workers > 1 else threads
+    return _memory.peak_bytes(lambda c: probe_at(c, probe_threads), sum(sizes),
+                              _memory.largest_chunk(sizes, chunk), probe_threads,
+                              output_bytes_per_sample, workers)
 
 
 def check_vectors(X, n, dtype, name="vector"):
@@ -145,6 +157,10 @@ class ChunkedOperator(BatchedMatvec, LinearOperator):
     keeps per sample) and ``_chunk_state(X, y)`` (what a chunk keeps), and use
     :meth:`_chunk_states` and :meth:`_reduce` in their products.
     """
+
+    #: whether the chunks may run out of order, on several workers (``_parallel``);
+    #: False where a chunk's work depends on the chunks before it (random draws in turn)
+    _chunks_in_any_order = True
 
     def _setup(self, problem, mode, memory_budget, shape):
         """Decide the mode under the memory budget and build the stored chunk states."""
@@ -172,7 +188,8 @@ class ChunkedOperator(BatchedMatvec, LinearOperator):
         self._stored = None
         if mode == "stored":
             with computing():
-                self._stored = [self._chunk_state(X, y) for X, y in problem.chunks()]
+                self._stored = map_chunks(problem.chunks(), lambda c: self._chunk_state(*c),
+                                          self._chunk_threads())
 
     @staticmethod
     def _stored_bytes_per_sample(plan):
@@ -207,19 +224,47 @@ class ChunkedOperator(BatchedMatvec, LinearOperator):
             return iter(self._stored)
         return (self._recompute_state(X, y) for X, y in self.problem.chunks())
 
-    def _reduce(self, k, chunk_product):
-        """Sum ``chunk_product(state, accumulators)`` over the chunks into (k, n_params).
+    def _chunk_threads(self):
+        """Threads that may share out this operator's chunks (``_parallel``): the
+        kernels' threads, or 1 where a chunk's work depends on the ones before it."""  # noqa: D205, D209
+        return self.problem.omp_threads if self._chunks_in_any_order else 1
 
-        The accumulators are per-layer (``_engine.new_accumulators``); the sum
-        over chunks runs in chunk order, so results do not depend on threads.
+    def _reduce(self, k, chunk_product):
+        """Sum ``chunk_product(state, accumulators, start)`` over the chunks into (k, n_params).
+
+        ``start`` is the chunk's first sample. The accumulators are per-layer
+        (``_engine.new_accumulators``). With T threads and at least T chunks, T
+        workers each sum a contiguous run of the chunks in order into their own,
+        added in worker order (``_parallel``): the same bits on every call.
         """
         model = self.model
-        out = np.zeros((k, model.n_params), dtype=self.dtype)
-        accs = _engine.new_accumulators(model, k, self.dtype, out)
-        for state in self._chunk_states():
-            chunk_product(state, accs)
-            del state  # a recomputed state goes before the next is built, not after
-        _engine.accumulators_to_flat(model, accs, out)
+        chunks = list(self.problem.chunks())
+        starts = np.cumsum([0] + [X.shape[0] for X, _ in chunks[:-1]])
+        stored = self._stored
+        runs = contiguous_runs(len(chunks), worker_count(len(chunks), self._chunk_threads()))
+
+        def run(w):
+            out = np.zeros((k, model.n_params), dtype=self.dtype)
+            accs = _engine.new_accumulators(model, k, self.dtype, out)
+            # one worker: the chunks in turn, through _chunk_states (which may start a
+            # pass, as the Monte-Carlo Fisher's draws do)
+            states = (self._chunk_states() if len(runs) == 1 else
+                      (stored[i] if stored is not None else self._recompute_state(*chunks[i])
+                       for i in runs[w]))
+            # a plain loop: zip() and enumerate() keep their last pair until the next
+            # item is made, and a recomputed state must go before the next is built
+            i = runs[w].start
+            for state in states:
+                chunk_product(state, accs, int(starts[i]))
+                del state
+                i += 1
+            _engine.accumulators_to_flat(model, accs, out)
+            return out
+
+        outs = run_workers(len(runs), run)
+        out = outs[0]
+        for part in outs[1:]:
+            out += part
         return sum_in_rank_order(self.comm, out)  # the whole data's, with a comm
 
     def matmat(self, X):
@@ -303,14 +348,15 @@ class CurvatureOperator(ChunkedOperator):
         mode, dtype, theta, V = _probe_arguments(model, mode, dtype, n_directions)
         loss = CrossEntropyLoss() if loss is None else check_loss(loss)
 
-        def probe_at(c):
+        def probe_at(c, threads):
             batch = _memory.example_batch(model, loss, c, dtype)
             return _memory.measure(
                 lambda: cls(model, loss, theta, batch, mode=mode, chunk_size=c,
-                            n_threads=n_threads, memory_budget=memory_limit(), **options),
+                            n_threads=threads, memory_budget=memory_limit(), **options),
                 lambda op: op.matmat(V))
 
-        return _peak_bytes(model, data, dtype, chunk_size, n_threads, probe_at)
+        return _peak_bytes(model, data, dtype, chunk_size, n_threads, probe_at,
+                           in_any_order=cls._chunks_in_any_order)
 
     # -- products -----------------------------------------------------------
     def _matmat(self, X):
@@ -328,7 +374,7 @@ class CurvatureOperator(ChunkedOperator):
         k = V.shape[0]
         tangents = _engine.prepare_tangents(self.model, V)
         return self._reduce(
-            k, lambda state, accs: self._chunk_product(state, tangents, accs, k))
+            k, lambda state, accs, start: self._chunk_product(state, tangents, accs, k))
 
     def _apply_rows_damped(self, V):
         """Operator applied to the rows of V (k, n), BLOCK_COLUMNS rows per pass."""

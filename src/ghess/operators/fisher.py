@@ -179,6 +179,9 @@ class FisherMCLinearOperator(_LowRankOutputOperator):
     True
     """
 
+    #: the draws follow the data's order: chunk by chunk from one generator
+    _chunks_in_any_order = False
+
     def __init__(self, model, loss, params, data, *, mc_samples=1, seed=0, **kwargs):
         self.mc_samples = check_positive_int(mc_samples, "mc_samples")
         self.seed = check_seed(seed)

@@ -91,15 +91,12 @@ class JacobianLinearOperator(ChunkedOperator):
         p, k, K = self.problem, W.shape[0], self.model.n_outputs
         if k == 0:
             return np.zeros((self.shape[1], 0), dtype=self.dtype)
-        start = 0
 
-        def pull_back(factors, accs):
-            nonlocal start
-            stop = start + factors.n * K
+        def pull_back(factors, accs, first_sample):
+            start, stop = first_sample * K, (first_sample + factors.n) * K
             u = np.ascontiguousarray(
                 W[:, start:stop].reshape(k, factors.n, K).transpose(1, 0, 2))
             _engine.factor_vjp(self.model, factors, u, accs, p.omp_threads)
-            start = stop
 
         with computing():
             out = self._reduce(k, pull_back)
@@ -122,7 +119,7 @@ class JacobianLinearOperator(ChunkedOperator):
         k = V.shape[1]
         rng = np.random.default_rng(2)
 
-        def probe_at(c):
+        def probe_at(c, threads):
             X_c = _memory.example_batch(model, None, c, dtype)
             W = rng.standard_normal((c * model.n_outputs, k)).astype(dtype)
 
@@ -131,7 +128,7 @@ class JacobianLinearOperator(ChunkedOperator):
                 op.rmatmat(W)
 
             return _memory.measure(
-                lambda: cls(model, theta, X_c, mode=mode, chunk_size=c, n_threads=n_threads,
+                lambda: cls(model, theta, X_c, mode=mode, chunk_size=c, n_threads=threads,
                             memory_budget=memory_limit()),
                 products)
 

@@ -9,6 +9,7 @@ from .._config import computing
 from .._distributed import sum_all_in_rank_order
 from .._engine.kfac import ekfac_chunk, kfac_chunk, kronecker_layers
 from .._kernels import dense
+from .._parallel import contiguous_runs, run_workers, worker_count
 from .._problem import Problem, check_loss, default_memory_budget, format_bytes
 from .._validation import check_damping, check_positive_int
 from .base import BLOCK_COLUMNS, BatchedMatvec, check_vectors
@@ -190,18 +191,37 @@ class KFACLinearOperator(_FactoredOperator):
             return lambda z, y: empirical_columns(loss, z, y, p.scale, p.omp_threads)
         return lambda z, y: mc_columns(loss, z, p.scale, rng, self.mc_samples, p.omp_threads)
 
-    def _build(self):
-        model, p = self.model, self.problem
+    def _new_factor_sums(self):
         A, B = {}, {}
         for i in self.layers:
             n_out, d_in = self._weight_shape(i)
             A[i] = np.zeros((d_in + (i in self.joint),) * 2, dtype=self.dtype)
             B[i] = np.zeros((n_out, n_out), dtype=self.dtype)
+        return A, B
+
+    def _build(self):
+        model, p = self.model, self.problem
         columns = self._columns_fn(self._target_stream())
-        with computing():
-            for X, y in p.chunks():
+        chunks = list(p.chunks())
+        # the Monte-Carlo draws go chunk by chunk through one generator: in turn
+        threads = 1 if self.fisher_type == "mc" else p.omp_threads
+        runs = contiguous_runs(len(chunks), worker_count(len(chunks), threads))
+
+        def run(w):  # a worker's chunks in turn, into its own sums
+            A, B = self._new_factor_sums()
+            for i in runs[w]:
+                X, y = chunks[i]
                 kfac_chunk(model, p.lparams, self.layers, X, lambda z: columns(z, y),  # noqa: B023
                            self.kfac_approx, self.joint, A, B, p.omp_threads)
+            return A, B
+
+        with computing():
+            parts = run_workers(len(runs), run)
+        A, B = parts[0]
+        for A_w, B_w in parts[1:]:  # in worker order: the same bits on every build
+            for i in self.layers:
+                A[i] += A_w[i]
+                B[i] += B_w[i]
         if self.comm is not None:  # the sums over every rank's samples, in one reduction
             summed = sum_all_in_rank_order(self.comm, [*A.values(), *B.values()])
             A, B = dict(zip(A, summed[:len(A)])), dict(zip(B, summed[len(A):]))
