@@ -102,11 +102,13 @@ _blas_libraries = None
 
 #: cap of the pool of freed temporaries (see alloc.h): a few chunks' worth, as
 #: a chunk's temporaries are 64-128 MiB by default (``_engine.plan.CHUNK_BYTES``),
-#: and a conv net's as much per thread (up to MAX_CHUNK_THREADS): the default cap is
-#: this, or 128 MiB per such thread of OpenMP's default where that is more
+#: and every worker thread (``_parallel``) has its own chunk, as has a conv net's
+#: one chunk on several threads per thread (up to MAX_CHUNK_THREADS): the default
+#: cap is this, or 128 MiB per such thread of OpenMP's default where that is more
 DEFAULT_POOL_MB = 256
-#: a conv net's chunk grows with the threads up to this many (``_engine.plan``:
-#: temporaries of at most 16 x 64 MiB = 1 GiB per chunk)
+#: a conv net's one chunk on several threads, with too few samples for a worker per
+#: thread, grows with the threads up to this many (``_engine.plan``: temporaries
+#: of at most 16 x 64 MiB = 1 GiB per chunk)
 MAX_CHUNK_THREADS = 16
 
 

@@ -2,8 +2,8 @@
 
 The kernels are parallel over the samples of one chunk. That leaves serial the
 Python between them and starts and joins their threads at every call: on 2
-cores CNN-C's products ran 1.74x faster than on one (``bench/COARSE.md``).
-Given T threads and at least T chunks, T workers instead each take a
+cores CNN-C's products ran 1.74x faster than on one (``bench/AB_COARSE.md``).
+Given T threads and at least 2 T chunks, T workers instead each take a
 contiguous run of the chunks and run those chunks' kernels on one thread (the
 kernels release the GIL), so the workers' kernels overlap, and one worker's
 Python overlaps the others' kernels. Each worker accumulates into its own
@@ -21,16 +21,23 @@ import threading
 
 from ._config import kernels_on_one_thread
 
-__all__ = ["worker_count", "contiguous_runs", "run_workers", "map_chunks"]
+__all__ = ["WORKER_CHUNKS", "worker_count", "contiguous_runs", "run_workers", "map_chunks"]
+
+
+#: chunks per thread that the data must make for them to go to workers: on fewer, the
+#: workers' Python between kernels (one at a time, under the GIL) and their start cost
+#: more than they save (CNN-S, 128 samples in 4 chunks, 2 threads: loss+gradient 10%
+#: slower on workers; CNN-C, 1024 samples in 32 chunks: products 11% faster)
+WORKER_CHUNKS = 2
 
 
 def worker_count(n_chunks: int, n_threads: int) -> int:
     """Workers for ``n_chunks`` chunks on ``n_threads`` threads: the threads, or 1.
 
-    With fewer chunks than threads, one chunk at a time on all the threads
-    keeps every core busy, so that is what runs (a single worker).
+    With fewer than ``WORKER_CHUNKS`` chunks per thread, one chunk at a time runs
+    on all the threads, parallel inside its kernels (a single worker).
     """
-    return n_threads if 1 < n_threads <= n_chunks else 1
+    return n_threads if n_threads > 1 and n_chunks >= WORKER_CHUNKS * n_threads else 1
 
 
 def contiguous_runs(n_items: int, n_workers: int) -> list[range]:

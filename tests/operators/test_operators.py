@@ -362,10 +362,11 @@ def test_default_chunk_is_larger_without_convolutions():
 
 
 def test_chunks_on_several_threads():
-    """On T threads the data is cut into a multiple of T chunks of at most the 1-thread
-    size, as many workers' equal shares (``ghess._parallel``); with fewer than the
-    minimum per thread a conv net's one chunk holds the 1-thread chunk's samples per
-    thread (its kernels split them over the threads), and a dense net keeps its chunk.
+    """On T threads data of at least 2 T 1-thread chunks is cut into a multiple of T
+    chunks of at most the 1-thread size, as many workers' equal shares
+    (``ghess._parallel``); on less a conv net's one chunk holds the 1-thread chunk's
+    samples per thread (its kernels split them over the threads), and a dense net
+    keeps its chunk.
     ``memory_required`` sizes the chunk the same way, for the threads it is told.
     """  # noqa: D205
     from ghess import _engine
@@ -376,7 +377,7 @@ def test_chunks_on_several_threads():
     plan = _engine.plan_for(conv, 8)
     one = CHUNK_BYTES // plan.working_bytes(1)
     assert plan.chunk_size(batch_sizes=[2000]) == one
-    for threads, sizes in ((3, [2000]), (2, [2000]), (4, [1000, 333]), (2, [33])):
+    for threads, sizes in ((3, [2000]), (2, [2000]), (4, [1000, 333]), (2, [4 * one])):
         chunk = plan.chunk_size(threads=threads, batch_sizes=sizes)
         count = sum(-(-n // chunk) for n in sizes)
         assert chunk <= one and count % threads == 0, (threads, sizes, chunk, count)
@@ -388,7 +389,10 @@ def test_chunks_on_several_threads():
                              input_shape=(784,))
     dense_plan = _engine.plan_for(dense, 8)
     assert dense_plan.chunk_size(threads=3, batch_sizes=[40]) == dense_plan.chunk_size()
-    assert dense_plan.chunk_size(threads=2, batch_sizes=[1000]) == 500
+    dense_one = dense_plan.chunk_size()
+    assert dense_plan.chunk_size(threads=2, batch_sizes=[1000]) == dense_one  # too few
+    dense_chunk = dense_plan.chunk_size(threads=2, batch_sizes=[5 * dense_one])
+    assert dense_chunk < dense_one and -(-5 * dense_one // dense_chunk) == 6
     theta = conv.init_params(seed=0)
     X, y = np.zeros((2000, 3, 32, 32)), np.zeros(2000, dtype=int)
     for threads in (1, 2):

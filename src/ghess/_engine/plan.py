@@ -12,6 +12,7 @@ import math
 import weakref
 
 from .._config import MAX_CHUNK_THREADS
+from .._parallel import WORKER_CHUNKS
 from .fused import ActivationMaxPool
 
 __all__ = ["Plan", "plan_for", "chunk_size_for", "CHUNK_BYTES", "MAX_CHUNK",
@@ -225,10 +226,11 @@ class Plan:
         temporaries stay in cache (``chunk_budget``; measurements in
         ``docs/design.md``, "Measurements").
 
-        On several threads, data of ``batch_sizes`` samples with at least
-        ``minimum`` per thread is cut into a multiple of ``threads`` chunks of
-        at most the 1-thread size, so that as many workers (``_parallel``) get
-        equal shares, each chunk on one thread. With fewer samples the chunks
+        On several threads, data of ``batch_sizes`` samples that fill at least
+        ``WORKER_CHUNKS`` 1-thread chunks per thread is cut into a multiple of
+        ``threads`` chunks of at most the 1-thread size, so that as many
+        workers (``_parallel``) get equal shares, each chunk on one thread. With
+        fewer samples the chunks
         run one at a time on all the threads, and a network of convolutions
         gets ``threads`` times the budget and the minimum (up to
         ``MAX_CHUNK_THREADS``): its kernels split a chunk's samples over the
@@ -238,7 +240,7 @@ class Plan:
         chunk = chunk_size_for(self.working_bytes(k), self.chunk_budget, minimum)
         if threads <= 1:
             return chunk
-        if sum(batch_sizes) >= threads * minimum:
+        if sum(batch_sizes) >= WORKER_CHUNKS * threads * chunk:
             return chunk_for_workers(chunk, batch_sizes, threads, minimum)
         scale = min(threads, MAX_CHUNK_THREADS) if self.cache_sized else 1
         return chunk_size_for(self.working_bytes(k), self.chunk_budget * scale,
