@@ -21,7 +21,8 @@ import threading
 
 from ._config import kernels_on_one_thread
 
-__all__ = ["WORKER_CHUNKS", "worker_count", "contiguous_runs", "run_workers", "map_chunks"]
+__all__ = ["WORKER_CHUNKS", "worker_count", "contiguous_runs", "worker_runs", "run_workers",
+           "map_chunks"]
 
 
 #: chunks per thread that the data must make for them to go to workers: on fewer, the
@@ -44,6 +45,11 @@ def contiguous_runs(n_items: int, n_workers: int) -> list[range]:
     """Cut ``range(n_items)`` into ``n_workers`` contiguous runs, sizes differing by at most 1."""
     return [range(w * n_items // n_workers, (w + 1) * n_items // n_workers)
             for w in range(n_workers)]
+
+
+def worker_runs(n_chunks: int, n_threads: int) -> list[range]:
+    """Return the chunks' runs, one per worker (``worker_count`` of them, contiguous)."""
+    return contiguous_runs(n_chunks, worker_count(n_chunks, n_threads))
 
 
 def run_workers(n_workers: int, task):
@@ -83,6 +89,6 @@ def run_workers(n_workers: int, task):
 def map_chunks(items, function, n_threads: int) -> list:
     """Return ``[function(item) for item in items]``, the items shared out over workers."""
     items = list(items)
-    runs = contiguous_runs(len(items), worker_count(len(items), n_threads))
+    runs = worker_runs(len(items), n_threads)
     parts = run_workers(len(runs), lambda w: [function(items[i]) for i in runs[w]])
     return [result for part in parts for result in part]

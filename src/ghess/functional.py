@@ -10,7 +10,7 @@ import numpy.typing as npt
 from . import _engine
 from ._config import computing
 from ._distributed import sum_in_rank_order
-from ._parallel import contiguous_runs, run_workers, worker_count
+from ._parallel import run_workers, worker_runs
 from ._problem import Problem, check_model
 from ._typing import Data
 from ._validation import check_out
@@ -57,7 +57,7 @@ def loss_and_grad(model: Sequential, loss: Loss, params: npt.ArrayLike, data: Da
                 check_deterministic=check_deterministic, comm=comm)
     grad = np.zeros((1, model.n_params), dtype=p.dtype)
     chunks = list(p.chunks())
-    runs = contiguous_runs(len(chunks), worker_count(len(chunks), p.omp_threads))
+    runs = worker_runs(len(chunks), p.omp_threads)
 
     def run(w):  # a worker's chunks in turn: its loss sum, its gradient in grad's layout
         part = grad if w == 0 else np.zeros_like(grad)
@@ -127,7 +127,7 @@ def per_sample_jacobians(model: Sequential, params: npt.ArrayLike, X: npt.ArrayL
         J = check_out(out, shape, p.dtype, inputs=(X, params))
     chunks = [Xc for Xc, _ in p.chunks()]
     starts = np.cumsum([0] + [Xc.shape[0] for Xc in chunks[:-1]])
-    runs = contiguous_runs(len(chunks), worker_count(len(chunks), p.omp_threads))
+    runs = worker_runs(len(chunks), p.omp_threads)
 
     def run(w):  # each chunk writes its own rows of J
         for i in runs[w]:

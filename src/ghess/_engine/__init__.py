@@ -32,7 +32,7 @@ from .passes import (
     prepare_tangents,
     vjp_chunk,
 )
-from .plan import CHUNK_BYTES, Plan, chunk_size_for, plan_for
+from .plan import CHUNK_BYTES, Plan, chunk_count, chunk_size_for, plan_for
 
 __all__ = [
     "Accumulators",
@@ -44,6 +44,7 @@ __all__ = [
     "check_finite_result",
     "checked_forward",
     "checked_loss",
+    "chunk_count",
     "chunk_size_for",
     "factor_ggn",
     "factor_jvp",

@@ -15,7 +15,7 @@ from .._config import MAX_CHUNK_THREADS
 from .._parallel import WORKER_CHUNKS
 from .fused import ActivationMaxPool
 
-__all__ = ["Plan", "plan_for", "chunk_size_for", "CHUNK_BYTES", "MAX_CHUNK",
+__all__ = ["Plan", "plan_for", "chunk_size_for", "chunk_count", "CHUNK_BYTES", "MAX_CHUNK",
            "MAX_CHUNK_THREADS"]
 
 #: temporaries of one chunk, in bytes; a network whose layers all batch samples into
@@ -34,19 +34,24 @@ def chunk_size_for(bytes_per_sample, budget, minimum=1, maximum=MAX_CHUNK):
     return size if maximum is None else min(size, maximum)
 
 
+def chunk_count(batch_sizes, chunk_size):
+    """Return the chunks ``_data.Batches.chunks`` cuts batches of ``batch_sizes`` into."""
+    return sum(-(-n // chunk_size) for n in batch_sizes)
+
+
 def chunk_for_workers(chunk, batch_sizes, workers, minimum):
     """The largest chunk size up to ``chunk`` that cuts the batches into a multiple of
     ``workers`` chunks (``_data.Batches.chunks``), down to half of ``chunk`` (and not
     below ``minimum``); failing that, the one giving the next multiple of chunks up."""  # noqa: D205, D209, D401
     n = sum(batch_sizes)
-    count = sum(-(-b // chunk) for b in batch_sizes)
+    count = chunk_count(batch_sizes, chunk)
     target = workers * -(-count // workers)
     first = None
     while True:
         size = min(chunk, max(minimum, -(-n // target)))
         if first is None:
             first = size
-        if sum(-(-b // size) for b in batch_sizes) % workers == 0:
+        if chunk_count(batch_sizes, size) % workers == 0:
             return size
         if size <= max(minimum, chunk // 2):
             return first

@@ -26,7 +26,7 @@ from scipy.sparse.linalg import LinearOperator
 from .. import _engine
 from .._config import computing, requested_threads
 from .._distributed import sum_in_rank_order
-from .._parallel import contiguous_runs, map_chunks, run_workers, worker_count
+from .._parallel import map_chunks, run_workers, worker_count, worker_runs
 from .._problem import (
     Problem,
     batch_sizes,
@@ -127,8 +127,7 @@ def _peak_bytes(model, data, dtype, chunk_size, n_threads, probe_at, output_byte
     plan = _engine.plan_for(model, dtype.itemsize)
     chunk = (plan.chunk_size(threads=threads, batch_sizes=sizes) if chunk_size is None
              else check_positive_int(chunk_size, "chunk_size"))
-    n_chunks = sum(-(-n // chunk) for n in sizes)
-    workers = worker_count(n_chunks, threads) if in_any_order else 1
+    workers = worker_count(_engine.chunk_count(sizes, chunk), threads) if in_any_order else 1
     probe_threads = 1 if workers > 1 else threads
     return _memory.peak_bytes(lambda c: probe_at(c, probe_threads), sum(sizes),
                               _memory.largest_chunk(sizes, chunk), probe_threads,
@@ -241,7 +240,7 @@ class ChunkedOperator(BatchedMatvec, LinearOperator):
         chunks = list(self.problem.chunks())
         starts = np.cumsum([0] + [X.shape[0] for X, _ in chunks[:-1]])
         stored = self._stored
-        runs = contiguous_runs(len(chunks), worker_count(len(chunks), self._chunk_threads()))
+        runs = worker_runs(len(chunks), self._chunk_threads())
 
         def run(w):
             out = np.zeros((k, model.n_params), dtype=self.dtype)

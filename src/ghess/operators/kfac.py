@@ -9,7 +9,7 @@ from .._config import computing
 from .._distributed import sum_all_in_rank_order
 from .._engine.kfac import ekfac_chunk, kfac_chunk, kronecker_layers
 from .._kernels import dense
-from .._parallel import contiguous_runs, run_workers, worker_count
+from .._parallel import run_workers, worker_runs
 from .._problem import Problem, check_loss, default_memory_budget, format_bytes
 from .._validation import check_damping, check_positive_int
 from .base import BLOCK_COLUMNS, BatchedMatvec, check_vectors
@@ -205,7 +205,7 @@ class KFACLinearOperator(_FactoredOperator):
         chunks = list(p.chunks())
         # the Monte-Carlo draws go chunk by chunk through one generator: in turn
         threads = 1 if self.fisher_type == "mc" else p.omp_threads
-        runs = contiguous_runs(len(chunks), worker_count(len(chunks), threads))
+        runs = worker_runs(len(chunks), threads)
 
         def run(w):  # a worker's chunks in turn, into its own sums
             A, B = self._new_factor_sums()
