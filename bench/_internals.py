@@ -34,6 +34,14 @@ def gemm_rowmajor(trans_a, trans_b, alpha, a, b, beta, c, n_threads):
     return dense.gemm_rowmajor(trans_a, trans_b, alpha, a, b, beta, c, n_threads)
 
 
+def single_threaded_blas():
+    """``ghess._config.single_threaded_blas()``: BLAS held at one thread inside the block,
+    as inside ghess's computations (ghess splits its GEMMs over OpenMP threads itself)."""  # noqa: D205, D209
+    from ghess._config import single_threaded_blas as hold
+
+    return hold()
+
+
 def stage_hooks():
     """Return what ``bench/stages.py`` wraps with timers, by role.
 
@@ -61,6 +69,17 @@ def ghess_isa():
 
     return (f"direct convolutions {conv.isa_name()}, other C kernels "
             f"{conv.ISA_NAMES[dense.isa()]}")
+
+
+def measured_isa_choices():
+    """Return the direct convolutions' per-layer builds measured so far in this process, as
+    ``"<kernel> <geometry> C=<channels> K=<K> <dtype>: <build>"`` strings
+    (``ghess._kernels.conv.measured_isa_choices``)."""  # noqa: D205, D209
+    from ghess._kernels import conv
+
+    return [f"{kind} {geom} C={channels} K={K} {dtype}: {conv.ISA_NAMES[level]}"
+            for (kind, geom, channels, K, dtype), level
+            in sorted(conv.measured_isa_choices().items(), key=str)]
 
 
 def rank_order_sum(comm, array):

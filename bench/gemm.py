@@ -2,7 +2,9 @@
 
 The peak is a 1024 x 784 x 512 GEMM timed in the worker; :func:`blas_rates` times
 the GEMMs of the benchmarked networks in NumPy's BLAS, the BLAS ghess calls
-(SciPy's, through a private hook of :mod:`bench._internals`) and PyTorch's.
+(SciPy's, through a private hook of :mod:`bench._internals`) and PyTorch's;
+:func:`machine_gemms` gives the same GEMM three ways of using T threads, whose
+speed-ups over one thread are what the machine itself gains from more cores.
 """
 
 from . import _internals
@@ -67,3 +69,67 @@ def gemm_one_thread(a, b, repeats):
 
     with threadpool_limits(limits=1, user_api="blas"):
         return median_time(lambda: a @ b, repeats)[0]
+
+
+#: the GEMM whose thread scaling :func:`machine_gemms` measures: (m, k, n)
+MACHINE_GEMM = (1024, 784, 512)
+#: GEMMs per timed call: about 80 ms on one core, so that a thread's start or wake-up
+#: weighs in it as little as in the benchmarked operations (on this VM a thread woken
+#: after an idle spell can wait milliseconds for the idle core)
+MACHINE_GEMM_REPEATS = 10
+
+
+def machine_gemms(dtype, threads):
+    """Return ``{name: fn}``: ``MACHINE_GEMM_REPEATS`` 1024 x 784 x 512 GEMMs, computed on
+    ``threads`` threads three ways, each into a preallocated output.
+
+    - ``split``: ghess's ``gemm_rowmajor``, its output's rows split over OpenMP
+      threads, one single-threaded BLAS call each (as ghess's kernels run a chunk);
+    - ``side by side``: ``threads`` Python threads, each a single-threaded BLAS call
+      on its own share of the rows, with its own copy of the right operand (as
+      ghess's workers each run their own chunks);
+    - ``NumPy``: NumPy's matmul with its BLAS's own threads (the worker's setting).
+
+    The work is the same at every thread count, so a time's ratio to the 1-thread
+    time is the machine's speed-up for that kind of parallel GEMM.
+    """  # noqa: D205, D209
+    import threading
+
+    import numpy as np
+
+    m, k, n = MACHINE_GEMM
+    rng = np.random.default_rng(3)
+    a = rng.normal(size=(m, k)).astype(dtype)
+    b = rng.normal(size=(k, n)).astype(dtype)
+    c = np.empty((m, n), dtype=dtype)
+    rows = [slice(w * m // threads, (w + 1) * m // threads) for w in range(threads)]
+    shares = [(np.ascontiguousarray(a[r]), b.copy(), np.empty((r.stop - r.start, n), dtype))
+              for r in rows]
+
+    def split():
+        with _internals.single_threaded_blas():
+            for _ in range(MACHINE_GEMM_REPEATS):
+                _internals.gemm_rowmajor(False, False, 1.0, a, b, 0.0, c, threads)
+
+    def one_share(w):
+        for _ in range(MACHINE_GEMM_REPEATS):
+            _internals.gemm_rowmajor(False, False, 1.0, *shares[w][:2], 0.0, shares[w][2], 1)
+
+    def numpy_threads():
+        for _ in range(MACHINE_GEMM_REPEATS):
+            np.matmul(a, b, out=c)
+
+    def side_by_side():
+        with _internals.single_threaded_blas():
+            others = [threading.Thread(target=one_share, args=(w,)) for w in range(1, threads)]
+            for thread in others:
+                thread.start()
+            one_share(0)
+            for thread in others:
+                thread.join()
+
+    # each its own "library" (the name's first word), so that timing rounds with several
+    # threads let one's pool idle before the next runs (``timing.interleaved_times``)
+    return {"GEMM-split (ghess's gemm_rowmajor, rows over OpenMP threads)": split,
+            "GEMM-workers (one single-threaded GEMM per Python thread)": side_by_side,
+            "GEMM-NumPy (its BLAS's own threads)": numpy_threads}

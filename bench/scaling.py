@@ -6,6 +6,7 @@ Usage::
     python bench/scaling.py                                  # 1 and 2 threads, float32
     python bench/scaling.py --threads 1 2 4 8 16 --stages    # a server, with stage times
     python bench/scaling.py --problems MLP-M --batch 2048 --dtypes float64
+    python bench/scaling.py --report --output DIR              # SCALING.md from DIR's JSON
     python bench/scaling.py --problems CNN-C MLP-M --batch 256 --threads 1 \
         --operations "KFAC build" "KFAC product" "KFAC inverse product" "GGN product" \
         --output bench/kfac                                 # KFAC beside curvlinops'
@@ -16,8 +17,10 @@ up loss+gradient, the GGN, Hessian and empirical Fisher products of ghess (store
 of PyTorch (``loss.backward()``, torch.func), JAX and curvlinops where they import
 (each optional: the script runs where only numpy, scipy and ghess are installed),
 checks that they agree with ghess, and times them in interleaved rounds (medians).
-The default problems are the large-batch ones that a server runs: CNN-C with 1024
-samples and MLP-M with 8192.
+The default problems are the large-batch ones that a server runs
+(``SCALING_BATCHES``: CNN-C with 1024 samples, MLP-M with 8192, ...). Beside them
+every worker times one GEMM three ways on its threads (``bench.gemm.machine_gemms``):
+what the machine itself gains from more cores.
 
 ``--stages`` also times each ghess operation stage by stage (``bench/stages.py``:
 every kernel, every layer method's own Python and NumPy work, the checks, and the
@@ -45,7 +48,8 @@ elif ROOT not in sys.path:
 # none of these imports numpy: the worker pins itself to its cores first
 from bench import _internals, timing  # noqa: E402
 from bench.competitors import COMPETITORS, competitor_versions  # noqa: E402
-from bench.competitors.common import Unavailable, to_numpy  # noqa: E402
+from bench.competitors.common import Op, Unavailable, to_numpy  # noqa: E402
+from bench.gemm import MACHINE_GEMM, MACHINE_GEMM_REPEATS, machine_gemms  # noqa: E402
 from bench.problems import all_problems  # noqa: E402
 from bench.report import cpu_info  # noqa: E402
 
@@ -54,9 +58,11 @@ OPERATIONS = ("loss+grad", "GGN product", "Hessian product", "EF product")
 #: KFAC's, on request (``--operations``): its build, product and inverse product
 KFAC_OPERATIONS = ("KFAC build", "KFAC product", "KFAC inverse product")
 #: the batch of each problem in this mode: large enough for 16 threads
-SCALING_BATCHES = {"CNN-C": 1024, "MLP-M": 8192}
+SCALING_BATCHES = {"CNN-C": 1024, "MLP-M": 8192, "CNN-S": 2048, "MLP-S": 8192, "ResNet-C": 512}
 #: ghess entries of ``bench/run.py`` left out here: stored mode is the one compared
 LEFT_OUT = ("(recompute)", ", 1 thread)")
+#: the operation of the machine's reference GEMMs (``bench.gemm.machine_gemms``)
+MACHINE_OP = f"{MACHINE_GEMM_REPEATS} GEMMs " + "x".join(map(str, MACHINE_GEMM))
 #: the libraries that may run (the NumPy reference is too slow at these batches)
 LIBRARIES = ("ghess", "torch", "JAX", "curvlinops")
 
@@ -108,6 +114,10 @@ def run_config(problem, dtype_name, threads, batch, repeats, libraries, stages,
                 del entries[name]
         ops.update(entries)
     result["versions"] = competitor_versions()
+    # the machine's own gain from more threads, on one GEMM, timed in the same rounds
+    for name, fn in machine_gemms(np.dtype(dtype_name), threads).items():
+        ops[name] = Op(MACHINE_OP, fn)
+    result["operation_order"].append(MACHINE_OP)
     settle = timing.SETTLE if threads > 1 else 0.0
     timed = timing.interleaved_times({name: e.fn for name, e in ops.items()}, repeats,
                                      settle=settle)
@@ -123,17 +133,20 @@ def run_config(problem, dtype_name, threads, batch, repeats, libraries, stages,
                 median, per_stage, calls = stage_timers.profile(entry.fn, repeats)
                 result["stages"][name] = {"median": median, "stages": per_stage,
                                           "calls": calls}
+    # which build each convolution took where ghess times them (they may differ by process)
+    result["isa_choices"] = _internals.measured_isa_choices()
     result["elapsed"] = time.perf_counter() - started
     return result
 
 
-def run_worker(problem, dtype, threads, batch, args):
-    """Spawn one configuration's worker; return its result dict."""
+def run_worker(problem, dtype, threads, batch, args, stages=True):
+    """Spawn one configuration's worker (with ``--stages``, stage times unless ``stages``
+    is false); return its result dict."""  # noqa: D205, D209
     command = [sys.executable, __file__, "--repeats", str(args.repeats), "--budget",
                str(args.budget), "--libraries", *args.libraries,
                "--operations", *args.operations,
                "--worker", problem, dtype, str(threads), str(batch)]
-    if args.stages:
+    if args.stages and stages:
         command.append("--stages")
     proc = subprocess.run(command, env=timing.thread_env(threads), capture_output=True,
                           text=True)
@@ -149,22 +162,76 @@ def karp_flatt(speed_up, threads):
     return (1 / speed_up - 1 / threads) / (1 - 1 / threads)
 
 
+def merge_rounds(rounds):
+    """One configuration's results from several workers (``--rounds``): each timing the
+    median of the workers' medians; the rest (stages, agreement) from the last worker."""  # noqa: D205, D209
+    import statistics
+
+    merged = dict(rounds[-1], rounds=len(rounds))
+    merged["timings"] = {name: statistics.median(r["timings"][name] for r in rounds
+                                                 if name in r["timings"])
+                         for name in rounds[-1]["timings"]}
+    return merged
+
+
+def summary_table(by_config):
+    """Markdown lines: per problem and operation, ghess's speed-up from 1 thread to the
+    most, its serial fraction, and the same for the machine's GEMMs and the rivals."""  # noqa: D205, D209
+    rows = []
+    for (problem, dtype, batch), runs in by_config.items():
+        counts = sorted(runs)
+        if counts[0] != 1 or len(counts) < 2:
+            continue
+        one, top, p = runs[1], runs[counts[-1]], counts[-1]
+        for op in one.get("operation_order", OPERATIONS):
+            names = [n for n, o in one["operations"].items() if o == op
+                     and n in top["timings"]]
+            ups = {n: one["timings"][n] / top["timings"][n] for n in names}
+            ghess = [n for n in names if timing.library(n) == "ghess"]
+            others = ", ".join(f"{timing.library(n)} x{ups[n]:.2f}" for n in names
+                               if n not in ghess)
+            if ghess:
+                up = ups[ghess[0]]
+                cells = [f"x{up:.2f}", f"{100 * karp_flatt(up, p):.1f}%"]
+            else:  # the machine's GEMMs
+                cells = ["", ""]
+            rows.append(f"| {problem} | {batch} | {dtype} | {op} | " + " | ".join(cells)
+                        + f" | {others} |")
+        p_label = p
+    if not rows:
+        return []
+    return ["## Summary", "",
+            f"From 1 to {p_label} threads: ghess's speed-up and its Karp-Flatt serial "
+            "fraction; beside them the rivals' speed-ups, and for the GEMM rows the "
+            "machine's (`bench/gemm.py`, `machine_gemms`: split = one GEMM's rows over "
+            "OpenMP threads as ghess's kernels run it, workers = one single-threaded GEMM "
+            "per Python thread as ghess's workers run, NumPy = its BLAS's own threads).",
+            "", "| problem | N | dtype | operation | ghess | serial | others |",
+            "|---|---:|---|---|---:|---:|---|", *rows, ""]
+
+
 def write_report(results, machine, path_md, path_json):
     """Write the scaling tables (Markdown) and the raw results (JSON)."""
     with open(path_json, "w") as fh:
         json.dump({"machine": machine, "results": results}, fh, indent=1)
     by_config = {}
     for r in results:
-        by_config.setdefault((r["problem"], r["dtype"], r["batch"]), {})[r["threads"]] = r
+        by_config.setdefault((r["problem"], r["dtype"], r["batch"]), {}).setdefault(
+            r["threads"], []).append(r)
+    by_config = {key: {t: merge_rounds(rs) for t, rs in runs.items()}
+                 for key, runs in by_config.items()}
     lines = ["# Thread scaling of ghess and its rivals", "",
              f"CPU: {machine['cpu']}, {machine['logical_cpus']} logical CPUs, vector ISA: "
              f"{' '.join(machine['isa']) or 'none of AVX2/AVX-512'}; ghess's ISA levels: "
              f"{machine.get('ghess_isa', 'unknown')}. "
              + ", ".join(f"{k} {v}" for k, v in machine.get("versions", {}).items()) + ".",
              "", "Medians (ms) of interleaved rounds, one worker process per thread count "
-             "restricted to that many cores; `(x S)` is the speed-up over the same library's "
-             "1-thread time; *ratio* is the fastest rival's time over ghess's; *serial* is "
-             "ghess's Karp-Flatt serial fraction at that thread count.", ""]
+             "restricted to that many cores (with `--rounds R`, R workers per count in "
+             "alternation, and the median of their medians); `(x S)` is the speed-up over "
+             "the same library's 1-thread time; *ratio* is the fastest rival's time over "
+             "ghess's; *serial* is ghess's Karp-Flatt serial fraction at that thread count.",
+             ""]
+    lines += summary_table(by_config)
     for (problem, dtype, batch), runs in by_config.items():
         counts = sorted(runs)
         base = runs[counts[0]]
@@ -232,7 +299,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--problems", nargs="+", default=list(SCALING_BATCHES))
     parser.add_argument("--batch", type=int, default=None,
-                        help="samples per problem (default: CNN-C 1024, MLP-M 8192, "
+                        help="samples per problem (default: SCALING_BATCHES's, "
                              "others their bench/run.py batch)")
     parser.add_argument("--dtypes", nargs="+", default=["float32"])
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
@@ -246,6 +313,11 @@ def main():
                         help="also time ghess's operations stage by stage")
     parser.add_argument("--output", default=HERE, help="directory for SCALING.md and "
                         "scaling.json (default: bench/)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="workers per thread count, run in alternation; each timing is "
+                             "the median over them")
+    parser.add_argument("--report", action="store_true",
+                        help="only rewrite SCALING.md from --output's scaling.json")
     parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     timing.BUDGET = args.budget
@@ -257,13 +329,22 @@ def main():
         print("RESULT " + json.dumps(result))
         return 0
     os.makedirs(args.output, exist_ok=True)
+    paths = os.path.join(args.output, "SCALING.md"), os.path.join(args.output, "scaling.json")
+    if args.report:
+        with open(paths[1]) as fh:
+            saved = json.load(fh)
+        write_report(saved["results"], saved["machine"], *paths)
+        return 0
     machine = dict(cpu_info(), ghess_isa=_internals.ghess_isa())
     results = []
     for problem in args.problems:
         batch = args.batch or SCALING_BATCHES.get(problem) or all_problems()[problem][1]
         for dtype in args.dtypes:
-            for threads in args.threads:
-                r = run_worker(problem, dtype, threads, batch, args)
+            # with --rounds, the thread counts' workers alternate: a slow spell of a shared
+            # machine then falls on every count alike, and the medians drop it
+            for round_, threads in [(r, t) for r in range(args.rounds) for t in args.threads]:
+                r = run_worker(problem, dtype, threads, batch, args,
+                               stages=round_ == args.rounds - 1)
                 if r is None:
                     print(f"{problem} N={batch} {dtype} {threads} thr: the worker failed",
                           flush=True)
@@ -275,8 +356,7 @@ def main():
                 print(f"{problem} N={batch} {dtype} {threads} thr: {times} "
                       f"({r['elapsed']:.0f} s)", flush=True)
                 # after every configuration: an interrupted run keeps what it measured
-                write_report(results, machine, os.path.join(args.output, "SCALING.md"),
-                             os.path.join(args.output, "scaling.json"))
+                write_report(results, machine, *paths)
     return 0
 
 

@@ -6,12 +6,19 @@ forward pass of ``Sequential`` and the finiteness checks with timers. Each
 stage's time is *exclusive*: a layer method's time excludes the kernels it calls,
 so the layer's own share is its Python and NumPy work. What no stage covers (the
 operator's loop over chunks, tangent preparation, argument checks) is reported as
-``(python, outside stages)``.
+``(outside stages: python, waiting)``.
 
 Timed at 1 and at p threads, a stage's speed-up tells whether it runs in
 parallel; the Karp-Flatt serial fraction of a whole operation,
 ``e = (1/S - 1/p) / (1 - 1/p)`` with S its speed-up, tells how much of it
 behaves as if serial (``bench/scaling.py --stages`` reports both).
+
+With workers (``ghess._parallel``: several Python threads each running chunks on
+one core) every thread keeps its own stack of stages, and a stage's time is the sum
+over the threads divided by the number of threads that ran stages: its share of the
+wall time if the threads ran side by side. The wall time no stage covers then
+includes the time threads waited for each other (the caller's serial work, uneven
+runs), in ``(outside stages: python, waiting)``.
 
 The wrappers cost about a microsecond a call; they change no result. This module
 reaches into private modules (through ``bench/_internals.py``, which names them)
@@ -19,13 +26,21 @@ and is used only by the benchmark.
 """
 
 import functools
+import threading
 import time
 from collections import defaultdict
 
-#: exclusive seconds and calls per stage name, since the last :func:`reset`
+#: exclusive seconds and calls per stage name, since the last :func:`reset`, summed
+#: over the threads
 TOTALS = defaultdict(float)
 CALLS = defaultdict(int)
-_stack = []  # per active stage: seconds spent in the stages it called
+#: the names of the threads that ran stages since the last :func:`reset` (the workers'
+#: threads are new on every call, named by their worker number)
+THREADS = set()
+_lock = threading.Lock()  # TOTALS, CALLS and THREADS are updated from several threads
+_local = threading.local()  # .stack: per active stage of this thread, its children's seconds
+#: the stage name of the wall time no stage covers
+OUTSIDE = "(outside stages: python, waiting)"
 
 #: the methods of layers, steps and losses that run the computation
 _METHODS = ("forward", "jvp", "vjp", "rvjp", "input_grad", "input_vjp", "param_vjp",
@@ -35,22 +50,29 @@ _METHODS = ("forward", "jvp", "vjp", "rvjp", "input_grad", "input_vjp", "param_v
 
 def reset():
     """Forget the times recorded so far."""
-    TOTALS.clear()
-    CALLS.clear()
+    with _lock:
+        TOTALS.clear()
+        CALLS.clear()
+        THREADS.clear()
 
 
 def _run_timed(name, fn, args, kwargs):
-    _stack.append(0.0)
+    stack = getattr(_local, "stack", None)
+    if stack is None:
+        stack = _local.stack = []
+    stack.append(0.0)
     t0 = time.perf_counter()
     try:
         return fn(*args, **kwargs)
     finally:
         elapsed = time.perf_counter() - t0
-        children = _stack.pop()
-        TOTALS[name] += elapsed - children
-        CALLS[name] += 1
-        if _stack:
-            _stack[-1] += elapsed
+        children = stack.pop()
+        with _lock:
+            TOTALS[name] += elapsed - children
+            CALLS[name] += 1
+            THREADS.add(threading.current_thread().name)
+        if stack:
+            stack[-1] += elapsed
 
 
 def _timed(name, fn):
@@ -129,7 +151,8 @@ def profile(fn, repeats):
         fn()
         times.append(time.perf_counter() - t0)
     total = float(np.sum(times))
-    per_call = {name: t / repeats for name, t in TOTALS.items()}
-    per_call["(python, outside stages)"] = (total - sum(TOTALS.values())) / repeats
+    threads = max(len(THREADS), 1)
+    per_call = {name: t / (repeats * threads) for name, t in TOTALS.items()}
+    per_call[OUTSIDE] = total / repeats - sum(per_call.values())
     calls = {name: count / repeats for name, count in CALLS.items()}
     return float(np.median(times)), per_call, calls
