@@ -13,7 +13,7 @@ parallel; the Karp-Flatt serial fraction of a whole operation,
 ``e = (1/S - 1/p) / (1 - 1/p)`` with S its speed-up, tells how much of it
 behaves as if serial (``bench/scaling.py --stages`` reports both).
 
-With workers (``ghess._parallel``: several Python threads each running chunks on
+With workers (ghess's coarse parallelism: several Python threads each running chunks on
 one core) every thread keeps its own stack of stages, and a stage's time is the sum
 over the threads divided by the number of threads that ran stages: its share of the
 wall time if the threads ran side by side. The wall time no stage covers then

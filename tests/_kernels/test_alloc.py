@@ -133,6 +133,33 @@ def test_threads_allocating_at_once_get_distinct_intact_blocks(pool):
     assert stats["bytes"] <= stats["limit"]
 
 
+def test_a_thread_takes_back_its_own_block_first(pool):
+    # two blocks of one size, one freed by another thread, one by this thread (after):
+    # this thread gets its own back, whose cache lines its core holds; the other
+    # thread's block still serves a thread that has none of its own
+    freed = {}
+
+    def other():
+        with _config.computing():
+            a = np.empty(3 * MiB, dtype=np.uint8)
+            freed["other"] = a.ctypes.data
+            del a
+
+    with _config.computing():
+        mine = np.empty(3 * MiB, dtype=np.uint8)
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join()
+        freed["mine"] = mine.ctypes.data
+        del mine
+        assert alloc.stats()["bytes"] == 6 * MiB
+        again = np.empty(3 * MiB, dtype=np.uint8)
+        assert again.ctypes.data == freed["mine"]
+        second = np.empty(3 * MiB, dtype=np.uint8)
+        assert second.ctypes.data == freed["other"]
+        del again, second
+
+
 def test_results_do_not_depend_on_the_pool(pool):
     model = ghess.Sequential(ghess.Conv2d(1, 4, 3, padding=1), ghess.ReLU(), ghess.MaxPool2d(2),
                              ghess.Flatten(), ghess.Linear(4 * 8 * 8, 3), input_shape=(1, 16, 16))
