@@ -17,12 +17,13 @@ memory plan's probes read).
 """
 
 import contextvars
+import itertools
 import threading
 
 from ._config import kernels_on_one_thread
 
-__all__ = ["WORKER_CHUNKS", "worker_count", "contiguous_runs", "worker_runs", "run_workers",
-           "map_chunks"]
+__all__ = ["WORKER_CHUNKS", "worker_count", "contiguous_runs", "worker_runs", "first_samples",
+           "run_workers", "map_chunks"]
 
 
 #: chunks per thread that the data must make for them to go to workers: on fewer, the
@@ -50,6 +51,11 @@ def contiguous_runs(n_items: int, n_workers: int) -> list[range]:
 def worker_runs(n_chunks: int, n_threads: int) -> list[range]:
     """Return the chunks' runs, one per worker (``worker_count`` of them, contiguous)."""
     return contiguous_runs(n_chunks, worker_count(n_chunks, n_threads))
+
+
+def first_samples(chunk_sizes) -> list[int]:
+    """Return each chunk's first sample in the data: what a worker that starts mid-way needs."""
+    return [0, *itertools.accumulate(chunk_sizes)][:-1]
 
 
 def run_workers(n_workers: int, task):

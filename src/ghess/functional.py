@@ -10,7 +10,7 @@ import numpy.typing as npt
 from . import _engine
 from ._config import computing
 from ._distributed import sum_in_rank_order
-from ._parallel import run_workers, worker_runs
+from ._parallel import first_samples, run_workers, worker_runs
 from ._problem import Problem, check_model
 from ._typing import Data
 from ._validation import check_out
@@ -126,12 +126,12 @@ def per_sample_jacobians(model: Sequential, params: npt.ArrayLike, X: npt.ArrayL
     else:
         J = check_out(out, shape, p.dtype, inputs=(X, params))
     chunks = [Xc for Xc, _ in p.chunks()]
-    starts = np.cumsum([0] + [Xc.shape[0] for Xc in chunks[:-1]])
+    starts = first_samples(Xc.shape[0] for Xc in chunks)
     runs = worker_runs(len(chunks), p.omp_threads)
 
     def run(w):  # each chunk writes its own rows of J
         for i in runs[w]:
-            Xc, start = chunks[i], int(starts[i])
+            Xc, start = chunks[i], starts[i]
             n = Xc.shape[0]
             ctxs, _ = _engine.checked_forward(model, p.lparams, Xc, 1, p.omp_threads)
             factors = _engine.jacobian_factors(model, p.lparams, ctxs, n, p.dtype,

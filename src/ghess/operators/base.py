@@ -26,7 +26,7 @@ from scipy.sparse.linalg import LinearOperator
 from .. import _engine
 from .._config import computing, requested_threads
 from .._distributed import sum_in_rank_order
-from .._parallel import map_chunks, run_workers, worker_count, worker_runs
+from .._parallel import first_samples, map_chunks, run_workers, worker_count, worker_runs
 from .._problem import (
     Problem,
     batch_sizes,
@@ -238,7 +238,7 @@ class ChunkedOperator(BatchedMatvec, LinearOperator):
         """
         model = self.model
         chunks = list(self.problem.chunks())
-        starts = np.cumsum([0] + [X.shape[0] for X, _ in chunks[:-1]])
+        starts = first_samples(X.shape[0] for X, _ in chunks)
         stored = self._stored
         runs = worker_runs(len(chunks), self._chunk_threads())
 
@@ -254,7 +254,7 @@ class ChunkedOperator(BatchedMatvec, LinearOperator):
             # item is made, and a recomputed state must go before the next is built
             i = runs[w].start
             for state in states:
-                chunk_product(state, accs, int(starts[i]))
+                chunk_product(state, accs, starts[i])
                 del state
                 i += 1
             _engine.accumulators_to_flat(model, accs, out)
