@@ -8,8 +8,10 @@ import ghess
 from ghess import testing
 from ghess.testing import assert_allclose_rel
 
+# conv-tanh-maxpool-...: the backward pass fuses each activation with the max-pooling after
+# it (a curved one, and overlapping windows), as the stored factors do
 NETWORKS = ["tanh-ce", "softplus-bce", "sigmoid-mse", "conv-relu-maxpool-ce",
-            "conv-odd-shapes-mse", "conv-stride-avgpool-bce"]
+            "conv-tanh-maxpool-relu-maxpool-ce", "conv-odd-shapes-mse", "conv-stride-avgpool-bce"]
 
 
 def _setup(name, n_samples=11, dtype=np.float64):

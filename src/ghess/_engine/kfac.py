@@ -16,8 +16,9 @@ channel and pixel, with no transposed copy.
 import numpy as np
 
 from .._kernels import dense
+from .factors import step_context
 from .passes import checked_forward
-from .plan import plan_for
+from .plan import path_steps, plan_for
 
 __all__ = ["kronecker_layers", "kfac_chunk", "ekfac_chunk"]
 
@@ -64,11 +65,15 @@ def _layer_gradients(model, lparams, layers, X, columns, n_threads):
     g = np.ascontiguousarray(columns(z))
     first = plan_for(model, X.dtype.itemsize).first
     wanted = set(layers)
-    for i in range(len(model.layers) - 1, first - 1, -1):
+    # an activation and the max-pooling after it pull g back in one pass (ActivationMaxPool)
+    steps = path_steps(model, tuple(range(first, len(model.layers))))
+    for step, indices in reversed(steps):
+        i = indices[0]
         if i in wanted:
             yield i, ctxs[i], g
         if i > first:
-            g = model.layers[i].vjp(lparams[i], ctxs[i], g, None, True, n_threads)
+            g = step.vjp(lparams[i], step_context(step, indices, ctxs, n_threads), g, None,
+                         True, n_threads)
 
 
 def kfac_chunk(model, lparams, layers, X, columns, approx, joint, A, B, n_threads):
