@@ -101,6 +101,10 @@ from bench.timing import (  # noqa: E402
     thread_env,
 )
 
+#: seconds of timed repeats per operation with ``--quick``: it proves the script runs,
+#: and its figures are not read
+QUICK_BUDGET = 0.05
+
 
 def run_config(problem, dtype_name, threads, repeats, cores=None):
     """Benchmark one configuration in THIS process; return a dict of results."""
@@ -222,10 +226,11 @@ def main():
     parser.add_argument("--dtypes", nargs="+", default=["float64", "float32"])
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--budget", type=float, default=timing.BUDGET,
-                        help="seconds of timed repeats per operation (at least --repeats runs)")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="seconds of timed repeats per operation (at least --repeats runs; "
+                             f"default {timing.BUDGET}, or {QUICK_BUDGET} with --quick)")
     parser.add_argument("--quick", action="store_true",
-                        help="tiny problems only, float64, 1 thread")
+                        help="tiny problems only, float64, 1 thread, a short budget")
     parser.add_argument("--output", default=None,
                         help="directory for the report (default: bench/, or with --quick "
                              "a new temporary directory, so a trial run never overwrites "
@@ -233,7 +238,8 @@ def main():
     parser.add_argument("--worker", nargs=3, metavar=("PROBLEM", "DTYPE", "THREADS"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
-
+    if args.budget is None:
+        args.budget = QUICK_BUDGET if args.quick else timing.BUDGET
     timing.BUDGET = args.budget
     if args.worker:
         threads = int(args.worker[2])

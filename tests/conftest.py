@@ -248,6 +248,7 @@ class ConvCase:
 
     def __init__(self, name, dtype=np.float64, n_samples=5, seed=0):
         make_model, make_loss = CONV_CASES[name]
+        self.name = name
         self.model, self.loss = make_model(), make_loss()
         rng = np.random.default_rng(seed)
         self.theta = self.model.init_params(seed=seed, dtype=dtype) * dtype(2.0)

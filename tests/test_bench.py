@@ -12,7 +12,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "bench", "run.py")
 COMPETITORS = ("torch", "jax", "curvlinops")
 
-pytestmark = pytest.mark.skipif(not os.path.exists(SCRIPT), reason="no bench/ directory")
+pytestmark = [pytest.mark.skipif(not os.path.exists(SCRIPT), reason="no bench/ directory"),
+              pytest.mark.end_to_end]
 
 
 def run_quick(output, env=None):

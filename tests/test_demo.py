@@ -15,6 +15,7 @@ def test_newton_cg_example_trains():
     assert demo.newton_cg_example(n_iterations=4, out=lambda *_: None) < 0.2
 
 
+@pytest.mark.end_to_end
 def test_digits_training_reaches_97_percent():
     pytest.importorskip("sklearn")
     model, loss, _, data, accuracy, history = demo.train_digits(out=lambda *_: None)

@@ -11,6 +11,7 @@ NEEDS = {"torch_training_loop.py": "torch", "sklearn_pipeline.py": "sklearn",
          "resnet_curvature.py": "torch"}
 
 
+@pytest.mark.end_to_end
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
 def test_example_runs(path):
     if path.name in NEEDS:

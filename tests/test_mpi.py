@@ -65,6 +65,7 @@ def test_faults_end_every_rank_with_a_clear_message(case, message):
     assert "OK" not in done.stdout
 
 
+@pytest.mark.end_to_end
 def test_distributed_demo():
     """``python -m ghess demo --distributed`` launches 2 ranks and trains the digits CNN."""
     pytest.importorskip("sklearn")

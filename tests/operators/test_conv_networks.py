@@ -1,5 +1,7 @@
 """Convolutional networks: every capability of the core, on Conv2d/pooling/Flatten chains."""
 
+import functools
+
 import numpy as np
 import pytest
 from conftest import CONV_CASES, RTOL, ConvCase, held_bytes
@@ -27,12 +29,23 @@ def mode(request):
     return request.param
 
 
+@functools.lru_cache(maxsize=4)
+def _reference_curvature(name):
+    """Return the reference GGN and Hessian of ``ConvCase(name)``, damped by 0.1.
+
+    Both modes compare against the same matrices: computed once, since the NumPy
+    reference's Hessian of the larger cases (resnet-ce) takes tens of seconds.
+    """
+    c = ConvCase(name)
+    return {G.GGNLinearOperator: reference_ggn(c.model, c.loss, c.theta, c.data, damping=0.1),
+            G.HessianLinearOperator: reference_hessian(c.model, c.loss, c.theta, c.data,
+                                                       damping=0.1)}
+
+
 def test_curvature_matches_reference(ccase, mode):
-    for cls, ref in ((G.GGNLinearOperator, reference_ggn),
-                     (G.HessianLinearOperator, reference_hessian)):
+    for cls, expected in _reference_curvature(ccase.name).items():
         op = cls(ccase.model, ccase.loss, ccase.theta, ccase.data, mode=mode, chunk_size=2,
                  damping=0.1)
-        expected = ref(ccase.model, ccase.loss, ccase.theta, ccase.data, damping=0.1)
         assert_allclose_rel(op.todense(), expected, RTOL[np.float64])
 
 
