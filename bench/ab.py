@@ -20,6 +20,8 @@ operators are built once, outside the timings; the operations are
 - ``loss+grad``: ``ghess.loss_and_grad``;
 - ``GGN product``: ``GGNLinearOperator(...) @ v`` (the default mode, auto);
 - ``Hessian product``: ``HessianLinearOperator(...) @ v``;
+- ``per-sample Jacobians`` (with ``--operations`` only): ``per_sample_jacobians`` on
+  the benchmark's Jacobian samples, into one ``out=`` buffer reused across calls;
 
 each with ``n_threads=threads``. They are timed in rounds: round r runs one sample
 on A, then one on B (B first in every other round); a sample is the median of
@@ -57,7 +59,9 @@ elif ROOT not in sys.path:
 from bench.problems import QUICK_PROBLEMS  # noqa: E402
 from bench.timing import SETTLE, pin_to_cores, thread_env  # noqa: E402
 
-OPS = ("loss+grad", "GGN product", "Hessian product")
+OPS = ("loss+grad", "GGN product", "Hessian product", "per-sample Jacobians")
+#: what a run times unless ``--operations`` says otherwise
+DEFAULT_OPS = OPS[:3]
 
 
 # -- worker ---------------------------------------------------------------------------------
@@ -130,12 +134,21 @@ def _setup(command, threads, outdir):
         arrays = {k: given[k] for k in arrays}
     model, loss, theta, v = s.model, s.loss, arrays["theta"], arrays["v"]
     data = (arrays["X"], arrays["y"])
-    G = ghess.GGNLinearOperator(model, loss, theta, data, n_threads=threads)
-    H = ghess.HessianLinearOperator(model, loss, theta, data, n_threads=threads)
-    fns = {"loss+grad": lambda: ghess.loss_and_grad(model, loss, theta, data,
-                                                    n_threads=threads),
-           "GGN product": lambda: G @ v,
-           "Hessian product": lambda: H @ v}
+    makers = {  # each operation's function, built only when asked for
+        "loss+grad": lambda: lambda: ghess.loss_and_grad(model, loss, theta, data,
+                                                         n_threads=threads),
+        "GGN product": lambda: ghess.GGNLinearOperator(model, loss, theta, data,
+                                                       n_threads=threads).__matmul__,
+        "Hessian product": lambda: ghess.HessianLinearOperator(model, loss, theta, data,
+                                                               n_threads=threads).__matmul__,
+        "per-sample Jacobians": lambda: _jacobians(ghess, model, theta, data[0][:len(s.Xj)],
+                                                   threads),
+    }
+    fns = {}
+    for op in command.get("ops", DEFAULT_OPS):
+        fn = makers[op]()
+        fns[op] = fn if op in ("loss+grad", "per-sample Jacobians") else (
+            lambda fn=fn: fn(v))
     message["first"] = {}
     for op, fn in fns.items():
         t0 = time.perf_counter()
@@ -149,6 +162,15 @@ def _setup(command, threads, outdir):
         np.savez(os.path.join(outdir, f"result-{command['tag']}-{command['side']}-{op}.npz"),
                  **results)
     return fns, message
+
+
+def _jacobians(ghess, model, theta, X, threads):
+    """``per_sample_jacobians`` of X into one buffer, allocated once: the rows time ghess's
+    work, not the first-touch page faults of a fresh output (``bench/run.py``'s ``out=`` row)."""  # noqa: D205, D209, E501
+    import numpy as np
+
+    out = np.empty((X.shape[0], model.n_outputs, model.n_params), dtype=theta.dtype)
+    return lambda: ghess.per_sample_jacobians(model, theta, X, n_threads=threads, out=out)
 
 
 # -- driver ---------------------------------------------------------------------------------
@@ -221,13 +243,16 @@ def auto_rounds(seconds_per_call, calls, budget, low=5, high=100):
 def compare(workers, problem, dtype, threads, args, outdir):
     """Set up ``problem`` in both workers and time its operations; return the rows."""
     tag = f"{problem}-{dtype}-{threads}"
-    first = workers["A"].ask(cmd="setup", problem=problem, dtype=dtype, tag=tag, side="A")
-    second = workers["B"].ask(cmd="setup", problem=problem, dtype=dtype, tag=tag, side="B")
+    ops = list(args.operations)
+    first = workers["A"].ask(cmd="setup", problem=problem, dtype=dtype, tag=tag, side="A",
+                             ops=ops)
+    second = workers["B"].ask(cmd="setup", problem=problem, dtype=dtype, tag=tag, side="B",
+                              ops=ops)
     if not second["own_inputs_equal"]:
         print(f"note: {tag}: B's own weights/data/vector differ from A's; B used A's",
               file=sys.stderr)
     rows = []
-    for op in OPS:
+    for op in ops:
         rounds = args.rounds or auto_rounds(max(first["first"][op], second["first"][op]),
                                             args.calls, args.budget)
         samples = {"A": [], "B": []}
@@ -373,6 +398,8 @@ def main():
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--problems", nargs="+", default=["MLP-M", "CNN-C"])
     parser.add_argument("--dtype", nargs="+", default=["float32"])
+    parser.add_argument("--operations", nargs="+", default=list(DEFAULT_OPS), choices=OPS,
+                        help="what to time (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=None,
                         help="rounds per operation (default: sized by --budget, 5 to 100)")
     parser.add_argument("--calls", type=int, default=5, help="calls per sample (their median)")

@@ -237,6 +237,22 @@ def test_ab_same_build_twice_gives_ratios_and_no_differences(tmp_path):
     assert report.count("GHESS_ISA (unset)") == 2  # each side's ISA setting is named
 
 
+def test_ab_times_the_operations_asked_for(tmp_path):
+    # per-sample Jacobians, with --operations only; the loss+gradient beside them
+    script = os.path.join(ROOT, "bench", "ab.py")
+    output = tmp_path / "AB.md"
+    proc = subprocess.run([sys.executable, script, "--a", sys.executable, "--b", sys.executable,
+                           "--quick", "--operations", "per-sample Jacobians", "loss+grad",
+                           "--output", str(output)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = [line.split(" | ") for line in output.read_text().splitlines()
+            if line.startswith("| tiny")]
+    assert [(r[0], r[3]) for r in rows] == [
+        ("| " + problem, op) for problem in ("tiny", "tiny-cnn")
+        for op in ("per-sample Jacobians", "loss+grad")]
+    assert all(row[8] == "0 |" for row in rows)
+
+
 def test_ab_environment_per_side():
     ab = _load_bench("ab")
     assert ab.parse_env(["GHESS_ISA=avx2", "X=a=b", "EMPTY="], "--a-env") == {
