@@ -680,19 +680,33 @@ def conv_sample_jacobian(const floating[:, :, ::1] D,     # IN  (n, K, M*P)
                          const floating[:, :, ::1] cols,  # IN  (n, CKK, P)
                          bint has_bias, Py_ssize_t offset,
                          floating[:, :, ::1] J,           # OUT (n, K, n_params)
+                         floating[:, ::1] work,           # WORK (n_threads, K*M*CKK)
                          int n_threads):
-    """J[i, c, offset:] = (D[i, c] @ cols[i]^T, sum_p D[i, c]): a conv layer's columns."""
+    """J[i, c, offset:] = (D[i, c] @ cols[i]^T, sum_p D[i, c]): a conv layer's columns.
+
+    One GEMM per sample for all K columns, (K*M, P) @ (P, CKK), into a thread's
+    workspace, then copied into J's K rows: cols[i] is packed once per sample, not
+    once per column, and the GEMM has K times the rows (J's rows are not one
+    stride apart, so the GEMM cannot write them directly).
+    """
     cdef Py_ssize_t n = D.shape[0], i
-    cdef int K = D.shape[1], CKK = cols.shape[1], P = cols.shape[2], c, m, M
+    cdef int K = D.shape[1], CKK = cols.shape[1], P = cols.shape[2], c, m, M, t
     _check(cols.shape[0] == n and J.shape[0] == n and J.shape[1] == K, "conv_sample_jacobian")
     _check(P > 0 and D.shape[2] % P == 0, "conv_sample_jacobian D")
     M = D.shape[2] // P
     _check(offset >= 0 and offset + M * CKK + (M if has_bias else 0) <= J.shape[2],
            "conv_sample_jacobian offset")
+    _check(work.shape[0] >= n_threads and work.shape[1] >= <Py_ssize_t> K * M * CKK,
+           "conv_sample_jacobian work")
+    if n == 0 or K == 0 or M * CKK == 0:
+        return
     for i in prange(n, nogil=True, schedule='static', num_threads=n_threads):
+        t = threadid()
+        gemm(False, True, K * M, CKK, P, 1, &D[i, 0, 0], P, &cols[i, 0, 0], P,
+             0, &work[t, 0], CKK)
         for c in range(K):
-            gemm(False, True, M, CKK, P, 1, &D[i, c, 0], P, &cols[i, 0, 0], P,
-                 0, &J[i, c, offset], CKK)
+            memcpy(&J[i, c, offset], &work[t, <Py_ssize_t> c * M * CKK],
+                   <Py_ssize_t> M * CKK * sizeof(floating))
             if has_bias:
                 for m in range(M):
                     J[i, c, offset + M * CKK + m] = <floating> _pairwise(&D[i, c, m * P], NULL, P)

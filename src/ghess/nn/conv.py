@@ -328,8 +328,9 @@ class Conv2d(Windowed, WeightBiasLayer):
 
     def sample_jacobian(self, ctx, D, offset, J_out, n_threads):
         """Write this layer's columns of the per-sample Jacobians ``J_out``."""
+        work = self._work(D.dtype, n_threads, D.shape[1] * self.out_channels * self.patch_size)
         kernels.conv_sample_jacobian(D, self._cols(ctx, n_threads), self.bias, offset, J_out,
-                                     n_threads)
+                                     work, n_threads)
 
     def kept_bytes(self, input_shape, itemsize, input_is_data):
         """Bytes per sample its forward context keeps: the input where the direct kernels
