@@ -36,6 +36,7 @@ The worker uses ghess's public API only, so that it runs unchanged on both build
 """
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -134,21 +135,17 @@ def _setup(command, threads, outdir):
         arrays = {k: given[k] for k in arrays}
     model, loss, theta, v = s.model, s.loss, arrays["theta"], arrays["v"]
     data = (arrays["X"], arrays["y"])
-    makers = {  # each operation's function, built only when asked for
-        "loss+grad": lambda: lambda: ghess.loss_and_grad(model, loss, theta, data,
-                                                         n_threads=threads),
-        "GGN product": lambda: ghess.GGNLinearOperator(model, loss, theta, data,
-                                                       n_threads=threads).__matmul__,
-        "Hessian product": lambda: ghess.HessianLinearOperator(model, loss, theta, data,
-                                                               n_threads=threads).__matmul__,
+    makers = {  # each operation's function, built (its operator too) only when asked for
+        "loss+grad": lambda: functools.partial(ghess.loss_and_grad, model, loss, theta, data,
+                                               n_threads=threads),
+        "GGN product": lambda: functools.partial(ghess.GGNLinearOperator(
+            model, loss, theta, data, n_threads=threads).__matmul__, v),
+        "Hessian product": lambda: functools.partial(ghess.HessianLinearOperator(
+            model, loss, theta, data, n_threads=threads).__matmul__, v),
         "per-sample Jacobians": lambda: _jacobians(ghess, model, theta, data[0][:len(s.Xj)],
                                                    threads),
     }
-    fns = {}
-    for op in command.get("ops", DEFAULT_OPS):
-        fn = makers[op]()
-        fns[op] = fn if op in ("loss+grad", "per-sample Jacobians") else (
-            lambda fn=fn: fn(v))
+    fns = {op: makers[op]() for op in command.get("ops", DEFAULT_OPS)}
     message["first"] = {}
     for op, fn in fns.items():
         t0 = time.perf_counter()
