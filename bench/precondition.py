@@ -4,16 +4,24 @@ Usage::
 
     python bench/precondition.py                 # writes bench/PRECONDITION.md
     python bench/precondition.py --iterations 10 --output /tmp/p   # a quick run
+    python bench/precondition.py --problems fashion --seed 1 --runs none kfac-5 --output /tmp/p
 
-Three problems: the demo's CNN on scikit-learn's 8x8 digits (80/20 stratified
-split, C = 1000, a 20% subsample per iteration, ``cg_maxiter=50``: the demo's
-settings), MLP-M (784-512-512-10, ReLU) on 4096 synthetic samples whose labels
-come from a random teacher network of the same shape (C = 1000, 10% subsample),
-and MLP-M on the digits scaled up to 28x28 (the same split, C = 1000, 20%
-subsample). For each, Newton-CG runs ``--iterations`` iterations without a
-preconditioner, then with ``preconditioner="diag"`` (rebuilt every 5 iterations) and
-``"kfac"`` (every iteration, and every 5), all from the same initial parameters and
-subsample seed.
+Four problems (``--problems``):
+- ``digits``: the demo's CNN on scikit-learn's 8x8 digits (80/20 stratified split,
+  C = 1000, a 20% subsample per iteration, ``cg_maxiter=50``: the demo's settings);
+- ``mlp``: MLP-M (784-512-512-10, ReLU) on 4096 synthetic samples whose labels come
+  from a random teacher network of the same shape (C = 1000, 10% subsample);
+- ``mlp-digits``: MLP-M on the digits scaled up to 28x28 (the same split, C = 1000,
+  20% subsample);
+- ``fashion``: MLP-M on the first 4096 images of Fashion-MNIST's training set (C = 1000,
+  10% subsample: the synthetic problem's settings). ``bench/fashion_mnist.py`` says
+  where the files come from; without them this problem is skipped, and the report
+  says so.
+
+For each, Newton-CG runs ``--iterations`` iterations without a preconditioner, then
+with ``preconditioner="diag"`` (rebuilt every 5 iterations) and ``"kfac"`` (every
+iteration, and every 5), all from the same initial parameters and subsample seed
+(``--seed``).
 Reported per run: the GGN products (CG iterations plus the one curvature product
 of each iteration) and the wall time until the objective first reaches the plain
 run's final objective, and the run's final objective. One process, the runs in
@@ -34,7 +42,9 @@ if ROOT not in sys.path:
 
 #: (preconditioner, preconditioner_every); the exact diagonal is rebuilt every 5
 #: iterations only (per-sample Jacobians: on MLP-M it costs more than the whole solve)
-RUNS = ((None, 1), ("diag", 5), ("kfac", 1), ("kfac", 5))
+RUNS = {"none": (None, 1), "diag-5": ("diag", 5), "kfac": ("kfac", 1), "kfac-5": ("kfac", 5)}
+#: the problems, in the report's order (``--problems``)
+PROBLEMS = ("digits", "mlp", "mlp-digits", "fashion")
 
 
 def digits_problem():
@@ -86,16 +96,36 @@ def mlp_digits_problem():
     return "MLP-M on digits at 28x28", all_problems()["MLP-M"][0](), (X_train, y_train), 0.2
 
 
-def run(problem, iterations, threads, out=print):
-    """Return one row per run: (name, products to target, time to target, final objective)."""
+def fashion_mnist_problem(root=None, n_samples=4096):
+    """Return MLP-M on the first ``n_samples`` Fashion-MNIST training images, or None
+    (with a note on stderr) when the files are missing."""  # noqa: D205, D209
+    from fashion_mnist import load
+    from problems import all_problems
+
+    try:
+        data = load("train", n_samples, root)
+    except FileNotFoundError as exc:
+        print(f"skipping MLP-M on Fashion-MNIST: {exc}", file=sys.stderr)
+        return None
+    return "MLP-M on Fashion-MNIST", all_problems()["MLP-M"][0](), data, 0.1
+
+
+def run(problem, iterations, threads, seed=0, runs=tuple(RUNS), out=print):
+    """Return one row per run: (name, products to target, time to target, final objective).
+
+    ``seed`` draws the subsamples (the initial parameters are always seed 0's);
+    ``runs`` are keys of :data:`RUNS`, the plain run first (its objective is the target).
+    """
+    if runs[0] != "none":
+        raise ValueError(f"the runs must start with 'none', the target's run: got {runs}")
     import ghess as G
 
     name, model, data, subsample = problem
     theta0 = model.init_params(seed=0)
     rows, target = [], None
-    for preconditioner, every in RUNS:
+    for preconditioner, every in (RUNS[name] for name in runs):
         opt = G.NewtonCG(model, G.CrossEntropyLoss(), C=1000.0, subsample=subsample,
-                         cg_maxiter=50, seed=0, n_threads=threads,
+                         cg_maxiter=50, seed=seed, n_threads=threads,
                          preconditioner=preconditioner, preconditioner_every=every)
         times, start = [], time.perf_counter()
 
@@ -119,17 +149,22 @@ def run(problem, iterations, threads, out=print):
     return name, target, rows
 
 
-def report(results, iterations, threads):
-    """Markdown of the runs, with the machine."""
+def report(results, iterations, threads, skipped=(), options=""):
+    """Markdown of the runs, with the machine; ``skipped`` names problems without data,
+    ``options`` the command's other options."""  # noqa: D205, D209
     from report import cpu_info
 
     info = cpu_info()
     lines = ["# Preconditioned Newton-CG", "",
-             f"`python bench/precondition.py --iterations {iterations} --threads {threads}`: "
+             f"`python bench/precondition.py --iterations {iterations} --threads {threads}"
+             f"{options}`: "
              "GGN products (CG iterations + one curvature product per iteration) and wall "
              "time until the objective first reaches the plain run's final one.", "",
-             f"Machine: {info['cpu']}, {info['logical_cpus']} logical CPUs, "
+             f"Machine: {info['cpu']} (family {info['family']}, model {info['model']}), "
+             f"{info['logical_cpus']} logical CPUs, "
              f"ISA {' '.join(info['isa'])}; {threads} thread(s).", ""]
+    lines += [f"Skipped: {name} (its data are missing; see bench/fashion_mnist.py).\n"
+              for name in skipped]
     for name, target, rows in results:
         plain_products, plain_time = rows[0][1], rows[0][2]
         lines += [f"## {name}: target objective {target:.6g} (the plain run after "
@@ -154,11 +189,25 @@ def main(argv=None):
     parser.add_argument("--iterations", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", default=HERE)
+    parser.add_argument("--problems", nargs="+", default=PROBLEMS, choices=PROBLEMS)
+    parser.add_argument("--seed", type=int, default=0, help="of the subsamples")
+    parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS),
+                        help="the preconditioners (and rebuild intervals), 'none' first")
+    parser.add_argument("--fashion-mnist", metavar="DIR", default=None,
+                        help="directory of Fashion-MNIST's *-ubyte.gz files (default: "
+                             "$GHESS_FASHION_MNIST, else /usr/share/datasets/fashion-mnist)")
     args = parser.parse_args(argv)
     sys.path.insert(0, HERE)
-    results = [run(problem, args.iterations, args.threads)
-               for problem in (digits_problem(), mlp_problem(), mlp_digits_problem())]
-    text = report(results, args.iterations, args.threads)
+    makers = {"digits": digits_problem, "mlp": mlp_problem, "mlp-digits": mlp_digits_problem,
+              "fashion": lambda: fashion_mnist_problem(args.fashion_mnist)}
+    problems = [makers[name]() for name in args.problems]
+    results = [run(problem, args.iterations, args.threads, args.seed, args.runs)
+               for problem in problems if problem is not None]
+    options = "".join(f" --{name} {' '.join(map(str, value))}" for name, value, default in (
+        ("problems", args.problems, PROBLEMS), ("seed", [args.seed], [0]),
+        ("runs", args.runs, list(RUNS))) if list(value) != list(default))
+    text = report(results, args.iterations, args.threads, options=options,
+                  skipped=["MLP-M on Fashion-MNIST" for p in problems if p is None])
     os.makedirs(args.output, exist_ok=True)
     with open(os.path.join(args.output, "PRECONDITION.md"), "w") as fh:
         fh.write(text + "\n")

@@ -277,21 +277,26 @@ def config_lines(res):
 
 
 def cpu_info():
-    """Model name, logical CPUs and the vector ISA flags of this machine."""
-    model, flags = "unknown", set()
+    """Model name, family and model numbers (a VM's model name is often generic),
+    logical CPUs and the vector ISA flags of this machine."""  # noqa: D205, D209
+    model, flags, numbers = "unknown", set(), {}
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:
-                if line.startswith("model name") and model == "unknown":
-                    model = line.split(":", 1)[1].strip()
-                elif line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
+                key, _, value = (part.strip() for part in line.partition(":"))
+                if key == "model name" and model == "unknown":
+                    model = value
+                elif key in ("cpu family", "model") and key not in numbers:
+                    numbers[key] = value
+                elif key == "flags":
+                    flags = set(value.split())
                     break
     except OSError:
         pass
     isa = [f for f in ("avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl",
                        "avx512_bf16", "amx_tile") if f in flags]
-    return {"cpu": model, "logical_cpus": os.cpu_count(), "isa": isa}
+    return {"cpu": model, "family": numbers.get("cpu family"), "model": numbers.get("model"),
+            "logical_cpus": os.cpu_count(), "isa": isa}
 
 
 def machine_info(all_results):

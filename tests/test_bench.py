@@ -377,3 +377,56 @@ def test_conv_layers_times_each_convolution_beside_pytorch(tmp_path):
         assert len(row["times"]) == 9 and min(row["times"].values()) > 0
     report = (tmp_path / "CONV_LAYERS.md").read_text()
     assert "## float64, 1 thread(s)" in report and report.count("| all layers |") == 3
+
+
+def _write_idx(path, array, header=None):
+    """Write ``array`` (uint8) as a gzipped IDX file, or with another ``header``."""
+    import gzip
+
+    import numpy as np
+
+    array = np.asarray(array, dtype=np.uint8)
+    if header is None:
+        header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
+            int(n).to_bytes(4, "big") for n in array.shape)
+    with gzip.open(path, "wb") as fh:
+        fh.write(header + array.tobytes())
+
+
+def test_fashion_mnist_reads_idx_files_and_names_what_is_missing(tmp_path, monkeypatch):
+    import numpy as np
+
+    fashion = _load_bench("fashion_mnist")
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(5, 28, 28), dtype=np.uint8)
+    labels = np.array([9, 0, 3, 7, 1], dtype=np.uint8)
+    _write_idx(tmp_path / "train-images-idx3-ubyte.gz", images)
+    _write_idx(tmp_path / "train-labels-idx1-ubyte.gz", labels)
+    X, y = fashion.load("train", 3, root=str(tmp_path))
+    assert X.shape == (3, 784) and X.dtype == np.float64 and y.dtype == np.int64
+    np.testing.assert_array_equal(X, images[:3].reshape(3, -1) / 255.0)
+    np.testing.assert_array_equal(y, labels[:3])
+    monkeypatch.setenv("GHESS_FASHION_MNIST", str(tmp_path))
+    assert fashion.load()[0].shape == (5, 784)  # the environment's directory, all samples
+    with pytest.raises(FileNotFoundError, match="t10k-images-idx3-ubyte.gz"):
+        fashion.load("test")
+    _write_idx(tmp_path / "bad.gz", labels, header=bytes([0, 0, 0x0D, 1, 0, 0, 0, 5]))
+    with pytest.raises(ValueError, match="not an unsigned-byte IDX file"):
+        fashion.read_idx(tmp_path / "bad.gz")
+    _write_idx(tmp_path / "short.gz", labels, header=bytes([0, 0, 0x08, 1, 0, 0, 0, 6]))
+    with pytest.raises(ValueError, match=r"shape \(6,\), 6 bytes, but 5 bytes follow"):
+        fashion.read_idx(tmp_path / "short.gz")
+
+
+def test_precondition_report_names_a_skipped_problem():
+    precondition = _load_bench("precondition")
+    sys.path.insert(0, os.path.join(ROOT, "bench"))  # its lazy imports, as its main does
+    try:
+        rows = [("none", 10, 1.0, 5, 0.5, 10, 1.0), ("kfac", 6, 0.8, 3, 0.4, 9, 1.2)]
+        text = precondition.report([("toy", 0.5, rows)], 5, 1,
+                                   skipped=("MLP-M on Fashion-MNIST",))
+    finally:
+        sys.path.remove(os.path.join(ROOT, "bench"))
+    assert "Skipped: MLP-M on Fashion-MNIST" in text
+    assert "| kfac | 6 | 0.60 | 0.80 s | 0.80 | 3 | 0.4 | 9 | 1.20 s |" in text
+    assert "(family " in text
