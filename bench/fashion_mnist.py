@@ -64,6 +64,8 @@ def load(split="train", n_samples=None, root=None):
     if images.ndim != 3 or labels.shape != images.shape[:1]:
         raise ValueError(f"Fashion-MNIST in {root}: images {images.shape} and labels "
                          f"{labels.shape} do not pair up")
-    stop = len(labels) if n_samples is None else n_samples
-    X = images[:stop].reshape(min(stop, len(labels)), -1) / 255.0
-    return X, labels[:stop].astype(np.int64)
+    if n_samples is not None and not 1 <= n_samples <= len(labels):
+        raise ValueError(f"n_samples must lie in [1, {len(labels)}] for Fashion-MNIST's "
+                         f"{split} split, got {n_samples}")
+    images, labels = images[:n_samples], labels[:n_samples]
+    return (images.reshape(len(images), -1) / 255.0, labels.astype(np.int64))

@@ -408,6 +408,8 @@ def test_fashion_mnist_reads_idx_files_and_names_what_is_missing(tmp_path, monke
     np.testing.assert_array_equal(y, labels[:3])
     monkeypatch.setenv("GHESS_FASHION_MNIST", str(tmp_path))
     assert fashion.load()[0].shape == (5, 784)  # the environment's directory, all samples
+    with pytest.raises(ValueError, match=r"n_samples must lie in \[1, 5\].*got 6"):
+        fashion.load("train", 6)
     with pytest.raises(FileNotFoundError, match="t10k-images-idx3-ubyte.gz"):
         fashion.load("test")
     _write_idx(tmp_path / "bad.gz", labels, header=bytes([0, 0, 0x0D, 1, 0, 0, 0, 5]))
