@@ -44,12 +44,14 @@ def read_idx(path):
 
 
 def load(split="train", n_samples=None, root=None):
-    """Return ``(X, y)``: the first ``n_samples`` images of ``split``, flattened to 784
-    pixels scaled to [0, 1] (float64), and their labels 0-9 (int64).
+    """Return ``(X, y)``: the first ``n_samples`` images of ``split`` (``"train"`` or
+    ``"test"``), flattened (784 pixels) and scaled to [0, 1] (float64), and their
+    labels 0-9 (int64).
 
-    Raises FileNotFoundError, naming the directory searched and how to get the
-    files, when they are missing.
+    Raises FileNotFoundError, naming the missing files and how to get them.
     """  # noqa: D205
+    if split not in FILES:
+        raise ValueError(f"split must be one of {sorted(FILES)}, got {split!r}")
     root = default_root() if root is None else root
     images_name, labels_name = FILES[split]
     paths = [os.path.join(root, name) for name in (images_name, labels_name)]

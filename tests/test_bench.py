@@ -410,6 +410,8 @@ def test_fashion_mnist_reads_idx_files_and_names_what_is_missing(tmp_path, monke
     assert fashion.load()[0].shape == (5, 784)  # the environment's directory, all samples
     with pytest.raises(ValueError, match=r"n_samples must lie in \[1, 5\].*got 6"):
         fashion.load("train", 6)
+    with pytest.raises(ValueError, match=r"split must be one of \['test', 'train'\]"):
+        fashion.load("validation")
     with pytest.raises(FileNotFoundError, match="t10k-images-idx3-ubyte.gz"):
         fashion.load("test")
     _write_idx(tmp_path / "bad.gz", labels, header=bytes([0, 0, 0x0D, 1, 0, 0, 0, 5]))
