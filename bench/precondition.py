@@ -45,6 +45,8 @@ if ROOT not in sys.path:
 RUNS = {"none": (None, 1), "diag-5": ("diag", 5), "kfac": ("kfac", 1), "kfac-5": ("kfac", 5)}
 #: the problems, in the report's order (``--problems``)
 PROBLEMS = ("digits", "mlp", "mlp-digits", "fashion")
+#: the Fashion-MNIST problem's name, in its report section or its "Skipped" line
+FASHION = "MLP-M on Fashion-MNIST"
 
 
 def digits_problem():
@@ -105,9 +107,9 @@ def fashion_mnist_problem(root=None, n_samples=4096):
     try:
         data = load("train", n_samples, root)
     except FileNotFoundError as exc:
-        print(f"skipping MLP-M on Fashion-MNIST: {exc}", file=sys.stderr)
+        print(f"skipping {FASHION}: {exc}", file=sys.stderr)
         return None
-    return "MLP-M on Fashion-MNIST", all_problems()["MLP-M"][0](), data, 0.1
+    return FASHION, all_problems()["MLP-M"][0](), data, 0.1
 
 
 def run(problem, iterations, threads, seed=0, runs=tuple(RUNS), out=print):
@@ -209,7 +211,7 @@ def main(argv=None):
         ("problems", args.problems, PROBLEMS), ("seed", [args.seed], [0]),
         ("runs", args.runs, list(RUNS))) if list(value) != list(default))
     text = report(results, args.iterations, args.threads, options=options,
-                  skipped=["MLP-M on Fashion-MNIST" for p in problems if p is None])
+                  skipped=[FASHION for p in problems if p is None])
     os.makedirs(args.output, exist_ok=True)
     with open(os.path.join(args.output, "PRECONDITION.md"), "w") as fh:
         fh.write(text + "\n")
